@@ -1,0 +1,277 @@
+"""Model adapters: the one interface the runtime drives a model through.
+
+The runtime never calls a model directly. It hands an adapter a block of query tokens with
+explicit position ids and an explicit boolean attention pattern over the cache slots plus the
+new tokens, and gets logits for every query token back. The new tokens' keys and values are
+appended to the cache as new *slots*; which slots stay valid is the runtime's business (it
+keeps a per-row validity mask), so rejecting a draft never copies the cache: the rejected
+slots are simply masked out, and the tail is cropped.
+
+Guarantees of every adapter:
+- ``forward`` appends exactly ``T`` slots to the cache, in query order;
+- a query may attend only to slots where ``attend`` is True (including itself);
+- ``truncate``/``select_rows``/``gather_slots`` edit the cache in place.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from decograph.errors import ModelError
+
+__all__ = ["CausalLMAdapter", "HFCausalLM", "SlotCache", "as_adapter"]
+
+
+class CausalLMAdapter(ABC):
+    """What the torch reference backend needs from a causal language model."""
+
+    vocab_size: int
+    max_positions: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @abstractmethod
+    def new_cache(self, batch_size: int) -> Any:
+        """An empty cache for ``batch_size`` rows."""
+
+    @abstractmethod
+    def forward(
+        self, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, attend: torch.Tensor
+    ) -> torch.Tensor:
+        """Run ``input_ids`` [B, T] at ``position_ids`` [B, T].
+
+        ``attend`` is bool [B, T, S] with ``S = cache_len(cache) + T``: query ``t`` of row ``b``
+        may attend to slot ``s`` iff ``attend[b, t, s]``. Returns float32 logits [B, T, V] and
+        appends the T new slots to ``cache``.
+        """
+
+    @abstractmethod
+    def cache_len(self, cache: Any) -> int:
+        """Number of physical slots in ``cache`` (valid or not)."""
+
+    @abstractmethod
+    def truncate(self, cache: Any, length: int) -> None:
+        """Drop every slot at index >= ``length``."""
+
+    @abstractmethod
+    def select_rows(self, cache: Any, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (a LongTensor of row indices), in that order."""
+
+    @abstractmethod
+    def gather_slots(self, cache: Any, slots: torch.Tensor) -> None:
+        """Replace row ``b``'s slots by its slots ``slots[b]`` ([B, S'] LongTensor): compaction."""
+
+    def slot_tensors(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) views [B, H, S, D], for tests that compare caches."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its cache tensors")
+
+
+class _SlotLayer:
+    """One layer's keys and values in a buffer that grows by doubling.
+
+    ``update`` writes the new slots in place and returns views, so a generation step costs no
+    concatenation of the whole cache (Hugging Face's DynamicLayer copies it every step).
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+        self.is_initialized = False
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.k is None else self.k[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.v is None else self.v[:, :, : self.length]
+
+    def _reserve(self, key: torch.Tensor, need: int) -> None:
+        if self.k is not None and self.k.shape[2] >= need:
+            return
+        cap = max(64, need, 2 * (0 if self.k is None else self.k.shape[2]))
+        b, h, _, d = key.shape
+        k = key.new_zeros(b, h, cap, d)
+        v = key.new_zeros(b, h, cap, d)
+        if self.k is not None and self.length:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]  # type: ignore[index]
+        self.k, self.v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        t = key_states.shape[2]
+        self._reserve(key_states, self.length + t)
+        assert self.k is not None and self.v is not None
+        self.k[:, :, self.length : self.length + t] = key_states
+        self.v[:, :, self.length : self.length + t] = value_states
+        self.length += t
+        self.is_initialized = True
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        self.length = max(0, min(self.length, max_length if max_length >= 0 else self.length + max_length))
+
+    def batch_select_indices(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, rows)
+            self.v = self.v.index_select(0, rows)  # type: ignore[union-attr]
+
+    def gather(self, slots: torch.Tensor) -> None:
+        if self.k is None:
+            return
+        b, h, _, d = self.k.shape
+        idx = slots[:, None, :, None].expand(b, h, slots.shape[1], d)
+        k = torch.gather(self.k[:, :, : self.length], 2, idx)
+        v = torch.gather(self.v[:, :, : self.length], 2, idx)  # type: ignore[index]
+        self.k, self.v, self.length = None, None, 0
+        self.update(k, v)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def _cache_base() -> type:
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+class SlotCache:
+    """A Hugging Face ``Cache`` whose layers are ``_SlotLayer``s (built lazily: transformers is heavy)."""
+
+    def __new__(cls, num_layers: int):  # noqa: D102 - factory
+        base = _cache_base()
+
+        class _Slot(base):  # type: ignore[misc, valid-type]
+            def __init__(self, n: int) -> None:
+                self.layers = [_SlotLayer() for _ in range(n)]
+                self.offloading = False
+                self.layer_class_to_replicate = None
+
+            @property
+            def is_compileable(self) -> bool:
+                return False
+
+        return _Slot(num_layers)
+
+
+def _unsupported_cache_reason(config: Any) -> str | None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        return f"layer types {sorted(set(types))} (only full attention is supported)"
+    if getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None):
+        return f"a sliding attention window of {text.sliding_window} tokens"
+    if getattr(text, "is_encoder_decoder", False):
+        return "an encoder-decoder architecture"
+    return None
+
+
+class HFCausalLM(CausalLMAdapter):
+    """Any Hugging Face ``AutoModelForCausalLM`` with full attention, driven through explicit 4D masks.
+
+    Assumes the model accepts a prepared 4D additive ``attention_mask`` and explicit
+    ``position_ids`` (all decoder-only models in transformers >= 4.56 do). Models with sliding
+    window or hybrid (recurrent) layers are refused with ``ModelError`` rather than silently
+    decoded with a wrong mask.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None) -> None:
+        reason = _unsupported_cache_reason(model.config)
+        if reason is not None:
+            raise ModelError(
+                f"model {type(model).__name__} has {reason}; decograph's slot cache needs full "
+                "attention. Decode it with plain transformers generate instead."
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        out = model.get_output_embeddings()
+        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
+        text = model.config.get_text_config(decoder=True)
+        self.num_layers = int(text.num_hidden_layers)
+        self.max_positions = getattr(text, "max_position_embeddings", None)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> HFCausalLM:
+        """Load a local model directory (offline) with its tokenizer."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=kwargs.pop("dtype", torch.float32), **kwargs
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load a causal LM from {path!r}: {exc}") from exc
+        return cls(model, tok)
+
+    def new_cache(self, batch_size: int) -> Any:
+        return SlotCache(self.num_layers)
+
+    def forward(self, cache, input_ids, position_ids, attend):
+        past = self.cache_len(cache)
+        t = input_ids.shape[1]
+        if attend.shape != (input_ids.shape[0], t, past + t):
+            raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
+        mask = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~attend.to(self.device), torch.finfo(self.dtype).min)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=position_ids.to(self.device),
+            attention_mask=mask[:, None],
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.arange(past, past + t, device=self.device),
+        )
+        return out.logits.float()
+
+    def cache_len(self, cache) -> int:
+        return cache.layers[0].length if cache.layers else 0
+
+    def truncate(self, cache, length: int) -> None:
+        for layer in cache.layers:
+            layer.crop(length)
+
+    def select_rows(self, cache, rows: torch.Tensor) -> None:
+        for layer in cache.layers:
+            layer.batch_select_indices(rows.to(self.device))
+
+    def gather_slots(self, cache, slots: torch.Tensor) -> None:
+        for layer in cache.layers:
+            layer.gather(slots.to(self.device))
+
+    def slot_tensors(self, cache):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def as_adapter(model: Any, tokenizer: Any = None) -> CausalLMAdapter:
+    """Wrap ``model`` in the right adapter; adapters pass through unchanged."""
+    if isinstance(model, CausalLMAdapter):
+        return model
+    if hasattr(model, "config") and hasattr(model, "get_output_embeddings"):
+        return HFCausalLM(model, tokenizer)
+    raise ModelError(
+        f"cannot decode with a {type(model).__name__}: pass a transformers causal LM, "
+        "a decograph adapter, or a model directory"
+    )
