@@ -1,0 +1,419 @@
+"""IR values, ops and the op registry.
+
+Every op is one frozen dataclass plus one ``OpDef`` registry entry (its text name, result-type
+rule and extra checks). Fields holding ``Value``s are operands (in declaration order; a
+``tuple[Value, ...]`` field is variadic and must come last); every other field is a typed
+attribute. ``Iterate`` alone carries a region (``body``).
+
+    %0 = draft.jacobi(%s, window=5) : Tokens[B, 5]
+    %1 = forward(%s, %0, mask=causal) : Logits[B, 6, V]
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+from decograph.ir.types import Dim, Sym, Type, dim_add, dim_mul
+
+__all__ = [
+    "Value", "Block", "Op", "OpDef", "OPS", "op_class", "Program",
+    "Prefill", "DraftJacobi", "DraftGaussSeidelJacobi", "DraftNgram", "DraftNgramPool",
+    "DraftAdaptiveNgram", "DraftMask", "DraftModel", "DraftBranches", "Forward",
+    "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
+    "UnmaskTopkPerStep", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
+    "MAX_DRAFT", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASKS", "KV_POLICIES", "UNTIL",
+]
+
+MAX_DRAFT = 64
+MASKS = ("causal", "tree", "block", "packed")
+KV_POLICIES = ("keep_accepted", "recompute", "block_approx")
+UNTIL = ("eos", "max_new_tokens", "stop", "converged")
+B, V = Sym("B"), Sym("V")
+
+
+class Value:
+    """An SSA value: defined once, immutable, compared by identity."""
+
+    __slots__ = ("type",)
+
+    def __init__(self, type: Type) -> None:
+        self.type = type
+
+    def __repr__(self) -> str:
+        return f"<Value {self.type} @{id(self):x}>"
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """A region body: block parameters, then ops; the last op is a terminator (``yield``)."""
+
+    params: tuple[Value, ...]
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Op:
+    """Base of all ops. ``results`` are the values this op defines."""
+
+    results: tuple[Value, ...]
+    NAME: ClassVar[str] = ""
+
+    @classmethod
+    def operand_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("operand"))
+
+    @classmethod
+    def attr_fields(cls) -> tuple[dataclasses.Field[Any], ...]:
+        return tuple(
+            f for f in dataclasses.fields(cls)
+            if f.name not in ("results", "body") and not f.metadata.get("operand")
+        )
+
+    @property
+    def operands(self) -> tuple[Value, ...]:
+        out: list[Value] = []
+        for name in self.operand_fields():
+            v = getattr(self, name)
+            out.extend(v if isinstance(v, tuple) else (v,))
+        return tuple(out)
+
+    def attrs(self) -> dict[str, Any]:
+        """Attributes by name, sorted (so printing is deterministic)."""
+        return {f.name: getattr(self, f.name) for f in sorted(self.attr_fields(), key=lambda f: f.name)}
+
+    @property
+    def result(self) -> Value:
+        return self.results[0]
+
+
+def operand(variadic: bool = False) -> Any:
+    return field(default=() if variadic else None, metadata={"operand": True, "variadic": variadic})
+
+
+@dataclass(frozen=True, eq=False)
+class Prefill(Op):
+    NAME = "prefill"
+    prompt: Value = operand()
+
+
+@dataclass(frozen=True, eq=False)
+class DraftJacobi(Op):
+    """Guesses for the next ``window`` tokens: last iteration's predictions (fixed-point iteration)."""
+
+    NAME = "draft.jacobi"
+    state: Value = operand()
+    window: int = 5
+    init: str = "repeat"
+
+
+@dataclass(frozen=True, eq=False)
+class DraftGaussSeidelJacobi(Op):
+    """Jacobi iteration inside blocks of ``block`` tokens, blocks solved one after another."""
+
+    NAME = "draft.gauss_seidel_jacobi"
+    state: Value = operand()
+    block: int = 4
+    init: str = "repeat"
+
+
+@dataclass(frozen=True, eq=False)
+class DraftNgram(Op):
+    """Prompt lookup: the ``k`` tokens that followed the latest earlier match of the last n-gram."""
+
+    NAME = "draft.ngram"
+    state: Value = operand()
+    k: int = 8
+    max_n: int = 3
+    min_n: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class DraftNgramPool(Op):
+    """Lookahead's pool: up to ``candidates`` n-grams that start at the current token."""
+
+    NAME = "draft.ngram_pool"
+    state: Value = operand()
+    n: int = 4
+    candidates: int = 5
+
+
+@dataclass(frozen=True, eq=False)
+class DraftAdaptiveNgram(Op):
+    """ANPD: multi-level n-gram tables built from the context and updated as tokens commit."""
+
+    NAME = "draft.adaptive_ngram"
+    state: Value = operand()
+    k: int = 8
+    max_n: int = 4
+    min_n: int = 2
+    adaptive: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class DraftMask(Op):
+    """``k`` mask tokens (diffusion LMs); ``mask_token`` -1 takes the model's own."""
+
+    NAME = "draft.mask"
+    state: Value = operand()
+    k: int = 32
+    mask_token: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class DraftModel(Op):
+    """``k`` tokens proposed by a draft model named ``model`` (passed to the runtime)."""
+
+    NAME = "draft.model"
+    state: Value = operand()
+    k: int = 4
+    model: str = "draft"
+
+
+@dataclass(frozen=True, eq=False)
+class DraftBranches(Op):
+    """Branch prefixes for fork: explicit ``prompts`` or those found by ``delimiter``."""
+
+    NAME = "draft.branches"
+    state: Value = operand()
+    prompts: tuple[str, ...] = ()
+    delimiter: str = ""
+    max_branches: int = 8
+
+
+@dataclass(frozen=True, eq=False)
+class Forward(Op):
+    """One model forward over the pending tokens plus every draft, under a structural mask."""
+
+    NAME = "forward"
+    state: Value = operand()
+    drafts: tuple[Value, ...] = operand(variadic=True)
+    mask: str = "causal"
+
+
+@dataclass(frozen=True, eq=False)
+class VerifyGreedy(Op):
+    """Longest draft prefix equal to the argmax, plus the model's next token (lossless)."""
+
+    NAME = "verify.greedy"
+    state: Value = operand()
+    logits: Value = operand()
+    drafts: tuple[Value, ...] = operand(variadic=True)
+
+
+@dataclass(frozen=True, eq=False)
+class VerifySampling(Op):
+    """Speculative (rejection) sampling: output distributed exactly as the model's sampling."""
+
+    NAME = "verify.sampling"
+    state: Value = operand()
+    logits: Value = operand()
+    drafts: tuple[Value, ...] = operand(variadic=True)
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class VerifyThreshold(Op):
+    """Accept draft tokens while the model's probability of them is >= ``threshold`` (lossy)."""
+
+    NAME = "verify.threshold"
+    state: Value = operand()
+    logits: Value = operand()
+    drafts: tuple[Value, ...] = operand(variadic=True)
+    threshold: float = 0.9
+
+
+@dataclass(frozen=True, eq=False)
+class UnmaskThreshold(Op):
+    """Unmask every masked position with confidence >= ``threshold`` (at least one)."""
+
+    NAME = "unmask.threshold"
+    state: Value = operand()
+    logits: Value = operand()
+    threshold: float = 0.9
+
+
+@dataclass(frozen=True, eq=False)
+class UnmaskFactor(Op):
+    """Fast-dLLM's factor rule: unmask the n most confident with (n + 1)(1 - c_n) < ``factor``."""
+
+    NAME = "unmask.factor"
+    state: Value = operand()
+    logits: Value = operand()
+    factor: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class UnmaskTopkPerStep(Op):
+    """Unmask the ``k`` most confident masked positions per step (LLaDA's baseline)."""
+
+    NAME = "unmask.topk_per_step"
+    state: Value = operand()
+    logits: Value = operand()
+    k: int = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Commit(Op):
+    """Append accepted tokens to the state; ``kv`` says what happens to the drafts' KV."""
+
+    NAME = "commit"
+    state: Value = operand()
+    accepted: Value = operand()
+    kv: str = "keep_accepted"
+
+
+@dataclass(frozen=True, eq=False)
+class Fork(Op):
+    """Split each row into N branches sharing its prefix KV."""
+
+    NAME = "fork"
+    state: Value = operand()
+    branches: Value = operand()
+
+
+@dataclass(frozen=True, eq=False)
+class Join(Op):
+    """Merge a forked state's branches back into one sequence per row."""
+
+    NAME = "join"
+    state: Value = operand()
+    rule: str = "concat"
+
+
+@dataclass(frozen=True, eq=False)
+class Iterate(Op):
+    """Run ``body`` until one of ``until`` holds for every row; ``max_steps`` 0 means no cap."""
+
+    NAME = "iterate"
+    init: Value = operand()
+    body: Block = field(default=None)  # type: ignore[assignment]
+    until: tuple[str, ...] = ("eos", "max_new_tokens")
+    max_steps: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Yield(Op):
+    """Terminator of an ``iterate`` body: the loop-carried value for the next iteration."""
+
+    NAME = "yield"
+    value: Value = operand()
+
+
+@dataclass(frozen=True, eq=False)
+class Emit(Op):
+    """The program's output: the new tokens of every row."""
+
+    NAME = "emit"
+    state: Value = operand()
+
+
+def _draft_size(t: Type) -> Dim:
+    return dim_mul(*t.shape[1:]) if t.rank >= 2 else 0
+
+
+def _forward_type(op: Forward) -> tuple[Type, ...]:
+    st = op.state.type
+    per_branch = dim_add(1, *(_draft_size(d.type) for d in op.drafts))
+    t = dim_mul(per_branch, st.shape[0]) if st.shape else per_branch
+    return (Type("Logits", (B, t, V)),)
+
+
+ACCEPTED = (Type("Tokens", (B, Sym("A"))),)
+STATE = (Type("State"),)
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Registry entry: the op's class and its result-type rule."""
+
+    cls: type[Op]
+    result: Callable[[Any], tuple[Type, ...]]
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _reg(cls: type[Op], result: Callable[[Any], tuple[Type, ...]]) -> None:
+    OPS[cls.NAME] = OpDef(cls, result)
+
+
+_reg(Prefill, lambda op: STATE)
+_reg(DraftJacobi, lambda op: (Type("Tokens", (B, op.window)),))
+_reg(DraftGaussSeidelJacobi, lambda op: (Type("Tokens", (B, op.block)),))
+_reg(DraftNgram, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftNgramPool, lambda op: (Type("Tokens", (B, op.candidates, op.n - 1)),))
+_reg(DraftAdaptiveNgram, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftMask, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftModel, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftBranches, lambda op: (Type("Tokens", (B, len(op.prompts) or op.max_branches, Sym("L"))),))
+_reg(Forward, _forward_type)
+for _cls in (VerifyGreedy, VerifySampling, VerifyThreshold, UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep):
+    _reg(_cls, lambda op: ACCEPTED)
+_reg(Commit, lambda op: (op.state.type,))
+_reg(Fork, lambda op: (Type("State", (op.branches.type.shape[1],)),))
+_reg(Join, lambda op: STATE)
+_reg(Iterate, lambda op: (op.init.type,))
+_reg(Yield, lambda op: ())
+_reg(Emit, lambda op: (Type("Tokens", (B, Sym("G"))),))
+
+DRAFT_OPS = tuple(c for n, d in OPS.items() if n.startswith("draft.") for c in [d.cls])
+VERIFY_OPS = (VerifyGreedy, VerifySampling, VerifyThreshold)
+UNMASK_OPS = (UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep)
+
+
+def op_class(name: str) -> type[Op]:
+    """The op class registered under text name ``name`` (KeyError lists the known ones)."""
+    try:
+        return OPS[name].cls
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """A decoding strategy: a name, documentation parameters, and a top-level block.
+
+    The block's single parameter is the prompt (``Tokens[B, P]``); its last op is ``emit``.
+    """
+
+    name: str
+    body: Block
+    params: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+
+    def walk(self) -> Iterator[Op]:
+        """Every op, pre-order, nested bodies included."""
+        yield from _walk(self.body)
+
+    @property
+    def prompt(self) -> Value:
+        return self.body.params[0]
+
+
+def _walk(block: Block) -> Iterator[Op]:
+    for op in block.ops:
+        yield op
+        if isinstance(op, Iterate) and op.body is not None:
+            yield from _walk(op.body)
+
+
+def make(cls: type[Op], *operands: Value, **attrs: Any) -> Op:
+    """Build an op from positional operands and attributes, inferring its result types."""
+    names = cls.operand_fields()
+    kwargs: dict[str, Any] = {}
+    rest = list(operands)
+    for f in dataclasses.fields(cls):
+        if f.name not in names:
+            continue
+        if f.metadata.get("variadic"):
+            kwargs[f.name], rest = tuple(rest), []
+        elif rest:
+            kwargs[f.name] = rest.pop(0)
+    if rest:
+        raise TypeError(f"{cls.NAME} takes {len(names)} operands, got {len(operands)}")
+    probe = cls(results=(), **kwargs, **attrs)
+    types = OPS[cls.NAME].result(probe)
+    return dataclasses.replace(probe, results=tuple(Value(t) for t in types))
