@@ -14,6 +14,7 @@ Guarantees of every adapter:
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -175,7 +176,8 @@ def _unsupported_cache_reason(config: Any) -> str | None:
     types = getattr(text, "layer_types", None) or []
     if any(t != "full_attention" for t in types):
         return f"layer types {sorted(set(types))} (only full attention is supported)"
-    if getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None):
+    # Mistral-style configs have a window but no use_sliding_window switch: a window set is a window used.
+    if getattr(text, "use_sliding_window", True) and getattr(text, "sliding_window", None):
         return f"a sliding attention window of {text.sliding_window} tokens"
     if getattr(text, "is_encoder_decoder", False):
         return "an encoder-decoder architecture"
@@ -211,6 +213,9 @@ class HFCausalLM(CausalLMAdapter):
         if eos is None and tokenizer is not None:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 5.40).
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> HFCausalLM:
@@ -236,14 +241,17 @@ class HFCausalLM(CausalLMAdapter):
             raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
         mask = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~attend.to(self.device), torch.finfo(self.dtype).min)
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            position_ids=position_ids.to(self.device),
-            attention_mask=mask[:, None],
-            past_key_values=cache,
-            use_cache=True,
-            cache_position=torch.arange(past, past + t, device=self.device),
-        )
+        # No autograd: the cache buffers are written in place every step, so a graph would chain
+        # through every step of a generation and keep all activations alive.
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                position_ids=position_ids.to(self.device),
+                attention_mask=mask[:, None],
+                use_cache=True,
+                cache_position=torch.arange(past, past + t, device=self.device),
+                **{self._cache_kwarg: cache},
+            )
         return out.logits.float()
 
     def cache_len(self, cache) -> int:
