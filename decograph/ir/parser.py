@@ -1,13 +1,22 @@
 """Parser for the text form printed by ``decograph.ir.printer``.
 
 ``parse(print_program(p))`` is structurally equal to ``p`` and ``print_program(parse(t)) == t``
-for canonical text. Errors are ``ParseError`` naming the line and column. Omitted attributes
-take their defaults; result types, when written, are checked later by the verifier.
+for canonical text. Errors are ``ParseError``: the first line names the line, column, op and
+operand or field, then the source line is quoted with a ``>`` marker and a ``fix:`` line follows:
+
+    parse error at line 3, column 13, op `emit`, operand 'state': use of undefined value %9 (found '%9')
+    >   3 |   %2 = emit(%9) : Tokens[B, G]
+    fix: define %9 before this op, in this block or an enclosing one
+
+Omitted attributes take their defaults; result types, when written, are checked later by the
+verifier.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import re
 from typing import Any
 
@@ -25,19 +34,31 @@ _TOKEN = re.compile(
     |(?P<string>"(?:[^"\\\n]|\\.)*")
     |(?P<number>-?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\d+))
     |(?P<name>[A-Za-z_][A-Za-z0-9_.]*)
-    |(?P<punct>[()\[\]{}=,:^+\-*])""",
+    |(?P<punct>\*\*|[()\[\]{}=,:^+\-*])""",
     re.VERBOSE,
 )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _close(word: str, choices: Any) -> str:
+    near = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
 
 
 class _Tokens:
     def __init__(self, text: str) -> None:
         self.items: list[tuple[str, str, int, int]] = []
+        self.lines = text.split("\n")
+        self.context = ""  # ", op `name`" while an op is being parsed
         line, col, pos = 1, 1, 0
         while pos < len(text):
             m = _TOKEN.match(text, pos)
             if m is None:
-                raise ParseError(f"line {line}, column {col}: unexpected character {text[pos]!r}")
+                raise self.fail(line, col, f"unexpected character {text[pos]!r}",
+                                "remove it; strings go in double quotes")
             kind = m.lastgroup or ""
             if kind == "nl":
                 line, col = line + 1, 1
@@ -52,10 +73,18 @@ class _Tokens:
         j = self.i + k
         return self.items[j] if j < len(self.items) else ("eof", "", self.items[-1][2] if self.items else 1, 0)
 
-    def error(self, msg: str) -> ParseError:
+    def fail(self, line: int, col: int, msg: str, fix: str, what: str = "") -> ParseError:
+        """A located error: the position, op and operand or field, the quoted line and a fix."""
+        head = f"parse error at line {line}, column {col}{self.context}{what}: {msg}"
+        quote = [f"{'>' if j == line else ' '} {j:3d} | {self.lines[j - 1]}"
+                 for j in range(max(1, line - 1), min(len(self.lines), line + 1) + 1)]
+        return ParseError("\n".join([head, *quote, f"fix: {fix}"]))
+
+    def error(self, msg: str, fix: str = "", what: str = "") -> ParseError:
         _, text, line, col = self.peek()
         found = f"{text!r}" if text else "end of input"
-        return ParseError(f"line {line}, column {col}: {msg} (found {found})")
+        return self.fail(line, col, f"{msg} (found {found})",
+                         fix or "write the canonical form that print_program prints", what)
 
     def take(self, value: str | None = None, kind: str | None = None) -> str:
         k, text, _, _ = self.peek()
@@ -70,6 +99,9 @@ class _Tokens:
             self.i += 1
             return True
         return False
+
+
+_NAMES: dict[str, Any] = {"true": True, "false": False, "none": None, "inf": math.inf, "nan": math.nan}
 
 
 def _attr(t: _Tokens) -> Any:
@@ -91,22 +123,31 @@ def _attr(t: _Tokens) -> Any:
         return float(text) if any(c in text for c in ".eE") else int(text)
     if kind == "name":
         t.take()
-        return {"true": True, "false": False, "none": None}.get(text, text)
+        return _NAMES.get(text, text)
+    if text == "-" and t.peek(1)[1] == "inf":
+        t.take()
+        t.take()
+        return -math.inf
     raise t.error("expected an attribute value")
 
 
 def _type(t: _Tokens) -> Type:
-    kind = t.take(kind="name")
+    _, kind, line, col = t.peek()
+    t.take(kind="name")
     if kind not in TYPE_KINDS:
-        raise ParseError(f"unknown type {kind!r}; types are {', '.join(TYPE_KINDS)}")
+        raise t.fail(line, col, f"unknown type {kind!r}; types are {', '.join(TYPE_KINDS)}",
+                     f"use one of {', '.join(TYPE_KINDS)}{_close(kind, TYPE_KINDS)}")
     dims: list[Any] = []
     if t.accept("["):
         while True:
             parts: list[str] = []
             depth = 0
+            _, _, dline, dcol = t.peek()
             while True:
                 k, text, _, _ = t.peek()
-                if k == "eof" or (depth == 0 and text in (",", "]")):
+                # a dim never holds brackets, braces or values: stop there even inside '(' so an
+                # unbalanced dim reports itself instead of swallowing the rest of the program
+                if k in ("eof", "value", "string") or text in ("]", "[", "{", "}", "=", ":") or (depth == 0 and text == ","):
                     break
                 depth += text == "("
                 depth -= text == ")"
@@ -115,11 +156,22 @@ def _type(t: _Tokens) -> Type:
             try:
                 dims.append(parse_dim(" ".join(parts)))
             except ValueError as exc:
-                raise t.error(str(exc)) from None
+                raise t.fail(dline, dcol, str(exc), "write dims as integers and symbols joined by + - * ** and ( )") from None
             if t.accept("]"):
                 break
             t.take(",")
     return Type(kind, tuple(dims))
+
+
+def _operand_label(cls: type[Op], i: int) -> str:
+    """``operand 'name'`` (``'drafts'[j]`` for the variadic one) of the ``i``-th operand of ``cls``."""
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("operand")]
+    for j, f in enumerate(fields):
+        if f.metadata.get("variadic"):
+            return f"operand '{f.name}'[{i - j}]"
+        if j == i:
+            return f"operand '{f.name}'"
+    return f"operand {i}"
 
 
 class _Parser:
@@ -127,15 +179,16 @@ class _Parser:
         self.t = _Tokens(text)
         self.scopes: list[dict[str, Value]] = []
 
-    def lookup(self, name: str) -> Value:
+    def lookup(self, name: str, what: str) -> Value:
         for scope in reversed(self.scopes):
             if name in scope:
                 return scope[name]
-        raise self.t.error(f"use of undefined value {name}")
+        raise self.t.error(f"use of undefined value {name}",
+                           f"define {name} before this op, in this block or an enclosing one", what)
 
-    def define(self, name: str, v: Value) -> None:
+    def define(self, name: str, v: Value, at: tuple[int, int], what: str) -> None:
         if any(name in s for s in self.scopes):
-            raise self.t.error(f"value {name} is defined twice")
+            raise self.t.fail(*at, f"value {name} is defined twice", "give every result a fresh name", what)
         self.scopes[-1][name] = v
 
     def program(self) -> Program:
@@ -158,7 +211,7 @@ class _Parser:
         ops = self.ops()
         t.take("}")
         if t.peek()[0] != "eof":
-            raise t.error("expected end of input after the strategy")
+            raise t.error("expected end of input after the strategy", "remove the text after the closing '}'")
         return Program(name, Block((prompt,), tuple(ops)), tuple(params), desc)
 
     def ops(self) -> list[Op]:
@@ -169,17 +222,22 @@ class _Parser:
 
     def op(self) -> Op:
         t = self.t
-        lhs: list[str] = []
+        lhs: list[tuple[str, int, int]] = []
         if t.peek()[0] == "value":
-            lhs.append(t.take())
-            while t.accept(","):
-                lhs.append(t.take(kind="value"))
+            while True:
+                _, vname, vline, vcol = t.peek()
+                t.take(kind="value")
+                lhs.append((vname, vline, vcol))
+                if not t.accept(","):
+                    break
             t.take("=")
         _, opname, line, col = t.peek()
         t.take(kind="name")
         if opname not in OPS:
-            raise ParseError(f"line {line}, column {col}: unknown op {opname!r}; known ops: {', '.join(sorted(OPS))}")
+            raise t.fail(line, col, f"unknown op; known ops: {', '.join(sorted(OPS))}",
+                         f"use one of the known ops{_close(opname, OPS)}", f", op `{opname}`")
         cls = OPS[opname].cls
+        outer, t.context = t.context, f", op `{opname}`"
         operands, attrs = self.args(cls)
         types: list[Type] = []
         if t.accept(":"):
@@ -187,36 +245,49 @@ class _Parser:
             while t.accept(","):
                 types.append(_type(t))
         if len(types) != len(lhs):
-            raise ParseError(f"line {line}: {opname} names {len(lhs)} results but gives {len(types)} types")
+            raise t.fail(line, col, f"names {_count(len(lhs), 'result')} but declares {_count(len(types), 'type')}",
+                         "write one type per result after ':'", ", its results")
         results = tuple(Value(ty) for ty in types)
         body = None
         if cls is Iterate:
             t.take("{")
+            t.context = outer
             body = self.block()
+            t.context = f", op `{opname}`"
             t.take("}")
         try:
             op = self.build(cls, operands, attrs, results, body)
         except TypeError as exc:
-            raise ParseError(f"line {line}, column {col}: {opname}: {exc}") from None
-        for name, v in zip(lhs, results):
-            self.define(name, v)
+            raise t.fail(line, col, str(exc), "write the operands the op takes, in order") from None
+        for (name, vline, vcol), v in zip(lhs, results):
+            self.define(name, v, (vline, vcol), f", result {name}")
+        t.context = outer
         return op
 
     def args(self, cls: type[Op]) -> tuple[list[Value], dict[str, Any]]:
         t = self.t
         operands: list[Value] = []
         attrs: dict[str, Any] = {}
+        known = sorted(f.name for f in cls.attr_fields())
         t.take("(")
         while not t.accept(")"):
             if t.peek()[0] == "value":
+                what = f", {_operand_label(cls, len(operands))}"
                 if attrs:
-                    raise t.error("operands must come before attributes")
-                operands.append(self.lookup(t.take()))
+                    raise t.error("operands must come before attributes", "move the operand before the attributes", what)
+                operands.append(self.lookup(t.peek()[1], what))
+                t.take()
             else:
-                key = t.take(kind="name")
+                _, key, kline, kcol = t.peek()
+                t.take(kind="name")
+                what = f", field '{key}'"
+                if key not in known:
+                    takes = ", ".join(known) or "no attributes"
+                    raise t.fail(kline, kcol, f"unknown attribute; {cls.NAME} takes {takes}",
+                                 f"remove {key}" + (f" or use one of {takes}{_close(key, known)}" if known else ""), what)
                 t.take("=")
                 if key in attrs:
-                    raise t.error(f"attribute {key!r} given twice")
+                    raise t.fail(kline, kcol, "attribute given twice", "give each attribute once", what)
                 attrs[key] = _attr(t)
             if not t.accept(","):
                 t.take(")")
@@ -230,10 +301,11 @@ class _Parser:
         self.scopes.append({})
         params: list[Value] = []
         while not t.accept(")"):
-            name = t.take(kind="value")
+            _, name, line, col = t.peek()
+            t.take(kind="value")
             t.take(":")
             v = Value(_type(t))
-            self.define(name, v)
+            self.define(name, v, (line, col), f", block parameter {name}")
             params.append(v)
             if not t.accept(","):
                 t.take(")")

@@ -40,9 +40,9 @@ def format_attr(v: Any) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"attribute value {v!r} is not finite")
-        return repr(v)
+        if math.isnan(v):
+            return "nan"  # printable so the verifier can quote it; it rejects non-finite values
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, str):
         return v if _BARE.match(v) and v not in _RESERVED else json.dumps(v)
     if isinstance(v, (tuple, list)):

@@ -41,6 +41,9 @@ class Sym:
     def __rsub__(self, other: Dim) -> Dim:
         return _wrap(_expr(other) - self.expr)
 
+    def __neg__(self) -> Dim:
+        return _wrap(-self.expr)
+
     def __mul__(self, other: Dim) -> Dim:
         return _wrap(self.expr * _expr(other))
 
@@ -129,7 +132,8 @@ _B, _V = Sym("B"), Sym("V")
 
 
 def parse_dim(text: str) -> Dim:
-    """Parse a dim expression: integers, uppercase symbols, ``+ - *`` and parentheses.
+    """Parse a dim expression: integers, uppercase symbols, ``+ - *``, ``**`` with an integer
+    exponent (as ``str(Sym)`` prints products like ``T**2``) and parentheses.
 
     A tiny recursive-descent parser: no ``eval`` and no ``sympify`` of user text.
     """
@@ -155,19 +159,33 @@ def parse_dim(text: str) -> Dim:
                 raise ValueError(f"dim {text!r}: missing ')'")
             take()
             return e
-        if t == "-":
-            return -atom()
         if t.isdigit():
             return sympy.Integer(int(t))
         if t[0].isalpha() or t[0] == "_":
             return sympy.Symbol(t, integer=True, nonnegative=True)
         raise ValueError(f"dim {text!r}: unexpected {t!r}")
 
-    def term() -> sympy.Expr:
+    def power() -> sympy.Expr:
         e = atom()
+        if peek() == "**":
+            take()
+            t = peek()
+            if t is None or not t.isdigit():
+                raise ValueError(f"dim {text!r}: '**' needs an integer exponent")
+            e = e ** int(take())
+        return e
+
+    def unary() -> sympy.Expr:
+        if peek() == "-":
+            take()
+            return -unary()
+        return power()
+
+    def term() -> sympy.Expr:
+        e = unary()
         while peek() == "*":
             take()
-            e = e * atom()
+            e = e * unary()
         return e
 
     def expr() -> sympy.Expr:
@@ -202,6 +220,9 @@ def _tokenize_dim(text: str) -> list[str]:
                 j += 1
             out.append(text[i:j])
             i = j
+        elif text.startswith("**", i):
+            out.append("**")
+            i += 2
         elif c in "+-*()":
             out.append(c)
             i += 1

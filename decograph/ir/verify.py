@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from decograph.errors import VerifyError
 from decograph.ir import ops as O
-from decograph.ir.printer import Namer, print_program
+from decograph.ir.printer import Namer, format_attr, print_program
 
 __all__ = ["verify"]
 
@@ -33,6 +34,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES, ("join", "rule"): ("concat", "ner_dedup"),
     ("draft.jacobi", "init"): ("repeat", "pad"), ("draft.gauss_seidel_jacobi", "init"): ("repeat", "pad"),
 }
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPERAND_KIND = {"state": "State", "init": "State", "prompt": "Tokens", "logits": "Logits",
                  "accepted": "Tokens", "branches": "Tokens", "drafts": "Tokens"}
 
@@ -40,11 +42,13 @@ _OPERAND_KIND = {"state": "State", "init": "State", "prompt": "Tokens", "logits"
 class _Checker:
     def __init__(self, program: O.Program) -> None:
         self.program = program
+        self.header()  # before printing: the text form must be able to hold the name and params
         self.where: dict[int, int] = {}
         self.namer = Namer()
         self.lines = print_program(program, self.where, self.namer).splitlines()
         self.defs: dict[int, O.Op] = {}
-        self.defined: set[int] = set()
+        self.defined: set[int] = set()  # visible here: a body's values go out of scope after it
+        self.seen: set[int] = set()  # defined anywhere so far (single definition)
 
     def fail(self, op: O.Op | None, what: str, msg: str, fix: str) -> VerifyError:
         if op is None:
@@ -60,12 +64,29 @@ class _Checker:
             raise self.fail(None, "the prompt", "a strategy takes exactly one prompt of type Tokens[B, P]",
                             "build the program with one prompt parameter")
         self.defined.add(id(body.params[0]))
+        self.seen.add(id(body.params[0]))
         if not body.ops or not isinstance(body.ops[-1], O.Emit):
             raise self.fail(body.ops[-1] if body.ops else None, "the program",
                             "a strategy must end with `emit`", "add `%n = emit(%state) : Tokens[B, G]` last")
         self.block(body, top=True)
 
-    def block(self, block: O.Block, top: bool) -> None:
+    def header(self) -> None:
+        p = self.program
+        if not isinstance(p.name, str) or not _NAME.match(p.name):
+            raise self.fail(None, "its name", f"{p.name!r} is not a name the text form can hold",
+                            "use letters, digits, '_' and '.', starting with a letter or '_'")
+        keys = [k for k, _ in p.params]
+        for key, value in p.params:
+            if not isinstance(key, str) or not _NAME.match(key) or keys.count(key) > 1:
+                raise self.fail(None, f"param {key!r}", "is not a unique name the text form can hold",
+                                "give each param once, named with letters, digits and '_'")
+            try:
+                format_attr(value)
+            except (TypeError, ValueError):
+                raise self.fail(None, f"param {key!r}", f"{value!r} cannot be written in the text form",
+                                "use a bool, int, float, str, none or a list of them") from None
+
+    def block(self, block: O.Block, top: bool, owner: O.Op | None = None) -> None:
         for i, op in enumerate(block.ops):
             last = i == len(block.ops) - 1
             if isinstance(op, O.Yield) and (top or not last):
@@ -76,7 +97,7 @@ class _Checker:
                                 "keep one emit, as the last op of the strategy")
             self.op(op)
         if not top and not (block.ops and isinstance(block.ops[-1], O.Yield)):
-            raise self.fail(block.ops[-1] if block.ops else None, "the iterate body",
+            raise self.fail(block.ops[-1] if block.ops else owner, "the iterate body",
                             "an iterate body must end with `yield(%state)`", "add a yield of the next state")
 
     def op(self, op: O.Op) -> None:
@@ -95,21 +116,27 @@ class _Checker:
             self.iterate(op)
         self.dataflow(op)
         for r in op.results:
-            if id(r) in self.defined:
+            if id(r) in self.seen:
                 raise self.fail(op, "its result", "this value is defined twice", "give every result a fresh name")
             self.defined.add(id(r))
+            self.seen.add(id(r))
             self.defs[id(r)] = op
 
     def operand(self, op: O.Op, field: str, j: int, v: Any) -> None:
         label = f"operand '{field}'" + (f"[{j}]" if field == "drafts" else "")
         if not isinstance(v, O.Value):
             raise self.fail(op, label, "is missing", f"pass a value as {field}")
+        if id(v) in self.seen and id(v) not in self.defined:
+            raise self.fail(op, label, f"{self.namer(v)} is defined inside an iterate body and is not visible here",
+                            "use the iterate's result, or yield the value from the body")
         if id(v) not in self.defined:
             raise self.fail(op, label, f"{self.namer(v)} is used before it is defined",
                             "define the value earlier in this block or an enclosing one")
         kind = _OPERAND_KIND.get(field)
         if kind and v.type.kind != kind:
-            raise self.fail(op, label, f"must be {kind}, got {v.type}", f"pass a {kind} value")
+            src = self.defs.get(id(v))
+            origin = f" from `{src.NAME}`" if src is not None else ""
+            raise self.fail(op, label, f"must be {kind}, got {v.type}{origin}", f"pass a {kind} value")
 
     def attrs(self, op: O.Op) -> None:
         hints = {f.name: f.type for f in dataclasses.fields(type(op))}
@@ -135,8 +162,11 @@ class _Checker:
             raise self.fail(op, "field 'min_n'", f"min_n={op.min_n} exceeds max_n={op.max_n}", "make min_n <= max_n")
         if isinstance(op, O.Iterate):
             bad = [u for u in op.until if u not in O.UNTIL]
-            if not op.until or bad:
-                raise self.fail(op, "field 'until'", f"{bad or 'empty'} is not a list of {', '.join(O.UNTIL)}",
+            if not op.until:
+                raise self.fail(op, "field 'until'", f"is empty; it needs at least one of {', '.join(O.UNTIL)}",
+                                f"use until=[{', '.join(O.UNTIL[:2])}]")
+            if bad:
+                raise self.fail(op, "field 'until'", f"{bad[0]!r} is not one of {', '.join(O.UNTIL)}",
                                 f"use until=[{', '.join(O.UNTIL[:2])}]")
         if isinstance(op, O.DraftBranches) and not op.prompts and not op.delimiter:
             raise self.fail(op, "field 'prompts'", "needs branch prompts or a delimiter", "set prompts=[...] or delimiter=...")
@@ -148,8 +178,11 @@ class _Checker:
         if body.params[0].type != op.init.type:
             raise self.fail(op, "its body parameter", f"has type {body.params[0].type}, the loop carries {op.init.type}",
                             f"declare the parameter as {op.init.type}")
+        outer = set(self.defined)
         self.defined.add(id(body.params[0]))
-        self.block(body, top=False)
+        self.seen.add(id(body.params[0]))
+        self.block(body, top=False, owner=op)
+        self.defined = outer
         term = body.ops[-1]
         assert isinstance(term, O.Yield)
         if term.value.type != op.init.type:
@@ -175,7 +208,8 @@ class _Checker:
         elif isinstance(op, O.Commit):
             src = self.defs.get(id(op.accepted))
             if not isinstance(src, O.VERIFY_OPS + O.UNMASK_OPS):
-                raise self.fail(op, "operand 'accepted'", "must come from a verify or unmask step",
+                got = f"`{src.NAME}`" if src is not None else "a block parameter"
+                raise self.fail(op, "operand 'accepted'", f"must come from a verify or unmask step, comes from {got}",
                                 "commit the result of verify.* or unmask.*")
         elif isinstance(op, O.Fork):
             self.producer(op, "branches", op.branches, O.DraftBranches, "pass the result of draft.branches")
@@ -199,7 +233,7 @@ class _Checker:
     def producer(self, op: O.Op, field: str, v: O.Value, cls: type[O.Op], fix: str) -> Any:
         src = self.defs.get(id(v))
         if not isinstance(src, cls):
-            got = src.NAME if src is not None else "a block parameter"
+            got = f"`{src.NAME}`" if src is not None else "a block parameter"
             raise self.fail(op, f"operand '{field}'", f"must come from `{cls.NAME}`, comes from {got}", fix)
         return src
 
