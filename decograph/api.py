@@ -1,0 +1,242 @@
+"""The Python API: ``generate``, ``generate_stream`` and ``list_strategies``.
+
+    import decograph
+    model, tok = decograph.load_default_model()
+    [r] = decograph.generate(model, tok, ["Write a haiku."], strategy="anpd", chat=True)
+    r.new_token_ids, r.text, r.stats.tokens_per_forward
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from decograph.backends.torch_ref import Event, Interpreter, RunConfig
+from decograph.errors import InputError
+from decograph.frontends.adapters import CausalLMAdapter, HFCausalLM, as_adapter
+from decograph.ir import ops as O
+
+__all__ = ["Stats", "GenerationResult", "StreamChunk", "generate", "generate_stream", "list_strategies", "resolve_model"]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What one row's decoding cost. ``forward_passes`` counts the prefill; decode steps do not."""
+
+    new_tokens: int
+    forward_passes: int
+    decode_steps: int
+    accepted_per_step: tuple[int, ...]
+    drafted_per_step: tuple[int, ...]
+    wall_time_s: float
+    finish_reason: str
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """New tokens per decode forward (the prefill excluded)."""
+        return self.new_tokens / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean draft tokens accepted per step (the model's own bonus token excluded)."""
+        a = self.accepted_per_step
+        return sum(a) / len(a) if a else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens, "forward_passes": self.forward_passes,
+            "decode_steps": self.decode_steps, "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "mean_accepted": round(self.mean_accepted, 4), "tokens_per_s": round(self.tokens_per_s, 3),
+            "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason,
+            "accepted_per_step": list(self.accepted_per_step),
+        }
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """One prompt's output: ``new_token_ids`` (EOS included when generated, as in HF), ``text``."""
+
+    prompt_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of streamed output: the text and token ids just committed to prompt ``row``."""
+
+    row: int
+    text: str
+    token_ids: tuple[int, ...]
+    done: bool
+
+
+def list_strategies() -> list[str]:
+    """Names of the built-in strategies."""
+    from decograph.frontends.strategies import list_strategies as _list
+
+    return [name for name, _ in _list()]
+
+
+def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, Any]:
+    """An adapter and tokenizer from a model, an adapter, a local directory, or None (default model)."""
+    if model is None or (isinstance(model, str) and model == "default"):
+        from decograph.models.default import load_default_model
+
+        model, default_tok = load_default_model()
+        tokenizer = tokenizer if tokenizer is not None else default_tok
+    elif isinstance(model, (str, Path)):
+        adapter = HFCausalLM.from_pretrained(str(model))
+        return adapter, tokenizer if tokenizer is not None else adapter.tokenizer
+    adapter = as_adapter(model, tokenizer)
+    return adapter, tokenizer if tokenizer is not None else getattr(adapter, "tokenizer", None)
+
+
+def _program(strategy: Any, overrides: dict[str, Any] | None) -> O.Program:
+    if isinstance(strategy, O.Program):
+        return strategy
+    if hasattr(strategy, "program"):
+        return strategy.program
+    from decograph.frontends.strategies import load_strategy
+
+    return load_strategy(str(strategy), overrides=overrides).program
+
+
+def _encode(prompts: Any, tokenizer: Any, chat: bool) -> list[list[int]]:
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    out: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise InputError(f"prompt {i} is text but no tokenizer was given; pass tokenizer= or token ids")
+            if chat:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = tokenizer(p)["input_ids"]
+            p = list(ids)
+        p = [int(t) for t in p]
+        if not p:
+            raise InputError(f"prompt {i} is empty: give at least one token")
+        out.append(p)
+    if not out:
+        raise InputError("no prompts given")
+    return out
+
+
+def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_tokens: int, chat: bool,
+           do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
+           eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
+           overrides: dict[str, Any] | None) -> tuple[Interpreter, list[list[int]], Any]:
+    adapter, tok = resolve_model(model, tokenizer)
+    program = _program(strategy, overrides)
+    if do_sample:
+        from decograph.passes.sampling import to_sampling
+
+        program = to_sampling(program, temperature, top_k, top_p)
+    ids = _encode(prompts, tok, chat)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    limit = adapter.max_positions
+    for i, p in enumerate(ids):
+        bad = [t for t in p if not 0 <= t < adapter.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {adapter.vocab_size}")
+        if limit and len(p) + max_new_tokens > limit:
+            raise InputError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                             f"the model's context of {limit} positions")
+    if eos_token_id is None:
+        eos = adapter.eos_token_ids
+    else:
+        eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+    pad = eos[0] if eos else 0
+    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}))
+    return Interpreter(program, adapter, cfg), ids, tok
+
+
+def _decode(tok: Any, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
+
+
+def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[GenerationResult]:
+    assert interp.state is not None
+    out = []
+    for row in interp.state.rows:
+        new = row.new_tokens
+        stats = Stats(len(new), 1 + row.steps, row.steps, tuple(row.accepted), tuple(row.drafted),
+                      interp.wall, row.finish_reason or "max_new_tokens")
+        out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats))
+    return out
+
+
+def _events(interp: Interpreter, ids: list[list[int]]) -> Iterator[Event]:
+    gen = interp.run(ids)
+    with torch.inference_mode():
+        for event in gen:
+            yield event
+
+
+def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy", max_new_tokens: int = 128, *,
+             chat: bool = False, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, eos_token_id: Any = None,
+             stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
+             streamer: Any = None, overrides: dict[str, Any] | None = None) -> list[GenerationResult]:
+    """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
+
+    ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
+    when ``chat``), a token-id list, or a list of them. ``strategy``: a built-in name, a
+    strategy file path, a ``Strategy`` or an IR ``Program``. Greedy strategies return exactly
+    the tokens of greedy decoding; with ``do_sample`` their verification becomes lossless
+    speculative sampling. ``streamer``: a transformers streamer (``put``/``end``), batch 1.
+    """
+    interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
+                              top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides)
+    if streamer is not None:
+        if len(ids) != 1:
+            raise InputError("a transformers streamer supports one prompt at a time")
+        streamer.put(torch.tensor([ids[0]]))
+    try:
+        for event in _events(interp, ids):
+            if streamer is not None and event.tokens:
+                streamer.put(torch.tensor(list(event.tokens)))
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return _results(interp, ids, tok)
+
+
+def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
+                    max_new_tokens: int = 128, **kwargs: Any) -> Iterator[StreamChunk]:
+    """Like ``generate``, but yields ``StreamChunk``s as tokens commit; each row's last chunk
+    has ``done=True`` and the concatenated texts equal ``generate``'s ``text``."""
+    kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
+          ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
+          ("draft_models", None), ("overrides", None))}
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+    interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)
+    new: dict[int, list[int]] = {i: [] for i in range(len(ids))}
+    shown: dict[int, str] = {i: "" for i in range(len(ids))}
+    finished: set[int] = set()
+    for event in _events(interp, ids):
+        new[event.row].extend(event.tokens)
+        text = _decode(tok, new[event.row])
+        if not event.done and text.endswith("\ufffd"):
+            continue            # an incomplete UTF-8 sequence: wait for the rest
+        delta, shown[event.row] = text[len(shown[event.row]):], text
+        if event.done:
+            finished.add(event.row)
+        yield StreamChunk(event.row, delta, event.tokens, event.done)
+    for i in range(len(ids)):
+        if i not in finished:
+            yield StreamChunk(i, _decode(tok, new[i])[len(shown[i]):], (), True)

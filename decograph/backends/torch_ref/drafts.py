@@ -1,0 +1,252 @@
+"""Draft sources of the torch reference backend, one class per ``draft.*`` op.
+
+A source proposes, per row, chains of guessed tokens following the row's root (its last
+committed token); ``limit`` caps every chain (the row's remaining budget minus the bonus
+token). After the step's verification, ``observe`` shows the source its own nodes' greedy
+predictions and how many tokens the row committed, so that iterative sources (Jacobi,
+Gauss-Seidel-Jacobi, the lookahead pool, adaptive lengths) can update their memory, which
+lives in ``row.scratch[id(op)]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from decograph.backends.torch_ref.batch import Row
+from decograph.errors import UnsupportedError
+from decograph.ir import ops as O
+
+__all__ = ["make_source", "DraftSource"]
+
+
+class DraftSource:
+    """Base: no memory, no proposals. ``observes_all``: ``observe`` sees every draft of the forward."""
+
+    observes_all = False
+
+    def __init__(self, op: O.Op) -> None:
+        self.op = op
+
+    def memory(self, row: Row) -> Any:
+        key = id(self.op)
+        if key not in row.scratch:
+            row.scratch[key] = self.fresh(row)
+        return row.scratch[key]
+
+    def fresh(self, row: Row) -> Any:
+        return None
+
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
+        """``preds[c]``: the model's argmax at the root, then after each node of chain ``c``;
+        ``committed``: how many tokens the row committed this step (accepted drafts + bonus)."""
+
+
+class Jacobi(DraftSource):
+    """Fixed-point (Jacobi) iteration over a sliding window (Santilli et al., 2023).
+
+    The guess for the next window is the previous forward's predictions past the accepted
+    point; the window's tail is filled by repeating the last guess (``init=repeat``) or with
+    the root token (``init=pad``).
+    """
+
+    def window(self, row: Row, mem: Any) -> int:
+        return int(self.op.window)
+
+    def fresh(self, row: Row) -> Any:
+        return {"guess": []}
+
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        mem = self.memory(row)
+        w = min(self.window(row, mem), limit)
+        if w <= 0:
+            return []
+        guess = mem["guess"][:w]
+        fill = guess[-1] if guess and self.op.init == "repeat" else row.tokens[-1]
+        return [guess + [fill] * (w - len(guess))]
+
+    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
+        mem = self.memory(row)
+        mem["guess"] = preds[0][committed:] if chains else []
+
+
+class GaussSeidelJacobi(Jacobi):
+    """Jacobi iteration inside fixed blocks of ``block`` tokens, solved one after another.
+
+    The window is the unsolved rest of the current block; once the block is committed the
+    next block starts from a fresh guess (Santilli et al.'s GS-Jacobi hybrid).
+    """
+
+    def fresh(self, row: Row) -> Any:
+        return {"guess": [], "end": len(row.tokens) + int(self.op.block)}
+
+    def window(self, row: Row, mem: Any) -> int:
+        left = mem["end"] - len(row.tokens)
+        if left <= 0:
+            mem["end"] = len(row.tokens) + int(self.op.block)
+            mem["guess"] = []
+            left = int(self.op.block)
+        return left
+
+
+class NgramIndex:
+    """Incremental index: n-gram (as a tuple) -> end positions where it occurred, newest last."""
+
+    def __init__(self, max_n: int) -> None:
+        self.max_n = max_n
+        self.seen = 0
+        self.where: dict[tuple[int, ...], list[int]] = {}
+
+    def update(self, tokens: list[int]) -> None:
+        for end in range(self.seen + 1, len(tokens) + 1):
+            for n in range(1, self.max_n + 1):
+                if end - n >= 0:
+                    self.where.setdefault(tuple(tokens[end - n : end]), []).append(end)
+        self.seen = len(tokens)
+
+
+class Ngram(DraftSource):
+    """Prompt lookup: copy what followed the newest earlier occurrence of the longest suffix n-gram."""
+
+    def fresh(self, row: Row) -> Any:
+        return NgramIndex(int(self.op.max_n))
+
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        k = min(int(self.op.k), limit)
+        if k <= 0:
+            return []
+        index: NgramIndex = self.memory(row)
+        toks = row.tokens
+        index.update(toks)
+        for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
+            if n > len(toks):
+                continue
+            ends = index.where.get(tuple(toks[-n:]), [])
+            for end in reversed(ends):
+                if end < len(toks):
+                    return [toks[end : end + k]]
+        return []
+
+
+@dataclass
+class _Anpd:
+    tables: dict[int, dict[tuple[int, ...], int]] = field(default_factory=dict)
+    seen: int = 0
+    k: int = 0
+
+
+class AdaptiveNgram(DraftSource):
+    """ANPD (Ou et al., 2024): multi-level n-gram tables over the context, updated as tokens
+    commit; drafts token by token from the longest context that has an entry. With
+    ``adaptive``, the draft length follows acceptance: it grows after a fully accepted draft
+    and shrinks to just past the accepted part after a rejection.
+    """
+
+    def fresh(self, row: Row) -> Any:
+        return _Anpd(k=max(1, int(self.op.k) // 2) if self.op.adaptive else int(self.op.k))
+
+    def _update(self, mem: _Anpd, toks: list[int]) -> None:
+        lo, hi = int(self.op.min_n), int(self.op.max_n)
+        for end in range(max(mem.seen, 1), len(toks)):
+            for n in range(lo, hi + 1):
+                if end - (n - 1) >= 0:
+                    mem.tables.setdefault(n, {})[tuple(toks[end - n + 1 : end])] = toks[end]
+        mem.seen = len(toks)
+
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        mem: _Anpd = self.memory(row)
+        self._update(mem, row.tokens)
+        k = min(mem.k, limit)
+        ctx = row.tokens[-(int(self.op.max_n) - 1) :] if int(self.op.max_n) > 1 else []
+        out: list[int] = []
+        while len(out) < k:
+            nxt = None
+            for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
+                key = tuple(ctx[len(ctx) - (n - 1) :]) if n > 1 else ()
+                if len(key) == n - 1 and key in mem.tables.get(n, {}):
+                    nxt = mem.tables[n][key]
+                    break
+            if nxt is None:
+                break
+            out.append(nxt)
+            ctx = (ctx + [nxt])[-(int(self.op.max_n) - 1) :]
+        return [out] if out else []
+
+    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
+        if not self.op.adaptive or not chains:
+            return
+        mem: _Anpd = self.memory(row)
+        proposed = len(chains[0])
+        accepted = committed - 1
+        if accepted >= proposed:
+            mem.k = min(int(self.op.k), mem.k + 2)
+        else:
+            mem.k = max(1, min(mem.k, accepted + 2))
+
+
+class NgramPool(DraftSource):
+    """Lookahead decoding's n-gram pool (Fu et al., 2024), keyed by first token.
+
+    Filled from the committed text and from each step's Jacobi-style predictions; proposes up
+    to ``candidates`` newest n-grams that start at the root token.
+    """
+
+    CAP = 16
+    observes_all = True
+
+    def fresh(self, row: Row) -> Any:
+        return {"pool": {}, "seen": 0}
+
+    def _add(self, pool: dict[int, list[tuple[int, ...]]], gram: tuple[int, ...]) -> None:
+        lst = pool.setdefault(gram[0], [])
+        if gram[1:] in lst:
+            lst.remove(gram[1:])
+        lst.append(gram[1:])
+        del lst[: -self.CAP]
+
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        mem = self.memory(row)
+        n, toks = int(self.op.n), row.tokens
+        for s in range(max(0, mem["seen"] - n + 1), len(toks) - n + 1):
+            self._add(mem["pool"], tuple(toks[s : s + n]))
+        mem["seen"] = len(toks)
+        grams = mem["pool"].get(toks[-1], [])[::-1][: int(self.op.candidates)]
+        return [list(g[:limit]) for g in grams if limit > 0]
+
+    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
+        n, pool = int(self.op.n), self.memory(row)["pool"]
+        root = row.tokens[-committed - 1]
+        for pred in preds:
+            seq = [root] + pred
+            for s in range(0, len(seq) - n + 1):
+                self._add(pool, tuple(seq[s : s + n]))
+
+
+SOURCES: dict[type[O.Op], type[DraftSource]] = {
+    O.DraftJacobi: Jacobi,
+    O.DraftGaussSeidelJacobi: GaussSeidelJacobi,
+    O.DraftNgram: Ngram,
+    O.DraftAdaptiveNgram: AdaptiveNgram,
+    O.DraftNgramPool: NgramPool,
+}
+
+
+def make_source(op: O.Op, draft_models: dict[str, Any]) -> DraftSource:
+    """The runtime source for a draft op (raises ``UnsupportedError`` naming the op)."""
+    if isinstance(op, O.DraftModel):
+        from decograph.backends.torch_ref.draft_model import ModelDraft
+
+        if op.model not in draft_models:
+            raise UnsupportedError(
+                f"draft.model(model={op.model}) needs a draft model: pass draft_models={{'{op.model}': model}}"
+            )
+        return ModelDraft(op, draft_models[op.model])
+    cls = SOURCES.get(type(op))
+    if cls is None:
+        raise UnsupportedError(
+            f"{op.NAME} is not supported by the torch reference backend on a causal LM yet "
+            "(masked-diffusion and branch decoding arrive with their own adapters)"
+        )
+    return cls(op)

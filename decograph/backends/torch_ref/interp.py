@@ -1,0 +1,242 @@
+"""The torch reference interpreter: runs any verified program on a causal-LM adapter.
+
+It walks the program's ops in order, binding each SSA value to a runtime object; the
+``iterate`` body runs until every row is done. Rows are ragged: each accepts its own number
+of tokens per step and leaves the batch when it hits EOS, a stop token or its budget.
+
+``run`` is a generator of ``Event``s (one per row per step that committed tokens), so that
+streaming and the plain API share one loop.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from decograph.backends.torch_ref.batch import BatchState, DraftTree, Row, StepLayout
+from decograph.backends.torch_ref.drafts import DraftSource, make_source
+from decograph.backends.torch_ref.verify import greedy_walk, process_logits, sampling_walk, threshold_walk
+from decograph.errors import UnsupportedError
+from decograph.frontends.adapters import CausalLMAdapter
+from decograph.ir import ops as O
+
+__all__ = ["Event", "RunConfig", "Interpreter"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Tokens committed to row ``row`` (caller order) in one step; ``done`` on its last event."""
+
+    row: int
+    tokens: tuple[int, ...]
+    done: bool
+
+
+@dataclass
+class RunConfig:
+    """Run-time options that are not part of the strategy program."""
+
+    max_new_tokens: int = 128
+    eos_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    seed: int | None = None
+    draft_models: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Drafted:
+    source: DraftSource
+    chains: list[list[list[int]]]        # per active row: chains
+
+
+@dataclass
+class _Forwarded:
+    layout: StepLayout
+    logits: torch.Tensor
+    drafts: list[_Drafted]
+    nodes: list[list[list[list[int]]]]   # per draft, per row, per chain: node ids
+    _argmax: list[list[int]] | None = None
+
+    @property
+    def argmax(self) -> list[list[int]]:
+        if self._argmax is None:
+            self._argmax = self.logits.argmax(dim=-1).tolist()
+        return self._argmax
+
+
+@dataclass
+class _Accepted:
+    forwarded: _Forwarded
+    paths: list[tuple[list[int], int]]   # per active row: accepted node ids, bonus token
+
+
+class Interpreter:
+    """Runs one program for one batch of prompts."""
+
+    def __init__(self, program: O.Program, adapter: CausalLMAdapter, config: RunConfig) -> None:
+        self.program, self.adapter, self.cfg = program, adapter, config
+        self.sources: dict[int, DraftSource] = {}
+        for op in program.walk():
+            if isinstance(op, O.DRAFT_OPS):
+                self.sources[id(op)] = make_source(op, config.draft_models)
+            elif isinstance(op, (O.Fork, O.Join) + O.UNMASK_OPS):
+                raise UnsupportedError(f"{op.NAME} is not supported by the torch reference backend on a causal LM yet")
+            elif isinstance(op, O.Commit) and op.kv == "block_approx":
+                raise UnsupportedError("commit(kv=block_approx) applies to masked-diffusion models only")
+        self.gen = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+        self.stop = set(config.stop_token_ids)
+        loops = [op for op in program.walk() if isinstance(op, O.Iterate)]
+        self.eos = set(config.eos_token_ids) if any("eos" in op.until for op in loops) else set()
+        self.state: BatchState | None = None
+        self.wall = 0.0
+
+    def run(self, prompts: list[list[int]]) -> Iterator[Event]:
+        """Decode every prompt; yields commit events; ``self.state`` holds the rows after."""
+        start = time.perf_counter()
+        env: dict[int, Any] = {id(self.program.prompt): prompts}
+        try:
+            yield from self._block(self.program.body.ops, env)
+        finally:
+            self.wall = time.perf_counter() - start
+
+    def _block(self, ops: tuple[O.Op, ...], env: dict[int, Any]) -> Iterator[Event]:
+        for op in ops:
+            if isinstance(op, O.Iterate):
+                env[id(op.result)] = yield from self._iterate(op, env)
+            elif isinstance(op, O.Commit):
+                env[id(op.result)] = yield from self._commit(op, env)
+            elif isinstance(op, O.Yield):
+                env["yield"] = env[id(op.value)]
+            else:
+                env[id(op.result)] = self._eval(op, env)
+
+    def _iterate(self, op: O.Iterate, env: dict[int, Any]) -> Iterator[Event]:
+        state: BatchState = env[id(op.init)]
+        steps = 0
+        while state.active and (op.max_steps == 0 or steps < op.max_steps):
+            env[id(op.body.params[0])] = state
+            yield from self._block(op.body.ops, env)
+            state = env["yield"]
+            state.steps += 1
+            steps += 1
+        return state
+
+    def _eval(self, op: O.Op, env: dict[int, Any]) -> Any:
+        if isinstance(op, O.Prefill):
+            return self._prefill(env[id(op.prompt)])
+        if isinstance(op, O.DRAFT_OPS):
+            state: BatchState = env[id(op.state)]
+            src = self.sources[id(op)]
+            return _Drafted(src, [src.propose(r, r.remaining - 1) for r in state.active])
+        if isinstance(op, O.Forward):
+            return self._forward(env[id(op.state)], [env[id(d)] for d in op.drafts])
+        if isinstance(op, O.VERIFY_OPS):
+            return self._verify(op, env[id(op.logits)])
+        if isinstance(op, O.Emit):
+            return [r.new_tokens for r in env[id(op.state)].rows]
+        raise UnsupportedError(f"{op.NAME} is not supported by the torch reference backend")
+
+    def _prefill(self, prompts: list[list[int]]) -> BatchState:
+        rows = [Row(i, list(p), len(p), self.cfg.max_new_tokens) for i, p in enumerate(prompts)]
+        for r in rows:
+            if r.max_new <= 0:
+                r.done, r.finish_reason = True, "max_new_tokens"
+        state = self.state = BatchState(self.adapter, rows)
+        if state.active and max(len(r.tokens) for r in state.active) > 1:
+            saved = [r.tokens for r in state.active]
+            for r in state.active:
+                r.tokens = r.tokens[:-1]      # the last prompt token is the first root
+            width = max(len(r.pending) for r in state.active)
+            layout = StepLayout(state.active, [DraftTree() for _ in state.active], width)
+            state.forward(layout, self.cfg.pad_token_id)
+            for b, r in enumerate(state.active):
+                state.keep_slots(b, list(range(len(r.tokens))))
+                r.cached = len(r.tokens)
+            for r, toks in zip(state.active, saved):
+                r.tokens = toks
+            state.settle()
+        return state
+
+    def _forward(self, state: BatchState, drafts: list[_Drafted]) -> _Forwarded:
+        trees = [DraftTree() for _ in state.active]
+        nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(len(trees))] for d in drafts]
+        width = max(len(r.pending) + len(t) for r, t in zip(state.active, trees))
+        layout = StepLayout(list(state.active), trees, width)
+        logits = state.forward(layout, self.cfg.pad_token_id)
+        return _Forwarded(layout, logits, drafts, nodes)
+
+    def _verify(self, op: O.Op, fwd: _Forwarded) -> _Accepted:
+        paths = []
+        layout, logits = fwd.layout, fwd.logits
+        greedy = isinstance(op, O.VerifyGreedy)
+        argmax = fwd.argmax if greedy else None
+        for b, tree in enumerate(layout.trees):
+            lo = layout.root_index(b)
+            if greedy:
+                paths.append(greedy_walk(tree, argmax[b][lo : lo + 1 + len(tree)]))
+                continue
+            rows = logits[b, lo : lo + 1 + len(tree)]
+            if isinstance(op, O.VerifySampling):
+                probs = process_logits(rows, op.temperature, op.top_k, op.top_p)
+                paths.append(sampling_walk(tree, probs, self.gen))
+            else:
+                paths.append(threshold_walk(tree, torch.softmax(rows.float(), -1), op.threshold))
+        return _Accepted(fwd, paths)
+
+    def _commit(self, op: O.Commit, env: dict[int, Any]) -> Iterator[Event]:
+        state: BatchState = env[id(op.state)]
+        acc: _Accepted = env[id(op.accepted)]
+        fwd = acc.forwarded
+        argmax = fwd.argmax if fwd.drafts else None
+        base = state.valid.shape[1] - fwd.layout.width
+        events = []
+        for b, (row, (path, bonus)) in enumerate(zip(fwd.layout.rows, acc.paths)):
+            tree = fwd.layout.trees[b]
+            pend = fwd.layout.pending[b]
+            slots = list(range(base, base + pend))
+            row.cached += pend
+            if op.kv == "keep_accepted":
+                slots += [base + fwd.layout.node_index(b, i) for i in path]
+                row.cached += len(path)
+            committed = self._append(row, [tree.tokens[i] for i in path] + [bonus])
+            state.keep_slots(b, slots)
+            row.accepted.append(len(path))
+            row.drafted.append(len(tree))
+            row.steps += 1
+            self._observe(fwd, b, row, len(committed), argmax)
+            events.append(Event(row.index, tuple(committed), row.done))
+        state.settle()
+        for e in events:
+            yield e
+        return state
+
+    def _append(self, row: Row, new: list[int]) -> list[int]:
+        """Commit ``new`` to ``row`` honouring EOS, stop tokens and the budget exactly."""
+        out: list[int] = []
+        for tok in new[: max(0, row.remaining)]:
+            out.append(tok)
+            if tok in self.eos or tok in self.stop:
+                row.done, row.finish_reason = True, "eos" if tok in self.eos else "stop"
+                break
+        row.tokens.extend(out)
+        if not row.done and row.remaining <= 0:
+            row.done, row.finish_reason = True, "max_new_tokens"
+        return out
+
+    def _observe(self, fwd: _Forwarded, b: int, row: Row, committed: int, argmax: list[list[int]] | None) -> None:
+        if argmax is None or row.done:
+            return
+        lo = fwd.layout.root_index(b)
+        preds_all = [[argmax[b][lo]] + [argmax[b][lo + 1 + i] for i in ids] for d in fwd.nodes for ids in d[b]]
+        chains_all = [c for d in fwd.drafts for c in d.chains[b]]
+        k = 0
+        for d, ids in zip(fwd.drafts, fwd.nodes):
+            n = len(ids[b])
+            if d.source.observes_all:
+                d.source.observe(row, chains_all, preds_all, committed)
+            else:
+                d.source.observe(row, d.chains[b], preds_all[k : k + n], committed)
+            k += n
