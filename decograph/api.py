@@ -174,7 +174,7 @@ def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[Genera
     for row in interp.state.rows:
         new = row.new_tokens
         stats = Stats(len(new), 1 + row.steps, row.steps, tuple(row.accepted), tuple(row.drafted),
-                      interp.wall, row.finish_reason or "max_new_tokens")
+                      interp.wall, row.finish_reason or "max_steps")   # unfinished: the loop's step cap
         out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats))
     return out
 
