@@ -110,10 +110,10 @@ def _program(strategy: Any, overrides: dict[str, Any] | None) -> O.Program:
 
 
 def _encode(prompts: Any, tokenizer: Any, chat: bool) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()      # first: a 1-D tensor is one prompt, a 2-D tensor a batch
     if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -159,6 +159,11 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
         eos = adapter.eos_token_ids
     else:
         eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+    for name, draft in (draft_models or {}).items():
+        dv = as_adapter(draft).vocab_size
+        if dv > adapter.vocab_size:      # its drafts could name ids the target has no embedding for
+            raise InputError(f"draft model {name!r} has a vocabulary of {dv} tokens, larger than the "
+                             f"target model's {adapter.vocab_size}: they must share one tokenizer")
     pad = eos[0] if eos else 0
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}))
     return Interpreter(program, adapter, cfg), ids, tok
@@ -180,10 +185,18 @@ def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[Genera
 
 
 def _events(interp: Interpreter, ids: list[list[int]]) -> Iterator[Event]:
+    # Inference mode only while the interpreter runs: held across a ``yield`` it would leak
+    # into the caller's code between streamed chunks (and into a generator never finished).
     gen = interp.run(ids)
-    with torch.inference_mode():
-        for event in gen:
+    try:
+        while True:
+            with torch.inference_mode():
+                event = next(gen, None)
+            if event is None:
+                return
             yield event
+    finally:
+        gen.close()
 
 
 def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy", max_new_tokens: int = 128, *,
@@ -226,17 +239,20 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)
     new: dict[int, list[int]] = {i: [] for i in range(len(ids))}
+    held: dict[int, list[int]] = {i: [] for i in range(len(ids))}   # committed, not yet in a chunk
     shown: dict[int, str] = {i: "" for i in range(len(ids))}
     finished: set[int] = set()
     for event in _events(interp, ids):
         new[event.row].extend(event.tokens)
+        held[event.row].extend(event.tokens)
         text = _decode(tok, new[event.row])
         if not event.done and text.endswith("\ufffd"):
             continue            # an incomplete UTF-8 sequence: wait for the rest
         delta, shown[event.row] = text[len(shown[event.row]):], text
         if event.done:
             finished.add(event.row)
-        yield StreamChunk(event.row, delta, event.tokens, event.done)
+        chunk_ids, held[event.row] = tuple(held[event.row]), []
+        yield StreamChunk(event.row, delta, chunk_ids, event.done)
     for i in range(len(ids)):
         if i not in finished:
-            yield StreamChunk(i, _decode(tok, new[i])[len(shown[i]):], (), True)
+            yield StreamChunk(i, _decode(tok, new[i])[len(shown[i]):], tuple(held[i]), True)
