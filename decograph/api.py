@@ -161,9 +161,9 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
         eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
     for name, draft in (draft_models or {}).items():
         dv = as_adapter(draft).vocab_size
-        if dv > adapter.vocab_size:      # its drafts could name ids the target has no embedding for
-            raise InputError(f"draft model {name!r} has a vocabulary of {dv} tokens, larger than the "
-                             f"target model's {adapter.vocab_size}: they must share one tokenizer")
+        if dv != adapter.vocab_size:     # ids of one model would index past the other's embedding
+            raise InputError(f"draft model {name!r} has a vocabulary of {dv} tokens, the target model "
+                             f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}))
     return Interpreter(program, adapter, cfg), ids, tok
