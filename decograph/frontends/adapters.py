@@ -193,7 +193,7 @@ class HFCausalLM(CausalLMAdapter):
     decoded with a wrong mask.
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, fast: bool = True) -> None:
         reason = _unsupported_cache_reason(model.config)
         if reason is not None:
             raise ModelError(
@@ -216,6 +216,10 @@ class HFCausalLM(CausalLMAdapter):
         # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 5.40).
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        from decograph.frontends.fast_llama import LlamaFastPath, supports_fast_path
+
+        # Llama-architecture models skip transformers' per-module overhead (same ops, same order).
+        self.fast = LlamaFastPath(model) if fast and supports_fast_path(model) and self.device.type == "cpu" else None
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> HFCausalLM:
@@ -239,6 +243,9 @@ class HFCausalLM(CausalLMAdapter):
         t = input_ids.shape[1]
         if attend.shape != (input_ids.shape[0], t, past + t):
             raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
+        if self.fast is not None:
+            with torch.no_grad():
+                return self.fast.forward(cache, input_ids, position_ids, attend)
         mask = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~attend.to(self.device), torch.finfo(self.dtype).min)
         # No autograd: the cache buffers are written in place every step, so a graph would chain

@@ -1,0 +1,54 @@
+"""The Llama fast path computes what transformers' own forward computes (same ops, same order)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decograph.frontends.adapters import HFCausalLM
+from decograph.models.tiny import tiny_llama
+
+
+def _attend(past_valid: torch.Tensor, parents: list[int]) -> torch.Tensor:
+    t = len(parents)
+    new = torch.eye(t, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            new[i] |= new[p]
+    return torch.cat([past_valid[None].expand(t, -1), new], 1)[None]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_path_matches_transformers_forward(seed):
+    model = tiny_llama(seed=seed)
+    fast, slow = HFCausalLM(model), HFCausalLM(model, fast=False)
+    assert fast.fast is not None and slow.fast is None
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 64, (1, 9), generator=g)
+    caches = []
+    for a in (fast, slow):
+        c = a.new_cache(1)
+        causal = torch.ones(9, 9, dtype=torch.bool).tril()[None]
+        a.forward(c, prompt, torch.arange(9)[None], causal)
+        caches.append(c)
+    valid = torch.ones(9, dtype=torch.bool)
+    valid[3] = False                                   # a rolled-back hole
+    parents = [-1, 0, 0, 2, -1, 4]
+    depth = [1, 2, 2, 3, 1, 2]
+    ids = torch.randint(0, 64, (1, 6), generator=g)
+    pos = torch.tensor([[8 + d for d in depth]])
+    out = [a.forward(c, ids, pos, _attend(valid, parents)) for a, c in zip((fast, slow), caches)]
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+    for (kf, vf), (ks, vs) in zip(fast.slot_tensors(caches[0]), slow.slot_tensors(caches[1])):
+        torch.testing.assert_close(kf, ks, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vf, vs, atol=1e-5, rtol=1e-5)
+    one = [a.forward(c, ids[:, :1], torch.tensor([[15]]), torch.ones(1, 1, c.layers[0].length + 1, dtype=torch.bool))
+           for a, c in zip((fast, slow), caches)]
+    torch.testing.assert_close(one[0], one[1], atol=1e-5, rtol=1e-5)
+
+
+def test_non_llama_models_use_the_generic_path():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False)
+    assert HFCausalLM(Qwen2ForCausalLM(cfg)).fast is None
