@@ -231,3 +231,31 @@ def test_each_row_of_a_ragged_batch_equals_its_batch1_run(strategy: str) -> None
     for p, r in zip(prompts, batch):
         [single] = generate(model, None, [p], strategy=strat, max_new_tokens=18, **kw)
         assert r.new_token_ids == single.new_token_ids == hf_greedy(p, 18)
+
+
+def test_concurrent_generations_in_threads_equal_fresh_runs() -> None:
+    import threading
+
+    model = tiny(0)
+    jobs = [([[1, 2, 3, 4], [17]], "lookahead"), ([[9, 8, 7, 6, 5, 9, 8]], "ngram"), ([[2, 2], [5]], "jacobi")]
+    want = [[hf_greedy(p, 12) for p in prompts] for prompts, _ in jobs]
+    got: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            prompts, strategy = jobs[i % len(jobs)]
+            for _ in range(2):
+                out = generate(model, None, prompts, strategy=strategy, max_new_tokens=12)
+                got.setdefault(i, []).append([r.new_token_ids for r in out])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(6):
+        assert got[i] == [want[i % len(jobs)]] * 2

@@ -164,3 +164,21 @@ def test_random_tree_masks_positions_and_logits(seed: int) -> None:
         with torch.no_grad():
             ref = tiny(0)(torch.tensor([seq])).logits[0, -1]
         torch.testing.assert_close(logits[r + i], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [{"attn_implementation": "eager"}, {"heads": 4, "kv_heads": 4},
+                                    {"layers": 3, "hidden": 48, "heads": 6, "kv_heads": 3}],
+                         ids=["eager", "mha", "3layers"])
+def test_other_tiny_architectures_equal_hf_generate(config: dict) -> None:
+    """Eager attention, no grouped-query attention, other shapes: the same exact tokens."""
+    model = tiny(2, **config)
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [40, 41, 40, 41]]
+    refs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=16, pad_token_id=0)
+            refs.append(out[0, len(p):].tolist())
+    for strategy in ("greedy", "lookahead", "jacobi"):
+        rs = generate(model, None, prompts, strategy=strategy, max_new_tokens=16)
+        assert [r.new_token_ids for r in rs] == refs, strategy

@@ -234,3 +234,20 @@ def test_stats_are_consistent(strategy: str) -> None:
         if strategy == "greedy":
             assert s.decode_steps == 21 and s.tokens_per_forward == 1.0 and s.mean_accepted == 0.0
             assert set(s.drafted_per_step) == {0}
+
+
+def test_strategy_forms_agree(tmp_path: Path) -> None:
+    """A built-in name, a Strategy, its Program, a strategy file path, and overrides."""
+    from decograph.frontends.strategies import builtin_path, load_strategy
+
+    oracle, p = OracleLM(), [[1, 2, 3], [7, 3, 7, 3, 9]]
+    want = [oracle.reference(q, 17) for q in p]
+    path = tmp_path / "mine.yaml"
+    path.write_text(builtin_path("ngram").read_text(encoding="utf-8"), encoding="utf-8")
+    forms = ["ngram", load_strategy("ngram"), load_strategy("ngram").program, str(path)]
+    for form in forms:
+        rs = generate(oracle, None, p, strategy=form, max_new_tokens=17)
+        assert [r.new_token_ids for r in rs] == want, form
+    rs = generate(oracle, None, p, strategy="ngram", max_new_tokens=17, overrides={"k": 1})
+    assert [r.new_token_ids for r in rs] == want
+    assert max(d for r in rs for d in r.stats.drafted_per_step) == 1
