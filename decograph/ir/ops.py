@@ -140,7 +140,11 @@ class DraftNgramPool(Op):
 
 @dataclass(frozen=True, eq=False)
 class DraftAdaptiveNgram(Op):
-    """ANPD: multi-level n-gram tables built from the context and updated as tokens commit."""
+    """ANPD: multi-level n-gram tables built from the context and updated as tokens commit.
+
+    With ``adaptive``, the draft stops where one more token is expected to cost more than it
+    returns: ``token_cost`` is the price of one extra query token relative to a whole forward.
+    """
 
     NAME = "draft.adaptive_ngram"
     state: Value = operand()
@@ -148,6 +152,7 @@ class DraftAdaptiveNgram(Op):
     max_n: int = 4
     min_n: int = 2
     adaptive: bool = True
+    token_cost: float = 0.08
 
 
 @dataclass(frozen=True, eq=False)

@@ -134,18 +134,31 @@ class Ngram(DraftSource):
 class _Anpd:
     tables: dict[int, dict[tuple[int, ...], int]] = field(default_factory=dict)
     seen: int = 0
-    k: int = 0
+    hits: dict[int, list[float]] = field(default_factory=dict)   # level -> [accepted, tried], decayed
+    levels: list[int] = field(default_factory=list)             # level of each token last drafted
+
+    def rate(self, level: int) -> float:
+        """Estimated chance that a token drafted from an n-gram of this level is accepted."""
+        acc, tried = self.hits.get(level, (0.0, 0.0))
+        return (acc + 1.0) / (tried + 2.0)
+
+    def record(self, level: int, ok: bool) -> None:
+        h = self.hits.setdefault(level, [0.0, 0.0])
+        h[0], h[1] = 0.9 * h[0] + ok, 0.9 * h[1] + 1.0
 
 
 class AdaptiveNgram(DraftSource):
     """ANPD (Ou et al., 2024): multi-level n-gram tables over the context, updated as tokens
-    commit; drafts token by token from the longest context that has an entry. With
-    ``adaptive``, the draft length follows acceptance: it grows after a fully accepted draft
-    and shrinks to just past the accepted part after a rejection.
+    commit; drafts token by token from the longest context that has an entry.
+
+    With ``adaptive``, each level's acceptance rate is tracked per row, and the draft grows
+    only while the next token's chance of being accepted (the product of the rates along the
+    chain) exceeds what it costs: ``token_cost`` times the expected tokens per cost so far.
+    That keeps multi-token forwards, which are far from free on a CPU, for drafts that pay.
     """
 
     def fresh(self, row: Row) -> Any:
-        return _Anpd(k=max(1, int(self.op.k) // 2) if self.op.adaptive else int(self.op.k))
+        return _Anpd()
 
     def _update(self, mem: _Anpd, toks: list[int]) -> None:
         lo, hi = int(self.op.min_n), int(self.op.max_n)
@@ -155,35 +168,43 @@ class AdaptiveNgram(DraftSource):
                     mem.tables.setdefault(n, {})[tuple(toks[end - n + 1 : end])] = toks[end]
         mem.seen = len(toks)
 
+    def _next(self, mem: _Anpd, ctx: list[int]) -> tuple[int, int] | None:
+        for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
+            key = tuple(ctx[len(ctx) - (n - 1) :]) if n > 1 else ()
+            if len(key) == n - 1 and key in mem.tables.get(n, {}):
+                return mem.tables[n][key], n
+        return None
+
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         mem: _Anpd = self.memory(row)
         self._update(mem, row.tokens)
-        k = min(mem.k, limit)
-        ctx = row.tokens[-(int(self.op.max_n) - 1) :] if int(self.op.max_n) > 1 else []
+        keep = max(0, int(self.op.max_n) - 1)
+        ctx = row.tokens[-keep:] if keep else []
         out: list[int] = []
-        while len(out) < k:
-            nxt = None
-            for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
-                key = tuple(ctx[len(ctx) - (n - 1) :]) if n > 1 else ()
-                if len(key) == n - 1 and key in mem.tables.get(n, {}):
-                    nxt = mem.tables[n][key]
-                    break
-            if nxt is None:
+        mem.levels = []
+        gain, chance, cost = 1.0, 1.0, float(self.op.token_cost)
+        while len(out) < min(int(self.op.k), limit):
+            found = self._next(mem, ctx)
+            if found is None:
                 break
-            out.append(nxt)
-            ctx = (ctx + [nxt])[-(int(self.op.max_n) - 1) :]
+            tok, level = found
+            if self.op.adaptive:
+                chance *= mem.rate(level)
+                if chance <= cost * gain / (1.0 + cost * len(out)):
+                    break
+                gain += chance
+            out.append(tok)
+            mem.levels.append(level)
+            ctx = (ctx + [tok])[-keep:] if keep else []
         return [out] if out else []
 
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
-        if not self.op.adaptive or not chains:
+        if not chains:
             return
         mem: _Anpd = self.memory(row)
-        proposed = len(chains[0])
         accepted = committed - 1
-        if accepted >= proposed:
-            mem.k = min(int(self.op.k), mem.k + 2)
-        else:
-            mem.k = max(1, min(mem.k, accepted + 2))
+        for i, level in enumerate(mem.levels[: accepted + 1]):
+            mem.record(level, i < accepted)
 
 
 class NgramPool(DraftSource):
