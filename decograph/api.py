@@ -165,8 +165,21 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
             raise InputError(f"draft model {name!r} has a vocabulary of {dv} tokens, the target model "
                              f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
-    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}))
+    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
+                    _cost_curve(adapter, program))
     return Interpreter(program, adapter, cfg), ids, tok
+
+
+def _cost_curve(adapter: CausalLMAdapter, program: O.Program) -> Any:
+    """The measured forward-cost curve where a strategy adapts its drafts to it and the model is
+    big enough for timing to mean something; the default curve otherwise (deterministic)."""
+    from decograph.backends.torch_ref.cost import DEFAULT_CURVE, cached_cost_curve
+
+    adaptive = any(isinstance(op, O.DraftAdaptiveNgram) and op.adaptive for op in program.walk())
+    model = getattr(adapter, "model", None)
+    if not adaptive or model is None or sum(p.numel() for p in model.parameters()) < 20_000_000:
+        return DEFAULT_CURVE
+    return cached_cost_curve(adapter)
 
 
 def _decode(tok: Any, ids: list[int]) -> str:

@@ -142,8 +142,8 @@ class DraftNgramPool(Op):
 class DraftAdaptiveNgram(Op):
     """ANPD: multi-level n-gram tables built from the context and updated as tokens commit.
 
-    With ``adaptive``, the draft stops where one more token is expected to cost more than it
-    returns: ``token_cost`` is the price of one extra query token relative to a whole forward.
+    With ``adaptive``, the draft is cut where one more token is expected to cost more than it
+    returns, judged by the model's forward-cost curve and the acceptance seen so far.
     """
 
     NAME = "draft.adaptive_ngram"
@@ -152,7 +152,6 @@ class DraftAdaptiveNgram(Op):
     max_n: int = 4
     min_n: int = 2
     adaptive: bool = True
-    token_cost: float = 0.08
 
 
 @dataclass(frozen=True, eq=False)

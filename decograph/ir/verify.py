@@ -28,7 +28,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "window": (1, O.MAX_DRAFT), "block": (1, O.MAX_DRAFT), "k": (1, O.MAX_DRAFT),
     "candidates": (1, O.MAX_DRAFT), "n": (2, 16), "max_n": (1, 16), "min_n": (1, 16),
     "max_branches": (1, O.MAX_DRAFT), "threshold": (0.0, 1.0), "top_p": (1e-9, 1.0),
-    "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "token_cost": (0.0, 1.0), "max_steps": (0, 1 << 30),
+    "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "max_steps": (0, 1 << 30),
 }
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES, ("join", "rule"): ("concat", "ner_dedup"),

@@ -64,7 +64,7 @@ def test_builtin_ops_match_the_documented_methods() -> None:
     assert "draft.jacobi(%2, init=repeat, window=4) : Tokens[B, 4]" in ops["jacobi"]
     assert "draft.gauss_seidel_jacobi(%2, block=4, init=repeat)" in ops["gs_jacobi"]
     assert "draft.ngram(%2, k=8, max_n=3, min_n=1) : Tokens[B, 8]" in ops["ngram"]
-    assert "draft.adaptive_ngram(%2, adaptive=true, k=8, max_n=4, min_n=2, token_cost=0.08)" in ops["anpd"]
+    assert "draft.adaptive_ngram(%2, adaptive=true, k=8, max_n=4, min_n=2)" in ops["anpd"]
     assert "draft.ngram_pool(%2, candidates=3, n=4) : Tokens[B, 3, 3]" in ops["lookahead"]
     assert "forward(%2, %3, %4, mask=tree) : Logits[B, 14, V]" in ops["lookahead"]
     assert "verify.greedy(%2, %5, %3, %4)" in ops["lookahead"]

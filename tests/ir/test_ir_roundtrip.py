@@ -233,7 +233,7 @@ strategy jacobi {
   %7 = iterate(%1, max_steps=0, until=[max_new_tokens]) : State {
   ^(%8: State):
     %9 = draft.gauss_seidel_jacobi(%8, block=4, init=pad) : Tokens[B, 4]
-    %10 = draft.adaptive_ngram(%8, adaptive=false, k=6, max_n=4, min_n=2, token_cost=0.08) : Tokens[B, 6]
+    %10 = draft.adaptive_ngram(%8, adaptive=false, k=6, max_n=4, min_n=2) : Tokens[B, 6]
     %11 = forward(%8, %9, %10, mask=tree) : Logits[B, 11, V]
     %12 = verify.threshold(%8, %11, %9, %10, threshold=0.8) : Tokens[B, A]
     %13 = commit(%8, %12, kv=block_approx) : State

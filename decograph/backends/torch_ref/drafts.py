@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from decograph.backends.torch_ref.batch import Row
+from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
 from decograph.errors import UnsupportedError
 from decograph.ir import ops as O
 
@@ -26,6 +27,7 @@ class DraftSource:
 
     def __init__(self, op: O.Op) -> None:
         self.op = op
+        self.cost: CostCurve = DEFAULT_CURVE      # the interpreter sets the model's measured curve
 
     def memory(self, row: Row) -> Any:
         key = id(self.op)
@@ -151,9 +153,9 @@ class AdaptiveNgram(DraftSource):
     """ANPD (Ou et al., 2024): multi-level n-gram tables over the context, updated as tokens
     commit; drafts token by token from the longest context that has an entry.
 
-    With ``adaptive``, each level's acceptance rate is tracked per row, and the draft grows
-    only while the next token's chance of being accepted (the product of the rates along the
-    chain) exceeds what it costs: ``token_cost`` times the expected tokens per cost so far.
+    With ``adaptive``, each level's acceptance rate is tracked per row, and the draft is cut
+    to the length with the most expected tokens (1 + the sum of the chances that the first i
+    tokens are all accepted) per unit of forward cost, from the model's measured cost curve.
     That keeps multi-token forwards, which are far from free on a CPU, for drafts that pay.
     """
 
@@ -180,23 +182,31 @@ class AdaptiveNgram(DraftSource):
         self._update(mem, row.tokens)
         keep = max(0, int(self.op.max_n) - 1)
         ctx = row.tokens[-keep:] if keep else []
-        out: list[int] = []
+        chain: list[int] = []
         mem.levels = []
-        gain, chance, cost = 1.0, 1.0, float(self.op.token_cost)
-        while len(out) < min(int(self.op.k), limit):
+        while len(chain) < min(int(self.op.k), limit):
             found = self._next(mem, ctx)
             if found is None:
                 break
-            tok, level = found
-            if self.op.adaptive:
-                chance *= mem.rate(level)
-                if chance <= cost * gain / (1.0 + cost * len(out)):
-                    break
-                gain += chance
-            out.append(tok)
-            mem.levels.append(level)
-            ctx = (ctx + [tok])[-keep:] if keep else []
-        return [out] if out else []
+            chain.append(found[0])
+            mem.levels.append(found[1])
+            ctx = (ctx + [found[0]])[-keep:] if keep else []
+        if self.op.adaptive:
+            chain = chain[: self._best_length(mem, len(row.pending))]
+            mem.levels = mem.levels[: len(chain)]
+        return [chain] if chain else []
+
+    def _best_length(self, mem: _Anpd, pending: int) -> int:
+        """The draft length with the most expected tokens per unit of forward cost."""
+        best, best_ratio = 0, 1.0 / self.cost(pending)
+        expected, chance = 1.0, 1.0
+        for i, level in enumerate(mem.levels):
+            chance *= mem.rate(level)
+            expected += chance
+            ratio = expected / self.cost(pending + i + 1)
+            if ratio > best_ratio:
+                best, best_ratio = i + 1, ratio
+        return best
 
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
         if not chains:

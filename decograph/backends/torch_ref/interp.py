@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, Row, StepLayout
 from decograph.backends.torch_ref.drafts import DraftSource, make_source
 from decograph.backends.torch_ref.verify import greedy_walk, process_logits, sampling_walk, threshold_walk
@@ -44,6 +45,7 @@ class RunConfig:
     pad_token_id: int = 0
     seed: int | None = None
     draft_models: dict[str, Any] = field(default_factory=dict)
+    cost_curve: CostCurve = DEFAULT_CURVE
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Interpreter:
         for op in program.walk():
             if isinstance(op, O.DRAFT_OPS):
                 self.sources[id(op)] = make_source(op, config.draft_models)
+                self.sources[id(op)].cost = config.cost_curve
             elif isinstance(op, (O.Fork, O.Join) + O.UNMASK_OPS):
                 raise UnsupportedError(f"{op.NAME} is not supported by the torch reference backend on a causal LM yet")
             elif isinstance(op, O.Commit) and op.kv == "block_approx":

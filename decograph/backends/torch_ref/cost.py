@@ -1,0 +1,107 @@
+"""The forward-cost curve: time for a forward over q query tokens relative to one token.
+
+Drafting pays only when the tokens a draft is expected to add outweigh the extra cost of a
+wider forward, and on a CPU that cost is far from linear (SmolLM2-135M, 2 cores: 1.0 for one
+token, ~1.5 for two, ~1.7 for four to eight, ~2.1 for sixteen). The curve is measured once
+per model shape and machine and cached in ``$XDG_CACHE_HOME/decograph/cost_curves.json``;
+without a measurement a conservative default stands in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CostCurve", "DEFAULT_CURVE", "measure_cost_curve", "cached_cost_curve"]
+
+POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+class CostCurve:
+    """Relative cost of a forward over ``q`` query tokens, interpolated between measured points."""
+
+    def __init__(self, points: dict[int, float]) -> None:
+        self.points = dict(sorted(points.items()))
+
+    def __call__(self, q: int) -> float:
+        if q in self.points:
+            return self.points[q]
+        keys = list(self.points)
+        if q > keys[-1]:
+            a, b = keys[-2], keys[-1]
+        else:
+            b = next(k for k in keys if k > q)
+            a = keys[keys.index(b) - 1]
+        ya, yb = self.points[a], self.points[b]
+        return ya + (yb - ya) * (q - a) / (b - a)
+
+
+DEFAULT_CURVE = CostCurve({1: 1.0, 2: 1.5, 3: 1.7, 4: 1.7, 8: 1.8, 16: 2.1, 32: 2.8})
+
+
+def measure_cost_curve(adapter: Any, context: int = 256, reps: int = 5) -> CostCurve:
+    """Median time of forwards over q query tokens after ``context`` cached ones, relative to q=1."""
+    vocab = adapter.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        cache = adapter.new_cache(1)
+        ids = torch.randint(0, vocab, (1, context), generator=gen)
+        adapter.forward(cache, ids, torch.arange(context)[None], torch.ones(context, context, dtype=torch.bool).tril()[None])
+        times: dict[int, float] = {}
+        for q in POINTS:
+            attend = torch.cat([torch.ones(q, context, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)[None]
+            ids = torch.randint(0, vocab, (1, q), generator=gen)
+            pos = torch.arange(context, context + q)[None]
+            runs = []
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                adapter.forward(cache, ids, pos, attend)
+                runs.append(time.perf_counter() - t)
+                adapter.truncate(cache, context)
+            times[q] = sorted(runs[1:])[reps // 2]
+    return CostCurve({q: times[q] / times[1] for q in POINTS})
+
+
+def _key(adapter: Any) -> str | None:
+    model = getattr(adapter, "model", None)
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    shape = [getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "vocab_size")]
+    fast = getattr(adapter, "fast", None) is not None
+    return json.dumps([shape, str(getattr(adapter, "dtype", "")), fast, torch.get_num_threads(),
+                       platform.machine(), platform.processor(), os.cpu_count(), torch.__version__])
+
+
+def _path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "decograph" / "cost_curves.json"
+
+
+def cached_cost_curve(adapter: Any) -> CostCurve:
+    """The adapter's measured curve, measuring (a few seconds) and caching it on first use."""
+    key = _key(adapter)
+    if key is None:
+        return DEFAULT_CURVE
+    path = _path()
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key in table:
+        return CostCurve({int(q): float(c) for q, c in table[key].items()})
+    curve = measure_cost_curve(adapter)
+    table[key] = {str(q): c for q, c in curve.points.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass            # a read-only cache only costs a re-measurement next time
+    return curve
