@@ -29,6 +29,20 @@ class CostCurve:
         self.points = dict(sorted(points.items()))
 
     def __call__(self, q: int) -> float:
+        """The cost of feeding ``q`` query tokens, padding them to the cheapest width first."""
+        return self.raw(self.best_width(q))
+
+    def best_width(self, q: int) -> int:
+        """The width >= q that is cheapest to run (small GEMMs can cost more than larger ones:
+        on SmolLM2 with 2 threads a 3-token forward costs more than a 4-token one)."""
+        best = q
+        for w in self.points:
+            if w > q and self.raw(w) < self.raw(best):
+                best = w
+        return best
+
+    def raw(self, q: int) -> float:
+        """The measured (interpolated) cost of exactly ``q`` query tokens."""
         if q in self.points:
             return self.points[q]
         keys = list(self.points)

@@ -132,76 +132,92 @@ class Ngram(DraftSource):
         return []
 
 
+_BUCKETS = (1, 2, 3, 4, 5, 8, 16)              # suffix-match lengths that start each level
+_FIRST_PRIOR = (0.3, 0.35, 0.4, 0.45, 0.55, 0.7, 0.8)  # prior chance the first drafted token is right
+_LATER_PRIOR = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)   # ... and each later one, given the one before
+
+
+def _bucket(length: int) -> int:
+    return max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
+
+
 @dataclass
 class _Anpd:
-    tables: dict[int, dict[tuple[int, ...], int]] = field(default_factory=dict)
-    seen: int = 0
-    hits: dict[int, list[float]] = field(default_factory=dict)   # level -> [accepted, tried], decayed
-    levels: list[int] = field(default_factory=list)             # level of each token last drafted
+    index: NgramIndex
+    first: dict[int, list[float]] = field(default_factory=dict)   # level -> [hits, tries], decayed
+    later: dict[int, list[float]] = field(default_factory=dict)   # same, for tokens after the first
+    level: int = -1                                                # level of the last draft
 
-    def rate(self, level: int) -> float:
-        """Estimated chance that a token drafted from an n-gram of this level is accepted."""
-        acc, tried = self.hits.get(level, (0.0, 0.0))
-        return (acc + 1.0) / (tried + 2.0)
+    def rate(self, table: dict[int, list[float]], level: int, prior: float) -> float:
+        hits, tries = table.get(level, (0.0, 0.0))
+        return (hits + 2.0 * prior) / (tries + 2.0)
 
-    def record(self, level: int, ok: bool) -> None:
-        h = self.hits.setdefault(level, [0.0, 0.0])
-        h[0], h[1] = 0.9 * h[0] + ok, 0.9 * h[1] + 1.0
+    @staticmethod
+    def record(table: dict[int, list[float]], level: int, ok: bool) -> None:
+        h = table.setdefault(level, [0.0, 0.0])
+        h[0], h[1] = 0.95 * h[0] + ok, 0.95 * h[1] + 1.0
 
 
 class AdaptiveNgram(DraftSource):
-    """ANPD (Ou et al., 2024): multi-level n-gram tables over the context, updated as tokens
-    commit; drafts token by token from the longest context that has an entry.
+    """ANPD (Ou et al., 2024): multi-level n-gram drafting from the context (prompt and
+    generated text), the index updated in real time as tokens commit.
 
-    With ``adaptive``, each level's acceptance rate is tracked per row, and the draft is cut
-    to the length with the most expected tokens (1 + the sum of the chances that the first i
-    tokens are all accepted) per unit of forward cost, from the model's measured cost curve.
-    That keeps multi-token forwards, which are far from free on a CPU, for drafts that pay.
+    The draft copies what followed the newest earlier occurrence of the longest matching
+    suffix n-gram (``min_n``..``max_n`` tokens). Its *level* is how far back that match really
+    extends (1, 2, 3, 4, 5-7, 8-15, 16+ tokens): a long match is the model repeating itself,
+    a short one a guess. With ``adaptive``, each level's acceptance is tracked per row (first
+    token, and each later token given the one before) and the draft is cut to the length with
+    the most expected tokens per unit of forward cost, from the model's measured cost curve,
+    so multi-token forwards, which are far from free on a CPU, go to drafts that pay. Levels
+    left unused drift back to their prior, so a level that failed early is tried again.
     """
 
     def fresh(self, row: Row) -> Any:
-        return _Anpd()
+        return _Anpd(NgramIndex(int(self.op.max_n)))
 
-    def _update(self, mem: _Anpd, toks: list[int]) -> None:
-        lo, hi = int(self.op.min_n), int(self.op.max_n)
-        for end in range(max(mem.seen, 1), len(toks)):
-            for n in range(lo, hi + 1):
-                if end - (n - 1) >= 0:
-                    mem.tables.setdefault(n, {})[tuple(toks[end - n + 1 : end])] = toks[end]
-        mem.seen = len(toks)
-
-    def _next(self, mem: _Anpd, ctx: list[int]) -> tuple[int, int] | None:
+    def _match(self, toks: list[int], index: NgramIndex) -> tuple[int, int] | None:
+        """(end position of the newest earlier match of the longest suffix, match length)."""
         for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
-            key = tuple(ctx[len(ctx) - (n - 1) :]) if n > 1 else ()
-            if len(key) == n - 1 and key in mem.tables.get(n, {}):
-                return mem.tables[n][key], n
+            if n > len(toks) - 1:
+                continue
+            for end in reversed(index.where.get(tuple(toks[-n:]), [])):
+                if end < len(toks):
+                    length = n
+                    while length < 32 and end - length - 1 >= 0 and toks[end - length - 1] == toks[-length - 1]:
+                        length += 1
+                    return end, length
         return None
 
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         mem: _Anpd = self.memory(row)
-        self._update(mem, row.tokens)
-        keep = max(0, int(self.op.max_n) - 1)
-        ctx = row.tokens[-keep:] if keep else []
-        chain: list[int] = []
-        mem.levels = []
-        while len(chain) < min(int(self.op.k), limit):
-            found = self._next(mem, ctx)
-            if found is None:
-                break
-            chain.append(found[0])
-            mem.levels.append(found[1])
-            ctx = (ctx + [found[0]])[-keep:] if keep else []
+        toks = row.tokens
+        mem.index.update(toks)
+        mem.level = -1
+        found = self._match(toks, mem.index)
+        if found is None or limit <= 0:
+            return []
+        end, length = found
+        chain = toks[end : end + min(int(self.op.k), limit)]
+        level = _bucket(length)
         if self.op.adaptive:
-            chain = chain[: self._best_length(mem, len(row.pending))]
-            mem.levels = mem.levels[: len(chain)]
-        return [chain] if chain else []
+            chain = chain[: self._best_length(mem, level, len(chain), len(row.pending))]
+            if not chain:
+                for table in (mem.first, mem.later):
+                    if level in table:                 # unused: drift back to the prior
+                        table[level][0] *= 0.97
+                        table[level][1] *= 0.97
+                return []
+        mem.level = level
+        return [chain]
 
-    def _best_length(self, mem: _Anpd, pending: int) -> int:
+    def _best_length(self, mem: _Anpd, level: int, longest: int, pending: int) -> int:
         """The draft length with the most expected tokens per unit of forward cost."""
+        first = mem.rate(mem.first, level, _FIRST_PRIOR[level])
+        later = mem.rate(mem.later, level, _LATER_PRIOR[level])
         best, best_ratio = 0, 1.0 / self.cost(pending)
         expected, chance = 1.0, 1.0
-        for i, level in enumerate(mem.levels):
-            chance *= mem.rate(level)
+        for i in range(longest):
+            chance *= first if i == 0 else later
             expected += chance
             ratio = expected / self.cost(pending + i + 1)
             if ratio > best_ratio:
@@ -209,12 +225,13 @@ class AdaptiveNgram(DraftSource):
         return best
 
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
-        if not chains:
-            return
         mem: _Anpd = self.memory(row)
-        accepted = committed - 1
-        for i, level in enumerate(mem.levels[: accepted + 1]):
-            mem.record(level, i < accepted)
+        if not chains or mem.level < 0:
+            return
+        accepted, drafted = committed - 1, len(chains[0])
+        mem.record(mem.first, mem.level, accepted >= 1)
+        for i in range(1, min(accepted + 1, drafted)):
+            mem.record(mem.later, mem.level, i < accepted)
 
 
 class NgramPool(DraftSource):

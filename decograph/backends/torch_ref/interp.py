@@ -166,7 +166,8 @@ class Interpreter:
     def _forward(self, state: BatchState, drafts: list[_Drafted]) -> _Forwarded:
         trees = [DraftTree() for _ in state.active]
         nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(len(trees))] for d in drafts]
-        width = max(len(r.pending) + len(t) for r, t in zip(state.active, trees))
+        # Padding queries attend only to themselves; a wider block can be the cheaper one.
+        width = self.cfg.cost_curve.best_width(max(len(r.pending) + len(t) for r, t in zip(state.active, trees)))
         layout = StepLayout(list(state.active), trees, width)
         logits = state.forward(layout, self.cfg.pad_token_id)
         return _Forwarded(layout, logits, drafts, nodes)
