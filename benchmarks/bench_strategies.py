@@ -49,6 +49,16 @@ def hf_run(model, ids: list[int], n: int, lookup: int) -> tuple[list[int], float
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
+def run_system(s: str, model, tok, programs: dict, ids: list[int], n: int) -> tuple[list[int], float, float | None]:
+    """One generation: (new tokens, seconds, new tokens per decode forward or None for HF)."""
+    if s.startswith("hf_"):
+        with torch.inference_mode():
+            toks, dt = hf_run(model, ids, n, 10 if s == "hf_prompt_lookup" else 0)
+        return toks, dt, None
+    r = api.generate(model, tok, [ids], strategy=programs[s], max_new_tokens=n)[0]
+    return r.new_token_ids, r.stats.wall_time_s, r.stats.tokens_per_forward
+
+
 def first_difference(model, ids: list[int], ref: list[int], got: list[int]) -> str:
     """Where two greedy outputs part, and HF's top-2 logit margin at that step."""
     i = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
@@ -64,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-category", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1, help="repetitions per prompt; the median time counts")
     ap.add_argument("--prompts", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -81,22 +92,23 @@ def main(argv: list[str] | None = None) -> int:
             api.generate(model, tok, [enc[0]], strategy=programs[n], max_new_tokens=8)
     rows: list[dict] = []
     for i, ((task, _), ids) in enumerate(zip(prompts, enc)):
-        order = systems[i % len(systems):] + systems[: i % len(systems)]
         res: dict[str, dict] = {}
-        for s in order:
-            if s.startswith("hf_"):
-                with torch.inference_mode():
-                    toks, dt = hf_run(model, ids, args.max_new_tokens, 10 if s == "hf_prompt_lookup" else 0)
-                res[s] = {"tokens": toks, "time": dt, "tpf": None}
-            else:
-                r = api.generate(model, tok, [ids], strategy=programs[s], max_new_tokens=args.max_new_tokens)[0]
-                res[s] = {"tokens": r.new_token_ids, "time": r.stats.wall_time_s, "tpf": r.stats.tokens_per_forward}
+        for rep in range(args.reps):
+            k = (i + rep) % len(systems)
+            for s in systems[k:] + systems[:k]:
+                toks, dt, tpf = run_system(s, model, tok, programs, ids, args.max_new_tokens)
+                prev = res.setdefault(s, {"tokens": toks, "times": [], "tpf": tpf})
+                if toks != prev["tokens"]:
+                    raise SystemExit(f"{s} gave different tokens on repetition {rep} of prompt {i}")
+                prev["times"].append(dt)
+        for r in res.values():
+            r["time"] = statistics.median(r["times"])
         ref = res["hf_greedy"]["tokens"]
         for s in systems:
             same = res[s]["tokens"] == ref
             note = "" if same else first_difference(model, ids, ref, res[s]["tokens"])
             rows.append({"task": task, "prompt": i, "system": s, "new_tokens": len(res[s]["tokens"]),
-                         "time_s": res[s]["time"], "tokens_per_forward": res[s]["tpf"], "identical": same, "diff": note})
+                         "time_s": res[s]["time"], "times_s": res[s]["times"], "tokens_per_forward": res[s]["tpf"], "identical": same, "diff": note})
         print(f"[{i + 1}/{len(prompts)}] {task}: " + ", ".join(
             f"{s}={len(res[s]['tokens']) / res[s]['time']:.1f}{'' if res[s]['tokens'] == ref else '!'}" for s in systems),
             file=sys.stderr, flush=True)
@@ -122,8 +134,11 @@ def summarize(rows: list[dict], systems: list[str]) -> dict:
             rs = [r for r in sel if r["system"] == s]
             tps = sum(r["new_tokens"] for r in rs) / sum(r["time_s"] for r in rs)
             tpf = [r["tokens_per_forward"] for r in rs if r["tokens_per_forward"] is not None]
+            reps = min(len(r["times_s"]) for r in rs)
+            per_rep = [sum(r["new_tokens"] for r in rs) / sum(r["times_s"][k] for r in rs) for k in range(reps)]
             out[task][s] = {"tokens_per_s": tps, "tpf": statistics.mean(tpf) if tpf else None,
-                            "identical": sum(r["identical"] for r in rs), "n": len(rs)}
+                            "identical": sum(r["identical"] for r in rs), "n": len(rs),
+                            "per_rep_tokens_per_s": per_rep}
         base = out[task]["hf_greedy"]["tokens_per_s"]
         for s in systems:
             out[task][s]["speedup"] = out[task][s]["tokens_per_s"] / base
@@ -141,11 +156,14 @@ def markdown(table: dict, systems: list[str], args: argparse.Namespace) -> str:
         for s in systems:
             c = d[s]
             tpf = f", {c['tpf']:.2f} tok/fwd" if c["tpf"] else ""
-            cells.append(f"{c['tokens_per_s']:.1f} tok/s ({c['speedup']:.2f}x{tpf}) {c['identical']}/{c['n']} same")
+            spread = c["per_rep_tokens_per_s"]
+            rng = f" [{min(spread):.1f}-{max(spread):.1f}]" if task == "overall" and len(spread) > 1 else ""
+            cells.append(f"{c['tokens_per_s']:.1f}{rng} tok/s ({c['speedup']:.2f}x{tpf}) {c['identical']}/{c['n']} same")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     mean = " ".join(f"{s}={table['overall'][s]['mean_task_speedup']:.2f}x" for s in systems) if "overall" in table else ""
     return (f"Spec-Bench, {args.per_category} questions per task, {args.max_new_tokens} new tokens, "
-            f"{args.threads} threads, fp32.\n\n" + head + "\n".join(lines) + f"\n\nMean per-task speedup: {mean}\n")
+            f"{args.threads} threads, fp32, median of {args.reps} run(s) per prompt"
+            f"{' (overall: [slowest-fastest repetition])' if args.reps > 1 else ''}.\n\n" + head + "\n".join(lines) + f"\n\nMean per-task speedup: {mean}\n")
 
 
 if __name__ == "__main__":
