@@ -23,7 +23,8 @@ __all__ = ["Stats", "GenerationResult", "StreamChunk", "generate", "generate_str
 
 @dataclass(frozen=True)
 class Stats:
-    """What one row's decoding cost. ``forward_passes`` counts the prefill; decode steps do not."""
+    """What one row's decoding cost. ``forward_passes`` counts the prefill forward (none for a
+    one-token prompt); ``decode_steps`` does not."""
 
     new_tokens: int
     forward_passes: int
@@ -191,7 +192,7 @@ def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[Genera
     out = []
     for row in interp.state.rows:
         new = row.new_tokens
-        stats = Stats(len(new), 1 + row.steps, row.steps, tuple(row.accepted), tuple(row.drafted),
+        stats = Stats(len(new), row.prefill_forwards + row.steps, row.steps, tuple(row.accepted), tuple(row.drafted),
                       interp.wall, row.finish_reason or "max_steps")   # unfinished: the loop's step cap
         out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats))
     return out

@@ -35,6 +35,7 @@ class Row:
     accepted: list[int] = field(default_factory=list)   # draft tokens accepted per step
     drafted: list[int] = field(default_factory=list)    # draft tokens proposed per step
     steps: int = 0
+    prefill_forwards: int = 0       # 1 when a prefill forward ran for this row (prompt > 1 token)
     scratch: dict[int, Any] = field(default_factory=dict)  # per draft op: source memory
 
     @property

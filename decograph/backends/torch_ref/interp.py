@@ -9,6 +9,7 @@ streaming and the plain API share one loop.
 """
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -89,7 +90,9 @@ class Interpreter:
                 raise UnsupportedError(f"{op.NAME} is not supported by the torch reference backend on a causal LM yet")
             elif isinstance(op, O.Commit) and op.kv == "block_approx":
                 raise UnsupportedError("commit(kv=block_approx) applies to masked-diffusion models only")
-        self.gen = torch.Generator().manual_seed(config.seed if config.seed is not None else 0)
+        # No seed: a fresh one per run, so unseeded sampling really varies between calls.
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self.gen = torch.Generator().manual_seed(seed)
         self.stop = set(config.stop_token_ids)
         loops = [op for op in program.walk() if isinstance(op, O.Iterate)]
         self.eos = set(config.eos_token_ids) if any("eos" in op.until for op in loops) else set()
@@ -158,6 +161,7 @@ class Interpreter:
             for b, r in enumerate(state.active):
                 state.keep_slots(b, list(range(len(r.tokens))))
                 r.cached = len(r.tokens)
+                r.prefill_forwards = int(bool(r.tokens))
             for r, toks in zip(state.active, saved):
                 r.tokens = toks
             state.settle()
