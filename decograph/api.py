@@ -178,9 +178,14 @@ def _cost_curve(adapter: CausalLMAdapter, program: O.Program) -> Any:
 
     adaptive = any(isinstance(op, O.DraftAdaptiveNgram) and op.adaptive for op in program.walk())
     model = getattr(adapter, "model", None)
-    if not adaptive or model is None or sum(p.numel() for p in model.parameters()) < 20_000_000:
+    if not adaptive or model is None:
         return DEFAULT_CURVE
-    return cached_cost_curve(adapter)
+    curve = getattr(adapter, "_cost_curve", None)       # read (or measured) once per adapter
+    if curve is None:
+        big = sum(p.numel() for p in model.parameters()) >= 20_000_000
+        curve = cached_cost_curve(adapter) if big else DEFAULT_CURVE
+        adapter._cost_curve = curve  # type: ignore[attr-defined]
+    return curve
 
 
 def _decode(tok: Any, ids: list[int]) -> str:

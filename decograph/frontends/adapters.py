@@ -15,6 +15,7 @@ Guarantees of every adapter:
 from __future__ import annotations
 
 import inspect
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -280,12 +281,32 @@ class HFCausalLM(CausalLMAdapter):
         return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+_ADAPTERS: "weakref.WeakKeyDictionary[Any, tuple[HFCausalLM, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def _weight_versions(model: Any) -> tuple[int, ...]:
+    return tuple(p._version for p in model.parameters())
+
+
 def as_adapter(model: Any, tokenizer: Any = None) -> CausalLMAdapter:
-    """Wrap ``model`` in the right adapter; adapters pass through unchanged."""
+    """Wrap ``model`` in the right adapter; adapters pass through unchanged.
+
+    A model's adapter is built once and reused (its fast path holds transposed copies of the
+    weights, too costly to redo per call) until a weight is modified in place.
+    """
     if isinstance(model, CausalLMAdapter):
         return model
     if hasattr(model, "config") and hasattr(model, "get_output_embeddings"):
-        return HFCausalLM(model, tokenizer)
+        versions = _weight_versions(model)
+        hit = _ADAPTERS.get(model)
+        if hit is not None and hit[1] == versions:
+            adapter = hit[0]
+            if tokenizer is not None:
+                adapter.tokenizer = tokenizer
+            return adapter
+        adapter = HFCausalLM(model, tokenizer)
+        _ADAPTERS[model] = (adapter, versions)
+        return adapter
     raise ModelError(
         f"cannot decode with a {type(model).__name__}: pass a transformers causal LM, "
         "a decograph adapter, or a model directory"
