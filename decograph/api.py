@@ -23,8 +23,10 @@ __all__ = ["Stats", "GenerationResult", "StreamChunk", "generate", "generate_str
 
 @dataclass(frozen=True)
 class Stats:
-    """What one row's decoding cost. ``forward_passes`` counts the prefill forward (none for a
-    one-token prompt); ``decode_steps`` does not."""
+    """What one row's decoding cost. ``forward_passes`` counts every forward the row took part
+    in, the prefill included (none for a one-token prompt); ``decode_steps`` counts iterations
+    (one forward each once masks are fused). ``query_tokens``: query positions computed for the
+    row (padding included); ``kv_bytes_copied``: KV moved for it (compaction, row copies)."""
 
     new_tokens: int
     forward_passes: int
@@ -33,6 +35,8 @@ class Stats:
     drafted_per_step: tuple[int, ...]
     wall_time_s: float
     finish_reason: str
+    query_tokens: int = 0
+    kv_bytes_copied: int = 0
 
     @property
     def tokens_per_forward(self) -> float:
@@ -56,6 +60,7 @@ class Stats:
             "mean_accepted": round(self.mean_accepted, 4), "tokens_per_s": round(self.tokens_per_s, 3),
             "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason,
             "accepted_per_step": list(self.accepted_per_step),
+            "query_tokens": self.query_tokens, "kv_bytes_copied": self.kv_bytes_copied,
         }
 
 
@@ -138,13 +143,14 @@ def _encode(prompts: Any, tokenizer: Any, chat: bool) -> list[list[int]]:
 def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_tokens: int, chat: bool,
            do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
            eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
-           overrides: dict[str, Any] | None) -> tuple[Interpreter, list[list[int]], Any]:
+           overrides: dict[str, Any] | None, passes: str | None = "default") -> tuple[Interpreter, list[list[int]], Any]:
     adapter, tok = resolve_model(model, tokenizer)
     program = _program(strategy, overrides)
     if do_sample:
         from decograph.passes.sampling import to_sampling
 
         program = to_sampling(program, temperature, top_k, top_p)
+    program = optimize(program, adapter, passes)
     ids = _encode(prompts, tok, chat)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -167,18 +173,52 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
                              f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
-                    _cost_curve(adapter, program))
+                    _cost_curve(adapter))
     return Interpreter(program, adapter, cfg), ids, tok
 
 
-def _cost_curve(adapter: CausalLMAdapter, program: O.Program) -> Any:
-    """The measured forward-cost curve where a strategy adapts its drafts to it and the model is
-    big enough for timing to mean something; the default curve otherwise (deterministic)."""
+def optimize(program: O.Program, adapter: CausalLMAdapter, passes: str | None = "default") -> O.Program:
+    """``program`` through the pass pipeline ``passes`` (``"default"``: the torch backend's;
+    ``None``/``"none"``: as written), tuned with the model's cost curve and the acceptance
+    observed on this model so far. Cached per program, pipeline and acceptance summary."""
+    if passes in (None, "", "none"):
+        return program
+    from decograph.passes import run_pipeline
+    from decograph.passes.manager import PassContext
+    from decograph.passes.profile import AcceptanceProfile
+
+    profile = getattr(adapter, "_acceptance", None)
+    if profile is None:
+        profile = adapter._acceptance = AcceptanceProfile()  # type: ignore[attr-defined]
+    cache = getattr(adapter, "_compiled", None)
+    if cache is None:
+        cache = adapter._compiled = {}  # type: ignore[attr-defined]
+    key = (id(program), passes, profile.key())
+    hit = cache.get(key)
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    out, _ = run_pipeline(program, passes, PassContext("torch", _cost_curve(adapter), profile))
+    cache[key] = (program, out)
+    return out
+
+
+def _observe(interp: Interpreter, adapter: CausalLMAdapter) -> None:
+    """Feed the acceptance of single-draft strategies into the adapter's profile."""
+    profile = getattr(adapter, "_acceptance", None)
+    drafts = [op for op in interp.program.walk() if isinstance(op, O.DRAFT_OPS)]
+    if profile is None or len(drafts) != 1 or interp.state is None:
+        return
+    for row in interp.state.rows:
+        profile.observe(drafts[0].NAME, row.accepted, row.drafted)
+
+
+def _cost_curve(adapter: CausalLMAdapter) -> Any:
+    """The measured forward-cost curve where the model is big enough for timing to mean
+    something; the default curve otherwise (deterministic)."""
     from decograph.backends.torch_ref.cost import DEFAULT_CURVE, cached_cost_curve
 
-    adaptive = any(isinstance(op, O.DraftAdaptiveNgram) and op.adaptive for op in program.walk())
     model = getattr(adapter, "model", None)
-    if not adaptive or model is None:
+    if model is None:
         return DEFAULT_CURVE
     curve = getattr(adapter, "_cost_curve", None)       # read (or measured) once per adapter
     if curve is None:
@@ -197,8 +237,9 @@ def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[Genera
     out = []
     for row in interp.state.rows:
         new = row.new_tokens
-        stats = Stats(len(new), row.prefill_forwards + row.steps, row.steps, tuple(row.accepted), tuple(row.drafted),
-                      interp.wall, row.finish_reason or "max_steps")   # unfinished: the loop's step cap
+        stats = Stats(len(new), row.forwards, row.steps, tuple(row.accepted), tuple(row.drafted),
+                      interp.wall, row.finish_reason or "max_steps",    # unfinished: the loop's step cap
+                      row.query_tokens, row.kv_bytes_copied)
         out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats))
     return out
 
@@ -222,17 +263,19 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              chat: bool = False, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, eos_token_id: Any = None,
              stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
-             streamer: Any = None, overrides: dict[str, Any] | None = None) -> list[GenerationResult]:
+             streamer: Any = None, overrides: dict[str, Any] | None = None,
+             passes: str | None = "default") -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
     when ``chat``), a token-id list, or a list of them. ``strategy``: a built-in name, a
-    strategy file path, a ``Strategy`` or an IR ``Program``. Greedy strategies return exactly
+    strategy file path, a ``Strategy`` or an IR ``Program``. ``passes``: the optimization
+    pipeline (``"default"``, ``"none"``, or e.g. ``"mask-fusion,cache-reuse"``). Greedy strategies return exactly
     the tokens of greedy decoding; with ``do_sample`` their verification becomes lossless
     speculative sampling. ``streamer``: a transformers streamer (``put``/``end``), batch 1.
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
-                              top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides)
+                              top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes)
     if streamer is not None:
         if len(ids) != 1:
             raise InputError("a transformers streamer supports one prompt at a time")
@@ -244,6 +287,7 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     finally:
         if streamer is not None:
             streamer.end()
+    _observe(interp, interp.adapter)
     return _results(interp, ids, tok)
 
 
@@ -253,7 +297,7 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
     has ``done=True`` and the concatenated texts equal ``generate``'s ``text``."""
     kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
           ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
-          ("draft_models", None), ("overrides", None))}
+          ("draft_models", None), ("overrides", None), ("passes", "default"))}
     if kwargs:
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)

@@ -28,3 +28,7 @@ class InputError(DecographError):
 
 class UnsupportedError(DecographError):
     """A valid program that this backend or model cannot run (names the op)."""
+
+
+class PassError(DecographError):
+    """A pass failed or produced invalid IR; the message names it and the passes before it."""

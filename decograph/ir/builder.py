@@ -56,8 +56,8 @@ class Builder:
     def draft(self, source: str, state: O.Value, **attrs: Any) -> O.Value:
         return self._add(O.op_class(f"draft.{source}"), state, **attrs)
 
-    def forward(self, state: O.Value, *drafts: O.Value, mask: str = "causal") -> O.Value:
-        return self._add(O.Forward, state, *drafts, mask=mask)
+    def forward(self, state: O.Value, *drafts: O.Value, mask: str = "causal", **attrs: Any) -> O.Value:
+        return self._add(O.Forward, state, *drafts, mask=mask, **attrs)
 
     def verify(self, rule: str, state: O.Value, logits: O.Value, *drafts: O.Value, **attrs: Any) -> O.Value:
         return self._add(O.op_class(f"verify.{rule}"), state, logits, *drafts, **attrs)
@@ -65,8 +65,8 @@ class Builder:
     def unmask(self, rule: str, state: O.Value, logits: O.Value, **attrs: Any) -> O.Value:
         return self._add(O.op_class(f"unmask.{rule}"), state, logits, **attrs)
 
-    def commit(self, state: O.Value, accepted: O.Value, kv: str = "keep_accepted") -> O.Value:
-        return self._add(O.Commit, state, accepted, kv=kv)
+    def commit(self, state: O.Value, accepted: O.Value, kv: str = "recompute", **attrs: Any) -> O.Value:
+        return self._add(O.Commit, state, accepted, kv=kv, **attrs)
 
     def fork(self, state: O.Value, branches: O.Value) -> O.Value:
         return self._add(O.Fork, state, branches)

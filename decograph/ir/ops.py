@@ -23,11 +23,14 @@ __all__ = [
     "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
     "UnmaskTopkPerStep", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
     "MAX_DRAFT", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASKS", "KV_POLICIES", "UNTIL",
+    "LAYOUTS", "ROLLBACKS", "draft_chains",
 ]
 
 MAX_DRAFT = 64
 MASKS = ("causal", "tree", "block", "packed")
 KV_POLICIES = ("keep_accepted", "recompute", "block_approx")
+LAYOUTS = ("sequence", "batch")
+ROLLBACKS = ("copy", "in_place")
 UNTIL = ("eos", "max_new_tokens", "stop", "converged")
 B, V = Sym("B"), Sym("V")
 
@@ -119,13 +122,15 @@ class DraftGaussSeidelJacobi(Op):
 
 @dataclass(frozen=True, eq=False)
 class DraftNgram(Op):
-    """Prompt lookup: the ``k`` tokens that followed the latest earlier match of the last n-gram."""
+    """Prompt lookup: the ``k`` tokens that followed the latest earlier match of the last n-gram
+    (with ``candidates`` > 1, the continuations of that many distinct earlier matches)."""
 
     NAME = "draft.ngram"
     state: Value = operand()
     k: int = 8
     max_n: int = 3
     min_n: int = 1
+    candidates: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,6 +157,7 @@ class DraftAdaptiveNgram(Op):
     max_n: int = 4
     min_n: int = 2
     adaptive: bool = True
+    candidates: int = 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,12 +193,17 @@ class DraftBranches(Op):
 
 @dataclass(frozen=True, eq=False)
 class Forward(Op):
-    """One model forward over the pending tokens plus every draft, under a structural mask."""
+    """The model over the pending tokens plus every draft candidate chain. ``mask=causal``:
+    one causal forward per chain; ``mask=tree``: one forward, chains packed in each row's
+    sequence (``layout=sequence``) or as batch rows copying the prefix KV (``layout=batch``).
+    ``dedup``: chains sharing a prefix share its nodes (a trie), else each hangs off the root."""
 
     NAME = "forward"
     state: Value = operand()
     drafts: tuple[Value, ...] = operand(variadic=True)
     mask: str = "causal"
+    layout: str = "sequence"
+    dedup: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,12 +272,19 @@ class UnmaskTopkPerStep(Op):
 
 @dataclass(frozen=True, eq=False)
 class Commit(Op):
-    """Append accepted tokens to the state; ``kv`` says what happens to the drafts' KV."""
+    """Append accepted tokens to the state.
+
+    ``kv``: the accepted drafts' KV is recomputed at the next forward (``recompute``), kept
+    (``keep_accepted``), or kept although computed under a block mask (``block_approx``,
+    diffusion). ``rollback``: rejected slots are dropped by copying the kept ones into a
+    compact cache (``copy``) or just marked invalid in place (``in_place``).
+    """
 
     NAME = "commit"
     state: Value = operand()
     accepted: Value = operand()
-    kv: str = "keep_accepted"
+    kv: str = "recompute"
+    rollback: str = "copy"
 
 
 @dataclass(frozen=True, eq=False)
@@ -318,6 +336,15 @@ def _draft_size(t: Type) -> Dim:
     return dim_mul(*t.shape[1:]) if t.rank >= 2 else 0
 
 
+def _candidates_type(candidates: int, k: int) -> Type:
+    return Type("Tokens", (B, k)) if candidates == 1 else Type("Tokens", (B, candidates, k))
+
+
+def draft_chains(t: Type) -> Dim:
+    """How many candidate chains a draft of type ``t`` holds (``Tokens[B, C, K]``: C)."""
+    return t.shape[1] if t.rank > 2 else 1
+
+
 def _forward_type(op: Forward) -> tuple[Type, ...]:
     st = op.state.type
     per_branch = dim_add(1, *(_draft_size(d.type) for d in op.drafts))
@@ -347,9 +374,9 @@ def _reg(cls: type[Op], result: Callable[[Any], tuple[Type, ...]]) -> None:
 _reg(Prefill, lambda op: STATE)
 _reg(DraftJacobi, lambda op: (Type("Tokens", (B, op.window)),))
 _reg(DraftGaussSeidelJacobi, lambda op: (Type("Tokens", (B, op.block)),))
-_reg(DraftNgram, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftNgram, lambda op: (_candidates_type(op.candidates, op.k),))
 _reg(DraftNgramPool, lambda op: (Type("Tokens", (B, op.candidates, op.n - 1)),))
-_reg(DraftAdaptiveNgram, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftAdaptiveNgram, lambda op: (_candidates_type(op.candidates, op.k),))
 _reg(DraftMask, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftModel, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftBranches, lambda op: (Type("Tokens", (B, len(op.prompts) or op.max_branches, Sym("L"))),))

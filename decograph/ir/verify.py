@@ -31,7 +31,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "max_steps": (0, 1 << 30),
 }
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES, ("join", "rule"): ("concat", "ner_dedup"),
+    ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES,
+    ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS, ("join", "rule"): ("concat", "ner_dedup"),
     ("draft.jacobi", "init"): ("repeat", "pad"), ("draft.gauss_seidel_jacobi", "init"): ("repeat", "pad"),
 }
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -218,10 +219,9 @@ class _Checker:
 
     def forward(self, op: O.Forward) -> None:
         kinds = [self.defs.get(id(d)) for d in op.drafts]
-        multi = len(op.drafts) > 1 or any(d.type.rank > 2 for d in op.drafts)
-        if op.mask == "causal" and multi:
-            raise self.fail(op, "field 'mask'", f"'causal' cannot hold {len(op.drafts)} drafts or candidate sets",
-                            "use mask=tree to verify several drafts in one forward")
+        if op.layout == "batch" and op.mask != "tree":
+            raise self.fail(op, "field 'layout'", f"'batch' lays out the chains of a tree forward, not mask={op.mask}",
+                            "use mask=tree with layout=batch, or layout=sequence")
         has_mask = any(isinstance(k, O.DraftMask) for k in kinds)
         if op.mask == "block" and not has_mask:
             raise self.fail(op, "field 'mask'", "'block' (bidirectional) needs a draft.mask", "forward a draft.mask or use mask=causal")

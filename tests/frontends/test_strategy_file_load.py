@@ -25,9 +25,9 @@ steps:
       body:
         - draft: {source: jacobi, window: "${window}", as: guess}
         - draft: {source: ngram_pool, n: "${n}", candidates: "${candidates}", as: pool}
-        - forward: {drafts: [guess, pool], mask: tree}
+        - forward: {drafts: [guess, pool]}
         - verify: {rule: greedy}
-        - commit: {kv: keep_accepted}
+        - commit: {}
   - emit
 """
 
@@ -60,13 +60,13 @@ def test_builtin_descriptions_cite_the_method(name: str, cite: str) -> None:
 
 def test_builtin_ops_match_the_documented_methods() -> None:
     ops = {n: print_program(load_strategy(n).program) for n in BUILTINS}
-    assert "draft." not in ops["greedy"] and "forward(%2, mask=causal) : Logits[B, 1, V]" in ops["greedy"]
+    assert "draft." not in ops["greedy"] and "forward(%2, dedup=false, layout=sequence, mask=causal) : Logits[B, 1, V]" in ops["greedy"]
     assert "draft.jacobi(%2, init=repeat, window=4) : Tokens[B, 4]" in ops["jacobi"]
     assert "draft.gauss_seidel_jacobi(%2, block=4, init=repeat)" in ops["gs_jacobi"]
-    assert "draft.ngram(%2, k=8, max_n=3, min_n=1) : Tokens[B, 8]" in ops["ngram"]
-    assert "draft.adaptive_ngram(%2, adaptive=true, k=8, max_n=4, min_n=2)" in ops["anpd"]
+    assert "draft.ngram(%2, candidates=1, k=8, max_n=3, min_n=1) : Tokens[B, 8]" in ops["ngram"]
+    assert "draft.adaptive_ngram(%2, adaptive=true, candidates=1, k=8, max_n=4, min_n=2)" in ops["anpd"]
     assert "draft.ngram_pool(%2, candidates=3, n=4) : Tokens[B, 3, 3]" in ops["lookahead"]
-    assert "forward(%2, %3, %4, mask=tree) : Logits[B, 14, V]" in ops["lookahead"]
+    assert "forward(%2, %3, %4, dedup=false, layout=sequence, mask=causal) : Logits[B, 14, V]" in ops["lookahead"]
     assert "verify.greedy(%2, %5, %3, %4)" in ops["lookahead"]
 
 
@@ -85,7 +85,7 @@ steps = ["prefill", {iterate = {body = [
   {draft = {source = "ngram", k = "${k}", max_n = "${max_n}", min_n = "${min_n}"}},
   {forward = {mask = "causal"}},
   {verify = {rule = "greedy"}},
-  {commit = {kv = "keep_accepted"}},
+  {commit = {}},
 ]}}, "emit"]
 """
     a = load_strategy_text(toml, "ngram.toml", fmt="toml")

@@ -208,12 +208,12 @@ strategy tree_spec(greedy=false, seed=none, tags=[a, "b c"], temperature=0.7) "s
   %0 = prefill(%prompt) : State
   %1 = iterate(%0, max_steps=64, until=[eos, stop]) : State {
   ^(%2: State):
-    %3 = draft.ngram(%2, k=4, max_n=3, min_n=2) : Tokens[B, 4]
+    %3 = draft.ngram(%2, candidates=1, k=4, max_n=3, min_n=2) : Tokens[B, 4]
     %4 = draft.model(%2, k=3, model="small draft") : Tokens[B, 3]
     %5 = draft.ngram_pool(%2, candidates=2, n=3) : Tokens[B, 2, 2]
-    %6 = forward(%2, %3, %4, %5, mask=tree) : Logits[B, 12, V]
+    %6 = forward(%2, %3, %4, %5, dedup=false, layout=sequence, mask=tree) : Logits[B, 12, V]
     %7 = verify.sampling(%2, %6, %3, %4, %5, temperature=0.7, top_k=50, top_p=0.95) : Tokens[B, A]
-    %8 = commit(%2, %7, kv=recompute) : State
+    %8 = commit(%2, %7, kv=recompute, rollback=copy) : State
     yield(%8)
   }
   %9 = emit(%1) : Tokens[B, G]
@@ -225,18 +225,18 @@ strategy jacobi {
   %1 = iterate(%0, max_steps=0, until=[eos, max_new_tokens]) : State {
   ^(%2: State):
     %3 = draft.jacobi(%2, init=repeat, window=5) : Tokens[B, 5]
-    %4 = forward(%2, %3, mask=causal) : Logits[B, 6, V]
+    %4 = forward(%2, %3, dedup=false, layout=sequence, mask=causal) : Logits[B, 6, V]
     %5 = verify.greedy(%2, %4, %3) : Tokens[B, A]
-    %6 = commit(%2, %5, kv=keep_accepted) : State
+    %6 = commit(%2, %5, kv=keep_accepted, rollback=copy) : State
     yield(%6)
   }
   %7 = iterate(%1, max_steps=0, until=[max_new_tokens]) : State {
   ^(%8: State):
     %9 = draft.gauss_seidel_jacobi(%8, block=4, init=pad) : Tokens[B, 4]
-    %10 = draft.adaptive_ngram(%8, adaptive=false, k=6, max_n=4, min_n=2) : Tokens[B, 6]
-    %11 = forward(%8, %9, %10, mask=tree) : Logits[B, 11, V]
+    %10 = draft.adaptive_ngram(%8, adaptive=false, candidates=1, k=6, max_n=4, min_n=2) : Tokens[B, 6]
+    %11 = forward(%8, %9, %10, dedup=false, layout=sequence, mask=tree) : Logits[B, 11, V]
     %12 = verify.threshold(%8, %11, %9, %10, threshold=0.8) : Tokens[B, A]
-    %13 = commit(%8, %12, kv=block_approx) : State
+    %13 = commit(%8, %12, kv=block_approx, rollback=copy) : State
     yield(%13)
   }
   %14 = emit(%7) : Tokens[B, G]
@@ -248,17 +248,17 @@ strategy diffusion "LLaDA-style blocks" {
   %1 = iterate(%0, max_steps=0, until=[converged]) : State {
   ^(%2: State):
     %3 = draft.mask(%2, k=32, mask_token=-1) : Tokens[B, 32]
-    %4 = forward(%2, %3, mask=block) : Logits[B, 33, V]
+    %4 = forward(%2, %3, dedup=false, layout=sequence, mask=block) : Logits[B, 33, V]
     %5 = unmask.threshold(%2, %4, threshold=0.9) : Tokens[B, A]
-    %6 = commit(%2, %5, kv=block_approx) : State
+    %6 = commit(%2, %5, kv=block_approx, rollback=copy) : State
     %7 = draft.mask(%6, k=8, mask_token=126336) : Tokens[B, 8]
-    %8 = forward(%6, %7, mask=block) : Logits[B, 9, V]
+    %8 = forward(%6, %7, dedup=false, layout=sequence, mask=block) : Logits[B, 9, V]
     %9 = unmask.factor(%6, %8, factor=1.0) : Tokens[B, A]
-    %10 = commit(%6, %9, kv=keep_accepted) : State
+    %10 = commit(%6, %9, kv=keep_accepted, rollback=copy) : State
     %11 = draft.mask(%10, k=4, mask_token=-1) : Tokens[B, 4]
-    %12 = forward(%10, %11, mask=block) : Logits[B, 5, V]
+    %12 = forward(%10, %11, dedup=false, layout=sequence, mask=block) : Logits[B, 5, V]
     %13 = unmask.topk_per_step(%10, %12, k=2) : Tokens[B, A]
-    %14 = commit(%10, %13, kv=keep_accepted) : State
+    %14 = commit(%10, %13, kv=keep_accepted, rollback=copy) : State
     yield(%14)
   }
   %15 = emit(%1) : Tokens[B, G]
@@ -271,10 +271,10 @@ strategy parallel "branches with \\"quotes\\", \\\\ and \\u00fcn\\u00efcode" {
   %2 = fork(%0, %1) : State[2]
   %3 = iterate(%2, max_steps=0, until=[eos, max_new_tokens]) : State[2] {
   ^(%4: State[2]):
-    %5 = draft.ngram(%4, k=8, max_n=3, min_n=1) : Tokens[B, 8]
-    %6 = forward(%4, %5, mask=packed) : Logits[B, 18, V]
+    %5 = draft.ngram(%4, candidates=1, k=8, max_n=3, min_n=1) : Tokens[B, 8]
+    %6 = forward(%4, %5, dedup=false, layout=sequence, mask=packed) : Logits[B, 18, V]
     %7 = verify.greedy(%4, %6, %5) : Tokens[B, A]
-    %8 = commit(%4, %7, kv=keep_accepted) : State[2]
+    %8 = commit(%4, %7, kv=keep_accepted, rollback=copy) : State[2]
     yield(%8)
   }
   %9 = join(%3, rule=ner_dedup) : State

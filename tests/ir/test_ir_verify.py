@@ -69,16 +69,6 @@ def undefined_use() -> Program:
     return b.build()
 
 
-def causal_two_drafts() -> Program:
-    b = Builder("t")
-
-    def body(s: Value) -> Value:
-        d1, d2 = b.draft("ngram", s, k=4), b.draft("jacobi", s, window=3)
-        return b.commit(s, b.verify("greedy", s, b.forward(s, d1, d2, mask="causal"), d1, d2))
-    b.emit(_loop(b, b.prefill(), body))
-    return b.build()
-
-
 def logits_from_draft() -> Program:
     b = Builder("t")
 
@@ -180,7 +170,7 @@ CASES = [
          "emit", "operand 'state'", "%7 = emit(%9) : Tokens[B, G]"),
     Case("undefined value (verifier)", undefined_use, VerifyError,
          _v(3, "forward", "operand 'drafts'[0]", "%<undefined> is used before it is defined"),
-         "forward", "operand 'drafts'[0]", "%1 = forward(%0, %<undefined>, mask=causal)"),
+         "forward", "operand 'drafts'[0]", "%1 = forward(%0, %<undefined>, dedup=false, layout=sequence, mask=causal)"),
     Case("value used outside its iterate body", out_of_scope_use, VerifyError,
          _v(11, "emit", "operand 'state'", "%2 is defined inside an iterate body and is not visible here"),
          "emit", "operand 'state'", "%7 = emit(%2) : Tokens[B, G]"),
@@ -195,7 +185,7 @@ CASES = [
          "draft.ngarm", "unknown op", "%3 = draft.ngarm(%2, k=8, max_n=3, min_n=1)"),
     Case("unknown attribute", edit("k=8, max_n", "k=8, size=3, max_n"), ParseError,
          "parse error at line 5, column 31, op `draft.ngram`, field 'size': unknown attribute; "
-         "draft.ngram takes k, max_n, min_n",
+         "draft.ngram takes candidates, k, max_n, min_n",
          "draft.ngram", "field 'size'", "%3 = draft.ngram(%2, k=8, size=3, max_n=3, min_n=1)"),
     Case("attribute on an op without attributes", edit("verify.greedy(%2, %4, %3)", "verify.greedy(%2, %4, %3, mask=tree)"),
          ParseError, "parse error at line 7, column 36, op `verify.greedy`, field 'mask': unknown attribute; "
@@ -203,10 +193,10 @@ CASES = [
          "verify.greedy", "field 'mask'", "%5 = verify.greedy(%2, %4, %3, mask=tree)"),
     Case("wrong attribute type", edit("k=8,", 'k="eight",'), VerifyError,
          _v(5, "draft.ngram", "field 'k'", "must be int, got 'eight'"),
-         "draft.ngram", "field 'k'", "%3 = draft.ngram(%2, k=eight, max_n=3, min_n=1)"),
+         "draft.ngram", "field 'k'", "%3 = draft.ngram(%2, candidates=1, k=eight, max_n=3, min_n=1)"),
     Case("bool for an int attribute", edit("k=8,", "k=true,"), VerifyError,
          _v(5, "draft.ngram", "field 'k'", "must be int, got True"),
-         "draft.ngram", "field 'k'", "%3 = draft.ngram(%2, k=true, max_n=3, min_n=1)"),
+         "draft.ngram", "field 'k'", "%3 = draft.ngram(%2, candidates=1, k=true, max_n=3, min_n=1)"),
     Case("window 0", edit("draft.ngram(%2, k=8, max_n=3, min_n=1) : Tokens[B, 8]", "draft.jacobi(%2, window=0) : Tokens[B, 0]"),
          VerifyError, _v(5, "draft.jacobi", "field 'window'", "0 is out of range [1, 64]"),
          "draft.jacobi", "field 'window'", "%3 = draft.jacobi(%2, init=repeat, window=0) : Tokens[B, 0]"),
@@ -218,16 +208,16 @@ CASES = [
          "verify.threshold", "field 'threshold'", "%5 = verify.threshold(%2, %4, %3, threshold=-0.1)"),
     Case("bad mask name", edit("mask=causal", "mask=diagonal"), VerifyError,
          _v(6, "forward", "field 'mask'", "'diagonal' is not one of causal, tree, block, packed"),
-         "forward", "field 'mask'", "%4 = forward(%2, %3, mask=diagonal)"),
-    Case("causal mask with 2 drafts", causal_two_drafts, VerifyError,
-         _v(7, "forward", "field 'mask'", "'causal' cannot hold 2 drafts or candidate sets"),
-         "forward", "field 'mask'", "%5 = forward(%2, %3, %4, mask=causal) : Logits[B, 8, V]"),
+         "forward", "field 'mask'", "%4 = forward(%2, %3, dedup=false, layout=sequence, mask=diagonal)"),
+    Case("batch layout on a causal forward", edit("mask=causal", "layout=batch, mask=causal"), VerifyError,
+         _v(6, "forward", "field 'layout'", "'batch' lays out the chains of a tree forward, not mask=causal"),
+         "forward", "field 'layout'", "%4 = forward(%2, %3, dedup=false, layout=batch, mask=causal)"),
     Case("block mask without draft.mask", edit("mask=causal", "mask=block"), VerifyError,
          _v(6, "forward", "field 'mask'", "'block' (bidirectional) needs a draft.mask"),
-         "forward", "field 'mask'", "%4 = forward(%2, %3, mask=block)"),
+         "forward", "field 'mask'", "%4 = forward(%2, %3, dedup=false, layout=sequence, mask=block)"),
     Case("packed mask on an unforked state", edit("mask=causal", "mask=packed"), VerifyError,
          _v(6, "forward", "field 'mask'", "'packed' needs a forked state"),
-         "forward", "field 'mask'", "%4 = forward(%2, %3, mask=packed)"),
+         "forward", "field 'mask'", "%4 = forward(%2, %3, dedup=false, layout=sequence, mask=packed)"),
     Case("verify logits from a draft op", logits_from_draft, VerifyError,
          _v(6, "verify.greedy", "operand 'logits'", "must be Logits, got Tokens[B, 8] from `draft.ngram`"),
          "verify.greedy", "operand 'logits'", "%4 = verify.greedy(%2, %3, %3) : Tokens[B, A]"),
@@ -239,10 +229,10 @@ CASES = [
          "verify.greedy", "operand 'logits'", "%5 = verify.greedy(%2, %4, %3)"),
     Case("commit of a non-verify value", commit_of_draft, VerifyError,
          _v(6, "commit", "operand 'accepted'", "must come from a verify or unmask step, comes from `draft.ngram`"),
-         "commit", "operand 'accepted'", "%4 = commit(%2, %3, kv=keep_accepted) : State"),
+         "commit", "operand 'accepted'", "%4 = commit(%2, %3, kv=keep_accepted, rollback=copy) : State"),
     Case("iterate body without yield", edit("    yield(%6)\n", ""), VerifyError,
          _v(8, "commit", "the iterate body", "an iterate body must end with `yield(%state)`"),
-         "commit", "the iterate body", "%6 = commit(%2, %5, kv=keep_accepted) : State"),
+         "commit", "the iterate body", "%6 = commit(%2, %5, kv=keep_accepted, rollback=copy) : State"),
     Case("yield at top level", edit("  %7 = emit", "  yield(%1)\n  %7 = emit"), VerifyError,
          _v(11, "yield", "the terminator", "`yield` may only end an iterate body"),
          "yield", "the terminator", "  yield(%1)"),
@@ -254,10 +244,10 @@ CASES = [
          "emit", "the terminator", "%1 = emit(%0) : Tokens[B, G]"),
     Case("wrong declared result type", edit("Tokens[B, 8]", "Tokens[B, 7]"), VerifyError,
          _v(5, "draft.ngram", "its result type", "declared Tokens[B, 7], the type rule gives Tokens[B, 8]"),
-         "draft.ngram", "its result type", "%3 = draft.ngram(%2, k=8, max_n=3, min_n=1) : Tokens[B, 7]"),
+         "draft.ngram", "its result type", "%3 = draft.ngram(%2, candidates=1, k=8, max_n=3, min_n=1) : Tokens[B, 7]"),
     Case("min_n > max_n", edit("max_n=3, min_n=1", "max_n=2, min_n=3"), VerifyError,
          _v(5, "draft.ngram", "field 'min_n'", "min_n=3 exceeds max_n=2"),
-         "draft.ngram", "field 'min_n'", "%3 = draft.ngram(%2, k=8, max_n=2, min_n=3)"),
+         "draft.ngram", "field 'min_n'", "%3 = draft.ngram(%2, candidates=1, k=8, max_n=2, min_n=3)"),
     Case("unmask after a causal forward", edit("verify.greedy(%2, %4, %3)", "unmask.threshold(%2, %4, threshold=0.9)"),
          VerifyError, _v(7, "unmask.threshold", "operand 'logits'",
                          "unmasking needs a forward with mask=block over a draft.mask"),
@@ -335,8 +325,8 @@ def test_quote_shows_neighbouring_lines() -> None:
     msg = str(_raise(CASES[[c.id for c in CASES].index("bad mask name")]))
     assert msg.splitlines()[1:5] == [
         "    4 |   ^(%2: State):",
-        "    5 |     %3 = draft.ngram(%2, k=8, max_n=3, min_n=1) : Tokens[B, 8]",
-        ">   6 |     %4 = forward(%2, %3, mask=diagonal) : Logits[B, 9, V]",
+        "    5 |     %3 = draft.ngram(%2, candidates=1, k=8, max_n=3, min_n=1) : Tokens[B, 8]",
+        ">   6 |     %4 = forward(%2, %3, dedup=false, layout=sequence, mask=diagonal) : Logits[B, 9, V]",
         "    7 |     %5 = verify.greedy(%2, %4, %3) : Tokens[B, A]",
     ]
 
@@ -364,7 +354,10 @@ def test_program_level_errors(program: Callable[[], Program], first: str) -> Non
 def test_verify_returns_valid_program_unchanged() -> None:
     p = parse_program(BASE)
     assert verify(p) is p
-    assert print_program(p) == BASE
+    canonical = (BASE.replace("ngram(%2, k=8", "ngram(%2, candidates=1, k=8")
+                 .replace("mask=causal)", "dedup=false, layout=sequence, mask=causal)")
+                 .replace("kv=keep_accepted)", "kv=keep_accepted, rollback=copy)"))
+    assert print_program(p) == canonical    # omitted attributes print with their defaults
 
 
 def test_verify_rejects_non_programs() -> None:

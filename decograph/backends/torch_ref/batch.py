@@ -36,6 +36,9 @@ class Row:
     drafted: list[int] = field(default_factory=list)    # draft tokens proposed per step
     steps: int = 0
     prefill_forwards: int = 0       # 1 when a prefill forward ran for this row (prompt > 1 token)
+    forwards: int = 0               # forwards this row took part in (prefill included)
+    query_tokens: int = 0           # query positions computed for this row, padding included
+    kv_bytes_copied: int = 0        # KV bytes moved for this row (compaction, copies)
     scratch: dict[int, Any] = field(default_factory=dict)  # per draft op: source memory
 
     @property
@@ -56,9 +59,12 @@ class Row:
 class DraftTree:
     """Draft tokens of one row as a trie hanging off the root (the last pending token).
 
-    ``parent[i]`` is -1 for children of the root. Chains added with ``add_chain`` share
-    common prefixes (deduplicated), and the node ids of each chain are returned.
+    ``parent[i]`` is -1 for children of the root. With ``dedup``, chains added with
+    ``add_chain`` share common prefixes (a trie); without, each chain hangs off the root on
+    its own (a forest). The node ids of each chain are returned.
     """
+
+    dedup: bool = True
 
     tokens: list[int] = field(default_factory=list)
     parent: list[int] = field(default_factory=list)
@@ -69,10 +75,10 @@ class DraftTree:
         ids, at = [], -1
         for tok in chain:
             kids = self.children.setdefault(at, {})
-            node = kids.get(tok)
+            node = kids.get(tok) if self.dedup else None
             if node is None:
                 node = len(self.tokens)
-                kids[tok] = node
+                kids.setdefault(tok, node)
                 self.tokens.append(tok)
                 self.parent.append(at)
                 self.depth.append(1 if at < 0 else self.depth[at] + 1)
@@ -139,6 +145,41 @@ class BatchState:
         self.valid = torch.zeros((len(self.active), 0), dtype=torch.bool)
         self.forwards = 0
         self.steps = 0
+        self._owners = list(self.active)    # the row each cache row belongs to
+        self.query_tokens = 0               # query positions computed, padding included
+        self.kv_bytes_copied = 0            # KV moved by compaction, row copies and drops
+
+    def _slot_bytes(self) -> int:
+        """Bytes of one cache slot of one row, over every layer's keys and values."""
+        if getattr(self, "_bytes", 0):
+            return self._bytes
+        try:
+            pairs = self.adapter.slot_tensors(self.cache)
+        except NotImplementedError:
+            return 0
+        self._bytes: int = sum((k[0, :, 0].numel() * k.element_size() + v[0, :, 0].numel() * v.element_size())
+                   for k, v in pairs if k is not None and k.shape[2] > 0)
+        return self._bytes
+
+    def _select(self, index: list[int]) -> None:
+        """Rows of the cache and validity mask by ``index`` (a copy of the selected rows' KV)."""
+        idx = torch.tensor(index)
+        per_row = self.valid.shape[1] * self._slot_bytes()
+        self.kv_bytes_copied += len(index) * per_row
+        for i in index:
+            if i < len(self._owners):
+                self._owners[i].kv_bytes_copied += per_row
+        self._owners = [self._owners[i] for i in index if i < len(self._owners)]
+        self.adapter.select_rows(self.cache, idx)
+        self.valid = self.valid[idx]
+
+    def expand(self, index: list[int]) -> None:
+        """Replace the rows by copies: new row ``i`` is a copy of row ``index[i]``."""
+        self._select(index)
+
+    def collapse(self, keep: list[int]) -> None:
+        """Back to one row per active row: row ``b`` becomes the copy ``keep[b]``."""
+        self._select(keep)
 
     def forward(self, layout: StepLayout, pad_id: int) -> torch.Tensor:
         """Run one forward for ``layout``; the new slots start out invalid."""
@@ -146,6 +187,11 @@ class BatchState:
         logits = self.adapter.forward(self.cache, ids, pos, attend)
         self.valid = torch.cat([self.valid, torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
         self.forwards += 1
+        self.query_tokens += ids.numel()
+        for r in {id(r): r for r in layout.rows}.values():
+            r.forwards += 1
+        for r in layout.rows:
+            r.query_tokens += ids.shape[1]
         return logits
 
     def keep_slots(self, b: int, slots: list[int]) -> None:
@@ -153,15 +199,14 @@ class BatchState:
         if slots:
             self.valid[b, torch.tensor(slots)] = True
 
-    def settle(self) -> None:
-        """Drop finished rows, crop the invalid tail, compact when holes dominate."""
+    def settle(self, copy: bool = False) -> None:
+        """Drop finished rows, crop the invalid tail, compact when holes dominate (always
+        when there are holes, with ``copy``: the unoptimized rollback)."""
         keep = [i for i, r in enumerate(self.active) if not r.done]
         if len(keep) < len(self.active):
             self.active = [self.active[i] for i in keep]
             if keep:
-                idx = torch.tensor(keep)
-                self.adapter.select_rows(self.cache, idx)
-                self.valid = self.valid[idx]
+                self._select(keep)
         if not self.active:
             return
         used = self.valid.any(dim=0).nonzero()
@@ -171,11 +216,14 @@ class BatchState:
             self.valid = self.valid[:, :length]
         counts = self.valid.sum(dim=1)
         most = int(counts.max())
-        if self.valid.shape[1] > 2 * most + 64:
+        if self.valid.shape[1] > 2 * most + 64 or (copy and most < self.valid.shape[1]):
             self._compact(most)
 
     def _compact(self, most: int) -> None:
         nb, s = self.valid.shape
         order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, s - most :]
+        self.kv_bytes_copied += nb * most * self._slot_bytes()
+        for r in self.active:
+            r.kv_bytes_copied += most * self._slot_bytes()
         self.adapter.gather_slots(self.cache, order)
         self.valid = torch.gather(self.valid, 1, order)

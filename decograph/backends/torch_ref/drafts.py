@@ -124,14 +124,30 @@ class Ngram(DraftSource):
         index: NgramIndex = self.memory(row)
         toks = row.tokens
         index.update(toks)
-        for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
-            if n > len(toks):
+        return [toks[e : e + k] for e, _ in matches(toks, index, int(self.op.max_n), int(self.op.min_n),
+                                                     int(self.op.candidates), k)]
+
+
+def matches(toks: list[int], index: NgramIndex, max_n: int, min_n: int, want: int, k: int) -> list[tuple[int, int]]:
+    """Up to ``want`` (end, suffix-match length) pairs whose continuations (``k`` tokens) differ:
+    the longest suffix n-gram's newest earlier occurrence first, then older ones and shorter n."""
+    out: list[tuple[int, int]] = []
+    seen: set[tuple[int, ...]] = set()
+    for n in range(max_n, min_n - 1, -1):
+        if n > len(toks) - 1:
+            continue
+        for end in reversed(index.where.get(tuple(toks[-n:]), [])):
+            cont = tuple(toks[end : end + k])
+            if end >= len(toks) or cont in seen:
                 continue
-            ends = index.where.get(tuple(toks[-n:]), [])
-            for end in reversed(ends):
-                if end < len(toks):
-                    return [toks[end : end + k]]
-        return []
+            seen.add(cont)
+            length = n
+            while length < 32 and end - length - 1 >= 0 and toks[end - length - 1] == toks[-length - 1]:
+                length += 1
+            out.append((end, length))
+            if len(out) >= want:
+                return out
+    return out
 
 
 _BUCKETS = (1, 2, 3, 4, 5, 8, 16)              # suffix-match lengths that start each level
@@ -177,29 +193,18 @@ class AdaptiveNgram(DraftSource):
     def fresh(self, row: Row) -> Any:
         return _Anpd(NgramIndex(int(self.op.max_n)))
 
-    def _match(self, toks: list[int], index: NgramIndex) -> tuple[int, int] | None:
-        """(end position of the newest earlier match of the longest suffix, match length)."""
-        for n in range(int(self.op.max_n), int(self.op.min_n) - 1, -1):
-            if n > len(toks) - 1:
-                continue
-            for end in reversed(index.where.get(tuple(toks[-n:]), [])):
-                if end < len(toks):
-                    length = n
-                    while length < 32 and end - length - 1 >= 0 and toks[end - length - 1] == toks[-length - 1]:
-                        length += 1
-                    return end, length
-        return None
-
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         mem: _Anpd = self.memory(row)
         toks = row.tokens
         mem.index.update(toks)
         mem.level = -1
-        found = self._match(toks, mem.index)
-        if found is None or limit <= 0:
+        k = min(int(self.op.k), limit)
+        found = matches(toks, mem.index, int(self.op.max_n), int(self.op.min_n), int(self.op.candidates), k) \
+            if k > 0 else []
+        if not found:
             return []
-        end, length = found
-        chain = toks[end : end + min(int(self.op.k), limit)]
+        end, length = found[0]
+        chain = toks[end : end + k]
         level = _bucket(length)
         if self.op.adaptive:
             chain = chain[: self._best_length(mem, level, len(chain), len(row.pending))]
@@ -210,7 +215,24 @@ class AdaptiveNgram(DraftSource):
                         table[level][1] *= 0.97
                 return []
         mem.level = level
-        return [chain]
+        return [chain] + self._alternates(toks, found[1:], chain, len(row.pending))
+
+    def _alternates(self, toks: list[int], found: list[tuple[int, int]], chain: list[int], pending: int) -> list[list[int]]:
+        """Other matches' continuations, trimmed to the query slots the forward has spare:
+        it is padded to the cheapest width anyway, so they ride along at no extra cost."""
+        spare = self.cost.best_width(pending + len(chain)) - pending - len(chain)
+        out, used = [], [chain]
+        for end, _ in found:
+            if spare <= 0:
+                break
+            alt = toks[end : end + len(chain)]
+            shared = max(_common(alt, u) for u in used)     # nodes the trie already has
+            alt = alt[: shared + spare]
+            if len(alt) > shared:
+                out.append(alt)
+                used.append(alt)
+                spare -= len(alt) - shared
+        return out
 
     def _best_length(self, mem: _Anpd, level: int, longest: int, pending: int) -> int:
         """The draft length with the most expected tokens per unit of forward cost."""
@@ -230,10 +252,18 @@ class AdaptiveNgram(DraftSource):
         mem: _Anpd = self.memory(row)
         if not chains or mem.level < 0:
             return
-        accepted, drafted = committed - 1, len(chains[0])
+        accepted = min(committed - 1, _common(chains[0], row.tokens[len(row.tokens) - committed:]))
+        drafted = len(chains[0])
         mem.record(mem.first, mem.level, accepted >= 1)
         for i in range(1, min(accepted + 1, drafted)):
             mem.record(mem.later, mem.level, i < accepted)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class NgramPool(DraftSource):

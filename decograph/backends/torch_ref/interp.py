@@ -18,6 +18,7 @@ import torch
 
 from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, Row, StepLayout
+from decograph.backends.torch_ref.layouts import Forwarded, collapse, run_forward
 from decograph.backends.torch_ref.drafts import DraftSource, make_source
 from decograph.backends.torch_ref.verify import greedy_walk, process_logits, sampling_walk, threshold_walk
 from decograph.errors import UnsupportedError
@@ -56,23 +57,8 @@ class _Drafted:
 
 
 @dataclass
-class _Forwarded:
-    layout: StepLayout
-    logits: torch.Tensor
-    drafts: list[_Drafted]
-    nodes: list[list[list[list[int]]]]   # per draft, per row, per chain: node ids
-    _argmax: list[list[int]] | None = None
-
-    @property
-    def argmax(self) -> list[list[int]]:
-        if self._argmax is None:
-            self._argmax = self.logits.argmax(dim=-1).tolist()
-        return self._argmax
-
-
-@dataclass
 class _Accepted:
-    forwarded: _Forwarded
+    forwarded: Forwarded
     paths: list[tuple[list[int], int]]   # per active row: accepted node ids, bonus token
 
 
@@ -138,7 +124,8 @@ class Interpreter:
             src = self.sources[id(op)]
             return _Drafted(src, [src.propose(r, r.remaining - 1) for r in state.active])
         if isinstance(op, O.Forward):
-            return self._forward(env[id(op.state)], [env[id(d)] for d in op.drafts])
+            drafts = [env[id(d)] for d in op.drafts]
+            return run_forward(op, env[id(op.state)], drafts, self.cfg.cost_curve, self.cfg.pad_token_id)
         if isinstance(op, O.VERIFY_OPS):
             return self._verify(op, env[id(op.logits)])
         if isinstance(op, O.Emit):
@@ -164,29 +151,18 @@ class Interpreter:
                 r.prefill_forwards = int(bool(r.tokens))
             for r, toks in zip(state.active, saved):
                 r.tokens = toks
+                r.forwards = r.prefill_forwards      # rows with nothing to prefill took no part
             state.settle()
         return state
 
-    def _forward(self, state: BatchState, drafts: list[_Drafted]) -> _Forwarded:
-        trees = [DraftTree() for _ in state.active]
-        nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(len(trees))] for d in drafts]
-        # Padding queries attend only to themselves; a wider block can be the cheaper one.
-        width = self.cfg.cost_curve.best_width(max(len(r.pending) + len(t) for r, t in zip(state.active, trees)))
-        layout = StepLayout(list(state.active), trees, width)
-        logits = state.forward(layout, self.cfg.pad_token_id)
-        return _Forwarded(layout, logits, drafts, nodes)
-
-    def _verify(self, op: O.Op, fwd: _Forwarded) -> _Accepted:
+    def _verify(self, op: O.Op, fwd: Forwarded) -> _Accepted:
         paths = []
-        layout, logits = fwd.layout, fwd.logits
         greedy = isinstance(op, O.VerifyGreedy)
-        argmax = fwd.argmax if greedy else None
-        for b, tree in enumerate(layout.trees):
-            lo = layout.root_index(b)
+        for b, tree in enumerate(fwd.trees):
             if greedy:
-                paths.append(greedy_walk(tree, argmax[b][lo : lo + 1 + len(tree)]))
+                paths.append(greedy_walk(tree, fwd.argmax_of(b)))
                 continue
-            rows = logits[b, lo : lo + 1 + len(tree)]
+            rows = fwd.rows_of(b)
             if isinstance(op, O.VerifySampling):
                 probs = process_logits(rows, op.temperature, op.top_k, op.top_p)
                 paths.append(sampling_walk(tree, probs, self.gen))
@@ -198,25 +174,23 @@ class Interpreter:
         state: BatchState = env[id(op.state)]
         acc: _Accepted = env[id(op.accepted)]
         fwd = acc.forwarded
-        argmax = fwd.argmax if fwd.drafts else None
-        base = state.valid.shape[1] - fwd.layout.width
+        collapse(state, fwd, [p for p, _ in acc.paths])
         events = []
-        for b, (row, (path, bonus)) in enumerate(zip(fwd.layout.rows, acc.paths)):
-            tree = fwd.layout.trees[b]
-            pend = fwd.layout.pending[b]
-            slots = list(range(base, base + pend))
-            row.cached += pend
+        for b, (row, (path, bonus)) in enumerate(zip(fwd.rows, acc.paths)):
+            tree = fwd.trees[b]
+            slots = list(fwd.pend_slots[b])
+            row.cached += len(slots)
             if op.kv == "keep_accepted":
-                slots += [base + fwd.layout.node_index(b, i) for i in path]
+                slots += [fwd.node_slots[b][i] for i in path]
                 row.cached += len(path)
             committed = self._append(row, [tree.tokens[i] for i in path] + [bonus])
             state.keep_slots(b, slots)
             row.accepted.append(len(path))
             row.drafted.append(len(tree))
             row.steps += 1
-            self._observe(fwd, b, row, len(committed), argmax)
+            self._observe(fwd, b, row, len(committed))
             events.append(Event(row.index, tuple(committed), row.done))
-        state.settle()
+        state.settle(copy=op.rollback == "copy")
         for e in events:
             yield e
         return state
@@ -234,11 +208,11 @@ class Interpreter:
             row.done, row.finish_reason = True, "max_new_tokens"
         return out
 
-    def _observe(self, fwd: _Forwarded, b: int, row: Row, committed: int, argmax: list[list[int]] | None) -> None:
-        if argmax is None or row.done:
+    def _observe(self, fwd: Forwarded, b: int, row: Row, committed: int) -> None:
+        if not fwd.drafts or row.done:
             return
-        lo = fwd.layout.root_index(b)
-        preds_all = [[argmax[b][lo]] + [argmax[b][lo + 1 + i] for i in ids] for d in fwd.nodes for ids in d[b]]
+        argmax = fwd.argmax_of(b)
+        preds_all = [[argmax[0]] + [argmax[1 + i] for i in ids] for d in fwd.nodes for ids in d[b]]
         chains_all = [c for d in fwd.drafts for c in d.chains[b]]
         k = 0
         for d, ids in zip(fwd.drafts, fwd.nodes):
