@@ -49,14 +49,21 @@ def hf_run(model, ids: list[int], n: int, lookup: int) -> tuple[list[int], float
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
-def run_system(s: str, model, tok, programs: dict, ids: list[int], n: int) -> tuple[list[int], float, float | None]:
-    """One generation: (new tokens, seconds, new tokens per decode forward or None for HF)."""
+def run_system(s: str, model, tok, programs: dict, ids: list[int], n: int) -> tuple[list[int], float, float | None, dict]:
+    """One generation: (new tokens, seconds, new tokens per decode step or None for HF, costs).
+
+    ``s`` is ``strategy`` or ``strategy@pipeline`` (``anpd@none``: no passes; ``anpd@default``;
+    ``anpd@cache-reuse``: one pass alone)."""
     if s.startswith("hf_"):
         with torch.inference_mode():
             toks, dt = hf_run(model, ids, n, 10 if s == "hf_prompt_lookup" else 0)
-        return toks, dt, None
-    r = api.generate(model, tok, [ids], strategy=programs[s], max_new_tokens=n)[0]
-    return r.new_token_ids, r.stats.wall_time_s, r.stats.tokens_per_forward
+        return toks, dt, None, {}
+    name, _, passes = s.partition("@")
+    r = api.generate(model, tok, [ids], strategy=programs[name], max_new_tokens=n, passes=passes or "default")[0]
+    st = r.stats
+    costs = {"forwards": st.forward_passes, "query_tokens": st.query_tokens, "kv_bytes": st.kv_bytes_copied,
+             "accepted": sum(st.accepted_per_step)}
+    return r.new_token_ids, st.wall_time_s, st.tokens_per_forward, costs
 
 
 def first_difference(model, ids: list[int], ref: list[int], got: list[int]) -> str:
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_default_model()
     names = args.strategies.split(",")
-    programs = {n: load_strategy(n).program for n in names}
+    programs = {n.partition("@")[0]: load_strategy(n.partition("@")[0]).program for n in names}
     prompts = load_prompts(args.prompts, args.per_category)
     systems = ["hf_greedy", "hf_prompt_lookup"] + names
     enc = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)["input_ids"]
@@ -89,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():   # warm-up
         hf_run(model, enc[0], 8, 0)
         for n in names:
-            api.generate(model, tok, [enc[0]], strategy=programs[n], max_new_tokens=8)
+            run_system(n, model, tok, programs, enc[0], 8)
     rows: list[dict] = []
     for i, ((task, _), ids) in enumerate(zip(prompts, enc)):
         res: dict[str, dict] = {}
         for rep in range(args.reps):
             k = (i + rep) % len(systems)
             for s in systems[k:] + systems[:k]:
-                toks, dt, tpf = run_system(s, model, tok, programs, ids, args.max_new_tokens)
-                prev = res.setdefault(s, {"tokens": toks, "times": [], "tpf": tpf})
+                toks, dt, tpf, costs = run_system(s, model, tok, programs, ids, args.max_new_tokens)
+                prev = res.setdefault(s, {"tokens": toks, "times": [], "tpf": tpf, "costs": costs})
                 if toks != prev["tokens"]:
                     raise SystemExit(f"{s} gave different tokens on repetition {rep} of prompt {i}")
                 prev["times"].append(dt)
@@ -108,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             same = res[s]["tokens"] == ref
             note = "" if same else first_difference(model, ids, ref, res[s]["tokens"])
             rows.append({"task": task, "prompt": i, "system": s, "new_tokens": len(res[s]["tokens"]),
-                         "time_s": res[s]["time"], "times_s": res[s]["times"], "tokens_per_forward": res[s]["tpf"], "identical": same, "diff": note})
+                         "time_s": res[s]["time"], "times_s": res[s]["times"], "tokens_per_forward": res[s]["tpf"], "identical": same, "diff": note,
+                         **res[s]["costs"]})
         print(f"[{i + 1}/{len(prompts)}] {task}: " + ", ".join(
             f"{s}={len(res[s]['tokens']) / res[s]['time']:.1f}{'' if res[s]['tokens'] == ref else '!'}" for s in systems),
             file=sys.stderr, flush=True)
@@ -139,6 +147,13 @@ def summarize(rows: list[dict], systems: list[str]) -> dict:
             out[task][s] = {"tokens_per_s": tps, "tpf": statistics.mean(tpf) if tpf else None,
                             "identical": sum(r["identical"] for r in rs), "n": len(rs),
                             "per_rep_tokens_per_s": per_rep}
+            if not s.startswith("hf_"):
+                toks = sum(r["new_tokens"] for r in rs) or 1
+                out[task][s]["costs"] = {
+                    "forwards_per_token": sum(r["forwards"] for r in rs) / toks,
+                    "query_tokens_per_token": sum(r["query_tokens"] for r in rs) / toks,
+                    "kv_kb_copied_per_token": sum(r["kv_bytes"] for r in rs) / toks / 1024,
+                }
         base = out[task]["hf_greedy"]["tokens_per_s"]
         for s in systems:
             out[task][s]["speedup"] = out[task][s]["tokens_per_s"] / base
@@ -161,6 +176,16 @@ def markdown(table: dict, systems: list[str], args: argparse.Namespace) -> str:
             cells.append(f"{c['tokens_per_s']:.1f}{rng} tok/s ({c['speedup']:.2f}x{tpf}) {c['identical']}/{c['n']} same")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     mean = " ".join(f"{s}={table['overall'][s]['mean_task_speedup']:.2f}x" for s in systems) if "overall" in table else ""
+    if "overall" in table:
+        mean += ("\n\nCosts over all prompts (prefill included), per generated token:\n\n"
+                 "| system | forwards | query tokens computed | KV KiB copied | tokens/s | speedup vs HF greedy |\n"
+                 "|---|---|---|---|---|---|\n")
+        for s in systems:
+            c = table["overall"][s]
+            if "costs" in c:
+                k = c["costs"]
+                mean += (f"| {s} | {k['forwards_per_token']:.3f} | {k['query_tokens_per_token']:.2f} | "
+                         f"{k['kv_kb_copied_per_token']:.1f} | {c['tokens_per_s']:.1f} | {c['mean_task_speedup']:.2f}x mean per task |\n")
     return (f"Spec-Bench, {args.per_category} questions per task, {args.max_new_tokens} new tokens, "
             f"{args.threads} threads, fp32, median of {args.reps} run(s) per prompt"
             f"{' (overall: [slowest-fastest repetition])' if args.reps > 1 else ''}.\n\n" + head + "\n".join(lines) + f"\n\nMean per-task speedup: {mean}\n")

@@ -69,12 +69,26 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from decograph.frontends.strategies import load_strategy
     from decograph.ir import print_program, to_json
+    from decograph.passes import run_pipeline
+    from decograph.passes.manager import PassContext, PrintIR
 
     strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
+    before = tuple(args.print_before or ())
+    after = ("*",) if args.print_after_all else tuple(args.print_after or ())
+    show = PrintIR(before, after, write=lambda text: print(text, end=""))
+    pipeline = "default" if args.passes == "none" and (before or after) else args.passes
+    # No model is loaded here: the tuner uses the default cost curve and acceptance priors
+    # (``generate`` tunes with the model's measured curve and the acceptance it observes).
+    program, report = run_pipeline(strategy.program, pipeline, PassContext("torch"), (show,))
+    if args.stats:
+        for rec in report:
+            changes = ", ".join(f"{k}={v}" for k, v in rec.stats.items()) or "-"
+            print(f"{rec.name}: {'changed' if rec.changed else 'unchanged'}; {changes}; {rec.seconds * 1e3:.2f} ms",
+                  file=sys.stderr)
     if args.json:
-        print(json.dumps(to_json(strategy.program), indent=2))
-    else:
-        print(print_program(strategy.program), end="")
+        print(json.dumps(to_json(program), indent=2))
+    elif not (before or after):
+        print(print_program(program), end="")
     return 0
 
 
@@ -188,6 +202,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("strategy", metavar="FILE_OR_NAME", help="a built-in name or a .yaml/.yml/.toml strategy file")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     c.add_argument("--json", action="store_true", help="print the IR's JSON form instead of its text")
+    c.add_argument("--passes", default="none", metavar="PIPELINE",
+                   help="passes to run: 'none' (the default: the program as written), 'default' (the torch "
+                        "backend's pipeline) or e.g. 'mask-fusion,cache-reuse{approximate=true}'")
+    c.add_argument("--print-before", action="append", metavar="NAME", help="print the IR before pass NAME; repeatable")
+    c.add_argument("--print-after", action="append", metavar="NAME", help="print the IR after pass NAME; repeatable")
+    c.add_argument("--print-after-all", action="store_true",
+                   help="print the IR after every pass (with --passes none: the default pipeline)")
+    c.add_argument("--stats", action="store_true", help="print each pass's changes and time on stderr")
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("run", help="decode a prompt with a strategy",

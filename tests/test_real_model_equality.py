@@ -80,13 +80,15 @@ def test_batch1_equals_hf_greedy(setup, name):
     assert not bad, f"{name}: {len(bad)} of {len(prompts)} prompts differ: " + "; ".join(bad)
 
 
+@pytest.mark.parametrize("passes", ["default", "none"])
 @pytest.mark.parametrize("name", LOSSLESS)
-def test_batch4_equals_hf_greedy(setup, name):
+def test_batch4_equals_hf_greedy(setup, name, passes):
+    """The optimized pipeline and the strategy as written (no passes) both equal HF greedy."""
     model, tok, prompts, refs = setup
     program = load_strategy(name).program
     bad = []
     for i in range(0, len(prompts), 4):
-        results = api.generate(model, tok, prompts[i : i + 4], strategy=program, max_new_tokens=N_NEW)
+        results = api.generate(model, tok, prompts[i : i + 4], strategy=program, max_new_tokens=N_NEW, passes=passes)
         for j, r in enumerate(results):
             if r.new_token_ids != refs[i + j]:
                 bad.append(f"prompt {i + j}: " + _explain(model, prompts[i + j], refs[i + j], r.new_token_ids))
