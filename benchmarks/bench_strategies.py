@@ -59,6 +59,7 @@ def run_system(s: str, model, tok, programs: dict, ids: list[int], n: int) -> tu
             toks, dt = hf_run(model, ids, n, 10 if s == "hf_prompt_lookup" else 0)
         return toks, dt, None, {}
     name, _, passes = s.partition("@")
+    passes = passes.replace("+", ",")      # "a+b" in a --strategies item: the pipeline "a,b"
     r = api.generate(model, tok, [ids], strategy=programs[name], max_new_tokens=n, passes=passes or "default")[0]
     st = r.stats
     costs = {"forwards": st.forward_passes, "query_tokens": st.query_tokens, "kv_bytes": st.kv_bytes_copied,

@@ -91,7 +91,11 @@ def parse_pipeline(text: str) -> list[Any]:
         for item in filter(None, (s.strip() for s in (opts or "").split(","))):
             key, sep, val = item.partition("=")
             key = key.strip()
-            if not sep or key not in fields:
+            if not sep:
+                raise PassError(f"pipeline {text!r}: pass {name!r}: option {item!r} needs a value ({key}=...)")
+            if key in options:
+                raise PassError(f"pipeline {text!r}: pass {name!r}: option {key!r} given twice")
+            if key not in fields:
                 raise PassError(f"pipeline {text!r}: pass {name!r} has no option {item!r} "
                                 f"(options: {', '.join(fields) or 'none'})")
             try:

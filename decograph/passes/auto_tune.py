@@ -10,7 +10,8 @@ and sets it (``window``, ``block`` or ``k``). When no size pays (``s* = 0``) the
 dropped from its forward, so the strategy falls back to plain decoding (``canonicalize``
 then removes the dead draft). Adaptive n-gram drafts size each step themselves; for them
 ``k`` becomes the longest draft with a real chance (cumulative acceptance >= ``floor``).
-Candidate counts stay only where the extra chains fit in the forward's cheapest width.
+Candidate counts are left to the runtime: the adaptive n-gram source adds alternative
+continuations only where they fit in the forward's cheapest width.
 
     %3 = draft.jacobi(%2, init=repeat, window=4) : Tokens[B, 4]
     %4 = forward(%2, %3, dedup=false, layout=sequence, mask=causal) : Logits[B, 5, V]
@@ -64,7 +65,10 @@ class AutoTune(Pass):
         if field is None:
             if isinstance(op, O.DraftNgramPool):
                 size, _ = best_size(profile.rates(op.NAME, op.n - 1), curve)
-                return {} if size else None
+                if size:
+                    return {}
+                stats[f"{op.NAME}.dropped"] = stats.get(f"{op.NAME}.dropped", 0) + 1
+                return None
             return {}
         current = int(getattr(op, field))
         size, _ = best_size(profile.rates(op.NAME, self.max_size), curve)

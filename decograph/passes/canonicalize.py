@@ -2,8 +2,8 @@
 
 Rules (each a ``(pattern, fn)`` pair):
 - ``cse-drafts``: two identical draft ops on the same state become one;
-- ``drop-unused-draft-operand``: a forward/verify loses a draft operand that the other
-  does not have (the auto-tuner's fallback leaves such drafts behind);
+- ``drop-unused-draft-operand``: a verify loses a draft operand its forward does not have
+  (a rewrite that drops a draft from the forward only; the verifier rejects such IR);
 - ``one-chain-is-causal``: a forward whose drafts hold at most one chain is a causal forward
   (``mask=tree``, ``layout=batch`` and ``dedup`` mean nothing for a single chain);
 - ``dce``: a draft, forward, verify or unmask whose result nobody uses is removed.

@@ -37,7 +37,9 @@ def choose_layout(cost: ForwardCost, curve: Any, context: int) -> str:
 
     Packed, the forward has ``P + nodes`` queries; as batch rows, ``C * (P + K)`` queries
     (the same GEMM rows, the pending tokens repeated per copy) plus copying the prefix's
-    KV into and out of ``C`` copies. Evaluated with one pending token.
+    KV into and out of ``C`` copies. Evaluated with one pending token. With one cost curve
+    for both (the torch backend's), packing never loses; ``batch`` is there for backends
+    whose curve for a dense tree mask is steeper than for plain causal rows.
     """
     chains = cost.evaluate(cost.chains)
     separate = cost.evaluate(cost.queries, A=0, S=context)       # C*P + nodes with P = 1
