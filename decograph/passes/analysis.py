@@ -9,9 +9,8 @@ size), the context length ``S`` and the tokens accepted per step ``A``:
     KV bytes copied        X = 2*C*S*b (batch layout) + S*b (rollback=copy)   b: bytes per slot
     pending tokens         P = 1 + A (kv=recompute: accepted drafts are fed again)  else 1
 
-A forward's time is ``F * c(Q / F)`` with ``c`` the model's cost curve (a sympy piecewise
-linear function of the query count); a pass binds the symbols from the program's attributes
-(``bindings``) and compares layouts by evaluating the expressions.
+A pass binds the symbols from the program's attributes (``bindings``), evaluates the
+expressions, and prices a forward of ``q`` queries with the model's measured cost curve.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ import sympy
 from decograph.ir import ops as O
 from decograph.passes.rewrite import users
 
-__all__ = ["ForwardCost", "cost_model", "curve_expr", "AnalysisManager", "ANALYSES", "SYMBOLS", "draft_size"]
+__all__ = ["ForwardCost", "cost_model", "AnalysisManager", "ANALYSES", "SYMBOLS", "draft_size"]
 
 K, W, C, N, S, A, P = sympy.symbols("K W C N S A P", positive=True)
 SYMBOLS = {"K": K, "W": W, "C": C, "N": N, "S": S, "A": A, "P": P}
@@ -56,12 +55,6 @@ class ForwardCost:
         subs = dict(self.bindings)
         subs.update({SYMBOLS[k]: v for k, v in extra.items()})
         return float(expr.subs(subs))
-
-    def time(self, curve: Callable[[int], float], **extra: float) -> float:
-        """Relative time of the forward: ``F * c(Q / F)`` at the given bindings."""
-        f = self.evaluate(self.forwards, **extra)
-        q = self.evaluate(self.queries, **extra)
-        return f * curve(max(1, round(q / f)))
 
 
 def _forward_cost(fwd: O.Forward, defs: dict[int, O.Op], commit: O.Commit | None) -> ForwardCost:
@@ -99,18 +92,6 @@ def cost_model(program: O.Program) -> dict[int, ForwardCost]:
                         commit = u
             out[id(op)] = _forward_cost(op, defs, commit)
     return out
-
-
-def curve_expr(points: dict[int, float], q: sympy.Symbol) -> sympy.Expr:
-    """The cost curve as a sympy piecewise-linear function of the query count ``q``."""
-    keys = sorted(points)
-    pieces = []
-    for a, b in zip(keys, keys[1:]):
-        slope = (points[b] - points[a]) / (b - a)
-        pieces.append((points[a] + slope * (q - a), q <= b))
-    a, b = keys[-2], keys[-1]
-    pieces.append((points[b] + (points[b] - points[a]) / (b - a) * (q - b), True))
-    return sympy.Piecewise(*pieces)
 
 
 ANALYSES: dict[str, Callable[[O.Program], Any]] = {"users": users, "cost": cost_model}

@@ -146,40 +146,31 @@ class BatchState:
         self.forwards = 0
         self.steps = 0
         self._owners = list(self.active)    # the row each cache row belongs to
-        self.query_tokens = 0               # query positions computed, padding included
-        self.kv_bytes_copied = 0            # KV moved by compaction, row copies and drops
+        self._bytes = 0                     # bytes of one slot of one row, once known
 
     def _slot_bytes(self) -> int:
-        """Bytes of one cache slot of one row, over every layer's keys and values."""
-        if getattr(self, "_bytes", 0):
+        """Bytes of one cache slot of one row, over every layer's keys and values (0 for
+        adapters that do not expose their cache tensors, such as the test oracles)."""
+        if self._bytes:
             return self._bytes
         try:
             pairs = self.adapter.slot_tensors(self.cache)
         except NotImplementedError:
             return 0
-        self._bytes: int = sum((k[0, :, 0].numel() * k.element_size() + v[0, :, 0].numel() * v.element_size())
+        self._bytes = sum((k[0, :, 0].numel() * k.element_size() + v[0, :, 0].numel() * v.element_size())
                    for k, v in pairs if k is not None and k.shape[2] > 0)
         return self._bytes
 
-    def _select(self, index: list[int]) -> None:
-        """Rows of the cache and validity mask by ``index`` (a copy of the selected rows' KV)."""
-        idx = torch.tensor(index)
+    def copy_rows(self, index: list[int]) -> None:
+        """New cache row ``i`` is a copy of row ``index[i]`` (dropping rows, or expanding them
+        into per-chain copies and back); the copied KV is counted against each row."""
         per_row = self.valid.shape[1] * self._slot_bytes()
-        self.kv_bytes_copied += len(index) * per_row
         for i in index:
-            if i < len(self._owners):
-                self._owners[i].kv_bytes_copied += per_row
-        self._owners = [self._owners[i] for i in index if i < len(self._owners)]
+            self._owners[i].kv_bytes_copied += per_row
+        self._owners = [self._owners[i] for i in index]
+        idx = torch.tensor(index)
         self.adapter.select_rows(self.cache, idx)
         self.valid = self.valid[idx]
-
-    def expand(self, index: list[int]) -> None:
-        """Replace the rows by copies: new row ``i`` is a copy of row ``index[i]``."""
-        self._select(index)
-
-    def collapse(self, keep: list[int]) -> None:
-        """Back to one row per active row: row ``b`` becomes the copy ``keep[b]``."""
-        self._select(keep)
 
     def forward(self, layout: StepLayout, pad_id: int) -> torch.Tensor:
         """Run one forward for ``layout``; the new slots start out invalid."""
@@ -187,7 +178,6 @@ class BatchState:
         logits = self.adapter.forward(self.cache, ids, pos, attend)
         self.valid = torch.cat([self.valid, torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
         self.forwards += 1
-        self.query_tokens += ids.numel()
         for r in {id(r): r for r in layout.rows}.values():
             r.forwards += 1
         for r in layout.rows:
@@ -206,7 +196,7 @@ class BatchState:
         if len(keep) < len(self.active):
             self.active = [self.active[i] for i in keep]
             if keep:
-                self._select(keep)
+                self.copy_rows(keep)
         if not self.active:
             return
         used = self.valid.any(dim=0).nonzero()
@@ -222,7 +212,6 @@ class BatchState:
     def _compact(self, most: int) -> None:
         nb, s = self.valid.shape
         order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, s - most :]
-        self.kv_bytes_copied += nb * most * self._slot_bytes()
         for r in self.active:
             r.kv_bytes_copied += most * self._slot_bytes()
         self.adapter.gather_slots(self.cache, order)

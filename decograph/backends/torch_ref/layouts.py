@@ -135,7 +135,7 @@ def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: 
     chains = [_chains(drafts, b) for b in range(len(rows))]
     copies = [max(1, len(c)) for c in chains]
     index = [b for b, n in enumerate(copies) for _ in range(n)]
-    state.expand(index)
+    state.copy_rows(index)
     sub_rows, sub_trees = [], []
     for b, c in enumerate(chains):
         for j in range(copies[b]):
@@ -180,4 +180,4 @@ def collapse(state: BatchState, fwd: Forwarded, paths: list[list[int]]) -> None:
     for b, path in enumerate(paths):
         chain = fwd.chain_of[b][path[-1]] if path else 0
         keep.append(fwd.batch_rows[b][max(chain, 0)])
-    state.collapse(keep)
+    state.copy_rows(keep)
