@@ -229,7 +229,7 @@ CASES = [
          "verify.greedy", "operand 'logits'", "%5 = verify.greedy(%2, %4, %3)"),
     Case("commit of a non-verify value", commit_of_draft, VerifyError,
          _v(6, "commit", "operand 'accepted'", "must come from a verify or unmask step, comes from `draft.ngram`"),
-         "commit", "operand 'accepted'", "%4 = commit(%2, %3, kv=keep_accepted, rollback=copy) : State"),
+         "commit", "operand 'accepted'", "%4 = commit(%2, %3, kv=recompute, rollback=copy) : State"),
     Case("iterate body without yield", edit("    yield(%6)\n", ""), VerifyError,
          _v(8, "commit", "the iterate body", "an iterate body must end with `yield(%state)`"),
          "commit", "the iterate body", "%6 = commit(%2, %5, kv=keep_accepted, rollback=copy) : State"),
