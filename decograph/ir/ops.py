@@ -23,11 +23,12 @@ __all__ = [
     "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
     "UnmaskTopkPerStep", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
     "MAX_DRAFT", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASKS", "KV_POLICIES", "UNTIL",
-    "LAYOUTS", "ROLLBACKS", "draft_chains",
+    "LAYOUTS", "ROLLBACKS", "JOIN_RULES", "draft_chains",
 ]
 
 MAX_DRAFT = 64
 MASKS = ("causal", "tree", "block", "packed")
+JOIN_RULES = ("concat", "collect", "ner_dedup")
 KV_POLICIES = ("keep_accepted", "recompute", "block_approx")
 LAYOUTS = ("sequence", "batch")
 ROLLBACKS = ("copy", "in_place")
@@ -182,13 +183,18 @@ class DraftModel(Op):
 
 @dataclass(frozen=True, eq=False)
 class DraftBranches(Op):
-    """Branch prefixes for fork: explicit ``prompts`` or those found by ``delimiter``."""
+    """Branch prompts for fork: explicit ``prompts``, the items of the last list in the text
+    (lines starting with the regex ``delimiter``), or a run-time ``provider``; each through
+    ``template`` ({item}, {i}). Each branch decodes at most ``max_tokens`` (0: the run's budget)."""
 
     NAME = "draft.branches"
     state: Value = operand()
     prompts: tuple[str, ...] = ()
     delimiter: str = ""
+    provider: str = ""
+    template: str = "{item}"
     max_branches: int = 8
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,7 +215,6 @@ class Forward(Op):
 @dataclass(frozen=True, eq=False)
 class VerifyGreedy(Op):
     """Longest draft prefix equal to the argmax, plus the model's next token (lossless)."""
-
     NAME = "verify.greedy"
     state: Value = operand()
     logits: Value = operand()
@@ -219,7 +224,6 @@ class VerifyGreedy(Op):
 @dataclass(frozen=True, eq=False)
 class VerifySampling(Op):
     """Speculative (rejection) sampling: output distributed exactly as the model's sampling."""
-
     NAME = "verify.sampling"
     state: Value = operand()
     logits: Value = operand()
@@ -232,7 +236,6 @@ class VerifySampling(Op):
 @dataclass(frozen=True, eq=False)
 class VerifyThreshold(Op):
     """Accept draft tokens while the model's probability of them is >= ``threshold`` (lossy)."""
-
     NAME = "verify.threshold"
     state: Value = operand()
     logits: Value = operand()
@@ -243,7 +246,6 @@ class VerifyThreshold(Op):
 @dataclass(frozen=True, eq=False)
 class UnmaskThreshold(Op):
     """Unmask every masked position with confidence >= ``threshold`` (at least one)."""
-
     NAME = "unmask.threshold"
     state: Value = operand()
     logits: Value = operand()
@@ -253,7 +255,6 @@ class UnmaskThreshold(Op):
 @dataclass(frozen=True, eq=False)
 class UnmaskFactor(Op):
     """Fast-dLLM's factor rule: unmask the n most confident with (n + 1)(1 - c_n) < ``factor``."""
-
     NAME = "unmask.factor"
     state: Value = operand()
     logits: Value = operand()
@@ -263,7 +264,6 @@ class UnmaskFactor(Op):
 @dataclass(frozen=True, eq=False)
 class UnmaskTopkPerStep(Op):
     """Unmask the ``k`` most confident masked positions per step (LLaDA's baseline)."""
-
     NAME = "unmask.topk_per_step"
     state: Value = operand()
     logits: Value = operand()
@@ -290,7 +290,6 @@ class Commit(Op):
 @dataclass(frozen=True, eq=False)
 class Fork(Op):
     """Split each row into N branches sharing its prefix KV."""
-
     NAME = "fork"
     state: Value = operand()
     branches: Value = operand()
@@ -298,7 +297,8 @@ class Fork(Op):
 
 @dataclass(frozen=True, eq=False)
 class Join(Op):
-    """Merge a forked state's branches back into one sequence per row."""
+    """Merge a forked state's branches back into one row each: ``concat`` appends them to the
+    sequence, ``collect`` records them, ``ner_dedup`` records de-duplicated mentions."""
 
     NAME = "join"
     state: Value = operand()
@@ -319,7 +319,6 @@ class Iterate(Op):
 @dataclass(frozen=True, eq=False)
 class Yield(Op):
     """Terminator of an ``iterate`` body: the loop-carried value for the next iteration."""
-
     NAME = "yield"
     value: Value = operand()
 

@@ -27,12 +27,12 @@ __all__ = ["verify"]
 _RANGES: dict[str, tuple[float, float]] = {
     "window": (1, O.MAX_DRAFT), "block": (1, O.MAX_DRAFT), "k": (1, O.MAX_DRAFT),
     "candidates": (1, O.MAX_DRAFT), "n": (2, 16), "max_n": (1, 16), "min_n": (1, 16),
-    "max_branches": (1, O.MAX_DRAFT), "threshold": (0.0, 1.0), "top_p": (1e-9, 1.0),
+    "max_branches": (1, O.MAX_DRAFT), "max_tokens": (0, 1 << 20), "threshold": (0.0, 1.0), "top_p": (1e-9, 1.0),
     "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "max_steps": (0, 1 << 30),
 }
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES,
-    ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS, ("join", "rule"): ("concat", "ner_dedup"),
+    ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS, ("join", "rule"): O.JOIN_RULES,
     ("draft.jacobi", "init"): ("repeat", "pad"), ("draft.gauss_seidel_jacobi", "init"): ("repeat", "pad"),
 }
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -169,8 +169,16 @@ class _Checker:
             if bad:
                 raise self.fail(op, "field 'until'", f"{bad[0]!r} is not one of {', '.join(O.UNTIL)}",
                                 f"use until=[{', '.join(O.UNTIL[:2])}]")
-        if isinstance(op, O.DraftBranches) and not op.prompts and not op.delimiter:
-            raise self.fail(op, "field 'prompts'", "needs branch prompts or a delimiter", "set prompts=[...] or delimiter=...")
+        if isinstance(op, O.DraftBranches):
+            if sum(map(bool, (op.prompts, op.delimiter, op.provider))) != 1:
+                raise self.fail(op, "field 'prompts'", "needs exactly one of branch prompts, a delimiter or a provider",
+                                "set one of prompts=[...], delimiter=... or provider=...")
+            if op.delimiter:
+                try:
+                    re.compile(op.delimiter)
+                except re.error as exc:
+                    raise self.fail(op, "field 'delimiter'", f"{op.delimiter!r} is not a valid regex: {exc}",
+                                    "give a Python regular expression matching the start of each item") from None
 
     def iterate(self, op: O.Iterate) -> None:
         body = op.body

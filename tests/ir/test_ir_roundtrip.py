@@ -167,14 +167,14 @@ def programs(draw: st.DrawFn) -> Program:
         s = _spec_step(draw, b, s, False)
     forked = draw(st.booleans())
     if forked:
-        prompts = tuple(draw(st.lists(TEXT, max_size=4)))
-        delimiter = draw(TEXT if prompts else TEXT.filter(bool))
-        attrs = draw(st.fixed_dictionaries({}, optional={"max_branches": SIZE}))
-        s = b.fork(s, b.draft("branches", s, prompts=prompts, delimiter=delimiter, **attrs))
+        kind = draw(st.sampled_from(["prompts", "delimiter", "provider"]))
+        given = tuple(draw(st.lists(TEXT, min_size=1, max_size=4))) if kind == "prompts" else draw(IDENT)
+        attrs = draw(st.fixed_dictionaries({}, optional={"max_branches": SIZE, "max_tokens": SIZE, "template": TEXT}))
+        s = b.fork(s, b.draft("branches", s, **{kind: given}, **attrs))
     for _ in range(draw(st.integers(1, 2))):
         s = _loop(draw, b, s, forked)
     if forked:
-        s = b.join(s, rule=draw(st.sampled_from(["concat", "ner_dedup"])))
+        s = b.join(s, rule=draw(st.sampled_from(["concat", "collect", "ner_dedup"])))
     b.emit(s)
     return b.build()
 
@@ -267,7 +267,7 @@ strategy diffusion "LLaDA-style blocks" {
     "parallel": '''\
 strategy parallel "branches with \\"quotes\\", \\\\ and \\u00fcn\\u00efcode" {
   %0 = prefill(%prompt) : State
-  %1 = draft.branches(%0, delimiter="", max_branches=2, prompts=["Plan:\\n", "Say \\"hi\\" \\\\ \\ud83d\\ude42"]) : Tokens[B, 2, L]
+  %1 = draft.branches(%0, delimiter="", max_branches=2, max_tokens=0, prompts=["Plan:\\n", "Say \\"hi\\" \\\\ \\ud83d\\ude42"], provider="", template="{item}") : Tokens[B, 2, L]
   %2 = fork(%0, %1) : State[2]
   %3 = iterate(%2, max_steps=0, until=[eos, max_new_tokens]) : State[2] {
   ^(%4: State[2]):

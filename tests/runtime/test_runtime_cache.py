@@ -146,9 +146,9 @@ def _count_compactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = BatchState._compact
 
-    def counting(self: BatchState, most: int) -> None:
+    def counting(self: BatchState, union: torch.Tensor, most: int) -> None:
         calls.append(self.valid.shape[1])
-        real(self, most)
+        real(self, union, most)
 
     monkeypatch.setattr(BatchState, "_compact", counting)
     return calls

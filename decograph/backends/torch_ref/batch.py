@@ -8,11 +8,16 @@ pointers; a linear draft is a chain). Masks stay structural (parents, validity) 
 
 Rejected draft slots are never copied or moved: they are marked invalid and the cache tail is
 cropped, so rollback is free; the cache is compacted only when holes pile up.
+
+Rows are *logical*: after a ``fork`` several branch rows share one *physical* cache row (its
+prefix slots), each with its own validity mask, and a forward packs their query segments one
+after another into that physical row (``phys``/``offset``), each segment attending to its own
+valid slots and its own tokens only. The forked-from rows wait on a stack until ``join``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -40,6 +45,13 @@ class Row:
     query_tokens: int = 0           # query positions computed for this row, padding included
     kv_bytes_copied: int = 0        # KV bytes moved for this row (compaction, copies)
     scratch: dict[int, Any] = field(default_factory=dict)  # per draft op: source memory
+    branch: int = -1                # a fork's branch rows: the branch index (-1: a top-level row)
+    parent: "Row | None" = None     # a branch row: the row it was forked from
+    prompt: str = ""                # a branch row: its branch prompt (text), metadata in ``meta``
+    fork_at: int = 0                # a branch row: where its branch prompt starts in ``tokens``
+    meta: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[float] = field(default_factory=list)  # branch rows: log p of each committed token
+    results: list[Any] = field(default_factory=list)     # what joins left on this row
 
     @property
     def new_tokens(self) -> list[int]:
@@ -92,61 +104,128 @@ class DraftTree:
 
 @dataclass
 class StepLayout:
-    """Where each row's pending tokens and draft nodes sit in one batched forward."""
+    """Where each row's pending tokens and draft nodes sit in one batched forward.
+
+    Row ``b``'s segment (its pending tokens, then its tree's nodes) starts at column
+    ``offset[b]`` of physical row ``phys[b]`` (default: row ``b``, offset 0); several rows
+    sharing a physical row (fork branches) are packed one after another.
+    """
 
     rows: list[Row]
     trees: list[DraftTree]
-    width: int                      # T, query tokens per row (padded)
+    width: int                      # T, query tokens per physical row (padded)
+    phys: list[int] | None = None
+    n_phys: int | None = None
     pending: list[int] = field(default_factory=list)   # per row: pending tokens fed (snapshot)
+    offset: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pending = [len(r.pending) for r in self.rows]
+        if self.phys is None:
+            self.phys = list(range(len(self.rows)))
+        if self.n_phys is None:
+            self.n_phys = max(self.phys, default=-1) + 1
+        used = [0] * self.n_phys
+        self.offset = []
+        for b, p in enumerate(self.phys):
+            self.offset.append(used[p])
+            used[p] += self.pending[b] + len(self.trees[b])
+        if max(used, default=0) > self.width:
+            raise ValueError(f"segments need {max(used)} query tokens, the layout is {self.width} wide")
+
+    @staticmethod
+    def need(rows: list[Row], trees: list[DraftTree], phys: list[int] | None = None) -> int:
+        """Query tokens the widest physical row needs."""
+        used: dict[int, int] = {}
+        for b, (r, t) in enumerate(zip(rows, trees)):
+            p = b if phys is None else phys[b]
+            used[p] = used.get(p, 0) + len(r.pending) + len(t)
+        return max(used.values(), default=0)
+
+    @classmethod
+    def fit(cls, rows: list[Row], trees: list[DraftTree], pad: Callable[[int], int],
+            phys: list[int] | None = None, n_phys: int | None = None) -> "StepLayout":
+        return cls(rows, trees, pad(cls.need(rows, trees, phys)), phys, n_phys)
+
+    def flat(self, b: int, i: int) -> int:
+        """Index into the flattened logits [n_phys * width] of row ``b``'s query ``i``."""
+        return self.phys[b] * self.width + self.offset[b] + i  # type: ignore[index]
 
     def root_index(self, b: int) -> int:
-        return self.pending[b] - 1
+        return self.offset[b] + self.pending[b] - 1
 
     def node_index(self, b: int, node: int) -> int:
-        return self.pending[b] + node
+        return self.offset[b] + self.pending[b] + node
 
     def inputs(self, valid: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids [B, T], position_ids [B, T] and attend [B, T, S + T] for this step."""
-        nb, t, s = len(self.rows), self.width, valid.shape[1]
+        """input_ids [P, T], position_ids [P, T] and attend [P, T, S + T] for this step."""
+        nb, t, s = self.n_phys, self.width, valid.shape[1]
+        assert nb is not None and self.phys is not None
         ids = torch.full((nb, t), pad_id, dtype=torch.long)
         pos = torch.zeros((nb, t), dtype=torch.long)
         new = torch.eye(t, dtype=torch.bool).repeat(nb, 1, 1)
-        real = torch.zeros((nb, t), dtype=torch.bool)
+        cached = torch.zeros((nb, t, s), dtype=torch.bool)
         for b, (row, tree) in enumerate(zip(self.rows, self.trees)):
+            p, o = self.phys[b], self.offset[b]
             pend = row.pending
             r, n = len(pend), len(tree)
-            ids[b, :r] = torch.tensor(pend)
-            pos[b, :r] = torch.arange(row.cached, row.cached + r)
-            new[b, :r, :r] = torch.ones(r, r, dtype=torch.bool).tril()
-            real[b, : r + n] = True
+            ids[p, o : o + r] = torch.tensor(pend, dtype=torch.long)
+            pos[p, o : o + r] = torch.arange(row.cached, row.cached + r)
+            new[p, o : o + r, o : o + r] = torch.ones(r, r, dtype=torch.bool).tril()
+            cached[p, o : o + r + n] = valid[b]
             if n:
-                ids[b, r : r + n] = torch.tensor(tree.tokens)
+                q = o + r
+                ids[p, q : q + n] = torch.tensor(tree.tokens, dtype=torch.long)
                 base = row.cached + r - 1
-                pos[b, r : r + n] = torch.tensor([base + d for d in tree.depth])
-                new[b, r : r + n, :r] = True
-                for i, p in enumerate(tree.parent):
-                    if p >= 0:
-                        new[b, r + i, r : r + n] |= new[b, r + p, r : r + n]
-        cached = valid[:, None, :].expand(nb, t, s) & real[:, :, None]
+                pos[p, q : q + n] = torch.tensor([base + d for d in tree.depth])
+                new[p, q : q + n, o : q] = True
+                for i, par in enumerate(tree.parent):
+                    if par >= 0:
+                        new[p, q + i, q : q + n] |= new[p, q + par, q : q + n]
         return ids, pos, torch.cat([cached, new], dim=2)
 
 
+@dataclass
+class _Level:
+    """A suspended level of rows (the rows a fork split), restored by ``join``."""
+
+    rows: list[Row]
+    active: list[Row]
+    phys: list[int]
+    valid: torch.Tensor
+    owners: list[Row]
+    branches: list[list[Row]] = field(default_factory=list)   # per active row: its branch rows
+
+
 class BatchState:
-    """Active rows plus the shared slot cache and its per-row validity mask [B_active, S]."""
+    """Active rows plus the shared slot cache and per-row validity masks [B_active, S].
+
+    ``phys[b]`` is active row ``b``'s physical cache row (the identity until a fork packs
+    branch rows into their parent's); ``n_phys`` physical rows are in the cache.
+    """
 
     def __init__(self, adapter: CausalLMAdapter, rows: list[Row]) -> None:
         self.adapter = adapter
-        self.rows = rows                    # all rows, in caller order
+        self.rows = rows                    # all rows of the current level, in order
         self.active = [r for r in rows if not r.done]
         self.cache = adapter.new_cache(len(self.active))
         self.valid = torch.zeros((len(self.active), 0), dtype=torch.bool)
+        self.phys = list(range(len(self.active)))
+        self.n_phys = len(self.active)
         self.forwards = 0
         self.steps = 0
-        self._owners = list(self.active)    # the row each cache row belongs to
+        self._owners = list(self.active)    # the row each valid row belongs to
         self._bytes = 0                     # bytes of one slot of one row, once known
+        self._stack: list[_Level] = []      # levels suspended by fork, innermost last
+
+    @property
+    def forked(self) -> bool:
+        return bool(self._stack)
+
+    @property
+    def packed(self) -> bool:
+        """Whether some physical row holds several active rows."""
+        return len(set(self.phys)) < len(self.phys)
 
     def _slot_bytes(self) -> int:
         """Bytes of one cache slot of one row, over every layer's keys and values (0 for
@@ -161,27 +240,61 @@ class BatchState:
                    for k, v in pairs if k is not None and k.shape[2] > 0)
         return self._bytes
 
-    def copy_rows(self, index: list[int]) -> None:
-        """New cache row ``i`` is a copy of row ``index[i]`` (dropping rows, or expanding them
-        into per-chain copies and back); the copied KV is counted against each row."""
+    def _select_phys(self, index: list[int], owners: list[Row]) -> None:
+        """New physical row ``i`` is a copy of physical row ``index[i]``; the copied KV is
+        counted against ``owners[i]``."""
         per_row = self.valid.shape[1] * self._slot_bytes()
-        for i in index:
-            self._owners[i].kv_bytes_copied += per_row
-        self._owners = [self._owners[i] for i in index]
-        idx = torch.tensor(index)
-        self.adapter.select_rows(self.cache, idx)
-        self.valid = self.valid[idx]
+        for o in owners:
+            o.kv_bytes_copied += per_row
+        if index != list(range(self.n_phys)):
+            self.adapter.select_rows(self.cache, torch.tensor(index))
+        self.n_phys = len(index)
 
-    def forward(self, layout: StepLayout, pad_id: int) -> torch.Tensor:
-        """Run one forward for ``layout``; the new slots start out invalid."""
-        ids, pos, attend = layout.inputs(self.valid, pad_id)
+    def copy_rows(self, index: list[int]) -> None:
+        """New valid row ``i`` is a copy of row ``index[i]`` in a physical row of its own
+        (expanding rows into per-chain copies and back); not while forked."""
+        assert not self._stack, "row copies of a forked state"
+        owners = [self._owners[i] for i in index]
+        self._select_phys([self.phys[i] for i in index], owners)
+        self._owners = owners
+        self.valid = self.valid[torch.tensor(index, dtype=torch.long)]
+        self.phys = list(range(len(index)))
+
+    def unpack(self) -> None:
+        """Give every active row a physical row of its own (the batch layout of a fork):
+        the first row on a physical row keeps it, the others get copies of it."""
+        seen: set[int] = set()
+        index = list(range(self.n_phys))
+        owners: list[Row] = []
+        for b, p in enumerate(self.phys):
+            if p in seen:
+                self.phys[b] = len(index)
+                index.append(p)
+                owners.append(self.active[b])
+            seen.add(p)
+        if owners:
+            per_row = self.valid.shape[1] * self._slot_bytes()
+            for o in owners:
+                o.kv_bytes_copied += per_row
+            self.adapter.select_rows(self.cache, torch.tensor(index))
+            self.n_phys = len(index)
+
+    def forward(self, layout: StepLayout, pad_id: int, index: list[int] | None = None) -> torch.Tensor:
+        """Run one forward for ``layout`` (its rows are valid rows ``index``, default all);
+        the new slots start out invalid."""
+        valid = self.valid if index is None else self.valid[torch.tensor(index, dtype=torch.long)]
+        ids, pos, attend = layout.inputs(valid, pad_id)
         logits = self.adapter.forward(self.cache, ids, pos, attend)
-        self.valid = torch.cat([self.valid, torch.zeros(ids.shape, dtype=torch.bool)], dim=1)
+        t = ids.shape[1]
+        self.valid = torch.cat([self.valid, torch.zeros((self.valid.shape[0], t), dtype=torch.bool)], dim=1)
+        for lv in self._stack:
+            lv.valid = torch.cat([lv.valid, torch.zeros((lv.valid.shape[0], t), dtype=torch.bool)], dim=1)
         self.forwards += 1
         for r in {id(r): r for r in layout.rows}.values():
             r.forwards += 1
-        for r in layout.rows:
-            r.query_tokens += ids.shape[1]
+        assert layout.phys is not None
+        for b, r in enumerate(layout.rows):       # a packed physical row's width is shared
+            r.query_tokens += layout.pending[b] + len(layout.trees[b]) if self.packed else t
         return logits
 
     def keep_slots(self, b: int, slots: list[int]) -> None:
@@ -189,30 +302,91 @@ class BatchState:
         if slots:
             self.valid[b, torch.tensor(slots)] = True
 
+    # -- fork / join ---------------------------------------------------------------------
+
+    def fork(self, branches: list[list[Row]]) -> None:
+        """Split active row ``b`` into the rows ``branches[b]``, which share its physical row
+        and start from its validity mask; the current rows wait until ``join``."""
+        level = _Level(self.rows, self.active, self.phys, self.valid, self._owners, branches)
+        self._stack.append(level)
+        self.rows = [r for bs in branches for r in bs]
+        pick = [b for b, bs in enumerate(branches) for r in bs if not r.done]
+        self.active = [r for r in self.rows if not r.done]
+        self.phys = [level.phys[b] for b in pick]
+        self.valid = level.valid[torch.tensor(pick, dtype=torch.long)] if pick else level.valid[:0]
+        self._owners = list(self.active)
+
+    def join(self) -> list[list[Row]]:
+        """Restore the rows the innermost fork split; returns each active row's branch rows.
+        The branches' slots are dropped (invalid) and their physical rows freed at ``settle``."""
+        level = self._stack.pop()
+        self.rows, self.active, self.phys, self._owners = level.rows, level.active, level.phys, level.owners
+        self.valid = level.valid
+        return level.branches
+
+    def set_valid(self, b: int, mask: torch.Tensor) -> None:
+        self.valid[b] = mask
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _levels(self) -> list[tuple[list[int], torch.Tensor]]:
+        return [(lv.phys, lv.valid) for lv in self._stack] + [(self.phys, self.valid)]
+
+    def _union(self) -> torch.Tensor:
+        """[n_phys, S]: slots valid for some row of some level."""
+        u = torch.zeros((self.n_phys, self.valid.shape[1]), dtype=torch.bool)
+        for phys, valid in self._levels():
+            for b, p in enumerate(phys):
+                u[p] |= valid[b]
+        return u
+
     def settle(self, copy: bool = False) -> None:
-        """Drop finished rows, crop the invalid tail, compact when holes dominate (always
-        when there are holes, with ``copy``: the unoptimized rollback)."""
+        """Drop finished rows and unused physical rows, crop the invalid tail, compact when
+        holes dominate (always when there are holes, with ``copy``: the unoptimized rollback)."""
         keep = [i for i, r in enumerate(self.active) if not r.done]
         if len(keep) < len(self.active):
+            idx = torch.tensor(keep, dtype=torch.long)
             self.active = [self.active[i] for i in keep]
-            if keep:
-                self.copy_rows(keep)
-        if not self.active:
+            self._owners = [self._owners[i] for i in keep]
+            self.phys = [self.phys[i] for i in keep]
+            self.valid = self.valid[idx]
+        used = sorted({p for phys, _ in self._levels() for p in phys})
+        if used != list(range(self.n_phys)):
+            if not used:
+                self.n_phys = 0
+                return
+            owner = {}
+            for lv_rows, (phys, _) in zip([lv.active for lv in self._stack] + [self.active], self._levels()):
+                for r, p in zip(lv_rows, phys):
+                    owner.setdefault(p, r)
+            self._select_phys(used, [owner[p] for p in used])
+            remap = {p: i for i, p in enumerate(used)}
+            for lv in self._stack:
+                lv.phys = [remap[p] for p in lv.phys]
+            self.phys = [remap[p] for p in self.phys]
+        if not self.active and not self._stack:
             return
-        used = self.valid.any(dim=0).nonzero()
-        length = int(used[-1]) + 1 if len(used) else 0
+        union = self._union()
+        cols = union.any(dim=0).nonzero()
+        length = int(cols[-1]) + 1 if len(cols) else 0
         if length < self.valid.shape[1]:
             self.adapter.truncate(self.cache, length)
             self.valid = self.valid[:, :length]
-        counts = self.valid.sum(dim=1)
-        most = int(counts.max())
-        if self.valid.shape[1] > 2 * most + 64 or (copy and most < self.valid.shape[1]):
-            self._compact(most)
+            for lv in self._stack:
+                lv.valid = lv.valid[:, :length]
+            union = union[:, :length]
+        most = int(union.sum(dim=1).max()) if self.n_phys else 0
+        if union.shape[1] > 2 * most + 64 or (copy and most < union.shape[1]):
+            self._compact(union, most)
 
-    def _compact(self, most: int) -> None:
-        nb, s = self.valid.shape
-        order = torch.argsort(self.valid.to(torch.int8), dim=1, stable=True)[:, s - most :]
+    def _compact(self, union: torch.Tensor, most: int) -> None:
+        s = union.shape[1]
+        order = torch.argsort(union.to(torch.int8), dim=1, stable=True)[:, s - most :]
         for r in self.active:
             r.kv_bytes_copied += most * self._slot_bytes()
         self.adapter.gather_slots(self.cache, order)
-        self.valid = torch.gather(self.valid, 1, order)
+        self.valid = torch.gather(self.valid, 1, order[torch.tensor(self.phys, dtype=torch.long)]) if self.phys \
+            else self.valid[:, :most]
+        for lv in self._stack:
+            lv.valid = (torch.gather(lv.valid, 1, order[torch.tensor(lv.phys, dtype=torch.long)]) if lv.phys
+                        else lv.valid[:, :most])

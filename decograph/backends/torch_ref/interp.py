@@ -18,6 +18,7 @@ import torch
 
 from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, Row, StepLayout
+from decograph.backends.torch_ref.branches import JOIN_RULES, Branch, find_branches
 from decograph.backends.torch_ref.layouts import Forwarded, collapse, run_forward
 from decograph.backends.torch_ref.drafts import DraftSource, make_source
 from decograph.backends.torch_ref.verify import greedy_walk, process_logits, sampling_walk, threshold_walk
@@ -48,12 +49,20 @@ class RunConfig:
     seed: int | None = None
     draft_models: dict[str, Any] = field(default_factory=dict)
     cost_curve: CostCurve = DEFAULT_CURVE
+    tokenizer: Any = None               # for text branch prompts (draft.branches)
+    branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
 
 
 @dataclass
 class _Drafted:
     source: DraftSource
     chains: list[list[list[int]]]        # per active row: chains
+
+
+@dataclass
+class _Branched:
+    op: O.DraftBranches
+    branches: list[list[Branch]]         # per active row
 
 
 @dataclass
@@ -69,10 +78,10 @@ class Interpreter:
         self.program, self.adapter, self.cfg = program, adapter, config
         self.sources: dict[int, DraftSource] = {}
         for op in program.walk():
-            if isinstance(op, O.DRAFT_OPS):
+            if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
                 self.sources[id(op)] = make_source(op, config.draft_models)
                 self.sources[id(op)].cost = config.cost_curve
-            elif isinstance(op, (O.Fork, O.Join) + O.UNMASK_OPS):
+            elif isinstance(op, O.UNMASK_OPS):
                 raise UnsupportedError(f"{op.NAME} is not supported by the torch reference backend on a causal LM yet")
             elif isinstance(op, O.Commit) and op.kv == "block_approx":
                 raise UnsupportedError("commit(kv=block_approx) applies to masked-diffusion models only")
@@ -100,6 +109,8 @@ class Interpreter:
                 env[id(op.result)] = yield from self._iterate(op, env)
             elif isinstance(op, O.Commit):
                 env[id(op.result)] = yield from self._commit(op, env)
+            elif isinstance(op, O.Join):
+                env[id(op.result)] = yield from self._join(op, env)
             elif isinstance(op, O.Yield):
                 env["yield"] = env[id(op.value)]
             else:
@@ -119,6 +130,13 @@ class Interpreter:
     def _eval(self, op: O.Op, env: dict[int, Any]) -> Any:
         if isinstance(op, O.Prefill):
             return self._prefill(env[id(op.prompt)])
+        if isinstance(op, O.DraftBranches):
+            state = env[id(op.state)]
+            tok = self.cfg.tokenizer if self.cfg.tokenizer is not None else getattr(self.adapter, "tokenizer", None)
+            found = [find_branches(op, r, tok, self.cfg.branch_providers) for r in state.active]
+            return _Branched(op, found)
+        if isinstance(op, O.Fork):
+            return self._fork(env[id(op.state)], env[id(op.branches)])
         if isinstance(op, O.DRAFT_OPS):
             state: BatchState = env[id(op.state)]
             src = self.sources[id(op)]
@@ -184,13 +202,61 @@ class Interpreter:
                 slots += [fwd.node_slots[b][i] for i in path]
                 row.cached += len(path)
             committed = self._append(row, [tree.tokens[i] for i in path] + [bonus])
+            if row.branch >= 0 and committed:
+                self._logprobs(fwd, b, row, path, committed)
             state.keep_slots(b, slots)
             row.accepted.append(len(path))
             row.drafted.append(len(tree))
             row.steps += 1
             self._observe(fwd, b, row, len(committed))
-            events.append(Event(row.index, tuple(committed), row.done))
+            if row.branch < 0:
+                events.append(Event(row.index, tuple(committed), row.done))
         state.settle(copy=op.rollback == "copy")
+        for e in events:
+            yield e
+        return state
+
+    def _logprobs(self, fwd: Forwarded, b: int, row: Row, path: list[int], committed: list[int]) -> None:
+        """log p of each committed token of branch row ``b`` (for joins that rank branches)."""
+        at = [fwd.at[b][0]] + [fwd.at[b][1 + i] for i in path]
+        logp = torch.log_softmax(fwd.flat[torch.tensor(at[: len(committed)])].float(), dim=-1)
+        row.logprobs += logp[torch.arange(len(committed)), torch.tensor(committed)].tolist()
+
+    def _fork(self, state: BatchState, found: _Branched) -> BatchState:
+        """Every active row becomes its branches: rows of their own that share its KV."""
+        budget = found.op.max_tokens or self.cfg.max_new_tokens
+        rows = []
+        for parent, branches in zip(state.active, found.branches):
+            mine = []
+            for i, br in enumerate(branches):
+                toks = parent.tokens + list(br.ids)
+                r = Row(parent.index, toks, len(toks), budget, cached=parent.cached, branch=i, parent=parent,
+                        prompt=br.prompt, fork_at=len(parent.tokens), meta=dict(br.meta))
+                if budget <= 0:
+                    r.done, r.finish_reason = True, "max_new_tokens"
+                mine.append(r)
+            rows.append(mine)
+        state.fork(rows)
+        return state
+
+    def _join(self, op: O.Join, env: dict[int, Any]) -> Iterator[Event]:
+        """Each forked row takes back its branches by ``op.rule``; ``concat`` appends to it."""
+        state: BatchState = env[id(op.state)]
+        rule = JOIN_RULES[op.rule]
+        tok = self.cfg.tokenizer if self.cfg.tokenizer is not None else getattr(self.adapter, "tokenizer", None)
+        ends = self.eos | self.stop
+        events = []
+        branch_rows = state.join()
+        for row, branches in zip(list(state.active), branch_rows):
+            new = rule(row, branches, tok, ends)[: max(0, row.remaining)]
+            if not new:
+                continue
+            row.tokens.extend(new)          # recomputed at the next forward (pending)
+            if row.remaining <= 0:
+                row.done, row.finish_reason = True, "max_new_tokens"
+            if row.branch < 0:
+                events.append(Event(row.index, tuple(new), row.done))
+        state.settle()
         for e in events:
             yield e
         return state

@@ -11,6 +11,12 @@ Where each node was computed depends on the layout:
 - ``mask=tree, layout=batch``: one forward whose batch holds a copy of the row per chain (the
   prefix's KV is copied), collapsed back to the accepted chain's copy at commit.
 
+Over a forked state (fork branches: several rows per physical cache row) the same attributes
+pick how branches run: ``mask=causal`` runs one forward per branch (round ``j`` holds the
+``j``-th branch of every physical row); ``mask=packed`` (or ``tree``) packs every branch's
+segment into its physical row under a segment mask, the prefix's KV shared in place;
+``layout=batch`` first copies the prefix into a physical row per branch.
+
 ``Forwarded.at[b]`` gives, for row ``b``, the flat logits row (into ``logits.view(-1, V)``) of
 the root and then of each node; ``slots`` the physical cache slot of each pending token and
 node, valid after ``collapse``.
@@ -71,22 +77,65 @@ def _chains(drafts: list[Any], b: int) -> list[list[int]]:
 def run_forward(op: Any, state: BatchState, drafts: list[Any], curve: CostCurve, pad: int) -> Forwarded:
     """Run ``op`` (a ``forward``) on the active rows in the layout its attributes select."""
     trees, nodes = _merged(state, drafts, bool(op.dedup))
+    if state.forked:
+        if op.mask == "causal" and state.packed:
+            return _rounds(state, drafts, trees, nodes, curve, pad)
+        if op.layout == "batch":
+            state.unpack()
+        return _packed(state, drafts, trees, nodes, curve, pad, list(range(len(trees))))
     multi = any(len(_chains(drafts, b)) > 1 for b in range(len(trees)))
     if op.mask == "tree" and op.layout == "batch" and multi:
         return _batch(state, drafts, trees, nodes, curve, pad)
     if op.mask == "causal" and multi:
         return _separate(state, drafts, trees, nodes, curve, pad)
-    width = curve.best_width(max(len(r.pending) + len(t) for r, t in zip(state.active, trees)))
-    layout = StepLayout(list(state.active), trees, width)
+    return _packed(state, drafts, trees, nodes, curve, pad, list(range(len(trees))))
+
+
+def _packed(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
+            curve: CostCurve, pad: int, index: list[int], out: Forwarded | None = None) -> Forwarded:
+    """One forward over active rows ``index``, each row's segment at its place in its
+    physical row; fills (or creates) the ``Forwarded`` of all rows."""
+    rows = [state.active[b] for b in index]
+    sub = [trees[b] for b in index]
+    phys = [state.phys[b] for b in index]
+    layout = StepLayout.fit(rows, sub, curve.best_width, phys, state.n_phys)
     base = state.valid.shape[1]
-    logits = state.forward(layout, pad)
-    at, pend, node_slots = [], [], []
-    for b, tree in enumerate(trees):
-        p = layout.pending[b]
-        at.append([b * width + p - 1] + [b * width + p + i for i in range(len(tree))])
-        pend.append(list(range(base, base + p)))
-        node_slots.append([base + p + i for i in range(len(tree))])
-    return Forwarded(list(state.active), trees, logits, at, pend, node_slots, drafts, nodes)
+    logits = state.forward(layout, pad, index)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if out is None:
+        n = len(trees)
+        out = Forwarded(list(state.active), trees, flat[None], [[] for _ in range(n)], [[] for _ in range(n)],
+                        [[] for _ in range(n)], drafts, nodes)
+        shift = 0
+    else:
+        shift = out.logits.shape[1]
+        out.logits = torch.cat([out.logits, flat[None]], dim=1)
+        out._argmax = None
+    for j, b in enumerate(index):
+        p, n = layout.pending[j], len(trees[b])
+        out.at[b] = [shift + layout.flat(j, p - 1)] + [shift + layout.flat(j, p + i) for i in range(n)]
+        o = layout.offset[j]
+        out.pend_slots[b] = list(range(base + o, base + o + p))
+        out.node_slots[b] = [base + o + p + i for i in range(n)]
+    return out
+
+
+def _rounds(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
+            curve: CostCurve, pad: int) -> Forwarded:
+    """The unfused lowering of a forked forward: one forward per branch rank, round ``j``
+    holding the ``j``-th active row of each physical row."""
+    rank: dict[int, int] = {}
+    rounds: list[list[int]] = []
+    for b, p in enumerate(state.phys):
+        j = rank[p] = rank.get(p, -1) + 1
+        if j == len(rounds):
+            rounds.append([])
+        rounds[j].append(b)
+    out = None
+    for index in rounds:
+        out = _packed(state, drafts, trees, nodes, curve, pad, index, out)
+    assert out is not None
+    return out
 
 
 def _chain_ids(nodes: Any, b: int) -> list[list[int]]:
