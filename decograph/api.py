@@ -72,6 +72,7 @@ class GenerationResult:
     new_token_ids: list[int]
     text: str
     stats: Stats
+    branches: list[Any] = field(default_factory=list)   # per join (collect, ner_dedup): its results
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ def _encode(prompts: Any, tokenizer: Any, chat: bool) -> list[list[int]]:
 def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_tokens: int, chat: bool,
            do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
            eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
-           overrides: dict[str, Any] | None, passes: str | None = "default") -> tuple[Interpreter, list[list[int]], Any]:
+           overrides: dict[str, Any] | None, passes: str | None = "default",
+           branch_providers: dict[str, Any] | None = None) -> tuple[Interpreter, list[list[int]], Any]:
     adapter, tok = resolve_model(model, tokenizer)
     program = _program(strategy, overrides)
     if do_sample:
@@ -173,7 +175,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
                              f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
-                    _cost_curve(adapter))
+                    _cost_curve(adapter), tok, dict(branch_providers or {}))
     return Interpreter(program, adapter, cfg), ids, tok
 
 
@@ -242,7 +244,7 @@ def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[Genera
         stats = Stats(len(new), row.forwards, row.steps, tuple(row.accepted), tuple(row.drafted),
                       interp.wall, row.finish_reason or "max_steps",    # unfinished: the loop's step cap
                       row.query_tokens, row.kv_bytes_copied)
-        out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats))
+        out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats, list(row.results)))
     return out
 
 
@@ -266,7 +268,7 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              top_p: float = 1.0, seed: int | None = None, eos_token_id: Any = None,
              stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
              streamer: Any = None, overrides: dict[str, Any] | None = None,
-             passes: str | None = "default") -> list[GenerationResult]:
+             passes: str | None = "default", branch_providers: dict[str, Any] | None = None) -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
@@ -275,9 +277,13 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     pipeline (``"default"``, ``"none"``, or e.g. ``"mask-fusion,cache-reuse"``). Greedy strategies return exactly
     the tokens of greedy decoding; with ``do_sample`` their verification becomes lossless
     speculative sampling. ``streamer``: a transformers streamer (``put``/``end``), batch 1.
+    ``branch_providers``: functions a fork strategy's ``draft.branches(provider=NAME)`` calls
+    with a row for its branch prompts (see ``decograph.ner``). What fork/join strategies left
+    on a row with ``join(rule=collect|ner_dedup)`` is in ``GenerationResult.branches``.
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
-                              top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes)
+                              top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes,
+                              branch_providers)
     if streamer is not None:
         if len(ids) != 1:
             raise InputError("a transformers streamer supports one prompt at a time")
@@ -299,7 +305,7 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
     has ``done=True`` and the concatenated texts equal ``generate``'s ``text``."""
     kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
           ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
-          ("draft_models", None), ("overrides", None), ("passes", "default"))}
+          ("draft_models", None), ("overrides", None), ("passes", "default"), ("branch_providers", None))}
     if kwargs:
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)

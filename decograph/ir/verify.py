@@ -227,9 +227,9 @@ class _Checker:
 
     def forward(self, op: O.Forward) -> None:
         kinds = [self.defs.get(id(d)) for d in op.drafts]
-        if op.layout == "batch" and op.mask != "tree":
-            raise self.fail(op, "field 'layout'", f"'batch' lays out the chains of a tree forward, not mask={op.mask}",
-                            "use mask=tree with layout=batch, or layout=sequence")
+        if op.layout == "batch" and op.mask not in ("tree", "packed"):
+            raise self.fail(op, "field 'layout'", f"'batch' lays out the chains or branches of a tree or packed "
+                            f"forward, not mask={op.mask}", "use mask=tree or packed with layout=batch, or layout=sequence")
         has_mask = any(isinstance(k, O.DraftMask) for k in kinds)
         if op.mask == "block" and not has_mask:
             raise self.fail(op, "field 'mask'", "'block' (bidirectional) needs a draft.mask", "forward a draft.mask or use mask=causal")

@@ -7,6 +7,7 @@ size), the context length ``S`` and the tokens accepted per step ``A``:
     forwards per step      F = C                (mask=causal, C chains)      else 1
     query tokens per step  Q = C*P + C*K        (separate)   P + C*K (packed)  C*(P + K) (batch)
     KV bytes copied        X = 2*C*S*b (batch layout) + S*b (rollback=copy)   b: bytes per slot
+    forked (R branches)    F = R (causal) else 1;  Q = R*(P + C*K);  X = (R - 1)*S*b once (batch)
     pending tokens         P = 1 + A (kv=recompute: accepted drafts are fed again)  else 1
 
 A pass binds the symbols from the program's attributes (``bindings``), evaluates the
@@ -24,8 +25,8 @@ from decograph.passes.rewrite import users
 
 __all__ = ["ForwardCost", "cost_model", "AnalysisManager", "ANALYSES", "SYMBOLS", "draft_size"]
 
-K, W, C, N, S, A, P = sympy.symbols("K W C N S A P", positive=True)
-SYMBOLS = {"K": K, "W": W, "C": C, "N": N, "S": S, "A": A, "P": P}
+K, W, C, N, S, A, P, R = sympy.symbols("K W C N S A P R", positive=True)
+SYMBOLS = {"K": K, "W": W, "C": C, "N": N, "S": S, "A": A, "P": P, "R": R}
 
 
 def draft_size(op: O.Op) -> tuple[sympy.Expr, sympy.Expr, dict[sympy.Symbol, int]]:
@@ -67,6 +68,17 @@ def _forward_cost(fwd: O.Forward, defs: dict[int, O.Op], commit: O.Commit | None
     pend = 1 + A if commit is not None and commit.kv == "recompute" else sympy.Integer(1)
     slot = sympy.Symbol("b", positive=True)
     many = bool(chains.subs(binds) > 1)
+    if fwd.state.type.shape:                 # a forked state: R branches per row
+        n = fwd.state.type.shape[0]
+        binds[R] = n if isinstance(n, int) else 8
+        per = pend + nodes
+        if fwd.mask == "causal":
+            forwards, queries, copied = R, R * per, sympy.Integer(0)
+        elif fwd.layout == "batch":
+            forwards, queries, copied = sympy.Integer(1), R * per, (R - 1) * S * slot
+        else:
+            forwards, queries, copied = sympy.Integer(1), R * per, sympy.Integer(0)
+        return ForwardCost(forwards, queries, copied, R, binds)
     if fwd.mask == "causal" and many:
         forwards, queries, copied = chains, chains * pend + nodes, sympy.Integer(0)
     elif fwd.mask == "tree" and fwd.layout == "batch" and many:

@@ -48,8 +48,8 @@ def _chains(op: O.Forward) -> int:
 
 
 def _one_chain_is_causal(op: O.Forward, ctx: RewriteContext) -> O.Op | None:
-    if op.mask in ("block", "packed") or _chains(op) > 1:
-        return None
+    if op.mask in ("block", "packed") or _chains(op) > 1 or op.state.type.shape:
+        return None         # (over a forked state, causal means one forward per branch)
     if (op.mask, op.layout, op.dedup) == ("causal", "sequence", False):
         return None
     return rebuild(op, ctx.vmap, mask="causal", layout="sequence", dedup=False)

@@ -7,7 +7,8 @@ the cached prefix, the pending tokens, and its own ancestors (parent pointers; t
 only materialized by the backend). The chains are packed into each row's sequence
 (``layout=sequence``, sharing the prefix's KV in place) or laid out as batch rows that copy
 the prefix's KV (``layout=batch``); ``layout=auto`` picks the cheaper by the cost model at
-context length ``context``.
+context length ``context``. A causal forward over a forked state (one forward per branch)
+becomes one ``mask=packed`` forward: each branch a segment of its row's sequence.
 
     %5 = forward(%2, %3, %4, dedup=false, layout=sequence, mask=causal) : Logits[B, 14, V]
 becomes
@@ -25,7 +26,7 @@ from decograph.passes.analysis import AnalysisManager, ForwardCost
 from decograph.passes.manager import Pass, PassResult
 from decograph.passes.rewrite import map_ops, rebuild
 
-__all__ = ["MaskFusion", "choose_layout"]
+__all__ = ["MaskFusion", "choose_layout", "choose_branch_layout"]
 
 # Relative cost of copying one slot of KV for one row, per unit of one-token forward time
 # (SmolLM2-135M: 46 KB per slot, ~10 GB/s, ~20 ms per token).
@@ -48,6 +49,17 @@ def choose_layout(cost: ForwardCost, curve: Any, context: int) -> str:
     return "sequence" if packed <= batch else "batch"
 
 
+def choose_branch_layout(cost: ForwardCost, curve: Any, context: int) -> str:
+    """Fork branches: packed into the row's sequence (the prefix's KV shared in place) or one
+    batch row each (the prefix's KV copied once per extra branch). The same query tokens
+    either way, so packing wins unless the backend's curve prices a packed mask higher."""
+    queries = max(1, round(cost.evaluate(cost.queries, A=0, S=context)))
+    branches = cost.evaluate(cost.chains)
+    packed = curve(queries)
+    batch = curve(queries) + (branches - 1) * context * _COPY_PER_SLOT
+    return "sequence" if packed <= batch else "batch"
+
+
 @dataclass(frozen=True)
 class MaskFusion(Pass):
     """Fuses multi-chain causal forwards into one tree-masked forward."""
@@ -67,10 +79,14 @@ class MaskFusion(Pass):
             cost = costs.get(id(op)) if isinstance(op, O.Forward) else None
             if cost is None or op.mask != "causal" or cost.evaluate(cost.chains) <= 1:
                 return [op]
-            layout = self.layout if self.layout != "auto" else choose_layout(cost, curve, self.context)
+            forked = bool(op.state.type.shape)
+            if self.layout != "auto":
+                layout = self.layout
+            else:
+                layout = (choose_branch_layout if forked else choose_layout)(cost, curve, self.context)
             fused[layout] = fused.get(layout, 0) + 1
             fused["forwards_per_step_before"] = fused.get("forwards_per_step_before", 0) + int(cost.evaluate(cost.forwards))
-            return [rebuild(op, vmap, mask="tree", layout=layout)]
+            return [rebuild(op, vmap, mask="packed" if forked else "tree", layout=layout)]
 
         out = map_ops(program, fuse)
         stats = {f"fused_{k}" if k in ("sequence", "batch") else k: v for k, v in fused.items()}

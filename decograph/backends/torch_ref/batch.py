@@ -195,6 +195,7 @@ class _Level:
     valid: torch.Tensor
     owners: list[Row]
     branches: list[list[Row]] = field(default_factory=list)   # per active row: its branch rows
+    forwards: int = 0                                          # forwards run before the fork
 
 
 class BatchState:
@@ -307,7 +308,7 @@ class BatchState:
     def fork(self, branches: list[list[Row]]) -> None:
         """Split active row ``b`` into the rows ``branches[b]``, which share its physical row
         and start from its validity mask; the current rows wait until ``join``."""
-        level = _Level(self.rows, self.active, self.phys, self.valid, self._owners, branches)
+        level = _Level(self.rows, self.active, self.phys, self.valid, self._owners, branches, self.forwards)
         self._stack.append(level)
         self.rows = [r for bs in branches for r in bs]
         pick = [b for b, bs in enumerate(branches) for r in bs if not r.done]
@@ -322,6 +323,10 @@ class BatchState:
         level = self._stack.pop()
         self.rows, self.active, self.phys, self._owners = level.rows, level.active, level.phys, level.owners
         self.valid = level.valid
+        for row, branches in zip(self.active, level.branches):   # the row's cost includes its branches'
+            row.forwards += max((br.forwards for br in branches), default=0) and self.forwards - level.forwards
+            row.query_tokens += sum(b.query_tokens for b in branches)
+            row.kv_bytes_copied += sum(b.kv_bytes_copied for b in branches)
         return level.branches
 
     def set_valid(self, b: int, mask: torch.Tensor) -> None:

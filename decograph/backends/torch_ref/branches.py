@@ -44,10 +44,11 @@ class BranchResult:
     branch: int
     prompt: str
     meta: dict[str, Any]
-    tokens: tuple[int, ...]
-    text: str
-    logprob: float
+    tokens: tuple[int, ...]            # the output, its EOS or stop token included
+    text: str                          # the output's text, without that end token
+    logprob: float                     # log p of the output's tokens, the end token excluded
     finish_reason: str
+    prompt_ids: tuple[int, ...] = ()   # the branch prompt's token ids
 
 
 def list_items(text: str, delimiter: str) -> list[str]:
@@ -106,7 +107,8 @@ def branch_result(row: Row, tokenizer: Any, ends: set[int]) -> BranchResult:
     out = tuple(row.new_tokens)
     body = out[:-1] if out and out[-1] in ends else out
     text = tokenizer.decode(list(body), skip_special_tokens=True) if tokenizer is not None else ""
-    return BranchResult(row.branch, row.prompt, row.meta, out, text, float(sum(row.logprobs)), row.finish_reason)
+    return BranchResult(row.branch, row.prompt, row.meta, out, text, float(sum(row.logprobs[: len(body)])),
+                        row.finish_reason, tuple(row.tokens[row.fork_at : row.n_prompt]))
 
 
 def _collect(parent: Row, branches: list[Row], tokenizer: Any, ends: set[int]) -> list[int]:
@@ -126,10 +128,10 @@ def _concat(parent: Row, branches: list[Row], tokenizer: Any, ends: set[int]) ->
 
 
 def _ner_dedup(parent: Row, branches: list[Row], tokenizer: Any, ends: set[int]) -> list[int]:
-    from decograph.ner import dedupe_mentions
+    from decograph.ner import MentionJoin, dedupe_mentions
 
     results = [branch_result(r, tokenizer, ends) for r in branches]
-    parent.results.append(dedupe_mentions(results))
+    parent.results.append(MentionJoin(results, dedupe_mentions(results)))
     return []
 
 
