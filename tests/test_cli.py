@@ -117,7 +117,7 @@ def test_set_values_are_typed(text: str, value: object) -> None:
 # ---------------------------------------------------------------- run
 
 
-@pytest.mark.parametrize("strategy", BUILTINS)
+@pytest.mark.parametrize("strategy", [s for s in BUILTINS if s != "padellm_ner"])   # needs `decograph ner`
 def test_run_json_equals_the_python_api(strategy: str, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from decograph.api import generate
 

@@ -61,7 +61,7 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "st
 class Strategy:
     """A loaded strategy: its verified IR ``program`` and where it came from (``source`` is a
     file path or ``builtin:NAME``). ``lossless`` holds when every verify is greedy or sampling
-    and nothing is unmasked, so the output is distributed exactly as the model's own decoding."""
+    and nothing is unmasked or forked, so the output is distributed exactly as the model's own decoding."""
 
     name: str
     description: str
@@ -359,7 +359,9 @@ def _header(src: Source, data: Any) -> tuple[str, str]:
 
 
 def _lossless(program: O.Program) -> bool:
-    return not any(isinstance(op, (O.VerifyThreshold,) + O.UNMASK_OPS) for op in program.walk())
+    """Whether the program's output is the model's greedy (or sampled) decoding of the prompt:
+    no lossy check, and no fork (a fork's branches are each exact, the whole is a new text)."""
+    return not any(isinstance(op, (O.VerifyThreshold, O.Fork) + O.UNMASK_OPS) for op in program.walk())
 
 
 def _load(text: str, filename: str, fmt: str, overrides: Mapping[str, Any] | None, source: str) -> Strategy:

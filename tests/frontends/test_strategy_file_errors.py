@@ -94,7 +94,7 @@ CASES = [
     ("min_above_max", edit('{source: jacobi, window: "${window}"}', "{source: ngram, min_n: 3, max_n: 2}"),
      f"{{f}}:8: {BODY}[0].draft.min_n: min_n=3 exceeds max_n=2"),
     ("batch_layout_causal", edit("        - forward: {mask: causal}", "        - forward: {mask: causal, layout: batch}"),
-     f"{{f}}:9: {BODY}[1].forward.layout: 'batch' lays out the chains of a tree forward, not mask=causal"),
+     f"{{f}}:9: {BODY}[1].forward.layout: 'batch' lays out the chains or branches of a tree or packed forward, not mask=causal"),
     ("infinite_threshold", edit("{rule: greedy}", "{rule: threshold, threshold: .inf}"),
      f"{{f}}:10: {BODY}[2].verify.threshold: must be a finite number, got inf"),
 ]
@@ -247,7 +247,7 @@ def test_unknown_strategy_name_lists_builtins() -> None:
     with pytest.raises(StrategyFileError) as e:
         load_strategy("medusa")
     assert str(e.value) == ("unknown strategy 'medusa'; built-in strategies: anpd, greedy, gs_jacobi, jacobi, lookahead, "
-                            "ngram; or give the path of a .yaml, .yml or .toml file")
+                            "ngram, padellm_ner, parallel_reasoning; or give the path of a .yaml, .yml or .toml file")
     with pytest.raises(StrategyFileError, match="unknown built-in strategy 'medusa'; built-in strategies: anpd, greedy"):
         builtin_path("medusa")
 

@@ -210,7 +210,7 @@ CASES = [
          _v(6, "forward", "field 'mask'", "'diagonal' is not one of causal, tree, block, packed"),
          "forward", "field 'mask'", "%4 = forward(%2, %3, dedup=false, layout=sequence, mask=diagonal)"),
     Case("batch layout on a causal forward", edit("mask=causal", "layout=batch, mask=causal"), VerifyError,
-         _v(6, "forward", "field 'layout'", "'batch' lays out the chains of a tree forward, not mask=causal"),
+         _v(6, "forward", "field 'layout'", "'batch' lays out the chains or branches of a tree or packed forward, not mask=causal"),
          "forward", "field 'layout'", "%4 = forward(%2, %3, dedup=false, layout=batch, mask=causal)"),
     Case("block mask without draft.mask", edit("mask=causal", "mask=block"), VerifyError,
          _v(6, "forward", "field 'mask'", "'block' (bidirectional) needs a draft.mask"),

@@ -144,7 +144,7 @@ def test_pass_returning_invalid_ir_is_caught_by_the_verifier() -> None:
         pm.run(parse_program(NGRAM4))
     first = str(err.value).splitlines()[0]
     assert first == ("pass 'break-layout' failed (passes run before it: cache-reuse): verify error at line 6, "
-                     "op `forward`, field 'layout': 'batch' lays out the chains of a tree forward, not mask=causal")
+                     "op `forward`, field 'layout': 'batch' lays out the chains or branches of a tree or packed forward, not mask=causal")
     assert isinstance(err.value.__cause__, VerifyError)
     assert [r.name for r in pm.report] == ["cache-reuse"]
 

@@ -80,7 +80,9 @@ def find_branches(op: Any, row: Row, tokenizer: Any, sources: dict[str, Callable
         fn = sources.get(op.provider)
         if fn is None:
             known = ", ".join(sorted(sources)) or "none"
-            raise InputError(f"draft.branches: no branch provider {op.provider!r} was given to the run (given: {known})")
+            hint = "; run NER with `decograph ner` or decograph.ner.extract_entities" if op.provider.startswith("ner.") else ""
+            raise InputError(f"draft.branches: no branch provider {op.provider!r} was given to the run "
+                             f"(given: {known}){hint}")
         out = []
         for item in fn(row):
             if isinstance(item, Branch):
