@@ -138,7 +138,7 @@ def clean_mention(text: str) -> str:
     """A mention branch's answer as a mention: first line, trimmed of quotes, list marks and
     a final period; empty for none-answers."""
     line = text.strip().splitlines()[0].strip() if text.strip() else ""
-    line = re.sub(r"^(?:[-*\u2022]|\d+[.)])\s*", "", line).strip().strip("\"'`*").rstrip(".").strip()
+    line = re.sub(r"^(?:[-*\u2022]|\d+[.)])\s*", "", line).strip().rstrip(".").strip("\"'`*").strip()
     return "" if line.lower() in ("", "none", "n/a", "no", "nothing", "null") else line
 
 

@@ -211,3 +211,37 @@ def test_run_on_the_default_model_equals_hf_greedy(capsys: pytest.CaptureFixture
                              pad_token_id=model.generation_config.eos_token_id)
     assert record["new_token_ids"] == ref[0, len(ids):].tolist()
     assert record["text"] == tok.decode(record["new_token_ids"], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- ner
+
+
+def test_ner_prints_entities_and_json(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from decograph.ner import NerTemplate, extract_entities
+
+    template = tmp_path / "ner.toml"
+    template.write_text('prefix = "t1 {text}"\ncount_prompt = "t3 t{label}"\nmention_prompt = "t4 t{index}"\n'
+                        "chat = false\nmax_count = 3\n")
+    args = ["ner", "--labels", "5,6", "--model", str(tiny_dir), "--template", str(template), "t9 t10 t11"]
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    expected = extract_entities(["t9 t10 t11"], ["5", "6"], str(tiny_dir), None, NerTemplate.load(template))[0]
+    assert record["text"] == "t9 t10 t11"
+    assert record["entities"] == [e.as_dict() for e in expected]
+    assert "[padellm_ner] 1 text(s), labels 5,6" in err
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0
+    assert out.splitlines() == ([f"{e.label}\t{e.text}" for e in expected] or ["(no entities)"])
+
+
+def test_ner_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "ner", "--labels", ",", "--model", str(tiny_dir), "--no-chat", "t1")
+    assert code == 2 and "at least one non-empty label" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("shape = 1\n")
+    code, _, err = run_cli(capsys, "ner", "--labels", "A", "--template", str(bad), "t1")
+    assert code == 2 and f"{bad}: unknown field 'shape'" in err
+    code, _, err = run_cli(capsys, "run", "--strategy", "padellm_ner", "--model", str(tiny_dir), "--prompt", "t1",
+                           "--no-chat")
+    assert code == 2 and "no branch provider 'ner.count'" in err and "decograph ner" in err
