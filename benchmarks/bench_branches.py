@@ -35,7 +35,7 @@ from decograph.models.default import load_default_model  # noqa: E402
 from decograph.ner import NerTemplate, extract_entities, ner_request, newline_ids  # noqa: E402
 
 LABELS = ["PER", "ORG", "LOC"]
-BRANCH_TOKENS, CONCLUSION = 48, 24
+BRANCH_TOKENS, CONCLUSION = 48, 24     # per branch; conclusion steps
 DELIMITER = r"\s*\d+[.)]\s"
 
 
@@ -98,7 +98,8 @@ def reasoning_case(model, tok, q, hf: bool) -> dict:
             out = step(prompt + list(b.prompt_ids), BRANCH_TOKENS)
             outs.append(out)
             joined += list(b.prompt_ids) + (out[:-1] if out[-1:] == [eos] else out)
-        return outs, joined + step(prompt + joined, CONCLUSION)
+        # the same conclusion: CONCLUSION steps, which ANPD drafts may make more tokens
+        return outs, joined + step(prompt + joined, max(1, len(res.new_token_ids) - len(joined)))
 
     ours = lambda ids, n: generate(model, tok, [ids], "greedy", n, passes="none")[0].new_token_ids  # noqa: E731
     seq_s, (outs, text) = _timed(lambda: sequential(ours))

@@ -63,6 +63,6 @@ def test_parallel_reasoning_branches_and_continuation_equal_greedy(default_model
             joined += list(b.prompt_ids) + body
         assert r.new_token_ids[: len(joined)] == joined
         rest = r.new_token_ids[len(joined):]
-        assert len(rest) <= 16
-        assert rest == hf_greedy(model, prompt + joined, 16, [eos])[: len(rest)]
-        assert len(rest) == 16 or rest[-1:] == [eos]
+        # 16 steps of the conclusion (ANPD drafts: 16 or more tokens), or fewer ending at EOS
+        assert len(rest) >= 16 or rest[-1:] == [eos]
+        assert rest == hf_greedy(model, prompt + joined, len(rest), [eos])
