@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,7 @@ _PLACES = {"prefix": {"text"}, "count_prompt": {"label", "name"}, "mention_promp
 
 def _check_placeholders(p: Path, key: str, text: str) -> None:
     try:
-        used = {f for _, f, _, _ in __import__("string").Formatter().parse(text) if f is not None}
+        used = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
     except ValueError as exc:
         raise StrategyFileError(f"{p}: field {key!r}: {exc}") from None
     bad = used - _PLACES[key]

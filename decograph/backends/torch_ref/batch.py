@@ -242,8 +242,8 @@ class BatchState:
         return self._bytes
 
     def _select_phys(self, index: list[int], owners: list[Row]) -> None:
-        """New physical row ``i`` is a copy of physical row ``index[i]``; the copied KV is
-        counted against ``owners[i]``."""
+        """New physical row ``i`` is a copy of physical row ``index[i]``; one row of copied KV
+        is counted against each of ``owners`` (the rows the copies were made for)."""
         per_row = self.valid.shape[1] * self._slot_bytes()
         for o in owners:
             o.kv_bytes_copied += per_row
@@ -274,11 +274,7 @@ class BatchState:
                 owners.append(self.active[b])
             seen.add(p)
         if owners:
-            per_row = self.valid.shape[1] * self._slot_bytes()
-            for o in owners:
-                o.kv_bytes_copied += per_row
-            self.adapter.select_rows(self.cache, torch.tensor(index))
-            self.n_phys = len(index)
+            self._select_phys(index, owners)
 
     def forward(self, layout: StepLayout, pad_id: int, index: list[int] | None = None) -> torch.Tensor:
         """Run one forward for ``layout`` (its rows are valid rows ``index``, default all);
@@ -324,13 +320,11 @@ class BatchState:
         self.rows, self.active, self.phys, self._owners = level.rows, level.active, level.phys, level.owners
         self.valid = level.valid
         for row, branches in zip(self.active, level.branches):   # the row's cost includes its branches'
-            row.forwards += max((br.forwards for br in branches), default=0) and self.forwards - level.forwards
+            if branches:
+                row.forwards += self.forwards - level.forwards
             row.query_tokens += sum(b.query_tokens for b in branches)
             row.kv_bytes_copied += sum(b.kv_bytes_copied for b in branches)
         return level.branches
-
-    def set_valid(self, b: int, mask: torch.Tensor) -> None:
-        self.valid[b] = mask
 
     # -- housekeeping --------------------------------------------------------------------
 
