@@ -100,9 +100,13 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, A
         model, default_tok = load_default_model()
         tokenizer = tokenizer if tokenizer is not None else default_tok
     elif isinstance(model, (str, Path)):
-        adapter = HFCausalLM.from_pretrained(str(model))
+        from decograph.frontends.diffusion import is_diffusion_dir, load_diffusion_model
+
+        adapter = load_diffusion_model(model) if is_diffusion_dir(model) else HFCausalLM.from_pretrained(str(model))
         return adapter, tokenizer if tokenizer is not None else adapter.tokenizer
-    adapter = as_adapter(model, tokenizer)
+    from decograph.frontends.diffusion import as_diffusion_adapter, is_diffusion_model
+
+    adapter = as_diffusion_adapter(model, tokenizer) if is_diffusion_model(model) else as_adapter(model, tokenizer)
     return adapter, tokenizer if tokenizer is not None else getattr(adapter, "tokenizer", None)
 
 
@@ -176,6 +180,14 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     pad = eos[0] if eos else 0
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
                     _cost_curve(adapter), tok, dict(branch_providers or {}))
+    from decograph.frontends.diffusion import MaskedDiffusionAdapter
+
+    if isinstance(adapter, MaskedDiffusionAdapter):
+        from decograph.backends.torch_ref.diffusion import DiffusionInterpreter
+
+        if do_sample:
+            raise InputError("do_sample: unmask strategies decode by confidence; sampling is not supported for them")
+        return DiffusionInterpreter(program, adapter, cfg), ids, tok  # type: ignore[return-value]
     return Interpreter(program, adapter, cfg), ids, tok
 
 
@@ -210,6 +222,8 @@ def _observe(interp: Interpreter, adapter: CausalLMAdapter) -> None:
     """Feed the acceptance of single-draft strategies into the adapter's profile."""
     profile = getattr(adapter, "_acceptance", None)
     drafts = [op for op in interp.program.walk() if isinstance(op, O.DRAFT_OPS)]
+    if any(isinstance(op, O.DraftMask) for op in drafts):
+        return
     if profile is None or len(drafts) != 1 or interp.state is None:
         return
     for row in interp.state.rows:

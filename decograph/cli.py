@@ -149,6 +149,13 @@ def _load_model(model_dir: str | None) -> tuple[Any, Any, str]:
         with _quiet_loading():
             adapter, tok = resolve_model(None)
         return adapter, tok, DEFAULT_MODEL_NAME
+    if model_dir == "mdm":              # the masked-diffusion model `decograph train-mdm` trained
+        from decograph.train_mdm import trained_mdm_dir
+
+        path = trained_mdm_dir()
+        if not (path / "train.json").is_file():
+            raise ModelError(f"--model mdm: no trained model at {path}; run `decograph train-mdm` first")
+        model_dir = str(path)
     if not os.path.isdir(model_dir):
         raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
     with _quiet_loading():
@@ -226,6 +233,19 @@ def _cmd_ner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_mdm(args: argparse.Namespace) -> int:
+    from decograph.train_mdm import TrainConfig, train_mdm
+
+    if args.minutes <= 0 and args.max_steps <= 0:
+        raise InputError("train-mdm: give --minutes > 0 or --max-steps > 0")
+    cfg = TrainConfig(d_model=args.d_model, n_layers=args.layers, seq_len=args.seq_len, minutes=args.minutes,
+                      max_steps=args.max_steps, seed=args.seed)
+    path = train_mdm(cfg, args.cache_dir, force=args.force, progress=not args.quiet,
+                     log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decograph", description="A compiler for LLM decoding algorithms.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -256,7 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy", required=True, metavar="NAME_OR_FILE",
                    help="a built-in name (see `decograph strategies`) or a strategy file")
     r.add_argument("--prompt", required=True, metavar="TEXT")
-    r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM directory (default: embedded model)")
+    r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model directory, "
+                   "or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
     r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
     r.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the tokenizer's chat template; default: on for the embedded "
@@ -287,6 +308,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="wrap the prefix in the chat template (default: the template's `chat`, true)")
     n.add_argument("--json", action="store_true", help="print the entities as JSON")
     n.set_defaults(func=_cmd_ner)
+
+    t = sub.add_parser("train-mdm", help="train the small masked diffusion LM the unmask strategies run on",
+                       description="Train a small masked diffusion LM (LLaDA objective) on this Python's standard "
+                                   "library, offline; saves a safetensors checkpoint, its config and tokenizer in "
+                                   "the cache (reused by later runs) and prints its directory. Run it with "
+                                   "`decograph run --model mdm --strategy fast_dllm ...`.")
+    t.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget (default: 25)")
+    t.add_argument("--max-steps", type=int, default=0, metavar="N", help="stop after N steps (0: by --minutes)")
+    t.add_argument("--d-model", type=int, default=256, metavar="D", help="model width (default: 256)")
+    t.add_argument("--layers", type=int, default=4, metavar="N", help="transformer layers (default: 4)")
+    t.add_argument("--seq-len", type=int, default=320, metavar="T", help="training sequence length (default: 320)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/decograph/models")
+    t.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train_mdm)
     return p
 
 

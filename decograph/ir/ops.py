@@ -29,7 +29,7 @@ __all__ = [
 MAX_DRAFT = 64
 MASKS = ("causal", "tree", "block", "packed")
 JOIN_RULES = ("concat", "collect", "ner_dedup")
-KV_POLICIES = ("keep_accepted", "recompute", "block_approx")
+KV_POLICIES = ("keep_accepted", "recompute", "block_approx", "block_approx_dual")
 LAYOUTS = ("sequence", "batch")
 ROLLBACKS = ("copy", "in_place")
 UNTIL = ("eos", "max_new_tokens", "stop", "converged")
@@ -163,7 +163,7 @@ class DraftAdaptiveNgram(Op):
 
 @dataclass(frozen=True, eq=False)
 class DraftMask(Op):
-    """``k`` mask tokens (diffusion LMs); ``mask_token`` -1 takes the model's own."""
+    """The canvas's current block of ``k`` positions (0: all); ``mask_token`` -1: the model's."""
 
     NAME = "draft.mask"
     state: Value = operand()
@@ -245,11 +245,13 @@ class VerifyThreshold(Op):
 
 @dataclass(frozen=True, eq=False)
 class UnmaskThreshold(Op):
-    """Unmask every masked position with confidence >= ``threshold`` (at least one)."""
+    """Unmask positions with confidence > ``threshold`` (at least one); ``contiguous`` (LUD):
+    only the run starting at the first masked position."""
     NAME = "unmask.threshold"
     state: Value = operand()
     logits: Value = operand()
     threshold: float = 0.9
+    contiguous: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,9 +277,9 @@ class Commit(Op):
     """Append accepted tokens to the state.
 
     ``kv``: the accepted drafts' KV is recomputed at the next forward (``recompute``), kept
-    (``keep_accepted``), or kept although computed under a block mask (``block_approx``,
-    diffusion). ``rollback``: rejected slots are dropped by copying the kept ones into a
-    compact cache (``copy``) or just marked invalid in place (``in_place``).
+    (``keep_accepted``), or kept although computed under a block mask (diffusion: Fast-dLLM's
+    prefix cache ``block_approx``, dual cache ``block_approx_dual``). ``rollback``: rejected
+    slots are copied out (``copy``) or just marked invalid in place (``in_place``).
     """
 
     NAME = "commit"
@@ -299,7 +301,6 @@ class Fork(Op):
 class Join(Op):
     """Merge a forked state's branches back into one row each: ``concat`` appends them to the
     sequence, ``collect`` records them, ``ner_dedup`` records de-duplicated mentions."""
-
     NAME = "join"
     state: Value = operand()
     rule: str = "concat"

@@ -30,6 +30,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_branches": (1, O.MAX_DRAFT), "max_tokens": (0, 1 << 20), "threshold": (0.0, 1.0), "top_p": (1e-9, 1.0),
     "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "max_steps": (0, 1 << 30),
 }
+_RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16)}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES,
     ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS, ("join", "rule"): O.JOIN_RULES,
@@ -153,7 +154,7 @@ class _Checker:
             if isinstance(value, float) and not math.isfinite(value):
                 raise self.fail(op, field, f"must be finite, got {value!r}", f"give {name} a finite number")
             if name in _RANGES and not isinstance(value, bool):
-                lo, hi = _RANGES[name]
+                lo, hi = _RANGES_BY_OP.get((op.NAME, name), _RANGES[name])
                 if not lo <= value <= hi:
                     raise self.fail(op, field, f"{value!r} is out of range [{lo:g}, {hi:g}]", f"choose {name} within [{lo:g}, {hi:g}]")
             choices = _CHOICES.get((op.NAME, name))

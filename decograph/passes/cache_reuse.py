@@ -11,7 +11,8 @@
 - The hook for approximate caches: ``KV_RULES`` maps the mask a step's forward used to the
   KV policy that is exact for it. Under ``mask=block`` (bidirectional, masked diffusion) no
   policy is exact; with ``approximate=true`` the pass picks ``block_approx``, Fast-dLLM's
-  block-wise approximate cache, which the diffusion runtime implements.
+  block-wise approximate prefix cache (``dual=true``: ``block_approx_dual``, the dual cache
+  that also keeps the KV after the block), which the diffusion runtime implements.
 
     %7 = commit(%2, %6, kv=recompute, rollback=copy) : State
 becomes
@@ -38,10 +39,12 @@ KV_RULES: dict[str, tuple[str | None, str | None]] = {
 }
 
 
-def kv_policy(mask: str, approximate: bool) -> str | None:
+def kv_policy(mask: str, approximate: bool, dual: bool = False) -> str | None:
     """The KV policy to keep a ``mask`` forward's accepted entries, or None (recompute)."""
     exact, approx = KV_RULES.get(mask, (None, None))
-    return exact or (approx if approximate else None)
+    if exact or not approximate or approx is None:
+        return exact
+    return f"{approx}_dual" if dual else approx
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class CacheReuse(Pass):
 
     name: ClassVar[str] = "cache-reuse"
     approximate: bool = False
+    dual: bool = False
 
     def run(self, program: O.Program, am: AnalysisManager) -> PassResult:
         defs = {id(v): op for op in program.walk() for v in op.results}
@@ -62,7 +66,7 @@ class CacheReuse(Pass):
             fwd = defs.get(id(getattr(check, "logits", None)))
             kv = op.kv
             if op.kv == "recompute" and isinstance(fwd, O.Forward):
-                kv = kv_policy(fwd.mask, self.approximate) or "recompute"
+                kv = kv_policy(fwd.mask, self.approximate, self.dual) or "recompute"
             if kv != op.kv:
                 stats[f"kv_{kv}"] = stats.get(f"kv_{kv}", 0) + 1
             if op.rollback != "in_place":

@@ -326,7 +326,6 @@ def make_source(op: O.Op, draft_models: dict[str, Any]) -> DraftSource:
     cls = SOURCES.get(type(op))
     if cls is None:
         raise UnsupportedError(
-            f"{op.NAME} is not supported by the torch reference backend on a causal LM yet "
-            "(masked-diffusion and branch decoding arrive with their own adapters)"
+            f"{op.NAME} needs a masked-diffusion model (unmask strategies), the model is a causal LM"
         )
     return cls(op)

@@ -82,7 +82,7 @@ class Interpreter:
                 self.sources[id(op)] = make_source(op, config.draft_models)
                 self.sources[id(op)].cost = config.cost_curve
             elif isinstance(op, O.UNMASK_OPS):
-                raise UnsupportedError(f"{op.NAME} is not supported by the torch reference backend on a causal LM yet")
+                raise UnsupportedError(f"{op.NAME} needs a masked-diffusion model, the model is a causal LM")
             elif isinstance(op, O.Commit) and op.kv == "block_approx":
                 raise UnsupportedError("commit(kv=block_approx) applies to masked-diffusion models only")
         # No seed: a fresh one per run, so unseeded sampling really varies between calls.

@@ -1,0 +1,270 @@
+"""The torch reference runtime for unmask programs on masked-diffusion LMs.
+
+Each row is a canvas: its prompt, then ``max_new_tokens`` mask tokens. Every iteration takes
+the row's current block (``draft.mask(k)``: the first block of ``k`` canvas positions that
+still holds a mask; ``k=0``: the whole generation), runs the model bidirectionally
+(``forward(mask=block)``), picks positions to unmask by confidence (the max softmax
+probability; ``unmask.*``) and writes their argmax tokens (``commit``). A step always
+unmasks at least one position, so a row ends after at most ``max_new_tokens`` steps.
+
+EOS (when the loop stops at ``eos``): once EOS is committed at position p, the positions
+after p are EOS padding (LLaDA's convention) and never decoded; the row ends when every
+position before p is decoded, and its output ends with that EOS.
+
+KV (``commit(kv=...)``), Fast-dLLM's block-wise approximate cache:
+- ``recompute``: every step is a forward over the whole canvas.
+- ``block_approx`` (prefix cache): the first step of a block runs the whole canvas and keeps
+  every position's KV; the block's later steps run the block and everything after it,
+  attending to the kept KV of the positions before the block.
+- ``block_approx_dual`` (dual cache): the later steps run only the block, attending to the
+  kept KV of the positions before and after it.
+The kept KV is refreshed when the block completes (the next block's first step).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from decograph.backends.torch_ref.interp import Event, RunConfig
+from decograph.errors import InputError, UnsupportedError
+from decograph.frontends.diffusion import MaskedDiffusionAdapter
+from decograph.ir import ops as O
+
+__all__ = ["DiffusionInterpreter", "DiffRow", "select_unmask"]
+
+
+@dataclass
+class DiffRow:
+    """One prompt's canvas and what decoding it cost (the fields ``api`` reads off a row)."""
+
+    index: int
+    prompt: list[int]
+    gen: list[int]                          # the generation: tokens, the mask id where undecoded
+    limit: int                              # positions >= limit are after EOS (never decoded)
+    finish_reason: str | None = None
+    forwards: int = 0
+    steps: int = 0
+    accepted: list[int] = field(default_factory=list)      # positions unmasked per step
+    drafted: list[int] = field(default_factory=list)       # masked candidates per step
+    query_tokens: int = 0
+    kv_bytes_copied: int = 0
+    emitted: int = 0
+    order: list[list[int]] = field(default_factory=list)   # per step: the positions it unmasked
+    results: list[Any] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self.gen[:self.limit + 1] if self.limit < len(self.gen) else list(self.gen)
+
+
+@dataclass
+class _State:
+    rows: list[DiffRow]
+
+    @property
+    def active(self) -> list[DiffRow]:
+        return [r for r in self.rows if r.finish_reason is None]
+
+
+def select_unmask(op: O.Op, conf: torch.Tensor) -> list[int]:
+    """Indices (into ``conf``, candidates in position order) that ``op`` unmasks; never empty."""
+    n = conf.numel()
+    if n == 0:
+        return []
+    order = sorted(range(n), key=lambda i: (-float(conf[i]), i))
+    if isinstance(op, O.UnmaskTopkPerStep):
+        return sorted(order[:op.k])
+    if isinstance(op, O.UnmaskThreshold):
+        if op.contiguous:
+            run = 0
+            while run < n and float(conf[run]) > op.threshold:
+                run += 1
+            return list(range(max(run, 1)))
+        picked = [i for i in range(n) if float(conf[i]) > op.threshold]
+        return picked or [order[0]]
+    if isinstance(op, O.UnmaskFactor):
+        best = 1
+        for m in range(1, n + 1):
+            if (m + 1) * (1.0 - float(conf[order[m - 1]])) < op.factor:
+                best = m
+        return sorted(order[:best])
+    raise UnsupportedError(f"unmask rule {op.NAME} is not supported")
+
+
+class DiffusionInterpreter:
+    """Runs one unmask program for one batch of prompts (same interface as ``Interpreter``)."""
+
+    def __init__(self, program: O.Program, adapter: MaskedDiffusionAdapter, config: RunConfig) -> None:
+        self.program, self.adapter, self.cfg = program, adapter, config
+        loops = [op for op in program.body.ops if isinstance(op, O.Iterate)]
+        if len(loops) != 1:
+            raise UnsupportedError(f"strategy {program.name!r}: a masked-diffusion model runs one iterate loop "
+                                   f"of draft.mask, forward, unmask, commit; found {len(loops)} loops")
+        self.loop = loops[0]
+        body = [op for op in self.loop.body.ops if not isinstance(op, O.Yield)]
+        kinds = [type(op) for op in body]
+        draft = [op for op in body if isinstance(op, O.DraftMask)]
+        unmask = [op for op in body if isinstance(op, O.UNMASK_OPS)]
+        commit = [op for op in body if isinstance(op, O.Commit)]
+        for op in list(program.body.ops) + body:
+            if not isinstance(op, (O.Prefill, O.Iterate, O.Emit, O.DraftMask, O.Forward, O.Commit) + O.UNMASK_OPS):
+                raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` cannot run on a masked-diffusion "
+                                       f"model (it needs a causal LM)")
+        if len(draft) != 1 or len(unmask) != 1 or len(commit) != 1 or kinds.count(O.Forward) != 1:
+            raise UnsupportedError(f"strategy {program.name!r} needs exactly one draft.mask, forward(mask=block), "
+                                   f"unmask.* and commit per step to run on a masked-diffusion model")
+        self.draft, self.unmask, self.commit = draft[0], unmask[0], commit[0]
+        if self.commit.kv in ("block_approx", "block_approx_dual") and not adapter.supports_kv:
+            raise UnsupportedError(f"commit(kv={self.commit.kv}) needs a model with a KV interface; {adapter.name} has "
+                                   f"none: use kv=recompute")
+        if self.commit.kv == "keep_accepted":
+            raise UnsupportedError("commit(kv=keep_accepted) is exact only for causal forwards; a block forward "
+                                   "uses recompute, block_approx or block_approx_dual")
+        self.mask_id = adapter.mask_token_id if self.draft.mask_token < 0 else self.draft.mask_token
+        self.eos = set(config.eos_token_ids) if "eos" in self.loop.until else set()
+        self.state: _State | None = None
+        self.wall = 0.0
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._kv_block: dict[int, int] = {}
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, prompts: list[list[int]]) -> Iterator[Event]:
+        start = time.perf_counter()
+        try:
+            yield from self._run(prompts)
+        finally:
+            self.wall = time.perf_counter() - start
+
+    def _run(self, prompts: list[list[int]]) -> Iterator[Event]:
+        n = self.cfg.max_new_tokens
+        rows = [DiffRow(i, list(p), [self.mask_id] * n, n) for i, p in enumerate(prompts)]
+        for r in rows:
+            if self.mask_id in r.prompt:
+                raise InputError(f"prompt {r.index} contains the mask token id {self.mask_id}")
+        self.state = _State(rows)
+        width = max(len(p) for p in prompts)
+        self.width = width
+        limit = self.adapter.max_positions
+        if limit and width + n > limit:
+            raise InputError(f"a prompt of {width} tokens plus {n} masked positions exceeds the model's {limit} positions")
+        pad = self.cfg.pad_token_id
+        self.ids = torch.full((len(rows), width + n), pad, dtype=torch.long)
+        self.valid = torch.zeros(len(rows), width + n, dtype=torch.bool)
+        for r in rows:
+            self.ids[r.index, width - len(r.prompt):width] = torch.tensor(r.prompt)
+            self.valid[r.index, width - len(r.prompt):] = True
+            self.ids[r.index, width:] = self.mask_id
+        self.pos = (self.valid.long().cumsum(1) - 1).clamp_min(0)
+        for r in rows:
+            if n == 0:
+                r.finish_reason = "max_new_tokens"
+                yield Event(r.index, (), True)
+        steps = 0
+        while self.state.active and (self.loop.max_steps == 0 or steps < self.loop.max_steps):
+            yield from self._step(self.state.active)
+            steps += 1
+
+    def _block(self, r: DiffRow) -> tuple[int, int]:
+        k = self.draft.k or len(r.gen)
+        first = next(g for g in range(r.limit) if r.gen[g] == self.mask_id)
+        s = first // k * k
+        return s, min(s + k, len(r.gen))
+
+    def _step(self, active: list[DiffRow]) -> Iterator[Event]:
+        blocks = {r.index: self._block(r) for r in active}
+        logits = self._logits(active, blocks)
+        for r in active:
+            s, e = blocks[r.index]
+            lg = logits[r.index].float()
+            lg[:, self.mask_id] = float("-inf")          # never predict the mask itself
+            cand = [g for g in range(s, min(e, r.limit)) if r.gen[g] == self.mask_id]
+            probs = torch.softmax(lg[[g - s for g in cand]], -1)
+            conf, tok = probs.max(-1)
+            picked = [cand[i] for i in select_unmask(self.unmask, conf)]
+            for g in picked:
+                t = int(tok[cand.index(g)])
+                r.gen[g] = t
+                self.ids[r.index, self.width + g] = t
+                if t in self.eos and g < r.limit:
+                    r.limit = g
+            if r.limit < len(r.gen):                     # after EOS: EOS padding, never decoded
+                fill = r.gen[r.limit]
+                for g in range(r.limit + 1, len(r.gen)):
+                    r.gen[g] = fill
+                self.ids[r.index, self.width + r.limit + 1:] = fill
+            r.steps += 1
+            r.accepted.append(len(picked))
+            r.drafted.append(len(cand))
+            r.order.append(picked)
+            yield from self._emit(r)
+
+    def _emit(self, r: DiffRow) -> Iterator[Event]:
+        end = next((g for g in range(r.limit) if r.gen[g] == self.mask_id), None)
+        done = end is None
+        if done:
+            end = min(r.limit + 1, len(r.gen))
+            r.finish_reason = "eos" if r.limit < len(r.gen) else "max_new_tokens"
+        if end > r.emitted or done:
+            yield Event(r.index, tuple(r.gen[r.emitted:end]), done)
+            r.emitted = end
+
+    # -- forwards --------------------------------------------------------------------------
+
+    def _logits(self, active: list[DiffRow], blocks: dict[int, tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """Per active row: logits for its block's positions ``[e - s, V]`` (shift applied)."""
+        shift = int(self.adapter.shift_logits)
+        out: dict[int, torch.Tensor] = {}
+        kv = self.commit.kv
+        fresh = [r for r in active if kv == "recompute" or self._kv_block.get(r.index) != blocks[r.index][0]]
+        cached = [r for r in active if r not in fresh]
+        if fresh:
+            idx = torch.tensor([r.index for r in fresh])
+            lg, new_kv = self.adapter.forward(self.ids[idx], self.pos[idx], self.valid[idx], return_kv=kv != "recompute")
+            if new_kv is not None:
+                self._store(idx, new_kv)
+            for j, r in enumerate(fresh):
+                s, e = blocks[r.index]
+                out[r.index] = lg[j, self.width + s - shift:self.width + e - shift]
+                self._kv_block[r.index] = s
+                r.forwards += 1
+                r.query_tokens += int(self.valid[r.index].sum())
+        if cached:
+            out.update(self._cached(cached, blocks, shift))
+        return out
+
+    def _store(self, idx: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if self._kv is None:
+            n = len(self.state.rows) if self.state else 0
+            self._kv = [(k.new_zeros((n,) + k.shape[1:]), v.new_zeros((n,) + v.shape[1:])) for k, v in kv]
+        for (ck, cv), (k, v) in zip(self._kv, kv):
+            ck[idx], cv[idx] = k, v
+
+    def _cached(self, rows: list[DiffRow], blocks: dict[int, tuple[int, int]], shift: int) -> dict[int, torch.Tensor]:
+        assert self._kv is not None
+        total = self.ids.shape[1]
+        dual = self.commit.kv == "block_approx_dual"
+        starts = [self.width + blocks[r.index][0] - shift for r in rows]
+        ends = [self.width + blocks[r.index][1] if dual else total for r in rows]
+        w = max(e - s for s, e in zip(starts, ends))
+        cols = torch.stack([torch.arange(s, s + w) for s in starts])
+        inside = cols < torch.tensor(ends)[:, None]
+        cols = cols.clamp_max(total - 1)
+        idx = torch.tensor([r.index for r in rows])
+        ids, pos = self.ids[idx].gather(1, cols), self.pos[idx].gather(1, cols)
+        qvalid = inside & self.valid[idx].gather(1, cols)
+        span = torch.arange(total)[None, :]
+        in_query = (span >= torch.tensor(starts)[:, None]) & (span < torch.tensor(ends)[:, None])
+        cvalid = self.valid[idx] & ~in_query
+        ctx = [(k[idx], v[idx]) for k, v in self._kv]
+        lg, _ = self.adapter.forward(ids, pos, qvalid, context=ctx, context_valid=cvalid)
+        out = {}
+        for j, r in enumerate(rows):
+            s, e = blocks[r.index]
+            out[r.index] = lg[j, :e - s]
+            r.forwards += 1
+            r.query_tokens += int(qvalid[j].sum())
+        return out

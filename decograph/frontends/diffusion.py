@@ -1,0 +1,163 @@
+"""Masked-diffusion LM adapters: what an unmask strategy needs from a model.
+
+A masked diffusion LM (LLaDA, Dream, decograph's own ``decograph-mdm``) reads a sequence in
+which some positions hold the mask token and returns logits for every position, under
+bidirectional attention. The adapter gives the runtime one call:
+
+    logits, kv = adapter.forward(ids, positions, key_valid, context=None, context_valid=None, return_kv=False)
+
+``context`` (per-layer KV of positions outside the query) is what the block-wise approximate
+caches pass in; only adapters with ``supports_kv`` take it. ``shift_logits`` (Dream's
+convention): the logits at position i predict the token at i + 1.
+
+    adapter = as_diffusion_adapter(model, tokenizer)          # a model object
+    adapter = load_diffusion_model("path/to/dir")             # a local directory
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decograph.errors import ModelError, UnsupportedError
+from decograph.models.mdm import MDM_MODEL_TYPE, KV, MDMTransformer, load_mdm
+
+__all__ = ["MaskedDiffusionAdapter", "MDMAdapter", "HFMaskedDiffusion", "as_diffusion_adapter",
+           "is_diffusion_model", "is_diffusion_dir", "load_diffusion_model"]
+
+_DIFFUSION_TYPES = {MDM_MODEL_TYPE, "llada", "dream"}
+
+
+class MaskedDiffusionAdapter:
+    """Base: a bidirectional model with a mask token."""
+
+    supports_kv = False
+
+    def __init__(self, model: Any, mask_token_id: int, eos_token_ids: tuple[int, ...], vocab_size: int,
+                 max_positions: int, shift_logits: bool, tokenizer: Any, name: str) -> None:
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.mask_token_id, self.eos_token_ids = int(mask_token_id), tuple(int(e) for e in eos_token_ids)
+        self.vocab_size, self.max_positions, self.shift_logits = int(vocab_size), int(max_positions), bool(shift_logits)
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ModelError(f"{name}: mask token id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                context: KV | None = None, context_valid: torch.Tensor | None = None,
+                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+        raise NotImplementedError
+
+
+class MDMAdapter(MaskedDiffusionAdapter):
+    """decograph's own ``MDMTransformer``: takes and returns KV (both caches work)."""
+
+    supports_kv = True
+
+    def __init__(self, model: MDMTransformer, tokenizer: Any = None, shift_logits: bool = False) -> None:
+        c = model.config
+        super().__init__(model, c.mask_token_id, (c.eos_token_id,), c.vocab_size, c.max_len, shift_logits,
+                         tokenizer, f"{MDM_MODEL_TYPE} ({c.n_layers} layers, d={c.d_model})")
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                context: KV | None = None, context_valid: torch.Tensor | None = None,
+                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+        return self.model(ids, positions, key_valid=key_valid, context=context, context_valid=context_valid,
+                          return_kv=return_kv)
+
+
+class HFMaskedDiffusion(MaskedDiffusionAdapter):
+    """Any Hugging Face model returning ``.logits`` for every position of a bidirectional
+    forward (LLaDA, Dream with ``shift_logits``, a ``*ForMaskedLM``). No KV interface: the
+    block-wise caches are refused with a named error; every step recomputes."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, mask_token_id: int | None = None,
+                 shift_logits: bool | None = None) -> None:
+        cfg = getattr(model, "config", None)
+        name = type(model).__name__
+        mask = mask_token_id
+        for src in (cfg, tokenizer):
+            if mask is None and src is not None and getattr(src, "mask_token_id", None) is not None:
+                mask = src.mask_token_id
+        if mask is None:
+            raise ModelError(f"{name} has no mask token (config.mask_token_id and the tokenizer's mask_token are "
+                             f"unset): an unmask strategy needs one; pass mask_token_id=")
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        vocab = getattr(cfg, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "max_sequence_length", None) or 0
+        shift = shift_logits if shift_logits is not None else getattr(cfg, "model_type", "") == "dream"
+        super().__init__(model, mask, eos_ids, vocab, limit, shift, tokenizer, name)
+        params = inspect.signature(model.forward).parameters
+        self._takes_positions = "position_ids" in params
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                context: KV | None = None, context_valid: torch.Tensor | None = None,
+                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+        if context is not None or return_kv:
+            raise UnsupportedError(f"{self.name} has no KV interface for the block-wise caches")
+        kw: dict[str, Any] = {"input_ids": ids, "attention_mask": key_valid.long()}
+        if self._takes_positions:
+            kw["position_ids"] = positions
+        return self.model(**kw).logits, None
+
+
+def is_diffusion_model(model: Any) -> bool:
+    """Whether ``model`` is (or wraps) a masked-diffusion LM rather than a causal LM."""
+    if isinstance(model, (MaskedDiffusionAdapter, MDMTransformer)):
+        return True
+    cfg = getattr(model, "config", None)
+    return (getattr(cfg, "model_type", None) in _DIFFUSION_TYPES
+            or type(model).__name__.endswith("ForMaskedLM"))
+
+
+def is_diffusion_dir(path: str | Path) -> bool:
+    """Whether the model directory's ``config.json`` names a masked-diffusion model."""
+    p = Path(path) / "config.json"
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    archs = cfg.get("architectures") or []
+    return cfg.get("model_type") in _DIFFUSION_TYPES or any(str(a).endswith("ForMaskedLM") for a in archs)
+
+
+def as_diffusion_adapter(model: Any, tokenizer: Any = None, *, mask_token_id: int | None = None,
+                         shift_logits: bool | None = None) -> MaskedDiffusionAdapter:
+    if isinstance(model, MaskedDiffusionAdapter):
+        return model
+    if isinstance(model, MDMTransformer):
+        return MDMAdapter(model, tokenizer, bool(shift_logits))
+    if isinstance(model, torch.nn.Module):
+        return HFMaskedDiffusion(model, tokenizer, mask_token_id, shift_logits)
+    raise ModelError(f"{type(model).__name__} is not a masked-diffusion model (need an MDMTransformer, a Hugging "
+                     f"Face model returning .logits, or a MaskedDiffusionAdapter)")
+
+
+def load_diffusion_model(path: str | Path, *, trust_remote_code: bool = False, mask_token_id: int | None = None,
+                         shift_logits: bool | None = None) -> MaskedDiffusionAdapter:
+    """A masked-diffusion model from a local directory: decograph's own (``decograph-mdm``) or
+    a Hugging Face one (LLaDA and Dream need ``trust_remote_code``). The mask token is checked
+    before any weights are read."""
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise ModelError(f"{d}: no config.json (not a model directory)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code) \
+        if any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")) else None
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("model_type") == MDM_MODEL_TYPE:
+        return MDMAdapter(load_mdm(d), tok, bool(shift_logits))
+    if mask_token_id is None and cfg.get("mask_token_id") is None and getattr(tok, "mask_token_id", None) is None:
+        raise ModelError(f"{d / 'config.json'}: no mask token (field 'mask_token_id' unset and the tokenizer has no "
+                         f"mask_token): an unmask strategy needs one")
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    conf = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+    loader = AutoModelForMaskedLM if any(str(a).endswith("ForMaskedLM") for a in cfg.get("architectures") or []) else AutoModel
+    model = loader.from_pretrained(str(d), config=conf, trust_remote_code=trust_remote_code).eval()
+    return HFMaskedDiffusion(model, tok, mask_token_id, shift_logits)

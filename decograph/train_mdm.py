@@ -1,0 +1,238 @@
+"""``decograph train-mdm``: train a small masked diffusion LM on the Python standard library.
+
+No pretrained diffusion LM can be downloaded here, so decograph trains its own on a corpus
+every machine has offline: the ``.py`` files of the running Python's standard library (code,
+docstrings and ``pydoc_data``'s documentation text; test packages excluded). Files whose path
+hashes to 0 mod 20 are held out for the benchmark.
+
+- Tokenizer: byte-level BPE (4096 entries) trained on the training files, plus
+  ``<|endoftext|>`` (EOS, also the padding after a file's end), ``<|mask|>`` and ``<|pad|>``.
+- Objective (LLaDA): draw t ~ U(0, 1], mask each token with probability t, minimise the
+  cross-entropy of the masked tokens weighted by 1/t. Half the samples keep a random-length
+  prefix unmasked (LLaDA's SFT form: a prompt, then a masked response).
+- Output: ``config.json``, ``model.safetensors``, the tokenizer files and ``train.json`` (the
+  loss curve) in ``$XDG_CACHE_HOME/decograph/models/mdm-stdlib-<fingerprint>``, written to a
+  temporary directory and renamed when complete; later runs reuse it.
+
+    decograph train-mdm --minutes 25
+    model, tok = load_trained_mdm()
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from decograph.errors import InputError, ModelError
+from decograph.models.mdm import MDMConfig, MDMTransformer, load_mdm, save_mdm
+
+__all__ = ["TrainConfig", "stdlib_files", "held_out", "train_tokenizer", "train_mdm", "trained_mdm_dir",
+           "load_trained_mdm", "held_out_samples"]
+
+EOS, MASK, PAD = "<|endoftext|>", "<|mask|>", "<|pad|>"
+_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What is trained; every field is part of the checkpoint's fingerprint except ``minutes``."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 768
+    seq_len: int = 320
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+    minutes: float = 25.0
+    max_steps: int = 0           # 0: as many as fit in ``minutes``
+
+    def fingerprint(self) -> str:
+        d = {k: v for k, v in asdict(self).items() if k not in ("minutes", "max_steps")}
+        d["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stdlib_files(root: str | Path | None = None) -> list[tuple[str, str]]:
+    """(relative path, text) of every standard-library ``.py`` file, sorted, tests excluded."""
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    if not base.is_dir():
+        raise InputError(f"standard library directory {base} not found")
+    out = []
+    for f in sorted(base.rglob("*.py")):
+        rel = f.relative_to(base)
+        if _SKIP.intersection(rel.parts):
+            continue
+        try:
+            out.append((rel.as_posix(), f.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, OSError):
+            continue
+    if not out:
+        raise InputError(f"no .py files under {base}")
+    return out
+
+
+def held_out(rel: str) -> bool:
+    """Whether a corpus file is held out (not trained on): its path's CRC32 is 0 mod 20."""
+    return zlib.crc32(rel.encode()) % 20 == 0
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with EOS, mask and pad tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, MASK, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, mask_token=MASK, pad_token=PAD)
+
+
+def trained_mdm_dir(config: TrainConfig | None = None, cache_dir: str | Path | None = None) -> Path:
+    cfg = config or TrainConfig()
+    root = Path(cache_dir) if cache_dir is not None else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "models"
+    return root / f"mdm-stdlib-{cfg.fingerprint()}"
+
+
+def load_trained_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = None) -> tuple[MDMTransformer, Any]:
+    """The checkpoint ``train-mdm`` wrote (model in eval mode, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    d = trained_mdm_dir(config, cache_dir)
+    if not (d / "train.json").is_file():
+        raise ModelError(f"no trained masked diffusion model at {d}: run `decograph train-mdm` first")
+    return load_mdm(d), AutoTokenizer.from_pretrained(str(d))
+
+
+def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: int,
+                  rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs with masks, targets, loss weights (1/t on masked positions, 0 elsewhere)."""
+    weights = [len(d) for d in data]
+    rows = []
+    for d in rng.choices(data, weights=weights, k=cfg.batch_size):
+        start = rng.randrange(0, max(1, len(d) - cfg.seq_len // 2))
+        piece = d[start:start + cfg.seq_len]
+        if len(piece) < cfg.seq_len:    # the file ends: EOS, then EOS as padding (LLaDA)
+            piece = torch.cat([piece, torch.full((cfg.seq_len - len(piece),), eos, dtype=piece.dtype)])
+        rows.append(piece)
+    x = torch.stack(rows).long()
+    t = torch.rand(cfg.batch_size, 1, generator=gen).clamp_min(1e-3)
+    masked = torch.rand(x.shape, generator=gen) < t
+    for i in range(cfg.batch_size):
+        if rng.random() < 0.5:          # SFT form: an unmasked prompt, then the masked response
+            masked[i, : rng.randrange(1, cfg.seq_len // 2)] = False
+    inp = torch.where(masked, torch.full_like(x, mask), x)
+    return inp, x, masked.float() / t
+
+
+def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = None, *, force: bool = False,
+              progress: bool = True, stdlib_root: str | Path | None = None, log: Any = print) -> Path:
+    """Trains (or reuses) the checkpoint; returns its directory."""
+    from tqdm import tqdm
+
+    cfg = config or TrainConfig()
+    if cfg.minutes <= 0 and cfg.max_steps <= 0:
+        raise InputError("train-mdm: --minutes or --max-steps must be > 0")
+    target = trained_mdm_dir(cfg, cache_dir)
+    if (target / "train.json").is_file() and not force:
+        log(f"reusing the trained model at {target} (--force retrains)")
+        return target
+    torch.manual_seed(cfg.seed)
+    files = stdlib_files(stdlib_root)
+    train_texts = [t for rel, t in files if not held_out(rel)]
+    log(f"corpus: {len(files)} standard-library files, {len(train_texts)} for training, "
+        f"{sum(map(len, train_texts)) / 1e6:.1f} MB")
+    tok = train_tokenizer(train_texts, cfg.vocab_size)
+    eos, mask, pad = (tok.convert_tokens_to_ids(t) for t in (EOS, MASK, PAD))
+    data = [torch.tensor(ids + [eos], dtype=torch.int32)
+            for ids in tok(train_texts, add_special_tokens=False)["input_ids"] if ids]
+    log(f"tokenized: {sum(map(len, data)) / 1e6:.2f} M tokens")
+    mcfg = MDMConfig(vocab_size=len(tok), mask_token_id=mask, eos_token_id=eos, pad_token_id=pad,
+                     d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+                     max_len=max(512, cfg.seq_len))
+    model = MDMTransformer(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    pos = torch.arange(cfg.seq_len).expand(cfg.batch_size, -1)
+    budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
+    start, step, curve = time.perf_counter(), 0, []
+    bar = tqdm(total=int(budget) if cfg.max_steps == 0 else cfg.max_steps, disable=not progress,
+               unit="s" if cfg.max_steps == 0 else "step", desc="train-mdm")
+    ema = None
+    while (cfg.max_steps == 0 or step < cfg.max_steps) and time.perf_counter() - start < budget:
+        frac = min(1.0, (time.perf_counter() - start) / budget) if cfg.max_steps == 0 else step / cfg.max_steps
+        lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        inp, tgt, w = _masked_batch(data, cfg, eos, mask, rng, gen)
+        logits, _ = model(inp, pos)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
+        loss = (ce * w.flatten()).sum() / tgt.numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 10 == 0:
+            curve.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": round(ema, 4)})
+        bar.set_postfix(step=step, loss=f"{ema:.3f}")
+        bar.update(1 if cfg.max_steps else int(time.perf_counter() - start) - bar.n)
+    bar.close()
+    model.eval()
+    tmp = Path(tempfile.mkdtemp(prefix=".mdm-", dir=_mkdir(target.parent)))
+    try:
+        save_mdm(model, tmp)
+        tok.save_pretrained(str(tmp))
+        info = {"train_config": asdict(cfg), "steps": step, "seconds": round(time.perf_counter() - start, 1),
+                "tokens_seen": step * cfg.batch_size * cfg.seq_len, "final_loss": ema, "curve": curve,
+                "python": sys.version.split()[0]}
+        (tmp / "train.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"trained {step} steps in {info['seconds']:.0f} s (loss {ema:.3f}); saved to {target}")
+    return target
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def held_out_samples(tok: Any, prompt_len: int, gen_len: int, n: int, seed: int = 0,
+                     stdlib_root: str | Path | None = None) -> list[tuple[list[int], list[int]]]:
+    """``n`` (prompt, reference continuation) token pairs from held-out files, taken at line starts."""
+    rng = random.Random(seed)
+    out = []
+    texts = [t for rel, t in stdlib_files(stdlib_root) if held_out(rel)]
+    pool = [ids for ids in tok(texts, add_special_tokens=False)["input_ids"] if len(ids) > prompt_len + gen_len]
+    if not pool:
+        raise InputError(f"no held-out file has {prompt_len + gen_len} tokens")
+    for _ in range(n):
+        ids = rng.choice(pool)
+        s = rng.randrange(0, len(ids) - prompt_len - gen_len)
+        out.append((ids[s:s + prompt_len], ids[s + prompt_len:s + prompt_len + gen_len]))
+    return out
