@@ -13,7 +13,9 @@ from decograph.frontends.strategies import builtin_names, builtin_path, list_str
 from decograph.frontends.strategy_file import Strategy, load_strategy_file, load_strategy_text
 from decograph.ir import parse_program, print_program, verify
 
-BUILTINS = ["anpd", "greedy", "gs_jacobi", "jacobi", "lookahead", "ngram", "padellm_ner", "parallel_reasoning"]
+BUILTINS = ["anpd", "fast_dllm", "fast_dllm_factor", "greedy", "gs_jacobi", "jacobi", "llada", "llada_semi_ar",
+            "lookahead", "lud", "ngram", "padellm_ner", "parallel_reasoning"]
+DIFFUSION = ("fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # unmask: not lossless
 
 LOOKAHEAD_YAML = """\
 strategy: lookahead
@@ -45,7 +47,7 @@ def test_builtin_loads_verifies_and_round_trips(name: str) -> None:
     s = load_strategy(name)
     assert isinstance(s, Strategy)
     forks = name in ("parallel_reasoning", "padellm_ner")     # branches exact, the whole a new text
-    assert (s.name, s.source, s.lossless) == (name, f"builtin:{name}", not forks)
+    assert (s.name, s.source, s.lossless) == (name, f"builtin:{name}", not forks and name not in DIFFUSION)
     assert s.description and "\n" not in s.description
     assert s.program.description == s.description
     text = print_program(verify(s.program))
@@ -58,7 +60,10 @@ def test_builtin_loads_verifies_and_round_trips(name: str) -> None:
 @pytest.mark.parametrize("name, cite", [("jacobi", "Santilli et al. 2023"), ("gs_jacobi", "Santilli et al. 2023"),
                                         ("anpd", "Ou et al. 2024"), ("lookahead", "Fu et al. 2024"),
                                         ("ngram", "Saxena 2023"), ("greedy", "Greedy"),
-                                        ("parallel_reasoning", "Yu 2025"), ("padellm_ner", "Lu et al. 2024")])
+                                        ("parallel_reasoning", "Yu 2025"), ("padellm_ner", "Lu et al. 2024"),
+                                        ("llada", "Nie et al. 2025"), ("llada_semi_ar", "LLaDA"),
+                                        ("fast_dllm", "Wu et al. 2025"), ("fast_dllm_factor", "Fast-dLLM"),
+                                        ("lud", "Sun et al. 2024")])
 def test_builtin_descriptions_cite_the_method(name: str, cite: str) -> None:
     assert cite in dict(list_strategies())[name]
 
@@ -73,6 +78,12 @@ def test_builtin_ops_match_the_documented_methods() -> None:
     assert "draft.ngram_pool(%2, candidates=3, n=4) : Tokens[B, 3, 3]" in ops["lookahead"]
     assert "forward(%2, %3, %4, dedup=false, layout=sequence, mask=causal) : Logits[B, 14, V]" in ops["lookahead"]
     assert "verify.greedy(%2, %5, %3, %4)" in ops["lookahead"]
+    assert "draft.mask(%2, k=0, mask_token=-1)" in ops["llada"] and "unmask.topk_per_step(%2, %4, k=1)" in ops["llada"]
+    assert "draft.mask(%2, k=32, mask_token=-1)" in ops["llada_semi_ar"]
+    assert "unmask.threshold(%2, %4, contiguous=false, threshold=0.9)" in ops["fast_dllm"]
+    assert "commit(%2, %5, kv=block_approx_dual, rollback=copy)" in ops["fast_dllm"]
+    assert "unmask.factor(%2, %4, factor=1.0)" in ops["fast_dllm_factor"]
+    assert "unmask.threshold(%2, %4, contiguous=true, threshold=0.9)" in ops["lud"]
 
 
 def test_yaml_and_toml_give_identical_ir() -> None:
@@ -179,7 +190,7 @@ steps:
 """
     s = load_strategy_text(diffusion, "d.yaml")
     assert s.lossless is False
-    assert "unmask.threshold(%2, %4, threshold=1.0)" in print_program(s.program)
+    assert "unmask.threshold(%2, %4, contiguous=false, threshold=1.0)" in print_program(s.program)
 
 
 def test_fork_and_join() -> None:

@@ -238,7 +238,7 @@ strategy diffusion {
   ^(%2: State):
     %3 = draft.mask(%2, k=32, mask_token=-1) : Tokens[B, 32]
     %4 = forward(%2, %3, dedup=false, layout=sequence, mask=block) : Logits[B, 33, V]
-    %5 = unmask.threshold(%2, %4, threshold=0.9) : Tokens[B, A]
+    %5 = unmask.threshold(%2, %4, contiguous=false, threshold=0.9) : Tokens[B, A]
     %6 = commit(%2, %5, kv=recompute, rollback=copy) : State
     yield(%6)
   }

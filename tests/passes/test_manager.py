@@ -73,7 +73,7 @@ def test_parse_pipeline_typed_options() -> None:
      f"pipeline 'mask-fusion,loop-unroll': unknown pass 'loop-unroll'; known passes: {KNOWN}"),
     ("cache-reuse{aggressive=true}",
      "pipeline 'cache-reuse{aggressive=true}': pass 'cache-reuse' has no option 'aggressive=true' "
-     "(options: approximate)"),
+     "(options: approximate, dual)"),
     ("canonicalize{level=2}",
      "pipeline 'canonicalize{level=2}': pass 'canonicalize' has no option 'level=2' (options: none)"),
     ("cache-reuse{approximate=yes}",
@@ -252,8 +252,10 @@ def test_default_pipeline_on_every_builtin(name: str) -> None:
         if isinstance(op, O.Forward) and len(op.drafts) > 0:
             fused = "packed" if op.state.type.shape else "tree"          # fork branches pack
             assert op.mask == fused or all(O.draft_chains(d.type) == 1 for d in op.drafts)
-        if isinstance(op, O.Commit):
+        if isinstance(op, O.Commit) and not any(isinstance(o, O.DraftMask) for o in out.walk()):
             assert (op.kv, op.rollback) == ("keep_accepted", "in_place")
+        elif isinstance(op, O.Commit):          # block forwards: no exact policy, the file's is kept
+            assert op.kv == dict(load_strategy(name).program.params).get("kv", "recompute")
 
 
 def test_run_pipeline_none_default_and_unknown_backend() -> None:

@@ -171,7 +171,7 @@ strategy diffusion {
   ^(%2: State):
     %3 = draft.mask(%2, k=16, mask_token=-1) : Tokens[B, 16]
     %4 = forward(%2, %3, dedup=false, layout=sequence, mask=block) : Logits[B, 17, V]
-    %5 = unmask.threshold(%2, %4, threshold=0.9) : Tokens[B, A]
+    %5 = unmask.threshold(%2, %4, contiguous=false, threshold=0.9) : Tokens[B, A]
     %6 = commit(%2, %5, kv=recompute, rollback=copy) : State
     yield(%6)
   }

@@ -1,0 +1,113 @@
+"""Fast-dLLM's table on decograph's own masked diffusion LM, in one process.
+
+On held-out standard-library text (files ``train-mdm`` never trained on): each prompt is the
+first ``--prompt-len`` tokens of a held-out passage, the reference the next ``L`` tokens.
+For each generation length L in ``--lengths`` and each system:
+
+- ``baseline``: LLaDA semi-autoregressive decoding (``llada_semi_ar``: blocks of 32, one
+  token per step, the whole canvas recomputed every step);
+- ``+parallel``: Fast-dLLM's confidence-threshold unmasking (``fast_dllm``, kv=recompute);
+- ``+prefix cache``: the same with the block-wise approximate prefix cache (kv=block_approx);
+- ``+dual cache``: with the dual cache (kv=block_approx_dual): Fast-dLLM as a whole;
+- ``lud (dual cache)``: lexical-unit decoding, contiguous runs, dual cache.
+
+Reported: throughput (generated tokens / wall time, batch 1, median over ``--reps``), speedup
+over the baseline, forwards per token, and quality: the token accuracy of the output against
+the reference continuation (%), and the accuracy of the baseline's own output taken as the
+reference (agreement, %). Systems run interleaved per prompt after a warm-up.
+
+    python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from decograph.api import generate  # noqa: E402
+from decograph.frontends.strategies import load_strategy  # noqa: E402
+from decograph.train_mdm import held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
+
+
+def systems(threshold: float, block: int) -> dict[str, object]:
+    return {
+        "baseline (LLaDA)": load_strategy("llada_semi_ar", overrides={"block": block}).program,
+        "+parallel": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "recompute"}).program,
+        "+prefix cache": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "block_approx"}).program,
+        "+dual cache": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "block_approx_dual"}).program,
+        "lud (dual cache)": load_strategy("lud", overrides={"block": block, "threshold": threshold}).program,
+    }
+
+
+def accuracy(out: list[int], ref: list[int]) -> float:
+    return sum(a == b for a, b in zip(out, ref)) / len(ref)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=16, help="held-out prompts per length")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(HERE / "results" / "diffusion.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_trained_mdm()
+    info = json.loads((trained_mdm_dir() / "train.json").read_text())
+    print(f"model: {trained_mdm_dir()} ({info['steps']} steps, {info['seconds']:.0f} s, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", file=sys.stderr)
+    progs = systems(args.threshold, args.block)
+    rows = []
+    for L in args.lengths:
+        samples = held_out_samples(tok, args.prompt_len, L, args.n, seed=L)
+        generate(model, tok, [samples[0][0]], progs["+dual cache"], L, passes="none")          # warm-up
+        per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": []} for name in progs}
+        for i, (prompt, ref) in enumerate(samples):
+            outs = {}
+            for name, prog in progs.items():
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    [r] = generate(model, tok, [prompt], prog, L, passes="none")
+                    times.append(time.perf_counter() - t0)
+                outs[name] = r
+                per[name]["tps"].append(len(r.new_token_ids) / statistics.median(times))
+                per[name]["acc"].append(accuracy(r.new_token_ids, ref))
+                per[name]["fwd"].append(r.stats.forward_passes)
+                per[name]["tok"].append(len(r.new_token_ids))
+            base = outs["baseline (LLaDA)"].new_token_ids
+            for name, r in outs.items():
+                per[name]["agree"].append(accuracy(r.new_token_ids, base + [-1] * (L - len(base))) if base else 1.0)
+            print(f"L={L} prompt {i + 1}/{len(samples)}: " + ", ".join(
+                f"{n} {per[n]['tps'][-1]:.0f} tok/s" for n in progs), file=sys.stderr)
+        base_tps = statistics.mean(per["baseline (LLaDA)"]["tps"])
+        for name, m in per.items():
+            tps = statistics.mean(m["tps"])
+            rows.append({"length": L, "system": name, "tokens_per_s": round(tps, 1),
+                         "speedup": round(tps / base_tps, 2),
+                         "forwards_per_token": round(sum(m["fwd"]) / max(1, sum(m["tok"])), 3),
+                         "accuracy_pct": round(100 * statistics.mean(m["acc"]), 2),
+                         "agreement_with_baseline_pct": round(100 * statistics.mean(m["agree"]), 2)})
+    print("| gen length | system | tokens/s | speedup | forwards/token | token accuracy vs reference | same as baseline |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['length']} | {r['system']} | {r['tokens_per_s']} | {r['speedup']}x | {r['forwards_per_token']} "
+              f"| {r['accuracy_pct']}% | {r['agreement_with_baseline_pct']}% |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "train": {k: info[k] for k in ("steps", "seconds", "final_loss")},
+                                          "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""``train-mdm``: corpus split, tokenizer, the LLaDA objective, checkpoint reuse and atomicity,
+and the CLI. Trains on a small synthetic "standard library" so it takes seconds."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import decograph
+from decograph import train_mdm as T
+from decograph.cli import main
+from decograph.errors import InputError, ModelError
+
+TINY = T.TrainConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=48, batch_size=8,
+                     lr=3e-3, minutes=0, max_steps=40)
+
+
+@pytest.fixture(scope="module")
+def stdlib(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stdlib")
+    rng = random.Random(0)
+    for i in range(24):
+        lines = [f"def f{i}_{j}(x):\n    return x + {rng.randrange(10)}\n" for j in range(30)]
+        (root / f"mod{i}.py").write_text("".join(lines))
+    (root / "test").mkdir()
+    (root / "test" / "test_skip.py").write_text("SKIPPED = True\n" * 50)
+    return root
+
+
+def test_corpus_skips_tests_and_splits_by_path(stdlib) -> None:
+    files = T.stdlib_files(stdlib)
+    assert [rel for rel, _ in files] == sorted(rel for rel, _ in files)
+    assert not any(rel.startswith("test/") for rel, _ in files) and len(files) == 24
+    held = [rel for rel, _ in files if T.held_out(rel)]
+    assert held == [rel for rel, _ in T.stdlib_files(stdlib) if T.held_out(rel)]   # deterministic
+    real = T.stdlib_files()
+    share = sum(T.held_out(rel) for rel, _ in real) / len(real)
+    assert 0.02 < share < 0.10                                                       # ~1 in 20
+    with pytest.raises(InputError, match="not found"):
+        T.stdlib_files(stdlib / "nope")
+
+
+def test_tokenizer_round_trips_and_has_special_tokens(stdlib) -> None:
+    texts = [t for _, t in T.stdlib_files(stdlib)]
+    tok = T.train_tokenizer(texts, 320)
+    assert tok.decode(tok(texts[0])["input_ids"]) == texts[0]
+    assert {tok.eos_token, tok.mask_token, tok.pad_token} == {T.EOS, T.MASK, T.PAD}
+    assert len(tok) <= 320
+
+
+def test_masked_batch_follows_the_llada_objective() -> None:
+    data = [torch.arange(10, 200, dtype=torch.int32) % 50 + 10 for _ in range(3)] + [torch.tensor([11, 12], dtype=torch.int32)]
+    cfg = T.TrainConfig(seq_len=32, batch_size=64)
+    inp, tgt, w = T._masked_batch(data, cfg, eos=0, mask=1, rng=random.Random(0), gen=torch.Generator().manual_seed(0))
+    masked = inp == 1
+    assert torch.equal(masked, w > 0) and (tgt != 1).all()
+    assert torch.equal(inp[~masked], tgt[~masked])
+    assert (w[masked] >= 1).all()                        # 1/t with t in (0, 1]
+    assert (tgt == 0).any()                              # a short file ends: EOS padding
+
+
+def test_training_reduces_the_loss_and_reuses_the_checkpoint(stdlib, tmp_path) -> None:
+    logs: list[str] = []
+    d = T.train_mdm(TINY, tmp_path, progress=False, stdlib_root=stdlib, log=logs.append)
+    info = json.loads((d / "train.json").read_text())
+    assert info["steps"] == 40 and info["curve"][-1]["loss"] < info["curve"][0]["loss"]
+    model, tok = T.load_trained_mdm(TINY, tmp_path)
+    assert model.config.mask_token_id == tok.mask_token_id and model.config.eos_token_id == tok.eos_token_id
+    [r] = decograph.generate(model, tok, ["def f1_0(x):\n"], strategy="fast_dllm", max_new_tokens=16)
+    assert len(r.new_token_ids) <= 16 and tok.mask_token_id not in r.new_token_ids
+    mtime = (d / "model.safetensors").stat().st_mtime_ns
+    assert T.train_mdm(TINY, tmp_path, progress=False, stdlib_root=stdlib, log=logs.append) == d
+    assert "reusing" in logs[-1] and (d / "model.safetensors").stat().st_mtime_ns == mtime
+    samples = T.held_out_samples(tok, 8, 8, 5, stdlib_root=stdlib)
+    assert len(samples) == 5 and all(len(p) == 8 and len(c) == 8 for p, c in samples)
+
+
+def test_failed_save_leaves_nothing_half_written(stdlib, tmp_path, monkeypatch) -> None:
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T, "save_mdm", fail)
+    cfg = T.TrainConfig(**{**TINY.__dict__, "max_steps": 2})
+    with pytest.raises(OSError, match="disk full"):
+        T.train_mdm(cfg, tmp_path, progress=False, stdlib_root=stdlib, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ModelError, match="train-mdm"):
+        T.load_trained_mdm(cfg, tmp_path)
+
+
+def test_cli_train_mdm_errors_and_missing_model(tmp_path, monkeypatch, capsys) -> None:
+    assert main(["train-mdm", "--minutes", "0"]) == 2
+    assert "--max-steps" in capsys.readouterr().err
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["run", "--model", "mdm", "--strategy", "fast_dllm", "--prompt", "x"]) == 2
+    assert "decograph train-mdm" in capsys.readouterr().err
