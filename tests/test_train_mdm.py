@@ -61,7 +61,7 @@ def test_masked_batch_follows_the_llada_objective() -> None:
     assert (tgt == 0).any()                              # a short file ends: EOS padding
 
 
-def test_training_reduces_the_loss_and_reuses_the_checkpoint(stdlib, tmp_path) -> None:
+def test_training_reduces_the_loss_and_reuses_the_checkpoint(stdlib, tmp_path, capsys) -> None:
     logs: list[str] = []
     d = T.train_mdm(TINY, tmp_path, progress=False, stdlib_root=stdlib, log=logs.append)
     info = json.loads((d / "train.json").read_text())
@@ -73,6 +73,10 @@ def test_training_reduces_the_loss_and_reuses_the_checkpoint(stdlib, tmp_path) -
     mtime = (d / "model.safetensors").stat().st_mtime_ns
     assert T.train_mdm(TINY, tmp_path, progress=False, stdlib_root=stdlib, log=logs.append) == d
     assert "reusing" in logs[-1] and (d / "model.safetensors").stat().st_mtime_ns == mtime
+    assert main(["run", "--model", str(d), "--strategy", "lud", "--prompt", "def f1_0(x):", "--max-new-tokens", "12",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["strategy"] == "lud" and 1 <= record["new_tokens"] <= 12 and record["chat"] is False
     samples = T.held_out_samples(tok, 8, 8, 5, stdlib_root=stdlib)
     assert len(samples) == 5 and all(len(p) == 8 and len(c) == 8 for p, c in samples)
 

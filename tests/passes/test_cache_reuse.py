@@ -171,3 +171,26 @@ def test_block_mask_forward_with_approximate_gets_block_approx() -> None:
 ])
 def test_kv_policy_table(mask: str, approximate: bool, policy: str | None) -> None:
     assert kv_policy(mask, approximate) == policy
+
+
+def test_block_mask_forward_dual_gets_block_approx_dual() -> None:
+    after = """
+    strategy diffusion {
+      %0 = prefill(%prompt) : State
+      %1 = iterate(%0, max_steps=0, until=[eos, max_new_tokens]) : State {
+      ^(%2: State):
+        %3 = draft.mask(%2, k=16, mask_token=-1) : Tokens[B, 16]
+        %4 = forward(%2, %3, dedup=false, layout=sequence, mask=block) : Logits[B, 17, V]
+        %5 = unmask.threshold(%2, %4, contiguous=false, threshold=0.9) : Tokens[B, A]
+        %6 = commit(%2, %5, kv=block_approx_dual, rollback=in_place) : State
+        yield(%6)
+      }
+      %7 = emit(%1) : Tokens[B, G]
+    }
+    """
+    pm = check_pass("cache-reuse{approximate=true,dual=true}", DIFFUSION, after)
+    assert _only(pm) == ("cache-reuse{approximate=true,dual=true}", True,
+                         {"kv_block_approx_dual": 1, "rollback_in_place": 1})
+    assert kv_policy("block", True, dual=True) == "block_approx_dual"
+    assert kv_policy("causal", True, dual=True) == "keep_accepted"
+    assert kv_policy("block", False, dual=True) is None
