@@ -149,7 +149,11 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
            do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
            eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
            overrides: dict[str, Any] | None, passes: str | None = "default",
-           branch_providers: dict[str, Any] | None = None) -> tuple[Interpreter, list[list[int]], Any]:
+           branch_providers: dict[str, Any] | None = None, backend: Any = "torch") -> tuple[Interpreter, list[list[int]], Any]:
+    from decograph.backends.base import plan
+    from decograph.backends.registry import get_backend
+
+    engine = get_backend(backend)           # before any model work: an unknown backend fails fast
     adapter, tok = resolve_model(model, tokenizer)
     program = _program(strategy, overrides)
     if do_sample:
@@ -178,8 +182,9 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
             raise InputError(f"draft model {name!r} has a vocabulary of {dv} tokens, the target model "
                              f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
+    plan(engine, program)                   # one BackendFallbackWarning per op without a kernel
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
-                    _cost_curve(adapter), tok, dict(branch_providers or {}))
+                    _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels())
     from decograph.frontends.diffusion import MaskedDiffusionAdapter
 
     if isinstance(adapter, MaskedDiffusionAdapter):
@@ -282,7 +287,8 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              top_p: float = 1.0, seed: int | None = None, eos_token_id: Any = None,
              stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
              streamer: Any = None, overrides: dict[str, Any] | None = None,
-             passes: str | None = "default", branch_providers: dict[str, Any] | None = None) -> list[GenerationResult]:
+             passes: str | None = "default", branch_providers: dict[str, Any] | None = None,
+             backend: Any = "torch") -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
@@ -294,10 +300,12 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     ``branch_providers``: functions a fork strategy's ``draft.branches(provider=NAME)`` calls
     with a row for its branch prompts (see ``decograph.ner``). What fork/join strategies left
     on a row with ``join(rule=collect|ner_dedup)`` is in ``GenerationResult.branches``.
+    ``backend``: a registered backend name (``decograph backends``) or a ``Backend``; ops it
+    has no kernel for run on the torch reference, each with a ``BackendFallbackWarning``.
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
                               top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes,
-                              branch_providers)
+                              branch_providers, backend)
     if streamer is not None:
         if len(ids) != 1:
             raise InputError("a transformers streamer supports one prompt at a time")
@@ -319,7 +327,8 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
     has ``done=True`` and the concatenated texts equal ``generate``'s ``text``."""
     kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
           ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
-          ("draft_models", None), ("overrides", None), ("passes", "default"), ("branch_providers", None))}
+          ("draft_models", None), ("overrides", None), ("passes", "default"), ("branch_providers", None),
+          ("backend", "torch"))}
     if kwargs:
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)

@@ -3,7 +3,10 @@
     decograph strategies [--json]
     decograph compile FILE_OR_NAME [--set KEY=VALUE ...] [--json]
     decograph run --strategy NAME_OR_FILE --prompt TEXT [--model DIR] [--max-new-tokens N]
-                  [--chat | --no-chat] [--set KEY=VALUE ...] [--sample ...] [--stream | --json]
+                  [--chat | --no-chat] [--set KEY=VALUE ...] [--backend NAME] [--sample ...] [--stream | --json]
+    decograph ner --labels L1,L2 TEXT...
+    decograph backends [--json]
+    decograph train-mdm [--minutes M]
 
 Guarantees: every ``DecographError`` (a bad strategy file, a missing model wheel, an empty
 prompt, ...) prints ``decograph: error: <message>`` on stderr and exits 2 with no traceback,
@@ -178,7 +181,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     printer = _TextPrinter(tok) if args.stream else None
     [result] = generate(adapter, tok, [args.prompt], strategy.program, args.max_new_tokens, chat=chat,
                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, streamer=printer)
+                        seed=args.seed, streamer=printer, backend=args.backend)
     s = result.stats
     if args.json:
         record = {"strategy": strategy.name, "model": model_name, "prompt": args.prompt, "chat": chat,
@@ -233,6 +236,24 @@ def _cmd_ner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from decograph.backends.registry import registry
+
+    reg = registry()
+    rows = [{**b.info(), "origin": reg.origin[name]} for name, b in sorted(reg.backends.items())]
+    if args.json:
+        print(json.dumps({"backends": rows, "errors": reg.errors}))
+        return 0
+    for r in rows:
+        state = "ready" if r["available"] is None else f"unavailable: {r['available']}"
+        print(f"{r['name']:<14} {r['description']}")
+        kernels = ", ".join(r["kernels"]) or ("the reference (every op)" if r["name"] == "torch" else "none")
+        print(f"{'':<14} {r['origin']}; devices {', '.join(r['devices'])}; kernels {kernels}; {state}")
+    for e in reg.errors:
+        print(f"error: {e}", file=sys.stderr)
+    return 0
+
+
 def _cmd_train_mdm(args: argparse.Namespace) -> int:
     from decograph.train_mdm import TrainConfig, train_mdm
 
@@ -283,6 +304,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="wrap the prompt in the tokenizer's chat template; default: on for the embedded "
                         "(instruct) default model, off with --model")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    r.add_argument("--backend", default="torch", metavar="NAME",
+                   help="the backend to run on (see `decograph backends`; default: torch)")
     g = r.add_argument_group("sampling (lossless: verification becomes speculative sampling)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0, metavar="T")
@@ -308,6 +331,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="wrap the prefix in the chat template (default: the template's `chat`, true)")
     n.add_argument("--json", action="store_true", help="print the entities as JSON")
     n.set_defaults(func=_cmd_ner)
+
+    b = sub.add_parser("backends", help="list the backends (built-in and plugins) and broken plugins")
+    b.add_argument("--json", action="store_true", help="print {backends: [...], errors: [...]} as JSON")
+    b.set_defaults(func=_cmd_backends)
 
     t = sub.add_parser("train-mdm", help="train the small masked diffusion LM the unmask strategies run on",
                        description="Train a small masked diffusion LM (LLaDA objective) on this Python's standard "

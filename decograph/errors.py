@@ -32,3 +32,7 @@ class UnsupportedError(DecographError):
 
 class PassError(DecographError):
     """A pass failed or produced invalid IR; the message names it and the passes before it."""
+
+
+class BackendError(DecographError):
+    """An unknown, broken or unavailable backend (names it, and the plugin it came from)."""

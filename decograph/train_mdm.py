@@ -10,6 +10,8 @@ hashes to 0 mod 20 are held out for the benchmark.
 - Objective (LLaDA): draw t ~ U(0, 1], mask each token with probability t, minimise the
   cross-entropy of the masked tokens weighted by 1/t. Half the samples keep a random-length
   prefix unmasked (LLaDA's SFT form: a prompt, then a masked response).
+- Precision: bfloat16 autocast with fp32 weights where the CPU computes bf16 natively (about
+  2x faster here), fp32 otherwise; inference runs in fp32.
 - Output: ``config.json``, ``model.safetensors``, the tokenizer files and ``train.json`` (the
   loss curve) in ``$XDG_CACHE_HOME/decograph/models/mdm-stdlib-<fingerprint>``, written to a
   temporary directory and renamed when complete; later runs reuse it.
@@ -61,6 +63,17 @@ class TrainConfig:
     seed: int = 0
     minutes: float = 25.0
     max_steps: int = 0           # 0: as many as fit in ``minutes``
+    bf16: str = "auto"           # bfloat16 autocast (fp32 weights): "auto" where the CPU has native bf16
+
+    def use_bf16(self) -> bool:
+        if self.bf16 not in ("auto", "on", "off"):
+            raise InputError(f"train-mdm: bf16 must be auto, on or off, got {self.bf16!r}")
+        if self.bf16 == "auto":
+            try:
+                return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            except (AttributeError, RuntimeError):
+                return False
+        return self.bf16 == "on"
 
     def fingerprint(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in ("minutes", "max_steps")}
@@ -115,12 +128,12 @@ def trained_mdm_dir(config: TrainConfig | None = None, cache_dir: str | Path | N
 
 def load_trained_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = None) -> tuple[MDMTransformer, Any]:
     """The checkpoint ``train-mdm`` wrote (model in eval mode, tokenizer)."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     d = trained_mdm_dir(config, cache_dir)
     if not (d / "train.json").is_file():
         raise ModelError(f"no trained masked diffusion model at {d}: run `decograph train-mdm` first")
-    return load_mdm(d), AutoTokenizer.from_pretrained(str(d))
+    return load_mdm(d), PreTrainedTokenizerFast.from_pretrained(str(d))
 
 
 def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: int,
@@ -157,6 +170,7 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
         log(f"reusing the trained model at {target} (--force retrains)")
         return target
     torch.manual_seed(cfg.seed)
+    bf16 = cfg.use_bf16()
     files = stdlib_files(stdlib_root)
     train_texts = [t for rel, t in files if not held_out(rel)]
     log(f"corpus: {len(files)} standard-library files, {len(train_texts)} for training, "
@@ -184,8 +198,9 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
         for g in opt.param_groups:
             g["lr"] = lr
         inp, tgt, w = _masked_batch(data, cfg, eos, mask, rng, gen)
-        logits, _ = model(inp, pos)
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="none")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model(inp, pos)
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none")
         loss = (ce * w.flatten()).sum() / tgt.numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,7 +220,7 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
         tok.save_pretrained(str(tmp))
         info = {"train_config": asdict(cfg), "steps": step, "seconds": round(time.perf_counter() - start, 1),
                 "tokens_seen": step * cfg.batch_size * cfg.seq_len, "final_loss": ema, "curve": curve,
-                "python": sys.version.split()[0]}
+                "python": sys.version.split()[0], "bf16_autocast": bf16}
         (tmp / "train.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)

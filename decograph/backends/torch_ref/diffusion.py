@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from decograph.backends.torch_ref.interp import Event, RunConfig
+from decograph.backends.torch_ref.kernels import unmask_confidence
 from decograph.errors import InputError, UnsupportedError
 from decograph.frontends.diffusion import MaskedDiffusionAdapter
 from decograph.ir import ops as O
@@ -123,6 +124,7 @@ class DiffusionInterpreter:
         if self.commit.kv == "keep_accepted":
             raise UnsupportedError("commit(kv=keep_accepted) is exact only for causal forwards; a block forward "
                                    "uses recompute, block_approx or block_approx_dual")
+        self._confidence = config.kernels.get("unmask.confidence") or unmask_confidence
         self.mask_id = adapter.mask_token_id if self.draft.mask_token < 0 else self.draft.mask_token
         self.eos = set(config.eos_token_ids) if "eos" in self.loop.until else set()
         self.state: _State | None = None
@@ -179,11 +181,9 @@ class DiffusionInterpreter:
         logits = self._logits(active, blocks)
         for r in active:
             s, e = blocks[r.index]
-            lg = logits[r.index].float()
-            lg[:, self.mask_id] = float("-inf")          # never predict the mask itself
             cand = [g for g in range(s, min(e, r.limit)) if r.gen[g] == self.mask_id]
-            probs = torch.softmax(lg[[g - s for g in cand]], -1)
-            conf, tok = probs.max(-1)
+            # the max softmax probability and the argmax, never the mask token itself
+            conf, tok = self._confidence(logits[r.index][[g - s for g in cand]], self.mask_id)
             picked = [cand[i] for i in select_unmask(self.unmask, conf)]
             for g in picked:
                 t = int(tok[cand.index(g)])

@@ -51,6 +51,7 @@ class RunConfig:
     cost_curve: CostCurve = DEFAULT_CURVE
     tokenizer: Any = None               # for text branch prompts (draft.branches)
     branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
+    kernels: dict[str, Any] = field(default_factory=dict)            # a backend's kernel slots
 
 
 @dataclass
@@ -176,7 +177,14 @@ class Interpreter:
     def _verify(self, op: O.Op, fwd: Forwarded) -> _Accepted:
         paths = []
         greedy = isinstance(op, O.VerifyGreedy)
+        kernel = self.cfg.kernels.get("verify.greedy")
         for b, tree in enumerate(fwd.trees):
+            if greedy and kernel is not None:           # the backend's fused argmax + compare
+                toks = torch.tensor([0] + tree.tokens)
+                parents = torch.tensor([-1] + [p + 1 for p in tree.parent])
+                argmax, _ = kernel(fwd.rows_of(b), toks, parents)
+                paths.append(greedy_walk(tree, argmax.tolist()))
+                continue
             if greedy:
                 paths.append(greedy_walk(tree, fwd.argmax_of(b)))
                 continue

@@ -1,0 +1,66 @@
+"""The torch reference kernels: the definition every other backend's kernels must match.
+
+See ``decograph.backends.base`` for the kernel slots and their signatures.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["verify_greedy", "unmask_confidence", "kv_compact", "tree_attention", "ancestors"]
+
+
+def verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax per node, and whether each node's path from the root matches the argmax."""
+    argmax = logits.argmax(-1)
+    ok = torch.ones(len(tokens), dtype=torch.bool)
+    match = (tokens == argmax[parents.clamp_min(0)]).tolist()
+    par = parents.tolist()
+    for i in range(1, len(par)):
+        ok[i] = bool(match[i]) and bool(ok[par[i]])
+    return argmax, ok
+
+
+def unmask_confidence(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max softmax probability and argmax per row, the mask token excluded."""
+    lg = logits.float().clone()
+    lg[:, mask_id] = float("-inf")
+    return torch.softmax(lg, -1).max(-1)
+
+
+def kv_compact(cache: torch.Tensor, row: int, keep: torch.Tensor) -> None:
+    """Slots ``keep`` (ascending) of ``cache[row]`` moved to slots ``0..len(keep)-1``, in place."""
+    cache[row, : len(keep)] = cache[row, keep].clone()
+
+
+def ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depth of every node (roots: parent -1, depth 0) and ``anc [T, max_depth + 1]``:
+    ``anc[i, d]`` is i's ancestor at depth d (i itself at its own depth; -1 past it). A node j
+    is visible to i iff ``anc[i, depth[j]] == j``: the structural mask, O(T * depth)."""
+    par = parents.tolist()
+    depth = [0] * len(par)
+    for i, p in enumerate(par):
+        if p >= i:
+            raise ValueError(f"tree node {i} has parent {p}: parents must precede their children")
+        depth[i] = depth[p] + 1 if p >= 0 else 0
+    width = max(depth, default=0) + 1
+    anc = torch.full((len(par), width), -1, dtype=torch.int32)
+    for i in range(len(par)):
+        j = i
+        while j >= 0:
+            anc[i, depth[j]] = j
+            j = par[j]
+    return torch.tensor(depth, dtype=torch.int32), anc
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_valid: torch.Tensor,
+                   parents: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of T tree nodes (``q [H, T, D]``) over ``k, v [H, S + T, D]``: the first S
+    (prefix) slots where ``prefix_valid [S]``, then the nodes: node i sees node j iff j is i or
+    an ancestor of i. Materializes the dense mask: this is the reference, not the kernel."""
+    t, s = q.shape[1], k.shape[1] - q.shape[1]
+    depth, anc = ancestors(parents)
+    tree = anc[:, depth.long()] == torch.arange(t, dtype=torch.int32)[None, :]
+    mask = torch.cat([prefix_valid[None, :].expand(t, s), tree], 1)
+    att = (q.float() @ k.float().transpose(-1, -2)) * scale
+    att = att.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(att, -1) @ v.float()).to(q.dtype)

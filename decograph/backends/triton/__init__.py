@@ -1,0 +1,1 @@
+"""The Triton backend (kernels in ``kernels``; importing this package does not import triton)."""

@@ -1,0 +1,40 @@
+"""The ``triton`` backend: Triton kernels for greedy verification, confidence unmasking and KV
+compaction, on a CUDA GPU or, under ``TRITON_INTERPRET=1``, on the CPU (Triton's interpreter:
+exact but slow, for tests). Ops without a kernel here run on the torch reference (with a
+``BackendFallbackWarning``): ``forward`` (the tree-attention kernel exists and is tested
+against the reference, but is not yet installed into the model's layers), sampling and
+threshold verification."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Callable
+
+from decograph.backends.base import Backend
+
+__all__ = ["TritonBackend"]
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1): greedy verify, unmask, KV compaction"
+    devices = ("cuda", "cpu-interpreter")
+
+    def available(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed (pip install triton)"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU; set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter"
+        return None
+
+    def kernels(self) -> dict[str, Callable[..., Any]]:
+        if importlib.util.find_spec("triton") is None:
+            return {}
+        from decograph.backends.triton import kernels as K
+
+        return {"verify.greedy": K.verify_greedy, "unmask.confidence": K.unmask_confidence,
+                "kv.compact": K.kv_compact}
