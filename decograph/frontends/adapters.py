@@ -239,11 +239,28 @@ class HFCausalLM(CausalLMAdapter):
     def new_cache(self, batch_size: int) -> Any:
         return SlotCache(self.num_layers)
 
-    def forward(self, cache, input_ids, position_ids, attend):
+    supports_attention_kernel = True
+
+    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None):
+        """As ``CausalLMAdapter.forward``; with ``attention`` (a backend's kernel, see
+        ``decograph.backends.base``), the model's attention layers run it under ``structure``
+        (a ``StructuredMask`` equal to ``attend``) through transformers' attention registry."""
         past = self.cache_len(cache)
         t = input_ids.shape[1]
         if attend.shape != (input_ids.shape[0], t, past + t):
             raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
+        if attention is not None:
+            from decograph.frontends.hf_attention import structured_attention
+
+            # A 4D mask counts as prepared: transformers passes it through untouched, and the
+            # kernel ignores it (a [B, 1, 1, 1] placeholder, not the dense pattern).
+            placeholder = torch.zeros((input_ids.shape[0], 1, 1, 1), dtype=self.dtype, device=self.device)
+            with torch.no_grad(), structured_attention(self.model, structure, attention):
+                out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
+                                 attention_mask=placeholder, use_cache=True,
+                                 cache_position=torch.arange(past, past + t, device=self.device),
+                                 **{self._cache_kwarg: cache})
+            return out.logits.float()
         if self.fast is not None:
             with torch.no_grad():
                 return self.fast.forward(cache, input_ids, position_ids, attend)

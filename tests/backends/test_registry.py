@@ -97,9 +97,13 @@ def test_causal_strategies_through_backends_give_the_reference_tokens(backend: s
     model = tiny_llama()
     prompts = [[1, 5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3]]
     ref = decograph.generate(model, None, prompts, strategy, 12, eos_token_id=[])
-    with pytest.warns(BackendFallbackWarning):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = decograph.generate(model, None, prompts, strategy, 12, eos_token_id=[], backend=backend)
     assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]
+    fallbacks = {str(w.message).split("`")[1] for w in caught if issubclass(w.category, BackendFallbackWarning)}
+    # triton runs every op of these (attention through transformers' registry); the plugin only verifies
+    assert fallbacks == (set() if backend == "triton" else {"forward"})
 
 
 @pytest.mark.parametrize("backend", ["numpy_example", "triton"])
@@ -108,7 +112,8 @@ def test_unmask_strategies_through_backends_give_the_reference_tokens(backend: s
     prompts = [[5, 6, 7, 8], [9, 10]]
     for strategy in ("fast_dllm", "lud", "llada_semi_ar"):
         ref = decograph.generate(model, None, prompts, strategy, 16, overrides={"block": 4} if strategy != "llada_semi_ar" else None)
-        with pytest.warns(BackendFallbackWarning):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BackendFallbackWarning)   # forward: the MDM has no kernel hook
             out = decograph.generate(model, None, prompts, strategy, 16, backend=backend,
                                      overrides={"block": 4} if strategy != "llada_semi_ar" else None)
         assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]

@@ -70,25 +70,38 @@ def test_kv_compact_matches(seed: int) -> None:
     assert torch.equal(cache, ref)
 
 
+def random_mask(rng: random.Random, g: torch.Generator, b: int, t: int, s: int) -> R.StructuredMask:
+    parents = torch.stack([random_tree(rng, t, roots=rng.choice([1, 3])) for _ in range(b)])  # roots: segments
+    seg = torch.zeros(b, t, dtype=torch.long)
+    for i in range(b):
+        for j, p in enumerate(parents[i].tolist()):
+            seg[i, j] = (seg[i, p] if p >= 0 else int(seg[i, :j].max()) + 1 if j else 0)
+    groups = int(seg.max()) + 1
+    return R.StructuredMask(parents, seg, torch.rand(b, groups, s, generator=g) > 0.3)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_tree_attention_matches(seed: int) -> None:
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
-    h, t, s, d = rng.choice([1, 2, 4]), rng.randrange(1, 40), rng.choice([0, 1, 13, 70]), rng.choice([8, 24, 64])
-    q, k, v = torch.randn(h, t, d, generator=g), torch.randn(h, s + t, d, generator=g), torch.randn(h, s + t, d, generator=g)
-    prefix_valid = torch.rand(s, generator=g) > 0.3
-    parents = random_tree(rng, t, roots=rng.choice([1, 3]))       # several roots: packed segments
-    out = T.tree_attention(q, k, v, prefix_valid, parents, d ** -0.5)
-    ref = R.tree_attention(q, k, v, prefix_valid, parents, d ** -0.5)
+    b, hkv, t, s, d = rng.choice([1, 2]), rng.choice([1, 2]), rng.randrange(1, 40), rng.choice([0, 1, 13, 70]), rng.choice([8, 24, 64])
+    h = hkv * rng.choice([1, 3])                                   # grouped-query attention
+    q = torch.randn(b, h, t, d, generator=g)
+    k, v = torch.randn(b, hkv, s + t, d, generator=g), torch.randn(b, hkv, s + t, d, generator=g)
+    mask = random_mask(rng, g, b, t, s)
+    dense = mask.dense()
+    assert dense.shape == (b, t, s + t) and dense[:, :, s:].diagonal(dim1=1, dim2=2).all()
+    out = T.tree_attention(q, k, v, mask, d ** -0.5)
+    ref = R.tree_attention(q, k, v, mask, d ** -0.5)
     assert (out - ref).abs().max() < 2e-5
 
 
 def test_tree_attention_is_causal_attention_on_a_chain() -> None:
     g = torch.Generator().manual_seed(0)
-    h, t, s, d = 2, 9, 5, 16
-    q, k, v = torch.randn(h, t, d, generator=g), torch.randn(h, s + t, d, generator=g), torch.randn(h, s + t, d, generator=g)
-    chain = torch.arange(-1, t - 1)
-    out = T.tree_attention(q, k, v, torch.ones(s, dtype=torch.bool), chain, d ** -0.5)
+    b, h, t, s, d = 1, 2, 9, 5, 16
+    q, k, v = torch.randn(b, h, t, d, generator=g), torch.randn(b, h, s + t, d, generator=g), torch.randn(b, h, s + t, d, generator=g)
+    mask = R.StructuredMask(torch.arange(-1, t - 1)[None], torch.zeros(1, t, dtype=torch.long), torch.ones(1, 1, s, dtype=torch.bool))
+    out = T.tree_attention(q, k, v, mask, d ** -0.5)
     causal = torch.ones(t, s + t, dtype=torch.bool).tril(s)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal)
     assert (out - ref).abs().max() < 2e-5

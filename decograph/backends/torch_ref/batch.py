@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from decograph.backends.torch_ref.kernels import StructuredMask
+
 from decograph.frontends.adapters import CausalLMAdapter
 
 __all__ = ["Row", "BatchState", "DraftTree", "StepLayout"]
@@ -184,6 +186,31 @@ class StepLayout:
                         new[p, q + i, q : q + n] |= new[p, q + par, q : q + n]
         return ids, pos, torch.cat([cached, new], dim=2)
 
+    def structure(self, valid: torch.Tensor) -> StructuredMask:
+        """The pattern ``inputs``' ``attend`` holds, structurally (no T x T tensor): each
+        segment's pending tokens form a chain, its tree's roots hang off the last pending one;
+        padding queries form a last segment that sees no cache slot."""
+        nb, t, s = self.n_phys, self.width, valid.shape[1]
+        assert nb is not None and self.phys is not None
+        parents = torch.full((nb, t), -1, dtype=torch.long)
+        groups: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+        seg = torch.full((nb, t), -1, dtype=torch.long)
+        for b, (row, tree) in enumerate(zip(self.rows, self.trees)):
+            p, o, r, n = self.phys[b], self.offset[b], len(row.pending), len(tree)
+            seg[p, o : o + r + n] = len(groups[p])
+            groups[p].append(valid[b])
+            parents[p, o + 1 : o + r] = torch.arange(o, o + r - 1)
+            q = o + r
+            if n:
+                parents[p, q : q + n] = torch.tensor([q + par if par >= 0 else q - 1 if r else -1 for par in tree.parent])
+        g = max(len(x) for x in groups) + 1
+        prefix = torch.zeros((nb, g, s), dtype=torch.bool)
+        for p, rows in enumerate(groups):
+            for i, v in enumerate(rows):
+                prefix[p, i] = v
+            seg[p][seg[p] < 0] = g - 1
+        return StructuredMask(parents, seg, prefix)
+
 
 @dataclass
 class _Level:
@@ -218,6 +245,7 @@ class BatchState:
         self._owners = list(self.active)    # the row each valid row belongs to
         self._bytes = 0                     # bytes of one slot of one row, once known
         self._stack: list[_Level] = []      # levels suspended by fork, innermost last
+        self.attention: Any = None          # a backend's attention kernel (adapters that take one)
 
     @property
     def forked(self) -> bool:
@@ -281,7 +309,11 @@ class BatchState:
         the new slots start out invalid."""
         valid = self.valid if index is None else self.valid[torch.tensor(index, dtype=torch.long)]
         ids, pos, attend = layout.inputs(valid, pad_id)
-        logits = self.adapter.forward(self.cache, ids, pos, attend)
+        if self.attention is not None:
+            logits = self.adapter.forward(self.cache, ids, pos, attend, structure=layout.structure(valid),
+                                          attention=self.attention)
+        else:
+            logits = self.adapter.forward(self.cache, ids, pos, attend)
         t = ids.shape[1]
         self.valid = torch.cat([self.valid, torch.zeros((self.valid.shape[0], t), dtype=torch.bool)], dim=1)
         for lv in self._stack:

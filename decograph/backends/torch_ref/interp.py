@@ -157,6 +157,8 @@ class Interpreter:
             if r.max_new <= 0:
                 r.done, r.finish_reason = True, "max_new_tokens"
         state = self.state = BatchState(self.adapter, rows)
+        if getattr(self.adapter, "supports_attention_kernel", False):
+            state.attention = self.cfg.kernels.get("attention")
         if state.active and max(len(r.tokens) for r in state.active) > 1:
             saved = [r.tokens for r in state.active]
             for r in state.active:

@@ -4,9 +4,11 @@ See ``decograph.backends.base`` for the kernel slots and their signatures.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["verify_greedy", "unmask_confidence", "kv_compact", "tree_attention", "ancestors"]
+__all__ = ["verify_greedy", "unmask_confidence", "kv_compact", "tree_attention", "ancestors", "StructuredMask"]
 
 
 def verify_greedy(logits: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,15 +54,35 @@ def ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(depth, dtype=torch.int32), anc
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_valid: torch.Tensor,
-                   parents: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of T tree nodes (``q [H, T, D]``) over ``k, v [H, S + T, D]``: the first S
-    (prefix) slots where ``prefix_valid [S]``, then the nodes: node i sees node j iff j is i or
-    an ancestor of i. Materializes the dense mask: this is the reference, not the kernel."""
-    t, s = q.shape[1], k.shape[1] - q.shape[1]
-    depth, anc = ancestors(parents)
-    tree = anc[:, depth.long()] == torch.arange(t, dtype=torch.int32)[None, :]
-    mask = torch.cat([prefix_valid[None, :].expand(t, s), tree], 1)
-    att = (q.float() @ k.float().transpose(-1, -2)) * scale
-    att = att.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(att, -1) @ v.float()).to(q.dtype)
+@dataclass(frozen=True)
+class StructuredMask:
+    """A step's attention pattern without a T x T tensor: per physical row ``b``, query ``i``
+    belongs to segment ``seg[b, i]``, sees cache slot ``j < S`` iff ``prefix_valid[b,
+    seg[b, i], j]``, and sees query ``j`` iff j is i or an ancestor of i (``parents[b]``: -1
+    for roots, parents before children)."""
+
+    parents: torch.Tensor          # [B, T] long
+    seg: torch.Tensor              # [B, T] long
+    prefix_valid: torch.Tensor     # [B, G, S] bool
+
+    def dense(self) -> torch.Tensor:
+        """The bool [B, T, S + T] pattern (for the reference and for tests)."""
+        rows = []
+        for b in range(self.parents.shape[0]):
+            depth, anc = ancestors(self.parents[b])
+            t = len(depth)
+            tree = anc[:, depth.long()] == torch.arange(t, dtype=torch.int32)[None, :]
+            rows.append(torch.cat([self.prefix_valid[b, self.seg[b]], tree], 1))
+        return torch.stack(rows)
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: StructuredMask,
+                   scale: float) -> torch.Tensor:
+    """Attention of ``q [B, H, T, D]`` over ``k, v [B, Hkv, S + T, D]`` (the cache, then the
+    queries' own slots; H a multiple of Hkv) under ``mask``. Materializes the dense mask: this
+    is the reference, not the kernel. Returns ``[B, H, T, D]``."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1).float(), v.repeat_interleave(groups, 1).float()
+    att = (q.float() @ k.transpose(-1, -2)) * scale
+    att = att.masked_fill(~mask.dense()[:, None], float("-inf"))
+    return (torch.softmax(att, -1) @ v).to(q.dtype)

@@ -1,9 +1,11 @@
 """The ``triton`` backend: Triton kernels for greedy verification, confidence unmasking and KV
-compaction, on a CUDA GPU or, under ``TRITON_INTERPRET=1``, on the CPU (Triton's interpreter:
-exact but slow, for tests). Ops without a kernel here run on the torch reference (with a
-``BackendFallbackWarning``): ``forward`` (the tree-attention kernel exists and is tested
-against the reference, but is not yet installed into the model's layers), sampling and
-threshold verification."""
+compaction, and the model's attention under the structural tree / packed mask (installed into
+Hugging Face models through transformers' attention registry), on a CUDA GPU or, under
+``TRITON_INTERPRET=1``, on the CPU (Triton's interpreter: exact but slow, for tests). The
+rest of a forward (embeddings, MLPs) is the model's own torch code. Ops without a kernel here
+run on the torch reference (with a ``BackendFallbackWarning``): sampling and threshold
+verification. ``kv.compact`` is tested against the reference; the runtime's slot cache
+(which compacts rarely: rollback is in place) does not call it yet."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,7 +19,7 @@ __all__ = ["TritonBackend"]
 
 class TritonBackend(Backend):
     name = "triton"
-    description = "Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1): greedy verify, unmask, KV compaction"
+    description = "Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1): tree attention, greedy verify, unmask"
     devices = ("cuda", "cpu-interpreter")
 
     def available(self) -> str | None:
@@ -36,5 +38,5 @@ class TritonBackend(Backend):
             return {}
         from decograph.backends.triton import kernels as K
 
-        return {"verify.greedy": K.verify_greedy, "unmask.confidence": K.unmask_confidence,
-                "kv.compact": K.kv_compact}
+        return {"attention": K.tree_attention, "verify.greedy": K.verify_greedy,
+                "unmask.confidence": K.unmask_confidence, "kv.compact": K.kv_compact}

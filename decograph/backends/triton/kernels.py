@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from decograph.backends.torch_ref.kernels import ancestors
+from decograph.backends.torch_ref.kernels import StructuredMask, ancestors
 
 __all__ = ["tree_attention", "verify_greedy", "unmask_confidence", "kv_compact"]
 
@@ -72,33 +72,40 @@ def _compact(c_ptr, keep_ptr, K, W, stride_s, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _tree_attn(q_ptr, k_ptr, v_ptr, o_ptr, pv_ptr, depth_ptr, anc_ptr, S, T, D, A, scale,
-               sqh, sqt, skh, skt, soh, sot,
+def _tree_attn(q_ptr, k_ptr, v_ptr, o_ptr, pv_ptr, seg_ptr, depth_ptr, anc_ptr, H, GROUPS, S, T, D, G, A, scale,
+               sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    h = tl.program_id(0)
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    kh = h // GROUPS
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     rmask = rows < T
     dmask = dims < D
-    q = tl.load(q_ptr + h * sqh + rows[:, None] * sqt + dims[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqt + dims[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
     q = q.to(tl.float32) * scale
+    seg = tl.load(seg_ptr + b * T + rows, mask=rmask, other=0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, S + T, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kmask = cols < S + T
-        kv_off = h * skh + cols[:, None] * skt + dims[None, :]
+        kv_off = b * skb + kh * skh + cols[:, None] * skt + dims[None, :]
         k = tl.load(k_ptr + kv_off, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + kv_off, mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         is_prefix = cols < S
-        pv = tl.load(pv_ptr + cols, mask=is_prefix, other=0)
+        pv = tl.load(pv_ptr + b * G * S + seg[:, None] * S + cols[None, :],
+                     mask=rmask[:, None] & is_prefix[None, :], other=0)
         node = cols - S
-        dep = tl.load(depth_ptr + node, mask=(~is_prefix) & kmask, other=0)
-        anc = tl.load(anc_ptr + rows[:, None] * A + dep[None, :], mask=rmask[:, None] & ((~is_prefix) & kmask)[None, :],
+        is_node = (~is_prefix) & kmask
+        dep = tl.load(depth_ptr + b * T + node, mask=is_node, other=0)
+        anc = tl.load(anc_ptr + (b * T + rows[:, None]) * A + dep[None, :], mask=rmask[:, None] & is_node[None, :],
                       other=-1)
-        visible = tl.where(is_prefix[None, :], (pv != 0)[None, :], anc == node[None, :]) & kmask[None, :]
+        visible = tl.where(is_prefix[None, :], pv != 0, anc == node[None, :]) & kmask[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -108,7 +115,7 @@ def _tree_attn(q_ptr, k_ptr, v_ptr, o_ptr, pv_ptr, depth_ptr, anc_ptr, S, T, D, 
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]      # padding rows (past T) see nothing
-    tl.store(o_ptr + h * soh + rows[:, None] * sot + dims[None, :], out, mask=rmask[:, None] & dmask[None, :])
+    tl.store(o_ptr + b * sob + h * soh + rows[:, None] * sot + dims[None, :], out, mask=rmask[:, None] & dmask[None, :])
 
 
 def _vblock(v: int) -> int:
@@ -146,18 +153,28 @@ def kv_compact(cache: torch.Tensor, row: int, keep: torch.Tensor) -> None:
     _compact[(triton.cdiv(w, block),)](cache[row], keep32, len(keep32), w, cache.stride(1), BLOCK_W=block)
 
 
-def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_valid: torch.Tensor,
-                   parents: torch.Tensor, scale: float) -> torch.Tensor:
-    h, t, d = q.shape
-    s = k.shape[1] - t
-    depth, anc = ancestors(parents.cpu())
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: StructuredMask,
+                   scale: float) -> torch.Tensor:
+    """``q [B, H, T, D]`` over ``k, v [B, Hkv, S + T, D]`` under ``mask``; returns ``[B, H, T, D]``."""
+    b, h, t, d = q.shape
+    s = k.shape[2] - t
     dev = q.device
+    tables = [ancestors(mask.parents[i].cpu()) for i in range(b)]
+    width = max(a.shape[1] for _, a in tables)
+    depth = torch.stack([dp for dp, _ in tables]).to(dev).contiguous()
+    anc = torch.full((b, t, width), -1, dtype=torch.int32)
+    for i, (_, a) in enumerate(tables):
+        anc[i, :, : a.shape[1]] = a
+    anc = anc.to(dev).contiguous()
+    g = mask.prefix_valid.shape[1]
+    pv = mask.prefix_valid.to(device=dev, dtype=torch.int8).contiguous() if s else torch.zeros(b, g, 1, dtype=torch.int8, device=dev)
+    seg = mask.seg.to(device=dev, dtype=torch.int32).contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(h, t, d, dtype=torch.float32, device=dev)
-    pv = prefix_valid.to(device=dev, dtype=torch.int8).contiguous() if s else torch.zeros(1, dtype=torch.int8, device=dev)
-    depth, anc = depth.to(dev), anc.to(dev).contiguous()
+    out = torch.empty(b, h, t, d, dtype=torch.float32, device=dev)
     bm, bn = 16, 32
-    _tree_attn[(h, triton.cdiv(t, bm))](q, k, v, out, pv, depth, anc, s, t, d, anc.shape[1], float(scale),
-                                        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-                                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    _tree_attn[(b * h, triton.cdiv(t, bm))](
+        q, k, v, out, pv, seg, depth, anc, h, h // k.shape[1], s, t, d, g, width, float(scale),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d)))
     return out.to(q.dtype)

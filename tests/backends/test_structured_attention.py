@@ -1,0 +1,92 @@
+"""The structural mask the runtime hands an attention kernel is exactly the dense pattern the
+reference forward uses, for every forward of every kind of step; and the Triton attention,
+installed into an unchanged Hugging Face model, gives the reference's tokens on the real
+default model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import decograph
+from decograph.backends.torch_ref import kernels as R
+from decograph.frontends.adapters import HFCausalLM
+from decograph.models.tiny import tiny_llama
+
+
+class _Check(HFCausalLM):
+    """Runs the reference kernel through the attention hook and checks the structure."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model, fast=False)
+        self.checked = 0
+
+    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None):
+        assert structure is not None and torch.equal(structure.dense(), attend)
+        self.checked += 1
+        return super().forward(cache, input_ids, position_ids, attend, structure, attention)
+
+
+class _RefBackend(decograph.backends.Backend):
+    name = "reference_attention"
+
+    def kernels(self):
+        return {"attention": R.tree_attention}
+
+
+def _fork_program():
+    from decograph.ir.builder import Builder
+
+    b = Builder("fork_packed")
+    s = b.prefill()
+    fk = b.fork(s, b.draft("branches", s, provider="test", max_tokens=6))
+    with b.iterate(fk) as loop:
+        st = loop.state
+        d = b.draft("ngram", st, k=3)
+        loop.next(b.commit(st, b.verify("greedy", st, b.forward(st, d, mask="packed"), d), kv="keep_accepted"))
+    b.emit(b.join(loop.result, rule="collect"))
+    return b.build()
+
+
+def _provider(row):
+    from decograph.backends.torch_ref.branches import Branch
+
+    items = {0: [[1], [2, 3], [4, 4, 4]], 1: [], 2: [[5], [6, 2], [7], [8, 8]]}[row.index]
+    return [Branch(f"b{i}", tuple(ids), {"i": i}) for i, ids in enumerate(items)]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", decograph.backends.BackendFallbackWarning)   # verify: the reference
+        yield
+
+
+@pytest.mark.parametrize("strategy,passes", [("anpd", "default"), ("lookahead", "default"), ("lookahead", "none"),
+                                             ("jacobi", "none"), ("fork", "none")])
+def test_structure_equals_the_dense_pattern(strategy: str, passes: str) -> None:
+    model = tiny_llama()
+    adapter = _Check(model)
+    prompts = [[3, 1, 4, 1, 5], [2, 7], [9, 2, 6, 5, 3, 5, 8]]
+    kw = dict(eos_token_id=[], passes=passes)
+    if strategy == "fork":            # packed branches: several segments per physical row, ragged
+        program, kw["branch_providers"] = _fork_program(), {"test": _provider}
+    else:
+        program = strategy
+    ref = decograph.generate(model, None, prompts, program, 12, **kw)
+    out = decograph.generate(adapter, None, prompts, program, 12, backend=_RefBackend(), **kw)
+    assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]
+    if strategy == "fork":
+        assert [[b.tokens for b in r.branches[0]] for r in out] == [[b.tokens for b in r.branches[0]] for r in ref]
+    assert adapter.checked > 3
+
+
+@pytest.mark.real_model
+def test_triton_backend_on_the_default_model_gives_the_reference_tokens() -> None:
+    model, tok = decograph.load_default_model()
+    prompts = ["Name three primary colors.", "What is 2 + 2? Answer briefly."]
+    for strategy in ("anpd", "greedy"):
+        ref = decograph.generate(model, tok, prompts, strategy, 8, chat=True)
+        out = decograph.generate(model, tok, prompts, strategy, 8, chat=True, backend="triton")
+        assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref], strategy
