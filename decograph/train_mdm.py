@@ -5,8 +5,8 @@ every machine has offline: the ``.py`` files of the running Python's standard li
 docstrings and ``pydoc_data``'s documentation text; test packages excluded). Files whose path
 hashes to 0 mod 20 are held out for the benchmark.
 
-- Tokenizer: byte-level BPE (4096 entries) trained on the training files, plus
-  ``<|endoftext|>`` (EOS, also the padding after a file's end), ``<|mask|>`` and ``<|pad|>``.
+- Tokenizer: byte-level BPE of 512 entries (small pieces, which a small model often predicts
+  confidently) trained on the training files, plus ``<|endoftext|>`` (EOS, also the padding after a file's end), ``<|mask|>`` and ``<|pad|>``.
 - Objective (LLaDA): draw t ~ U(0, 1], mask each token with probability t, minimise the
   cross-entropy of the masked tokens weighted by 1/t. Half the samples keep a random-length
   prefix unmasked (LLaDA's SFT form: a prompt, then a masked response).
@@ -52,7 +52,7 @@ _SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"
 class TrainConfig:
     """What is trained; every field is part of the checkpoint's fingerprint except ``minutes``."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 512
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4

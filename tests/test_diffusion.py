@@ -231,9 +231,9 @@ class _Spy(MDMAdapter):
         super().__init__(model)
         self.calls: list[tuple[int, bool]] = []
 
-    def forward(self, ids, positions, key_valid, context=None, context_valid=None, return_kv=False):
+    def forward(self, ids, positions, key_valid, context=None, context_valid=None, return_kv=False, logits_at=None):
         self.calls.append((ids.shape[1], context is not None))
-        return super().forward(ids, positions, key_valid, context, context_valid, return_kv)
+        return super().forward(ids, positions, key_valid, context, context_valid, return_kv, logits_at)
 
 
 @pytest.mark.parametrize("kv,width", [("block_approx_dual", 4), ("block_approx", None)])
@@ -265,7 +265,9 @@ def test_model_context_kv_matches_the_full_forward(model2) -> None:
         q = torch.tensor([3, 4, 5])
         ctx = [(k[:, :, [0, 1, 2, 6, 7, 8, 9]], v[:, :, [0, 1, 2, 6, 7, 8, 9]]) for k, v in kv]
         part, _ = model2(ids[:, q], pos[:, q], context=ctx)
+        some, _ = model2(ids, pos, logits_at=torch.tensor([[7, 2]]))
     assert torch.allclose(part, full[:, q], atol=1e-5)
+    assert torch.allclose(some, full[:, [7, 2]], atol=1e-6)
 
 
 # -- adapters --------------------------------------------------------------------------------
@@ -277,9 +279,12 @@ class _Shifted(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, ids, positions, **kw):
+    def forward(self, ids, positions, logits_at=None, **kw):
         logits, kv = self.inner(ids, positions, **kw)
-        return torch.cat([logits[:, 1:], logits[:, :1]], 1), kv
+        logits = torch.cat([logits[:, 1:], logits[:, :1]], 1)
+        if logits_at is not None:
+            logits = logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits, kv
 
 
 def test_dream_shifted_logits(model2) -> None:

@@ -46,7 +46,8 @@ class MaskedDiffusionAdapter:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
-                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+                return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
+        """Logits for every query position, or only at ``logits_at [B, K]`` (``[B, K, V]``)."""
         raise NotImplementedError
 
 
@@ -62,9 +63,9 @@ class MDMAdapter(MaskedDiffusionAdapter):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
-                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+                return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
         return self.model(ids, positions, key_valid=key_valid, context=context, context_valid=context_valid,
-                          return_kv=return_kv)
+                          return_kv=return_kv, logits_at=logits_at)
 
 
 class HFMaskedDiffusion(MaskedDiffusionAdapter):
@@ -96,13 +97,16 @@ class HFMaskedDiffusion(MaskedDiffusionAdapter):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
-                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+                return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
         if context is not None or return_kv:
             raise UnsupportedError(f"{self.name} has no KV interface for the block-wise caches")
         kw: dict[str, Any] = {"input_ids": ids, "attention_mask": key_valid.long()}
         if self._takes_positions:
             kw["position_ids"] = positions
-        return self.model(**kw).logits, None
+        logits = self.model(**kw).logits
+        if logits_at is not None:
+            logits = logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits, None
 
 
 def is_diffusion_model(model: Any) -> bool:

@@ -107,10 +107,11 @@ class MDMTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, *, key_valid: torch.Tensor | None = None,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
-                return_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+                return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
         """Logits ``[B, T, V]`` for query ``ids`` at ``positions`` (``[B, T]``). Each query attends to
         the valid query positions (``key_valid [B, T]``, default all) and to ``context`` (per layer
-        KV ``[B, H, C, head_dim]``, valid where ``context_valid [B, C]``)."""
+        KV ``[B, H, C, head_dim]``, valid where ``context_valid [B, C]``). ``logits_at [B, K]``:
+        only those query indices get logits (``[B, K, V]``; the output head is the costliest layer)."""
         if ids.shape != positions.shape or ids.dim() != 2:
             raise ModelError(f"MDM forward: ids {tuple(ids.shape)} and positions {tuple(positions.shape)} must be equal [B, T]")
         if positions.numel() and int(positions.max()) >= self.config.max_len:
@@ -132,6 +133,8 @@ class MDMTransformer(nn.Module):
             x, layer_kv = blk(x, cos, sin, mask, context[i] if context is not None else None)
             if return_kv:
                 kv.append(layer_kv)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         logits = F.linear(self.norm(x), self.embed.weight)
         return logits, (kv if return_kv else None)
 

@@ -85,8 +85,8 @@ def test_structure_equals_the_dense_pattern(strategy: str, passes: str) -> None:
 @pytest.mark.real_model
 def test_triton_backend_on_the_default_model_gives_the_reference_tokens() -> None:
     model, tok = decograph.load_default_model()
-    prompts = ["Name three primary colors.", "What is 2 + 2? Answer briefly."]
-    for strategy in ("anpd", "greedy"):
-        ref = decograph.generate(model, tok, prompts, strategy, 8, chat=True)
-        out = decograph.generate(model, tok, prompts, strategy, 8, chat=True, backend="triton")
-        assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref], strategy
+    prompts = ["Repeat exactly: red, green, blue, red, green, blue.", "What is 2 + 2? Answer briefly."]
+    # the interpreter is slow (30 layers of interpreted attention per forward): a few tokens
+    ref = decograph.generate(model, tok, prompts, "anpd", 5, chat=True)
+    out = decograph.generate(model, tok, prompts, "anpd", 5, chat=True, backend="triton")
+    assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]

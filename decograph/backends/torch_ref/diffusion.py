@@ -223,18 +223,25 @@ class DiffusionInterpreter:
         cached = [r for r in active if r not in fresh]
         if fresh:
             idx = torch.tensor([r.index for r in fresh])
-            lg, new_kv = self.adapter.forward(self.ids[idx], self.pos[idx], self.valid[idx], return_kv=kv != "recompute")
+            at = self._block_columns([blocks[r.index] for r in fresh], shift)
+            lg, new_kv = self.adapter.forward(self.ids[idx], self.pos[idx], self.valid[idx], return_kv=kv != "recompute",
+                                              logits_at=at)
             if new_kv is not None:
                 self._store(idx, new_kv)
             for j, r in enumerate(fresh):
                 s, e = blocks[r.index]
-                out[r.index] = lg[j, self.width + s - shift:self.width + e - shift]
+                out[r.index] = lg[j, :e - s]
                 self._kv_block[r.index] = s
                 r.forwards += 1
                 r.query_tokens += int(self.valid[r.index].sum())
         if cached:
             out.update(self._cached(cached, blocks, shift))
         return out
+
+    def _block_columns(self, blocks: list[tuple[int, int]], shift: int) -> torch.Tensor:
+        """Per row, the canvas columns whose logits predict its block (padded by repeating)."""
+        w = max(e - s for s, e in blocks)
+        return torch.stack([torch.arange(s, s + w).clamp_max(e - 1) + self.width - shift for s, e in blocks])
 
     def _store(self, idx: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         if self._kv is None:
@@ -260,7 +267,8 @@ class DiffusionInterpreter:
         in_query = (span >= torch.tensor(starts)[:, None]) & (span < torch.tensor(ends)[:, None])
         cvalid = self.valid[idx] & ~in_query
         ctx = [(k[idx], v[idx]) for k, v in self._kv]
-        lg, _ = self.adapter.forward(ids, pos, qvalid, context=ctx, context_valid=cvalid)
+        at = torch.stack([torch.arange(w).clamp_max(e - s - 1) for s, e in (blocks[r.index] for r in rows)])
+        lg, _ = self.adapter.forward(ids, pos, qvalid, context=ctx, context_valid=cvalid, logits_at=at)
         out = {}
         for j, r in enumerate(rows):
             s, e = blocks[r.index]
