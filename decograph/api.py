@@ -155,6 +155,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
 
     engine = get_backend(backend)           # before any model work: an unknown backend fails fast
     adapter, tok = resolve_model(model, tokenizer)
+    adapter = engine.prepare(adapter)       # e.g. the model exported to and run by ONNX Runtime
     program = _program(strategy, overrides)
     if do_sample:
         from decograph.passes.sampling import to_sampling

@@ -65,6 +65,11 @@ class Backend(ABC):
         """None when the backend can run here, else why not (a missing package, no GPU)."""
         return None
 
+    def prepare(self, adapter: Any) -> Any:
+        """The model adapter to run on (a backend that runs the model elsewhere, such as ONNX
+        Runtime, returns its own); default: ``adapter`` unchanged."""
+        return adapter
+
     @property
     def ops(self) -> frozenset[str]:
         """The IR ops this backend runs natively: the control ops plus those its kernels serve."""

@@ -24,7 +24,8 @@ __all__ = ["GROUP", "BUILTIN", "Registry", "discover", "get_backend", "registry"
 
 GROUP = "decograph.backends"
 BUILTIN = {"torch": "decograph.backends.torch_ref.backend:TorchBackend",
-           "triton": "decograph.backends.triton.backend:TritonBackend"}
+           "triton": "decograph.backends.triton.backend:TritonBackend",
+           "onnxruntime": "decograph.backends.onnxruntime.backend:OnnxRuntimeBackend"}
 
 
 @dataclass

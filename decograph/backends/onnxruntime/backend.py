@@ -1,0 +1,62 @@
+"""The ``onnxruntime`` backend: the model's decoding step exported to ONNX once (cached per
+model and weights) and run by ONNX Runtime's CPU EP; the strategy's control flow, drafting and
+verification run on the host (verification on the torch reference, with a fallback warning)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from decograph.backends.base import _HOST, Backend
+from decograph.errors import UnsupportedError
+
+__all__ = ["OnnxRuntimeBackend", "export_dir"]
+
+
+def _fingerprint(model: Any) -> str:
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum()):.9e}".encode())
+    return h.hexdigest()[:12]
+
+
+def export_dir(model: Any) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "onnx"
+    return root / f"{model.config.model_type}-{_fingerprint(model)}"
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    description = "ONNX Runtime CPU EP: the model's step exported to ONNX (cached); verification on the host"
+    devices = ("cpu",)
+
+    def __init__(self) -> None:
+        self._adapters: dict[int, tuple[Any, Any]] = {}
+
+    def available(self) -> str | None:
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        return f"missing package(s): {', '.join(missing)}" if missing else None
+
+    @property
+    def ops(self) -> frozenset[str]:
+        return frozenset(_HOST) | {"forward"}
+
+    def prepare(self, adapter: Any) -> Any:
+        from decograph.backends.onnxruntime.export import export_step
+        from decograph.backends.onnxruntime.session import ORTCausalLM
+        from decograph.frontends.adapters import HFCausalLM
+
+        if not isinstance(adapter, HFCausalLM):
+            raise UnsupportedError(f"backend 'onnxruntime' exports Hugging Face causal LMs; got {type(adapter).__name__}")
+        hit = self._adapters.get(id(adapter))
+        if hit is not None and hit[0] is adapter:
+            return hit[1]
+        path = export_dir(adapter.model) / "model.onnx"
+        if not path.is_file():
+            export_step(adapter.model, path)
+        ort_adapter = ORTCausalLM(path, vocab_size=adapter.vocab_size, eos_token_ids=adapter.eos_token_ids,
+                                  max_positions=adapter.max_positions, tokenizer=adapter.tokenizer)
+        self._adapters[id(adapter)] = (adapter, ort_adapter)
+        return ort_adapter

@@ -1,0 +1,163 @@
+"""The ONNX Runtime path: the exported step against torch (checker, shape inference, logits and
+KV within 1e-4), every lossless strategy on ORT equal to ORT's own one-token greedy (tiny model
+and the real default model), fp32 ORT against the torch reference with any parting explained by
+a near-tie (the step and the logit margin are reported), and errors."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import decograph
+from decograph.api import resolve_model
+from decograph.backends import BackendFallbackWarning, get_backend
+from decograph.backends.onnxruntime.backend import export_dir
+from decograph.backends.onnxruntime.export import export_step, io_names
+from decograph.backends.onnxruntime.session import ORTCausalLM
+from decograph.errors import ModelError, UnsupportedError
+from decograph.frontends.strategies import list_strategies, load_strategy
+from decograph.models.tiny import tiny_llama
+
+LOSSLESS = [name for name, _ in list_strategies() if load_strategy(name).lossless]
+PROMPTS = [[1, 5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3], [7, 8, 9, 10, 11, 12, 7, 8]]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    return export_step(tiny, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_export_is_a_valid_graph_with_optimum_names(exported) -> None:
+    proto = onnx.load(str(exported))
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    ins, outs = io_names(2)
+    assert [i.name for i in proto.graph.input] == ins and [o.name for o in proto.graph.output] == outs
+    assert not list(exported.parent.glob("*.tmp"))
+
+
+def test_step_matches_torch_logits_and_kv(tiny, exported) -> None:
+    ort_a = ORTCausalLM(exported)
+    ref_a = resolve_model(tiny)[0]
+    for a in (ort_a, ref_a):
+        a._c = a.new_cache(2)
+    ids = torch.tensor([[1, 5, 9, 5], [3, 4, 3, 0]])
+    pos = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0]])
+    attend = torch.ones(4, 4, dtype=torch.bool).tril().repeat(2, 1, 1)
+    attend[1, 3] = False
+    attend[1, 3, 3] = True
+    outs = [a.forward(a._c, ids, pos, attend) for a in (ort_a, ref_a)]
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    # a tree step over the cache: two children of the last token, siblings not seeing each other
+    tree = torch.tensor([[9, 7], [3, 2]])
+    tpos = torch.tensor([[4, 4], [3, 3]])
+    att = torch.cat([torch.ones(2, 2, 4, dtype=torch.bool), torch.eye(2, dtype=torch.bool).repeat(2, 1, 1)], 2)
+    att[1, :, 3] = False
+    outs = [a.forward(a._c, tree, tpos, att) for a in (ort_a, ref_a)]
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+    for (k1, v1), (k2, v2) in zip(ort_a.slot_tensors(ort_a._c), ref_a.slot_tensors(ref_a._c)):
+        assert (k1 - k2[:, :, : k1.shape[2]]).abs().max() < 1e-4 and (v1 - v2[:, :, : v1.shape[2]]).abs().max() < 1e-4
+
+
+def _ort_greedy(adapter, prompt, n, eos=()):
+    """ORT's own one-token-at-a-time greedy decoding (no drafts, plain causal steps)."""
+    cache = adapter.new_cache(1)
+    out, ids = [], list(prompt)
+    feed = ids
+    for _ in range(n):
+        past = adapter.cache_len(cache)
+        t = len(feed)
+        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
+        logits = adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)
+        tok = int(logits[0, -1].argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        feed = [tok]
+    return out
+
+
+@pytest.mark.parametrize("strategy", LOSSLESS)
+def test_every_lossless_strategy_equals_ort_greedy(tiny, strategy) -> None:
+    ort_a = get_backend("onnxruntime").prepare(resolve_model(tiny)[0])
+    want = [_ort_greedy(ort_a, p, 20) for p in PROMPTS]
+    for batch in (PROMPTS[:1], PROMPTS):
+        out = decograph.generate(tiny, None, batch, strategy, 20, eos_token_id=[], backend="onnxruntime")
+        assert [r.new_token_ids for r in out] == want[: len(batch)]
+    eos = want[0][6]                                        # a token met mid-output ends it there
+    [r] = decograph.generate(tiny, None, PROMPTS[:1], strategy, 20, eos_token_id=eos, backend="onnxruntime")
+    assert r.new_token_ids == want[0][: want[0].index(eos) + 1]
+    for n in (0, 1, 7):
+        [r] = decograph.generate(tiny, None, PROMPTS[:1], strategy, n, eos_token_id=[], backend="onnxruntime")
+        assert r.new_token_ids == want[0][:n]
+
+
+def test_errors(tmp_path, exported) -> None:
+    with pytest.raises(ModelError, match="no such ONNX model"):
+        ORTCausalLM(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, bad)
+    with pytest.raises(ModelError, match="not a decograph step graph"):
+        ORTCausalLM(bad)
+    proto.ir_version = 99
+    onnx.save(proto, bad)
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load it"):
+        ORTCausalLM(bad)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ModelError, match="Llama-architecture"):
+        export_step(gpt2, tmp_path / "g.onnx")
+    from decograph.models.mdm import tiny_mdm
+
+    with pytest.raises(UnsupportedError, match="exports Hugging Face causal LMs"):
+        decograph.generate(tiny_mdm(), None, [[5, 6]], "fast_dllm", 4, backend="onnxruntime")
+
+
+@pytest.mark.real_model
+def test_default_model_on_ort(default_model, monkeypatch) -> None:
+    monkeypatch.delenv("XDG_CACHE_HOME")                    # the export is cached across runs
+    model, tok = default_model
+    data = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "spec_bench_questions.jsonl"
+    qs = [json.loads(line)["turns"][0] for line in data.read_text().splitlines()[::40][:4]]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                            tokenize=True)["input_ids"])[-200:] for q in qs]
+    adapter = get_backend("onnxruntime").prepare(resolve_model(model)[0])
+    assert export_dir(model).joinpath("model.onnx").is_file()
+    eos = adapter.eos_token_ids
+    want = [_ort_greedy(adapter, p, 24, eos) for p in prompts]
+    for strategy in ("anpd", "ngram", "lookahead"):
+        out = decograph.generate(model, tok, prompts, strategy, 24, backend="onnxruntime")
+        assert [r.new_token_ids for r in out] == want, strategy
+    ref = decograph.generate(model, tok, prompts, "greedy", 24)          # the torch reference
+    for p, r, w in zip(prompts, ref, want):
+        if r.new_token_ids != w:                                         # report, do not hide
+            i = next(j for j, (a, b) in enumerate(zip(r.new_token_ids, w)) if a != b)
+            with torch.inference_mode():
+                logits = model(torch.tensor([p + w[:i]])).logits[0, -1].float()
+            top = logits.topk(2).values
+            margin = float(top[0] - top[1])
+            assert margin < 1e-3, f"ORT and torch part at step {i} with a logit margin of {margin:.2e}"
