@@ -25,7 +25,9 @@ __all__ = ["GROUP", "BUILTIN", "Registry", "discover", "get_backend", "registry"
 GROUP = "decograph.backends"
 BUILTIN = {"torch": "decograph.backends.torch_ref.backend:TorchBackend",
            "triton": "decograph.backends.triton.backend:TritonBackend",
-           "onnxruntime": "decograph.backends.onnxruntime.backend:OnnxRuntimeBackend"}
+           "onnxruntime": "decograph.backends.onnxruntime.backend:OnnxRuntimeBackend",
+           "onnxruntime-int4": "decograph.backends.onnxruntime.backend:OnnxRuntimeInt4Backend",
+           "onnxruntime-int8": "decograph.backends.onnxruntime.backend:OnnxRuntimeInt8Backend"}
 
 
 @dataclass

@@ -95,19 +95,30 @@ def _ort_greedy(adapter, prompt, n, eos=()):
     return out
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int4", "onnxruntime-int8"])
 @pytest.mark.parametrize("strategy", LOSSLESS)
-def test_every_lossless_strategy_equals_ort_greedy(tiny, strategy) -> None:
-    ort_a = get_backend("onnxruntime").prepare(resolve_model(tiny)[0])
+def test_every_lossless_strategy_equals_ort_greedy(tiny, strategy, backend) -> None:
+    """On a quantized graph, lossless means: the tokens of that graph's own greedy decoding."""
+    ort_a = get_backend(backend).prepare(resolve_model(tiny)[0])
     want = [_ort_greedy(ort_a, p, 20) for p in PROMPTS]
     for batch in (PROMPTS[:1], PROMPTS):
-        out = decograph.generate(tiny, None, batch, strategy, 20, eos_token_id=[], backend="onnxruntime")
+        out = decograph.generate(tiny, None, batch, strategy, 20, eos_token_id=[], backend=backend)
         assert [r.new_token_ids for r in out] == want[: len(batch)]
     eos = want[0][6]                                        # a token met mid-output ends it there
-    [r] = decograph.generate(tiny, None, PROMPTS[:1], strategy, 20, eos_token_id=eos, backend="onnxruntime")
+    [r] = decograph.generate(tiny, None, PROMPTS[:1], strategy, 20, eos_token_id=eos, backend=backend)
     assert r.new_token_ids == want[0][: want[0].index(eos) + 1]
     for n in (0, 1, 7):
-        [r] = decograph.generate(tiny, None, PROMPTS[:1], strategy, n, eos_token_id=[], backend="onnxruntime")
+        [r] = decograph.generate(tiny, None, PROMPTS[:1], strategy, n, eos_token_id=[], backend=backend)
         assert r.new_token_ids == want[0][:n]
+
+
+def test_quantized_graphs_use_matmulnbits(tiny) -> None:
+    for bits in (4, 8):
+        a = get_backend(f"onnxruntime-int{bits}").prepare(resolve_model(tiny)[0])
+        proto = onnx.load(str(a.path))
+        nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 2 * 7 + 1                              # 7 linears per layer, the head
+        assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
 
 
 def test_errors(tmp_path, exported) -> None:
@@ -145,13 +156,14 @@ def test_default_model_on_ort(default_model, monkeypatch) -> None:
     qs = [json.loads(line)["turns"][0] for line in data.read_text().splitlines()[::40][:4]]
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                             tokenize=True)["input_ids"])[-200:] for q in qs]
-    adapter = get_backend("onnxruntime").prepare(resolve_model(model)[0])
+    for backend in ("onnxruntime-int4", "onnxruntime"):       # int4: lossless against its own greedy
+        adapter = get_backend(backend).prepare(resolve_model(model)[0])
+        eos = adapter.eos_token_ids
+        want = [_ort_greedy(adapter, p, 24, eos) for p in prompts]
+        for strategy in ("anpd", "ngram", "lookahead"):
+            out = decograph.generate(model, tok, prompts, strategy, 24, backend=backend)
+            assert [r.new_token_ids for r in out] == want, (backend, strategy)
     assert export_dir(model).joinpath("model.onnx").is_file()
-    eos = adapter.eos_token_ids
-    want = [_ort_greedy(adapter, p, 24, eos) for p in prompts]
-    for strategy in ("anpd", "ngram", "lookahead"):
-        out = decograph.generate(model, tok, prompts, strategy, 24, backend="onnxruntime")
-        assert [r.new_token_ids for r in out] == want, strategy
     ref = decograph.generate(model, tok, prompts, "greedy", 24)          # the torch reference
     for p, r, w in zip(prompts, ref, want):
         if r.new_token_ids != w:                                         # report, do not hide

@@ -12,7 +12,7 @@ from typing import Any
 from decograph.backends.base import _HOST, Backend
 from decograph.errors import UnsupportedError
 
-__all__ = ["OnnxRuntimeBackend", "export_dir"]
+__all__ = ["OnnxRuntimeBackend", "OnnxRuntimeInt4Backend", "OnnxRuntimeInt8Backend", "export_dir"]
 
 
 def _fingerprint(model: Any) -> str:
@@ -31,6 +31,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     description = "ONNX Runtime CPU EP: the model's step exported to ONNX (cached); verification on the host"
     devices = ("cpu",)
+    bits = 0                        # weight-only quantization (MatMulNBits); 0: fp32
 
     def __init__(self) -> None:
         self._adapters: dict[int, tuple[Any, Any]] = {}
@@ -56,7 +57,26 @@ class OnnxRuntimeBackend(Backend):
         path = export_dir(adapter.model) / "model.onnx"
         if not path.is_file():
             export_step(adapter.model, path)
+        if self.bits:
+            from decograph.backends.onnxruntime.export import quantize_step
+
+            qpath = path.with_name(f"model.int{self.bits}.onnx")
+            if not qpath.is_file():
+                quantize_step(path, qpath, self.bits)
+            path = qpath
         ort_adapter = ORTCausalLM(path, vocab_size=adapter.vocab_size, eos_token_ids=adapter.eos_token_ids,
                                   max_positions=adapter.max_positions, tokenizer=adapter.tokenizer)
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
+
+
+class OnnxRuntimeInt4Backend(OnnxRuntimeBackend):
+    name = "onnxruntime-int4"
+    description = "ONNX Runtime CPU EP, weights int4 block-wise (MatMulNBits, blocks of 32); lossless vs its own greedy"
+    bits = 4
+
+
+class OnnxRuntimeInt8Backend(OnnxRuntimeBackend):
+    name = "onnxruntime-int8"
+    description = "ONNX Runtime CPU EP, weights int8 block-wise (MatMulNBits, blocks of 32); lossless vs its own greedy"
+    bits = 8

@@ -15,6 +15,7 @@ runs on every EP); the positions are explicit, so drafts of any shape run on the
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -26,7 +27,7 @@ from torch import nn
 
 from decograph.errors import ModelError
 
-__all__ = ["LlamaStep", "export_step", "io_names"]
+__all__ = ["LlamaStep", "export_step", "io_names", "quantize_step"]
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -113,6 +114,30 @@ def export_step(model: Any, path: str | Path, opset: int = 17) -> Path:
         onnx.shape_inference.infer_shapes(proto, strict_mode=True)
         big = sum(p.numel() for p in model.parameters()) * 4 > 1_800_000_000
         onnx.save_model(proto, str(out), save_as_external_data=big, location=out.name + ".data" if big else None)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def quantize_step(src: str | Path, dst: str | Path, bits: int = 4, block_size: int = 32) -> Path:
+    """Weight-only quantization of the step graph's MatMul weights with ORT's ``MatMulNBits``
+    (``bits`` 4 or 8, symmetric, ``block_size`` weights per scale); activations stay fp32."""
+    if bits not in (4, 8):
+        raise ModelError(f"quantize_step: bits must be 4 or 8, got {bits}")
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = Path(dst)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True,
+                             accuracy_level=0)
+    q.process()
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save_model(q.model.model, tmp)
+        os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
