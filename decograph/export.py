@@ -1,0 +1,103 @@
+"""``decograph export``: a self-contained decoder directory (see ``decograph.exported``).
+
+    export_decoder("anpd", "out/", quant="int4")        # the default model; or model=DIR
+
+Written into a temporary directory beside ``out`` and renamed when complete, so a failed export
+leaves nothing half-written. The strategy goes through the pass pipeline first; the exported
+runner executes greedy verification with no draft or an n-gram draft (``ngram``,
+``adaptive_ngram``); other strategies are refused with a named error.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from decograph.errors import InputError, UnsupportedError
+from decograph.exported import MANIFEST_VERSION, _sha
+from decograph.ir import ops as O
+
+__all__ = ["export_decoder", "runner_plan"]
+
+_SENTINEL = "\u2063PROMPT\u2063"
+
+
+def runner_plan(program: O.Program) -> dict[str, Any]:
+    """What the exported runner executes for ``program``, or ``UnsupportedError`` naming the step."""
+    loops = [op for op in program.body.ops if isinstance(op, O.Iterate)]
+    if len(loops) != 1 or any(isinstance(op, (O.Fork, O.Join)) for op in program.walk()):
+        raise UnsupportedError(f"strategy {program.name!r}: the exported runner runs one decoding loop without fork/join")
+    drafts = [op for op in loops[0].body.ops if isinstance(op, O.DRAFT_OPS)]
+    for op in loops[0].body.ops:
+        if isinstance(op, O.VERIFY_OPS + O.UNMASK_OPS) and not isinstance(op, O.VerifyGreedy):
+            raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`; the exported runner verifies greedily only")
+    if not drafts:
+        return {"draft": None}
+    op = drafts[0]
+    if len(drafts) > 1 or not isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)):
+        raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`; the exported runner drafts with one "
+                               f"n-gram chain (ngram, adaptive_ngram) or nothing")
+    # one chain: the runner keeps no token tree (several candidates would need tree masks)
+    return {"draft": op.NAME.split(".", 1)[1], "k": op.k, "max_n": op.max_n, "min_n": op.min_n}
+
+
+def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none",
+                   overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
+                   progress: Any = print) -> Path:
+    from decograph.api import _program, optimize, resolve_model
+    from decograph.backends.onnxruntime.export import export_step, quantize_step
+    from decograph.frontends.adapters import HFCausalLM
+    from decograph.ir.jsonform import to_json
+
+    if quant not in ("none", "int4", "int8"):
+        raise InputError(f"--quant must be none, int4 or int8, got {quant!r}")
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise InputError(f"{target}: exists and is not empty; choose a new directory")
+    adapter, tok = resolve_model(model)
+    if not isinstance(adapter, HFCausalLM):
+        raise UnsupportedError(f"export needs a Hugging Face causal LM, got {type(adapter).__name__}")
+    program = optimize(_program(strategy, overrides), adapter, passes)
+    plan = runner_plan(program)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        progress(f"exporting the decoding step of {type(adapter.model).__name__} to ONNX ...")
+        step = export_step(adapter.model, tmp / "model.fp32.onnx")
+        model_file = "model.onnx"
+        if quant == "none":
+            step.rename(tmp / model_file)
+        else:
+            progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
+            quantize_step(step, tmp / model_file, bits=int(quant[3:]))
+            step.unlink()
+        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "strategy.json").write_text(json.dumps(to_json(program), indent=1), encoding="utf-8")
+        chat_prompt = None
+        if getattr(tok, "chat_template", None):
+            chat_prompt = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+                                                  tokenize=False).replace(_SENTINEL, "{prompt}")
+        m = adapter.model
+        text = m.config.get_text_config(decoder=True)
+        heads = text.num_attention_heads
+        manifest = {
+            "format": "decograph-exported-decoder", "version": MANIFEST_VERSION,
+            "strategy": program.name, "passes": passes, "plan": plan, "quant": quant, "model_file": model_file,
+            "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
+            "num_layers": text.num_hidden_layers, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads, "vocab_size": adapter.vocab_size,
+            "eos_token_ids": list(adapter.eos_token_ids), "max_positions": adapter.max_positions,
+            "chat_prompt": chat_prompt, "chat_default": bool(chat and chat_prompt),
+            "files": {},
+        }
+        manifest["files"] = {f.name: _sha(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if target.exists():
+            target.rmdir()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

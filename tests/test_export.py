@@ -1,0 +1,120 @@
+"""``decograph export`` and the exported decoder: the files and manifest, tokens equal to the
+same ONNX graph's own greedy decoding (fp32 and int4), a run that never imports torch (in a
+subprocess), the CLI, and errors (unsupported strategies, a modified file, a used directory)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from decograph.backends import BackendFallbackWarning
+from decograph.backends.onnxruntime.session import ORTCausalLM
+from decograph.cli import main
+from decograph.errors import InputError, ModelError, UnsupportedError
+from decograph.export import export_decoder
+from decograph.exported import ExportedDecoder
+from decograph.frontends.adapters import HFCausalLM
+from decograph.models.tiny import tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["t1 t5 t9 t5 t9 t5 t9 t5", "t3 t4 t3 t4 t3", "t7"]
+
+
+def _greedy(adapter: ORTCausalLM, prompt: list[int], n: int, eos=()) -> list[int]:
+    cache, out, feed = adapter.new_cache(1), [], list(prompt)
+    for _ in range(n):
+        past, t = adapter.cache_len(cache), len(feed)
+        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
+        tok = int(adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)[0, -1].argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        feed = [tok]
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("m"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        yield
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+@pytest.mark.parametrize("strategy", ["anpd", "ngram", "greedy"])
+def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, strategy, quant) -> None:
+    out = export_decoder(strategy, tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant=quant,
+                         chat=False, progress=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "strategy.json", "tokenizer.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["strategy"] == strategy and manifest["quant"] == quant
+    assert manifest["plan"]["draft"] == {"anpd": "adaptive_ngram", "ngram": "ngram", "greedy": None}[strategy]
+    assert not list(tmp_path.glob(".dec-*"))                    # no temporary directory left
+    dec = ExportedDecoder(out)
+    graph = ORTCausalLM(out / "model.onnx")
+    for text in PROMPTS:
+        ids = dec.encode(text)
+        for n in (0, 1, 9, 24):
+            got, stats = dec.generate(ids, n)
+            assert got == _greedy(graph, ids, n) and stats.new_tokens == len(got) <= n
+        want = _greedy(graph, ids, 24)
+        eos = want[5]
+        dec.eos = {eos}
+        got, stats = dec.generate(ids, 24)
+        assert got == want[: want.index(eos) + 1] and stats.finish_reason == "eos"
+        dec.eos = set(manifest["eos_token_ids"])
+
+
+def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:
+    out = tmp_path / "dec"
+    assert main(["export", "anpd", str(out), "--model", str(model_dir), "--quant", "int4", "--no-chat"]) == 0
+    code = ("import sys, json\nfrom decograph.cli import main\n"
+            f"rc = main(['run', '--exported', {str(out)!r}, '--prompt', 't1 t5 t9 t5 t9 t5', '--max-new-tokens', '16', '--json'])\n"
+            "assert rc == 0\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    dec = ExportedDecoder(out)
+    ids = dec.encode("t1 t5 t9 t5 t9 t5")
+    assert record["new_token_ids"] == _greedy(ORTCausalLM(out / "model.onnx"), ids, 16)
+    assert record["strategy"] == "anpd" and record["quant"] == "int4"
+
+
+def test_export_errors(model_dir, tmp_path) -> None:
+    model = HFCausalLM.from_pretrained(str(model_dir))
+    with pytest.raises(UnsupportedError, match="draft.jacobi"):
+        export_decoder("jacobi", tmp_path / "j", model=model, passes="none", progress=lambda m: None)
+    from decograph.frontends.strategy_file import load_strategy_text
+
+    lossy = load_strategy_text("strategy: lossy\ndescription: threshold verification\nsteps:\n  - prefill\n  - iterate:\n      body:\n"
+                               "        - draft: {source: ngram}\n        - forward: {}\n"
+                               "        - verify: {rule: threshold, threshold: 0.5}\n        - commit: {}\n  - emit\n",
+                               "lossy.yaml")
+    with pytest.raises(UnsupportedError, match="verify.threshold"):
+        export_decoder(lossy, tmp_path / "t", model=model, passes="none", progress=lambda m: None)
+    assert not (tmp_path / "t").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        export_decoder("greedy", tmp_path / "used", model=model, progress=lambda m: None)
+    with pytest.raises(InputError, match="--quant"):
+        export_decoder("greedy", tmp_path / "q", model=model, quant="int3", progress=lambda m: None)
+    out = export_decoder("greedy", tmp_path / "ok", model=model, chat=False, progress=lambda m: None)
+    with (out / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="sha256 differs"):
+        ExportedDecoder(out)
+    with pytest.raises(ModelError, match="no manifest.json"):
+        ExportedDecoder(tmp_path)
+    assert main(["run", "--exported", str(out), "--strategy", "anpd", "--prompt", "t1"]) == 2
