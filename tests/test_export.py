@@ -118,3 +118,22 @@ def test_export_errors(model_dir, tmp_path) -> None:
     with pytest.raises(ModelError, match="no manifest.json"):
         ExportedDecoder(tmp_path)
     assert main(["run", "--exported", str(out), "--strategy", "anpd", "--prompt", "t1"]) == 2
+
+
+@pytest.mark.real_model
+def test_default_model_int4_decoder(default_model, tmp_path, monkeypatch) -> None:
+    """The exported int4 ANPD decoder of the default model: its chat encoding equals the HF
+    tokenizer's, and its tokens equal the int4 graph's own greedy decoding."""
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    model, tok = default_model
+    out = export_decoder("anpd", tmp_path / "smol-int4", model=HFCausalLM(model, tok), quant="int4",
+                         progress=lambda m: None)
+    dec = ExportedDecoder(out)
+    graph = ORTCausalLM(out / "model.onnx")
+    for q in ["List the planets of the solar system in order.", "Repeat: one two three, one two three, one two three."]:
+        ids = dec.encode(q)
+        hf = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        assert ids == list(hf["input_ids"] if hasattr(hf, "keys") else hf)
+        got, stats = dec.generate(ids, 32)
+        assert got == _greedy(graph, ids, 32, set(dec.eos))
+        assert stats.forwards <= len(got) + 1
