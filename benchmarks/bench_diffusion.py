@@ -1,7 +1,8 @@
 """Fast-dLLM's table on decograph's own masked diffusion LM, in one process.
 
-On held-out standard-library text (files ``train-mdm`` never trained on): each prompt is the
-first ``--prompt-len`` tokens of a held-out passage, the reference the next ``L`` tokens.
+Infilling on held-out standard-library text (files ``train-mdm`` never trained on): each
+case is a held-out passage cut into ``--prompt-len`` tokens before, a span of ``L`` tokens
+(masked: the reference), and ``--suffix-len`` tokens after; the model fills the span.
 For each generation length L in ``--lengths`` and each system:
 
 - ``baseline``: LLaDA semi-autoregressive decoding (``llada_semi_ar``: blocks of 32, one
@@ -14,7 +15,7 @@ For each generation length L in ``--lengths`` and each system:
 Reported: throughput (generated tokens / wall time, batch 1, median over ``--reps``), speedup
 over the baseline, forwards per token, and quality: the token accuracy of the output against
 the reference continuation (%), and the accuracy of the baseline's own output taken as the
-reference (agreement, %). Systems run interleaved per prompt after a warm-up.
+reference (agreement, %). Systems run interleaved per case after a warm-up.
 
     python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9]
 """
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16, help="held-out prompts per length")
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--suffix-len", type=int, default=32)
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.9)
@@ -70,16 +72,18 @@ def main() -> None:
     progs = systems(args.threshold, args.block)
     rows = []
     for L in args.lengths:
-        samples = held_out_samples(tok, args.prompt_len, L, args.n, seed=L)
-        generate(model, tok, [samples[0][0]], progs["+dual cache"], L, passes="none")          # warm-up
+        cases = held_out_samples(tok, args.prompt_len, L + args.suffix_len, args.n, seed=L)
+        samples = [(p, c[:L], c[L:]) for p, c in cases]
+        run = dict(passes="none", eos_token_id=[])          # infilling: the whole span is filled
+        generate(model, tok, [samples[0][0]], progs["+dual cache"], L, suffixes=[samples[0][2]], **run)  # warm-up
         per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": []} for name in progs}
-        for i, (prompt, ref) in enumerate(samples):
+        for i, (prompt, ref, suffix) in enumerate(samples):
             outs = {}
             for name, prog in progs.items():
                 times = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
-                    [r] = generate(model, tok, [prompt], prog, L, passes="none")
+                    [r] = generate(model, tok, [prompt], prog, L, suffixes=[suffix], **run)
                     times.append(time.perf_counter() - t0)
                 outs[name] = r
                 per[name]["tps"].append(len(r.new_token_ids) / statistics.median(times))

@@ -149,7 +149,8 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
            do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
            eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
            overrides: dict[str, Any] | None, passes: str | None = "default",
-           branch_providers: dict[str, Any] | None = None, backend: Any = "torch") -> tuple[Interpreter, list[list[int]], Any]:
+           branch_providers: dict[str, Any] | None = None, backend: Any = "torch",
+           suffixes: Any = None) -> tuple[Interpreter, list[list[int]], Any]:
     from decograph.backends.base import plan
     from decograph.backends.registry import get_backend
 
@@ -188,6 +189,11 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
                     _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels())
     from decograph.frontends.diffusion import MaskedDiffusionAdapter
 
+    if suffixes is not None:
+        if not isinstance(adapter, MaskedDiffusionAdapter):
+            raise InputError("suffixes (infilling) need a masked-diffusion model; a causal LM decodes left to right")
+        cfg.suffixes = [list(tok(x, add_special_tokens=False)["input_ids"]) if isinstance(x, str) else [int(t) for t in x]
+                        for x in suffixes]
     if isinstance(adapter, MaskedDiffusionAdapter):
         from decograph.backends.torch_ref.diffusion import DiffusionInterpreter
 
@@ -289,7 +295,7 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
              streamer: Any = None, overrides: dict[str, Any] | None = None,
              passes: str | None = "default", branch_providers: dict[str, Any] | None = None,
-             backend: Any = "torch") -> list[GenerationResult]:
+             backend: Any = "torch", suffixes: Any = None) -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
@@ -303,10 +309,12 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     on a row with ``join(rule=collect|ner_dedup)`` is in ``GenerationResult.branches``.
     ``backend``: a registered backend name (``decograph backends``) or a ``Backend``; ops it
     has no kernel for run on the torch reference, each with a ``BackendFallbackWarning``.
+    ``suffixes`` (masked-diffusion models): per prompt, text or ids after the masked span, so
+    the ``max_new_tokens`` positions between prompt and suffix are infilled.
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
                               top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes,
-                              branch_providers, backend)
+                              branch_providers, backend, suffixes)
     if streamer is not None:
         if len(ids) != 1:
             raise InputError("a transformers streamer supports one prompt at a time")
@@ -329,7 +337,7 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
     kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
           ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
           ("draft_models", None), ("overrides", None), ("passes", "default"), ("branch_providers", None),
-          ("backend", "torch"))}
+          ("backend", "torch"), ("suffixes", None))}
     if kwargs:
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)

@@ -365,3 +365,43 @@ def test_save_and_load_round_trip(tmp_path, model2) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "d_model": 64}))
     with pytest.raises(ModelError, match="do not match"):
         load_mdm(tmp_path / "m")
+
+
+def reference_infill(model, prompt, suffix, n, block):
+    """One token per step over prompt + masks + suffix (the suffix stays fixed)."""
+    x = list(prompt) + [MASK] * n + list(suffix)
+    p, k = len(prompt), block or n
+    while True:
+        masked = [g for g in range(n) if x[p + g] == MASK]
+        if not masked:
+            return x[p:p + n]
+        s = masked[0] // k * k
+        cand = [g for g in masked if g < s + k]
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([x]), torch.arange(len(x))[None])
+        lg = logits[0].float()
+        lg[:, MASK] = float("-inf")
+        conf, tok = torch.softmax(lg[[p + g for g in cand]], -1).max(-1)
+        best = max(range(len(cand)), key=lambda i: (float(conf[i]), -i))
+        x[p + cand[best]] = int(tok[best])
+
+
+def test_infilling_with_suffixes(model2) -> None:
+    suffixes = [[30, 31, 32], [], [40, 41, 42, 43, 44]]
+    ref = [reference_infill(model2, p, sfx, 12, 4) for p, sfx in zip(PROMPTS, suffixes)]
+    out = decograph.generate(model2, None, PROMPTS, "llada_semi_ar", 12, passes="none", overrides={"block": 4},
+                             suffixes=suffixes, eos_token_id=[])
+    assert [r.new_token_ids for r in out] == ref
+    assert ref[0] != reference(model2, PROMPTS[0], 12, 4)          # the suffix is seen
+    one = tiny_mdm(n_layers=1, seed=5)                               # exact caches with a suffix too
+    outs = [[r.new_token_ids for r in decograph.generate(one, None, PROMPTS, "fast_dllm", 12, passes="none",
+                                                         overrides={"block": 4, "kv": kv, "threshold": 0.6},
+                                                         suffixes=suffixes, eos_token_id=[])]
+            for kv in ("recompute", "block_approx", "block_approx_dual")]
+    assert outs[0] == outs[1] == outs[2]
+    with pytest.raises(InputError, match="one per prompt"):
+        decograph.generate(model2, None, PROMPTS, "fast_dllm", 4, suffixes=[[1]])
+    with pytest.raises(InputError, match="masked-diffusion"):
+        from decograph.models.tiny import tiny_llama
+
+        decograph.generate(tiny_llama(), None, [[1, 2]], "greedy", 4, suffixes=[[3]])

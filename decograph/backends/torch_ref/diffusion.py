@@ -1,6 +1,7 @@
 """The torch reference runtime for unmask programs on masked-diffusion LMs.
 
-Each row is a canvas: its prompt, then ``max_new_tokens`` mask tokens. Every iteration takes
+Each row is a canvas: its prompt, then ``max_new_tokens`` mask tokens, then (infilling) its
+suffix, if one was given. Every iteration takes
 the row's current block (``draft.mask(k)``: the first block of ``k`` canvas positions that
 still holds a mask; ``k=0``: the whole generation), runs the model bidirectionally
 (``forward(mask=block)``), picks positions to unmask by confidence (the max softmax
@@ -150,16 +151,25 @@ class DiffusionInterpreter:
         self.state = _State(rows)
         width = max(len(p) for p in prompts)
         self.width = width
+        suffixes = self.cfg.suffixes or [[] for _ in prompts]
+        if len(suffixes) != len(prompts):
+            raise InputError(f"{len(suffixes)} suffixes for {len(prompts)} prompts: give one per prompt")
+        if any(self.mask_id in sfx for sfx in suffixes):
+            raise InputError(f"a suffix contains the mask token id {self.mask_id}")
+        tail = max(len(sfx) for sfx in suffixes)
         limit = self.adapter.max_positions
-        if limit and width + n > limit:
-            raise InputError(f"a prompt of {width} tokens plus {n} masked positions exceeds the model's {limit} positions")
+        if limit and width + n + tail > limit:
+            raise InputError(f"a prompt of {width} tokens plus {n} masked positions and a suffix of {tail} exceeds "
+                             f"the model's {limit} positions")
         pad = self.cfg.pad_token_id
-        self.ids = torch.full((len(rows), width + n), pad, dtype=torch.long)
-        self.valid = torch.zeros(len(rows), width + n, dtype=torch.bool)
-        for r in rows:
+        self.ids = torch.full((len(rows), width + n + tail), pad, dtype=torch.long)
+        self.valid = torch.zeros(len(rows), width + n + tail, dtype=torch.bool)
+        for r, sfx in zip(rows, suffixes):
             self.ids[r.index, width - len(r.prompt):width] = torch.tensor(r.prompt)
-            self.valid[r.index, width - len(r.prompt):] = True
-            self.ids[r.index, width:] = self.mask_id
+            self.valid[r.index, width - len(r.prompt):width + n + len(sfx)] = True
+            self.ids[r.index, width:width + n] = self.mask_id
+            if sfx:                                     # infilling: the text after the masked span
+                self.ids[r.index, width + n:width + n + len(sfx)] = torch.tensor(sfx)
         self.pos = (self.valid.long().cumsum(1) - 1).clamp_min(0)
         for r in rows:
             if n == 0:
@@ -195,7 +205,7 @@ class DiffusionInterpreter:
                 fill = r.gen[r.limit]
                 for g in range(r.limit + 1, len(r.gen)):
                     r.gen[g] = fill
-                self.ids[r.index, self.width + r.limit + 1:] = fill
+                self.ids[r.index, self.width + r.limit + 1:self.width + len(r.gen)] = fill
             r.steps += 1
             r.accepted.append(len(picked))
             r.drafted.append(len(cand))

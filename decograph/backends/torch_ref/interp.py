@@ -52,6 +52,7 @@ class RunConfig:
     tokenizer: Any = None               # for text branch prompts (draft.branches)
     branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
     kernels: dict[str, Any] = field(default_factory=dict)            # a backend's kernel slots
+    suffixes: list[list[int]] | None = None     # diffusion infilling: text after the masked span
 
 
 @dataclass
