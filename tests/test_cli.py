@@ -117,7 +117,10 @@ def test_set_values_are_typed(text: str, value: object) -> None:
 # ---------------------------------------------------------------- run
 
 
-@pytest.mark.parametrize("strategy", [s for s in BUILTINS if s != "padellm_ner"])   # needs `decograph ner`
+DIFFUSION = ("fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")     # need a masked-diffusion model
+
+
+@pytest.mark.parametrize("strategy", [s for s in BUILTINS if s != "padellm_ner" and s not in DIFFUSION])
 def test_run_json_equals_the_python_api(strategy: str, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from decograph.api import generate
 
@@ -134,6 +137,14 @@ def test_run_json_equals_the_python_api(strategy: str, tiny_dir: Path, capsys: p
     assert record["finish_reason"] == "max_new_tokens"
     for key in ("tokens_per_s", "tokens_per_forward", "mean_accepted", "wall_time_s"):
         assert isinstance(record[key], (int, float))
+
+
+def test_unmask_strategy_on_a_causal_lm_is_a_one_line_error(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "run", "--strategy", "fast_dllm", "--model", str(tiny_dir), "--prompt", "t1",
+                             "--no-chat")
+    assert code == 2 and out == ""
+    assert err.strip() == ("decograph: error: draft.mask needs a masked-diffusion model (unmask strategies), "
+                           "the model is a causal LM")
 
 
 def test_run_plain_and_stream_print_the_text(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -56,7 +56,8 @@ def test_broken_and_duplicate_plugins_are_named_and_the_rest_load() -> None:
         _ep("torch", f"{__name__}:FakeTorch"),      # a duplicate of a built-in name
         _ep("renamed", f"{__name__}:Good"),         # entry point name != class name
     ])
-    assert set(reg.backends) == {"torch", "triton", "good"} and reg.origin["good"].startswith("plugin")
+    builtin = {"torch", "triton", "onnxruntime", "onnxruntime-int4", "onnxruntime-int8"}
+    assert set(reg.backends) == builtin | {"good"} and reg.origin["good"].startswith("plugin")
     errors = "\n".join(reg.errors)
     assert "backend 'missing'" in errors and "ModuleNotFoundError" in errors
     assert "backend 'notabackend'" in errors and "not a decograph.backends.Backend subclass" in errors
