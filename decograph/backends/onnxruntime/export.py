@@ -107,6 +107,7 @@ def export_step(model: Any, path: str | Path, opset: int = 17) -> Path:
         # graph (no control flow) exports the same either way.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)      # shape checks traced as constants
             torch.onnx.export(step, args, tmp, input_names=ins, output_names=outs, dynamic_axes=axes,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
         proto = onnx.load(tmp)
