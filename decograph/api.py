@@ -248,11 +248,12 @@ def _cost_curve(adapter: CausalLMAdapter) -> Any:
     from decograph.backends.torch_ref.cost import DEFAULT_CURVE, cached_cost_curve
 
     model = getattr(adapter, "model", None)
-    if model is None:
+    if model is None and getattr(adapter, "cost_key", None) is None:
         return DEFAULT_CURVE
     curve = getattr(adapter, "_cost_curve", None)       # read (or measured) once per adapter
     if curve is None:
-        big = sum(p.numel() for p in model.parameters()) >= 20_000_000
+        big = (sum(p.numel() for p in model.parameters()) >= 20_000_000 if model is not None
+               else getattr(adapter, "weight_bytes", 0) >= 20_000_000)
         curve = cached_cost_curve(adapter) if big else DEFAULT_CURVE
         adapter._cost_curve = curve  # type: ignore[attr-defined]
     return curve

@@ -48,6 +48,10 @@ class ORTCausalLM(CausalLMAdapter):
         self.vocab_size = vocab_size or int(out[2])
         self.eos_token_ids, self.max_positions, self.tokenizer = tuple(eos_token_ids), max_positions, tokenizer
         self.path = p
+        # the forward-cost curve (time of k query tokens over one) is measured per graph and machine
+        st = p.stat()
+        self.weight_bytes = st.st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + ".data"))
+        self.cost_key = ["onnxruntime", ort.__version__, p.parent.name, p.name, st.st_size, int(st.st_mtime), threads]
 
     def new_cache(self, batch_size: int) -> list[np.ndarray]:
         empty = np.zeros((batch_size, self.kv_heads, 0, self.head_dim), dtype=np.float32)

@@ -82,6 +82,9 @@ def measure_cost_curve(adapter: Any, context: int = 256, reps: int = 5) -> CostC
 
 
 def _key(adapter: Any) -> str | None:
+    own = getattr(adapter, "cost_key", None)      # adapters that are not a torch model name their own
+    if own is not None:
+        return json.dumps([own, torch.get_num_threads(), platform.machine(), platform.processor(), os.cpu_count()])
     model = getattr(adapter, "model", None)
     cfg = getattr(model, "config", None)
     if cfg is None:
