@@ -173,3 +173,19 @@ def test_default_model_on_ort(default_model, monkeypatch) -> None:
             top = logits.topk(2).values
             margin = float(top[0] - top[1])
             assert margin < 1e-3, f"ORT and torch part at step {i} with a logit margin of {margin:.2e}"
+
+
+def test_ort_adapters_get_their_own_cost_curve(exported, monkeypatch, tmp_path) -> None:
+    from decograph.api import _cost_curve
+    from decograph.backends.torch_ref import cost
+
+    small = ORTCausalLM(exported)
+    assert _cost_curve(small) is cost.DEFAULT_CURVE                   # tiny graphs: deterministic default
+    big = ORTCausalLM(exported)
+    big.weight_bytes = 100_000_000
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cost, "measure_cost_curve", lambda a: cost.CostCurve({1: 1.0, 2: 2.5, 4: 3.0}))
+    curve = _cost_curve(big)
+    assert curve(2) == 2.5
+    table = json.loads((tmp_path / "decograph" / "cost_curves.json").read_text())
+    assert any('"onnxruntime"' in k and exported.parent.name in k for k in table)
