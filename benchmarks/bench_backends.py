@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from decograph.api import generate, resolve_model  # noqa: E402
 from decograph.backends import BackendFallbackWarning, get_backend  # noqa: E402
+from decograph.backends.torch_ref.cost import measure_cost_curve  # noqa: E402
 from decograph.models.default import load_default_model  # noqa: E402
 
 BACKENDS = ["torch", "onnxruntime", "onnxruntime-int4", "onnxruntime-int8"]
@@ -47,21 +48,16 @@ def prompts(tok, per_category: int) -> list[list[int]]:
     return out
 
 
-def cost_curve(adapter, context: int, ks=(1, 2, 4, 8, 16), reps: int = 5) -> dict[int, float]:
-    times = {}
-    for k in ks:
-        samples = []
-        for _ in range(reps + 1):
-            cache = adapter.new_cache(1)
-            ids = torch.randint(10, 1000, (1, context))
-            adapter.forward(cache, ids, torch.arange(context)[None], torch.ones(1, context, context, dtype=torch.bool).tril())
-            q = torch.randint(10, 1000, (1, k))
-            attend = torch.cat([torch.ones(k, context, dtype=torch.bool), torch.ones(k, k, dtype=torch.bool).tril()], 1)[None]
-            t0 = time.perf_counter()
-            adapter.forward(cache, q, torch.arange(context, context + k)[None], attend)
-            samples.append(time.perf_counter() - t0)
-        times[k] = statistics.median(samples[1:])
-    return {k: round(t / times[1], 3) for k, t in times.items()} | {"one_token_ms": round(1000 * times[1], 2)}
+def cost_curve(adapter, context: int) -> dict:
+    """The runtime's own measurement (``measure_cost_curve``), plus the one-token time."""
+    curve = measure_cost_curve(adapter, context)
+    cache = adapter.new_cache(1)
+    adapter.forward(cache, torch.ones(1, context, dtype=torch.long), torch.arange(context)[None],
+                    torch.ones(1, context, context, dtype=torch.bool).tril())
+    t0 = time.perf_counter()
+    adapter.forward(cache, torch.ones(1, 1, dtype=torch.long), torch.tensor([[context]]),
+                    torch.ones(1, 1, context + 1, dtype=torch.bool))
+    return {k: round(v, 3) for k, v in curve.points.items()} | {"one_token_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
 
 def main() -> None:

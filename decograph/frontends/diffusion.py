@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ __all__ = ["MaskedDiffusionAdapter", "MDMAdapter", "HFMaskedDiffusion", "as_diff
 _DIFFUSION_TYPES = {MDM_MODEL_TYPE, "llada", "dream"}
 
 
-class MaskedDiffusionAdapter:
+class MaskedDiffusionAdapter(ABC):
     """Base: a bidirectional model with a mask token."""
 
     supports_kv = False
@@ -44,11 +45,11 @@ class MaskedDiffusionAdapter:
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ModelError(f"{name}: mask token id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
 
+    @abstractmethod
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
                 return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
         """Logits for every query position, or only at ``logits_at [B, K]`` (``[B, K, V]``)."""
-        raise NotImplementedError
 
 
 class MDMAdapter(MaskedDiffusionAdapter):

@@ -194,9 +194,10 @@ class DiffusionInterpreter:
             cand = [g for g in range(s, min(e, r.limit)) if r.gen[g] == self.mask_id]
             # the max softmax probability and the argmax, never the mask token itself
             conf, tok = self._confidence(logits[r.index][[g - s for g in cand]], self.mask_id)
-            picked = [cand[i] for i in select_unmask(self.unmask, conf)]
-            for g in picked:
-                t = int(tok[cand.index(g)])
+            chosen = select_unmask(self.unmask, conf)
+            picked = [cand[i] for i in chosen]
+            for i, g in zip(chosen, picked):
+                t = int(tok[i])
                 r.gen[g] = t
                 self.ids[r.index, self.width + g] = t
                 if t in self.eos and g < r.limit:
@@ -276,7 +277,8 @@ class DiffusionInterpreter:
         span = torch.arange(total)[None, :]
         in_query = (span >= torch.tensor(starts)[:, None]) & (span < torch.tensor(ends)[:, None])
         cvalid = self.valid[idx] & ~in_query
-        ctx = [(k[idx], v[idx]) for k, v in self._kv]
+        every = len(rows) == self.ids.shape[0] and idx.tolist() == list(range(len(rows)))
+        ctx = self._kv if every else [(k[idx], v[idx]) for k, v in self._kv]     # no copy when all rows run
         at = torch.stack([torch.arange(w).clamp_max(e - s - 1) for s, e in (blocks[r.index] for r in rows)])
         lg, _ = self.adapter.forward(ids, pos, qvalid, context=ctx, context_valid=cvalid, logits_at=at)
         out = {}
