@@ -7,6 +7,7 @@
     decograph ner --labels L1,L2 TEXT...
     decograph backends [--json]
     decograph train-mdm [--minutes M]
+    decograph bench [--strategies S1,S2] [--prompts FILE.jsonl] [--per-category N] [--reps N] [--out DIR]
 
 Guarantees: every ``DecographError`` (a bad strategy file, a missing model wheel, an empty
 prompt, ...) prints ``decograph: error: <message>`` on stderr and exits 2 with no traceback,
@@ -404,6 +405,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train_mdm)
+
+    from decograph.bench import add_parser as add_bench     # stdlib-only modules: the parser stays light
+
+    add_bench(sub)
     return p
 
 
