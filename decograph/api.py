@@ -73,6 +73,7 @@ class GenerationResult:
     text: str
     stats: Stats
     branches: list[Any] = field(default_factory=list)   # per join (collect, ner_dedup): its results
+    trace: list[dict] = field(default_factory=list)      # generate(trace=True): per-step records
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
            eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
            overrides: dict[str, Any] | None, passes: str | None = "default",
            branch_providers: dict[str, Any] | None = None, backend: Any = "torch",
-           suffixes: Any = None) -> tuple[Interpreter, list[list[int]], Any]:
+           suffixes: Any = None, trace: bool = False) -> tuple[Interpreter, list[list[int]], Any]:
     from decograph.backends.base import plan
     from decograph.backends.registry import get_backend
 
@@ -186,7 +187,8 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     pad = eos[0] if eos else 0
     plan(engine, program)                   # one BackendFallbackWarning per op without a kernel
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
-                    _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels())
+                    _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels(),
+                    trace=[] if trace else None)
     from decograph.frontends.diffusion import MaskedDiffusionAdapter
 
     if suffixes is not None:
@@ -266,12 +268,14 @@ def _decode(tok: Any, ids: list[int]) -> str:
 def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[GenerationResult]:
     assert interp.state is not None
     out = []
+    records = interp.cfg.trace or []
     for row in interp.state.rows:
         new = row.new_tokens
         stats = Stats(len(new), row.forwards, row.steps, tuple(row.accepted), tuple(row.drafted),
                       interp.wall, row.finish_reason or "max_steps",    # unfinished: the loop's step cap
                       row.query_tokens, row.kv_bytes_copied)
-        out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats, list(row.results)))
+        out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats, list(row.results),
+                                    [r for r in records if r["row"] == row.index]))
     return out
 
 
@@ -296,7 +300,7 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
              streamer: Any = None, overrides: dict[str, Any] | None = None,
              passes: str | None = "default", branch_providers: dict[str, Any] | None = None,
-             backend: Any = "torch", suffixes: Any = None) -> list[GenerationResult]:
+             backend: Any = "torch", suffixes: Any = None, trace: bool = False) -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
@@ -312,10 +316,12 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     has no kernel for run on the torch reference, each with a ``BackendFallbackWarning``.
     ``suffixes`` (masked-diffusion models): per prompt, text or ids after the masked span, so
     the ``max_new_tokens`` positions between prompt and suffix are infilled.
+    ``trace``: record each step (drafted, accepted, committed tokens; unmasked positions) in
+    ``GenerationResult.trace`` (see ``decograph viz``).
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
                               top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes,
-                              branch_providers, backend, suffixes)
+                              branch_providers, backend, suffixes, trace)
     if streamer is not None:
         if len(ids) != 1:
             raise InputError("a transformers streamer supports one prompt at a time")

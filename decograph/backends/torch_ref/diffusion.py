@@ -149,6 +149,8 @@ class DiffusionInterpreter:
             if self.mask_id in r.prompt:
                 raise InputError(f"prompt {r.index} contains the mask token id {self.mask_id}")
         self.state = _State(rows)
+        if self.cfg.trace is not None:
+            self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": len(r.prompt)} for r in rows)
         width = max(len(p) for p in prompts)
         self.width = width
         suffixes = self.cfg.suffixes or [[] for _ in prompts]
@@ -207,11 +209,30 @@ class DiffusionInterpreter:
                 for g in range(r.limit + 1, len(r.gen)):
                     r.gen[g] = fill
                 self.ids[r.index, self.width + r.limit + 1:self.width + len(r.gen)] = fill
+            record = None if self.cfg.trace is None else self._record(
+                r, (s, e), picked, [int(tok[i]) for i in chosen], [float(conf[i]) for i in chosen], len(cand))
             r.steps += 1
             r.accepted.append(len(picked))
             r.drafted.append(len(cand))
             r.order.append(picked)
-            yield from self._emit(r)
+            events = list(self._emit(r))
+            if record is not None:
+                record["committed"] = r.gen[record["start"]:r.emitted]
+            yield from events
+
+    def _record(self, r: DiffRow, block: tuple[int, int], picked: list[int], toks: list[int], conf: list[float],
+                masked: int) -> dict[str, Any]:
+        """Row ``r``'s trace record of this step, appended to the trace: the block, the positions
+        unmasked with their tokens and confidences, the masked candidates the block had, the
+        masks left before the row's end (``limit``: EOS position or budget) after it;
+        ``committed`` (tokens newly final from ``start``) is filled in once emitted."""
+        assert self.cfg.trace is not None
+        left = sum(1 for g in range(r.limit) if r.gen[g] == self.mask_id)
+        record = {"kind": "unmask", "row": r.index, "step": r.steps, "block": list(block), "positions": picked,
+                  "tokens": toks, "confidence": [round(c, 6) for c in conf], "masked": masked,
+                  "masked_left": left, "limit": r.limit, "start": r.emitted, "committed": []}
+        self.cfg.trace.append(record)
+        return record
 
     def _emit(self, r: DiffRow) -> Iterator[Event]:
         end = next((g for g in range(r.limit) if r.gen[g] == self.mask_id), None)

@@ -53,6 +53,7 @@ class RunConfig:
     branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
     kernels: dict[str, Any] = field(default_factory=dict)            # a backend's kernel slots
     suffixes: list[list[int]] | None = None     # diffusion infilling: text after the masked span
+    trace: list | None = None           # a list: one JSON-ready record per top-level row per step
 
 
 @dataclass
@@ -71,6 +72,30 @@ class _Branched:
 class _Accepted:
     forwarded: Forwarded
     paths: list[tuple[list[int], int]]   # per active row: accepted node ids, bonus token
+
+
+def _trace_step(fwd: Forwarded, b: int, row: Row, path: list[int], bonus: int, committed: list[int],
+                start: int) -> dict[str, Any]:
+    """The trace record of row ``b``'s step (before its counters move): the draft tree (tokens,
+    parent pointers, and per node the draft op and chain that first proposed it), the accepted
+    node ids and tokens, the bonus token, what was committed after EOS/budget clipping and the
+    position in the generated sequence where it starts. Ints, strings and lists only."""
+    tree = fwd.trees[b]
+    source, chain = [-1] * len(tree), [-1] * len(tree)
+    k = 0
+    for d, per_draft in enumerate(fwd.nodes):
+        for ids in per_draft[b]:
+            for node in ids:
+                if source[node] < 0:
+                    source[node], chain[node] = d, k
+            k += 1
+    return {"kind": "step", "row": row.index, "step": row.steps, "start": start,
+            "draft": {"tokens": [int(t) for t in tree.tokens], "parent": list(tree.parent), "source": source,
+                      "chain": chain},
+            "sources": [d.source.op.NAME for d in fwd.drafts],
+            "accepted": {"nodes": list(path), "tokens": [int(tree.tokens[i]) for i in path]},
+            "bonus": int(bonus), "committed": [int(t) for t in committed], "done": row.done,
+            "finish_reason": row.finish_reason or None}
 
 
 class Interpreter:
@@ -157,6 +182,8 @@ class Interpreter:
         for r in rows:
             if r.max_new <= 0:
                 r.done, r.finish_reason = True, "max_new_tokens"
+        if self.cfg.trace is not None:
+            self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": r.n_prompt} for r in rows)
         state = self.state = BatchState(self.adapter, rows)
         if getattr(self.adapter, "supports_attention_kernel", False):
             state.attention = self.cfg.kernels.get("attention")
@@ -212,7 +239,10 @@ class Interpreter:
             if op.kv == "keep_accepted":
                 slots += [fwd.node_slots[b][i] for i in path]
                 row.cached += len(path)
+            start = len(row.tokens) - row.n_prompt
             committed = self._append(row, [tree.tokens[i] for i in path] + [bonus])
+            if self.cfg.trace is not None and row.branch < 0:
+                self.cfg.trace.append(_trace_step(fwd, b, row, path, bonus, committed, start))
             if row.branch >= 0 and committed:
                 self._logprobs(fwd, b, row, path, committed)
             state.keep_slots(b, slots)
@@ -262,6 +292,9 @@ class Interpreter:
             new = rule(row, branches, tok, ends)[: max(0, row.remaining)]
             if not new:
                 continue
+            if self.cfg.trace is not None and row.branch < 0:
+                self.cfg.trace.append({"kind": "join", "row": row.index, "step": row.steps,
+                                       "start": len(row.tokens) - row.n_prompt, "committed": [int(t) for t in new]})
             row.tokens.extend(new)          # recomputed at the next forward (pending)
             if row.remaining <= 0:
                 row.done, row.finish_reason = True, "max_new_tokens"
