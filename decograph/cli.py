@@ -8,6 +8,7 @@
     decograph backends [--json]
     decograph train-mdm [--minutes M]
     decograph bench [--strategies S1,S2] [--prompts FILE.jsonl] [--per-category N] [--reps N] [--out DIR]
+    decograph viz --strategy NAME_OR_FILE --prompt TEXT [--max-new-tokens N] [-o report.html]
 
 Guarantees: every ``DecographError`` (a bad strategy file, a missing model wheel, an empty
 prompt, ...) prints ``decograph: error: <message>`` on stderr and exits 2 with no traceback,
@@ -407,8 +408,10 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train_mdm)
 
     from decograph.bench import add_parser as add_bench     # stdlib-only modules: the parser stays light
+    from decograph.viz import add_parser as add_viz
 
     add_bench(sub)
+    add_viz(sub)
     return p
 
 
