@@ -1,21 +1,32 @@
-"""Backends compared on this machine, default model, same prompts, one process.
+"""Backends and the exported decoder compared on this machine, default model, same prompts, one process.
 
 For each backend (torch fp32, ONNX Runtime fp32, ONNX Runtime int4 and int8 weight-only) and
 each strategy (``greedy`` and the best lossless strategy ``anpd``): tokens/s (median of
 ``--reps``), speedup over torch greedy, and the share of outputs identical to that backend's
 own greedy decoding (lossless on a quantized graph means exactly that). Also each backend's
 forward-cost curve: the time of a forward over k query tokens over the time of one token, at
-a context of ``--context`` tokens. onnxruntime-genai and llama-cpp-python are measured when
-installed (they are not installed here; the task's figures for them are quoted in the README).
+a context of ``--context`` tokens.
+
+Then the exported decoder (``decograph export anpd DIR --quant int4``, run without torch,
+``decograph.exported``): its greedy (``draft=False``, one token per forward: the reference) and
+ANPD, interleaved per prompt and repetition (greedy, anpd, greedy, anpd, ...), end-to-end
+tokens/s (prompt forward included) and decode-only tokens/s (after the prompt's forward), the
+share of ANPD outputs identical to the exported greedy, and the runner's own measured cost
+curve; with ``--genai`` (default, when installed) onnxruntime-genai's greedy on its own int4
+export of the model joins the rotation (genai, greedy, anpd, genai, ...), on the same prompts,
+end to end (prompt processing included) like the others. llama.cpp: ``bench_external.py``.
 
     python benchmarks/bench_backends.py [--per-category 2] [--max-new-tokens 64] [--reps 3]
+        [--backends torch,onnxruntime,onnxruntime-int4,onnxruntime-int8] [--exported int4,int8] [--no-genai]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -60,26 +71,15 @@ def cost_curve(adapter, context: int) -> dict:
     return {k: round(v, 3) for k, v in curve.points.items()} | {"one_token_ms": round(1000 * (time.perf_counter() - t0), 2)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--per-category", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--context", type=int, default=200)
-    ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
-    args = ap.parse_args()
-    warnings.simplefilter("ignore", BackendFallbackWarning)
-    torch.set_num_threads(2)
-    model, tok = load_default_model(progress=False)
-    ps = prompts(tok, args.per_category)
+def bench_backends(model, tok, ps, backends: list[str], args) -> tuple[list[dict], dict]:
     base = resolve_model(model)[0]
-    curves = {b: cost_curve(get_backend(b).prepare(base), args.context) for b in BACKENDS}
-    for b in BACKENDS:                                                  # warm-up (and export once)
+    curves = {b: cost_curve(get_backend(b).prepare(base), args.context) for b in backends}
+    for b in backends:                                                  # warm-up (and export once)
         for s in STRATEGIES:
             generate(model, tok, [ps[0]], s, 8, backend=b)
-    rows: dict[tuple[str, str], dict[str, list]] = {(b, s): {"tps": [], "ids": []} for b in BACKENDS for s in STRATEGIES}
+    rows: dict[tuple[str, str], dict[str, list]] = {(b, s): {"tps": [], "ids": []} for b in backends for s in STRATEGIES}
     for i, p in enumerate(ps):
-        for b in BACKENDS:
+        for b in backends:
             for s in STRATEGIES:
                 times = []
                 for _ in range(args.reps):
@@ -89,22 +89,139 @@ def main() -> None:
                 rows[(b, s)]["tps"].append(len(r.new_token_ids) / statistics.median(times))
                 rows[(b, s)]["ids"].append(r.new_token_ids)
         print(f"prompt {i + 1}/{len(ps)}: " + ", ".join(f"{b}/{s} {rows[(b, s)]['tps'][-1]:.1f}"
-                                                      for b in BACKENDS for s in STRATEGIES), file=sys.stderr)
-    ref = statistics.mean(rows[("torch", "greedy")]["tps"])
+                                                      for b in backends for s in STRATEGIES), file=sys.stderr)
+    ref_rows = rows.get(("torch", "greedy"))
+    ref = statistics.mean(ref_rows["tps"]) if ref_rows else None
     table = []
     for (b, s), m in rows.items():
         own = rows[(b, "greedy")]["ids"]
-        same = sum(a == g for a, g in zip(m["ids"], own))
-        torch_same = sum(a == g for a, g in zip(m["ids"], rows[("torch", "greedy")]["ids"]))
         tps = statistics.mean(m["tps"])
-        table.append({"backend": b, "strategy": s, "tokens_per_s": round(tps, 1), "speedup_vs_torch_greedy": round(tps / ref, 2),
-                      "identical_to_own_greedy": f"{same}/{len(own)}", "identical_to_torch_greedy": f"{torch_same}/{len(own)}"})
-    print("| backend | strategy | tokens/s | vs torch greedy | identical to own greedy | identical to torch greedy |")
-    print("|---|---|---|---|---|---|")
+        row = {"backend": b, "strategy": s, "tokens_per_s": round(tps, 1),
+               "speedup_vs_torch_greedy": round(tps / ref, 2) if ref else None,
+               "identical_to_own_greedy": f"{sum(a == g for a, g in zip(m['ids'], own))}/{len(own)}"}
+        if ref_rows:
+            row["identical_to_torch_greedy"] = f"{sum(a == g for a, g in zip(m['ids'], ref_rows['ids']))}/{len(own)}"
+        table.append(row)
+    return table, curves
+
+
+def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[dict], dict]:
+    """The exported decoder's greedy and ANPD (and onnxruntime-genai's greedy on its own int4
+    export, when given), interleaved per prompt and repetition: genai, greedy, anpd, genai, ..."""
+    from decograph.export import export_decoder
+    from decograph.exported import ExportedDecoder
+    from decograph.frontends.adapters import HFCausalLM
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-exported-"))
+    try:
+        out = export_decoder("anpd", tmp / "dec", model=HFCausalLM(model, tok), quant=quant, progress=lambda m: None)
+        dec = ExportedDecoder(out)
+        curve = dec.cost_curve()                      # measured once per graph and machine (cached)
+        systems = {"greedy": lambda p: _exported(dec, p, args.max_new_tokens, False),
+                   "anpd": lambda p: _exported(dec, p, args.max_new_tokens, True)}
+        if genai is not None:
+            systems = {"ort_genai_greedy": lambda p: _genai(genai, p, args.max_new_tokens)} | systems
+        for run in systems.values():                  # warm-up
+            run(ps[0])
+        stats = {m: {"e2e": [], "decode": [], "ids": [], "forwards": 0, "drafted": 0, "accepted": 0} for m in systems}
+        for i, p in enumerate(ps):
+            runs: dict[str, list] = {m: [] for m in systems}
+            for _ in range(args.reps):
+                for m, run in systems.items():
+                    runs[m].append(run(p))
+            for m, rs in runs.items():
+                st = stats[m]
+                ids, _, _, s0 = rs[0]
+                st["ids"].append(ids)
+                st["e2e"].append(len(ids) / statistics.median(r[1] for r in rs))
+                if s0 is not None:
+                    st["decode"].append((len(ids) - 1) / statistics.median(r[1] - r[2] for r in rs))
+                    st["forwards"] += s0.forwards
+                    st["drafted"] += s0.drafted
+                    st["accepted"] += s0.accepted
+            print(f"exported-{quant} prompt {i + 1}/{len(ps)}: " + ", ".join(
+                f"{m} {stats[m]['e2e'][-1]:.1f}" for m in systems), file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    greedy = stats["greedy"]
+    table = []
+    for m, st in stats.items():
+        tokens = sum(map(len, st["ids"]))
+        row = {"backend": "onnxruntime-genai int4" if m.startswith("ort_genai") else f"exported-{quant}",
+               "strategy": "greedy" if m.startswith("ort_genai") else m,
+               "tokens_per_s": round(statistics.mean(st["e2e"]), 1),
+               "speedup_vs_exported_greedy": round(statistics.mean(st["e2e"]) / statistics.mean(greedy["e2e"]), 3)}
+        if genai is not None:
+            row["speedup_vs_genai_greedy"] = round(statistics.mean(st["e2e"]) /
+                                                   statistics.mean(stats["ort_genai_greedy"]["e2e"]), 3)
+        if st["decode"]:
+            row |= {"decode_tokens_per_s": round(statistics.mean(st["decode"]), 1),
+                    "identical_to_own_greedy": f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}",
+                    "tokens_per_forward": round(tokens / st["forwards"], 3),
+                    "drafted": st["drafted"], "accepted": st["accepted"]}
+        else:
+            row["identical_to_own_greedy"] = "-"
+        table.append(row)
+    return table, {str(k): round(curve[k - 1], 3) for k in (1, 2, 4, 8) if k <= len(curve)}
+
+
+def _exported(dec, p: list[int], n: int, draft: bool):
+    ids, s = dec.generate(p, n, draft=draft)
+    return ids, s.wall_time_s, s.prefill_s, s
+
+
+def _genai(system, p: list[int], n: int):
+    ids, seconds = system.generate(p, n)
+    return ids, seconds, 0.0, None
+
+
+def _genai_system():
+    """onnxruntime-genai's greedy on its own int4 CPU export (built once and cached), or None."""
+    try:
+        from decograph.baselines import ORTGenAIGreedy, ensure_ortgenai_model, model_eos_ids
+        from decograph.models.default import default_model_path
+
+        hf = default_model_path()
+        return ORTGenAIGreedy(ensure_ortgenai_model(hf, log=lambda m: print(m, file=sys.stderr)), model_eos_ids(hf))
+    except Exception as e:                          # noqa: BLE001 -- optional baseline
+        print(f"onnxruntime-genai not measured: {e}", file=sys.stderr)
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated; empty for none")
+    ap.add_argument("--exported", default="int4", help="quantizations of the exported decoder (int4,int8,none); "
+                                                       "empty for none")
+    ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True,
+                    help="also onnxruntime-genai's greedy (its own int4 export), interleaved with the exported decoder")
+    ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
+    args = ap.parse_args()
+    warnings.simplefilter("ignore", BackendFallbackWarning)
+    torch.set_num_threads(2)
+    model, tok = load_default_model(progress=False)
+    ps = prompts(tok, args.per_category)
+    backends = [b for b in args.backends.split(",") if b]
+    table, curves = bench_backends(model, tok, ps, backends, args) if backends else ([], {})
+    genai = _genai_system() if args.genai and args.exported else None
+    for quant in [q for q in args.exported.split(",") if q]:
+        rows, curve = bench_exported(model, tok, ps, quant, args, genai)
+        table += rows
+        curves[f"exported-{quant}"] = curve
+    print("| backend | strategy | tokens/s | decode-only tokens/s | vs torch greedy | vs exported greedy | "
+          "vs genai greedy | identical to own greedy | tokens/forward |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['backend']} | {r['strategy']} | {r['tokens_per_s']} | {r['speedup_vs_torch_greedy']}x | "
-              f"{r['identical_to_own_greedy']} | {r['identical_to_torch_greedy']} |")
-    print("\nforward-cost curve (time of k query tokens / one token; context", args.context, ")")
+        vs, ve, vg = (f"{r[k]}x" if r.get(k) else "-" for k in ("speedup_vs_torch_greedy", "speedup_vs_exported_greedy",
+                                                                  "speedup_vs_genai_greedy"))
+        print(f"| {r['backend']} | {r['strategy']} | {r['tokens_per_s']} | {r.get('decode_tokens_per_s', '-')} | {vs} | "
+              f"{ve} | {vg} | {r['identical_to_own_greedy']} | {r.get('tokens_per_forward', '-')} |")
+    print(f"\nforward-cost curve (time of k query tokens / one token; backends at context {args.context}, "
+          f"the exported runner's own measurement at context 128)")
     for b, c in curves.items():
         print(f"{b}: {c}")
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": table, "cost_curves": curves}, indent=1))

@@ -40,14 +40,15 @@ def runner_plan(program: O.Program) -> dict[str, Any]:
         raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`; the exported runner drafts with one "
                                f"n-gram chain (ngram, adaptive_ngram) or nothing")
     # one chain: the runner keeps no token tree (several candidates would need tree masks)
-    return {"draft": op.NAME.split(".", 1)[1], "k": op.k, "max_n": op.max_n, "min_n": op.min_n}
+    return {"draft": op.NAME.split(".", 1)[1], "k": op.k, "max_n": op.max_n, "min_n": op.min_n,
+            "adaptive": bool(getattr(op, "adaptive", False))}
 
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none",
                    overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
                    progress: Any = print) -> Path:
     from decograph.api import _program, optimize, resolve_model
-    from decograph.backends.onnxruntime.export import export_step, quantize_step
+    from decograph.backends.onnxruntime.export import GRAPH_VERSION, QUANT, export_step, quantize_step
     from decograph.frontends.adapters import HFCausalLM
     from decograph.ir.jsonform import to_json
 
@@ -85,6 +86,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         manifest = {
             "format": "decograph-exported-decoder", "version": MANIFEST_VERSION,
             "strategy": program.name, "passes": passes, "plan": plan, "quant": quant, "model_file": model_file,
+            "graph": GRAPH_VERSION, "exact": True, "quant_settings": dict(QUANT) if quant != "none" else None,
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
             "num_layers": text.num_hidden_layers, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads, "vocab_size": adapter.vocab_size,

@@ -3,22 +3,32 @@
 This module imports neither torch nor transformers (a test checks). The decoder directory:
 
     manifest.json    what the rest is: the model's shapes, EOS ids, the runner plan, file hashes
-    model.onnx       the decoding step (``decograph.backends.onnxruntime.export``), maybe int4/int8
+    model.onnx       the decoding step (``decograph.backends.onnxruntime.graph``), maybe int4/int8
     strategy.json    the optimized strategy program (the IR's JSON form), for reference and tools
     tokenizer.json   the tokenizer (``tokenizers``), plus the chat template in the manifest
 
 The runner executes the strategy's plan: n-gram drafting (``ngram`` / ``adaptive_ngram``:
-the tokens that followed the longest earlier match of the last n tokens, n from ``max_n``
-down to ``min_n``, at most ``k``) verified greedily in one causal forward per step, so the
-output is exactly the graph's own greedy decoding; ``greedy`` drafts nothing.
+what followed the newest earlier occurrence of the longest matching suffix, ``max_n`` down to
+``min_n`` tokens, at most ``k``) verified greedily in one causal forward per step; ``greedy``
+drafts nothing. ``adaptive_ngram`` (ANPD) cuts each draft to the length with the most expected
+tokens per unit of forward time, from its match level's running acceptance and this machine's
+measured forward-cost curve (cached per graph and machine in ``$XDG_CACHE_HOME/decograph``).
+
+The output is exactly the graph's own greedy decoding (``generate(..., draft=False)``, one
+token per forward): the step graph computes every query row with the same arithmetic whatever
+the number of query tokens (``graph``), so verifying a draft of k tokens gives bit-identical
+logits to k one-token forwards. The KV cache lives in buffers bound to the graph's past and
+present (``kv``): nothing is copied per step, and a rejected draft costs no cache edit.
 
     decoder = ExportedDecoder("out/")
-    ids = decoder.generate(decoder.encode("Hello"), max_new_tokens=64)
+    ids, stats = decoder.generate(decoder.encode("Hello"), max_new_tokens=64)
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +36,16 @@ from typing import Any
 
 import numpy as np
 
+from decograph.backends.onnxruntime.kv import StepSession, causal_mask
 from decograph.errors import InputError, ModelError
 
 __all__ = ["ExportedDecoder", "DecodeStats", "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 1
-_NEG = np.float32(np.finfo(np.float32).min)
+MANIFEST_VERSION = 2
+_BUCKETS = (1, 2, 3, 4, 5, 8, 16)                     # suffix-match lengths that start each level
+_FIRST_PRIOR = (0.3, 0.35, 0.4, 0.45, 0.55, 0.7, 0.8)  # prior chance the first drafted token is right
+_LATER_PRIOR = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)   # ... and each later one, given the one before
+_CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
 
 
 @dataclass
@@ -40,6 +54,15 @@ class DecodeStats:
     forwards: int
     wall_time_s: float
     finish_reason: str
+    drafted: int = 0
+    accepted: int = 0
+    prefill_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first over the time after the prompt's forward."""
+        t = self.wall_time_s - self.prefill_s
+        return (self.new_tokens - 1) / t if self.new_tokens > 1 and t > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,9 +77,91 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
+class _Drafts:
+    """N-gram drafting over one sequence: an incremental index of every n-gram's end positions,
+    and (adaptive) per-level acceptance, decayed, that cuts drafts to the length that pays."""
+
+    def __init__(self, plan: dict[str, Any], cost: list[float] | None) -> None:
+        self.k, self.max_n, self.min_n = int(plan["k"]), int(plan["max_n"]), int(plan["min_n"])
+        self.adaptive = bool(plan.get("adaptive")) and cost is not None
+        self.cost = cost or []
+        self.where: dict[tuple[int, ...], list[int]] = {}
+        self.seen = 0
+        self.rates = {"first": {}, "later": {}}         # level -> [hits, tries]
+        self.level = -1
+
+    def _update(self, seq: list[int]) -> None:
+        for end in range(self.seen + 1, len(seq) + 1):
+            for n in range(1, min(self.max_n, end) + 1):
+                self.where.setdefault(tuple(seq[end - n:end]), []).append(end)
+        self.seen = len(seq)
+
+    def _match(self, seq: list[int]) -> tuple[int, int] | None:
+        """(end, length): the newest earlier occurrence of the longest suffix n-gram, and how far
+        back the match really extends (up to 32 tokens). Adaptive drafting also tries 1-grams
+        below ``min_n``: their drafts are cut to what pays (a one-token draft is free on an exact
+        graph, whose one-token step has a padding row anyway)."""
+        lowest = 1 if self.adaptive else self.min_n
+        for n in range(min(self.max_n, len(seq) - 1), lowest - 1, -1):
+            for end in reversed(self.where.get(tuple(seq[-n:]), ())):
+                if end < len(seq):
+                    length = n
+                    while length < 32 and end - length - 1 >= 0 and seq[end - length - 1] == seq[-length - 1]:
+                        length += 1
+                    return end, length
+        return None
+
+    def _rate(self, table: str, level: int, prior: float) -> float:
+        hits, tries = self.rates[table].get(level, (0.0, 0.0))
+        return (hits + 2.0 * prior) / (tries + 2.0)
+
+    def _record(self, table: str, level: int, ok: bool) -> None:
+        h = self.rates[table].setdefault(level, [0.0, 0.0])
+        h[0], h[1] = 0.95 * h[0] + ok, 0.95 * h[1] + 1.0
+
+    def _cost(self, width: int) -> float:
+        c = self.cost
+        return c[width - 1] if width <= len(c) else c[-1] * width / len(c)
+
+    def propose(self, seq: list[int], budget: int) -> list[int]:
+        self._update(seq)
+        self.level = -1
+        k = min(self.k, budget)
+        found = self._match(seq) if k > 0 else None
+        if found is None:
+            return []
+        end, length = found
+        chain = seq[end:end + k]
+        level = max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
+        if self.adaptive:
+            first = self._rate("first", level, _FIRST_PRIOR[level])
+            later = self._rate("later", level, _LATER_PRIOR[level])
+            best, best_ratio, expected, chance = 0, 1.0 / self._cost(1), 1.0, 1.0
+            for i in range(len(chain)):
+                chance *= first if i == 0 else later
+                expected += chance
+                if expected / self._cost(i + 2) > best_ratio:
+                    best, best_ratio = i + 1, expected / self._cost(i + 2)
+            chain = chain[:best]
+            if not chain:
+                for table in self.rates.values():           # unused: drift back to the prior
+                    if level in table:
+                        table[level][0] *= 0.97
+                        table[level][1] *= 0.97
+                return []
+        self.level = level
+        return chain
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if self.level < 0 or not drafted:
+            return
+        self._record("first", self.level, accepted >= 1)
+        for i in range(1, min(accepted + 1, drafted)):
+            self._record("later", self.level, i < accepted)
+
+
 class ExportedDecoder:
     def __init__(self, directory: str | Path, *, threads: int = 0, check_hashes: bool = True) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         d = Path(directory)
@@ -70,22 +175,21 @@ class ExportedDecoder:
         m = self.manifest
         if m.get("format") != "decograph-exported-decoder" or m.get("version") != MANIFEST_VERSION:
             raise ModelError(f"{mpath}: field 'format'/'version' is {m.get('format')!r}/{m.get('version')!r}, expected "
-                             f"'decograph-exported-decoder'/{MANIFEST_VERSION}")
+                             f"'decograph-exported-decoder'/{MANIFEST_VERSION} (export it again with this version)")
         for name, digest in m.get("files", {}).items():
             f = d / name
             if not f.is_file():
                 raise ModelError(f"{f}: listed in the manifest but missing")
             if check_hashes and _sha(f) != digest:
                 raise ModelError(f"{f}: its sha256 differs from the manifest's (the decoder was modified)")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(d / m["model_file"]), opts, providers=["CPUExecutionProvider"])
+        self.step = StepSession(d / m["model_file"], threads)
+        self.session = self.step.session
+        self.threads = threads
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.n_layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.eos = set(m["eos_token_ids"])
         self.plan = m["plan"]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
+        self._curve: list[float] | None = None
 
     # -- text ------------------------------------------------------------------------------
 
@@ -103,32 +207,75 @@ class ExportedDecoder:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    # -- the forward-cost curve --------------------------------------------------------------
+
+    def cost_curve(self) -> list[float]:
+        """Time of a forward over w query tokens over one token's, for w = 1, 2, ...: measured
+        once per graph and machine, cached in ``$XDG_CACHE_HOME/decograph/exported_costs.json``."""
+        if self._curve is not None:
+            return self._curve
+        import onnxruntime as ort
+
+        key = json.dumps(["curve-3", self.manifest["files"].get(self.manifest["model_file"]), ort.__version__, self.threads,
+                          platform.machine(), platform.processor(), os.cpu_count()])
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "exported_costs.json"
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        if key not in table:
+            table[key] = self._measure_curve()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1))
+                os.replace(tmp, path)
+            except OSError:
+                pass                        # a read-only cache only costs a re-measurement next time
+        points = {int(w): float(c) for w, c in table[key].items()}
+        top = max(points)
+        out, prev = [], 1.0
+        for w in range(1, top + 1):         # interpolated, and never cheaper than a narrower width
+            lo = max(p for p in points if p <= w)
+            hi = min(p for p in points if p >= w)
+            c = points[lo] if lo == hi else points[lo] + (points[hi] - points[lo]) * (w - lo) / (hi - lo)
+            prev = max(prev, c)
+            out.append(prev)
+        self._curve = out
+        return out
+
+    def _measure_curve(self, context: int = 128, reps: int = 7) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        kv = self.step.new_kv(1, context + max(_CURVE_WIDTHS) + 2)
+        vocab = self.step.vocab_size
+        self.step.run(kv, rng.integers(0, vocab, (1, context)), np.arange(context)[None], causal_mask(context, 0), 1)
+        feeds = {w: (rng.integers(0, vocab, (1, w)), np.arange(context, context + w)[None], causal_mask(w, context))
+                 for w in _CURVE_WIDTHS}
+        times: dict[int, list[float]] = {w: [] for w in _CURVE_WIDTHS}
+        for rep in range(reps + 1):             # round robin, so a busy moment hits every width alike
+            for w in _CURVE_WIDTHS:
+                t0 = time.perf_counter()
+                self.step.run(kv, *feeds[w])
+                if rep:
+                    times[w].append(time.perf_counter() - t0)
+                kv.length = context
+        # A forward's time is close to linear in its query rows (w, or 2 for a one-token step
+        # of an exact graph): a least-squares line through each width's least disturbed run
+        # keeps a busy machine's noise out of the curve.
+        rows = np.array([max(w, 2) if self.manifest.get("exact", True) else w for w in _CURVE_WIDTHS], float)
+        best = np.array([min(times[w]) for w in _CURVE_WIDTHS])
+        slope, base = np.polyfit(rows, best, 1)
+        slope = max(float(slope), 0.0)
+        base = max(float(base), 0.05 * float(best.min()))
+        fit = base + slope * rows
+        return {str(w): round(float(fit[i] / fit[0]), 4) for i, w in enumerate(_CURVE_WIDTHS)}
+
     # -- decoding --------------------------------------------------------------------------
 
-    def _forward(self, cache: list[np.ndarray], tokens: list[int], start: int) -> np.ndarray:
-        t, past = len(tokens), cache[0].shape[2]
-        mask = np.zeros((1, 1, t, past + t), dtype=np.float32)
-        mask[0, 0, :, past:] = np.where(np.tril(np.ones((t, t), dtype=bool)), np.float32(0.0), _NEG)
-        feed = {"input_ids": np.array([tokens], dtype=np.int64),
-                "position_ids": np.arange(start, start + t, dtype=np.int64)[None], "attention_mask": mask}
-        feed.update(zip(self.past_names, cache))
-        out = self.session.run(None, feed)
-        cache[:] = out[1:]
-        return out[0][0]
-
-    def _draft(self, seq: list[int], budget: int) -> list[int]:
-        source = self.plan.get("draft")
-        if source is None or budget <= 0:
-            return []
-        k, max_n, min_n = min(self.plan["k"], budget), self.plan["max_n"], self.plan["min_n"]
-        for n in range(min(max_n, len(seq) - 1), min_n - 1, -1):
-            tail = seq[-n:]
-            for start in range(len(seq) - n - 1, -1, -1):          # the latest earlier match
-                if seq[start:start + n] == tail:
-                    return seq[start + n:start + n + k]
-        return []
-
-    def generate(self, prompt: list[int], max_new_tokens: int = 128) -> tuple[list[int], DecodeStats]:
+    def generate(self, prompt: list[int], max_new_tokens: int = 128, *,
+                 draft: bool = True) -> tuple[list[int], DecodeStats]:
+        """Greedy decoding of ``max_new_tokens`` after ``prompt``, drafting as the plan says
+        (``draft=False``: one token per forward, the reference the drafts reproduce exactly)."""
         if not prompt:
             raise InputError("the prompt is empty: give at least one token")
         if max_new_tokens < 0:
@@ -137,30 +284,43 @@ class ExportedDecoder:
         if limit and len(prompt) + max_new_tokens > limit:
             raise InputError(f"the prompt has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                              f"the model's {limit} positions")
+        drafts = None
+        if draft and self.plan.get("draft"):
+            drafts = _Drafts(self.plan, self.cost_curve() if self.plan.get("adaptive") else None)
         start = time.perf_counter()
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        cache = [empty] * (2 * self.n_layers)
-        seq, new, forwards, reason = list(prompt), [], 0, "max_new_tokens"
-        if len(prompt) > 1:                                   # prefill all but the pending last token
-            self._forward(cache, prompt[:-1], 0)
-            forwards += 1
-        while len(new) < max_new_tokens:
-            cached = cache[0].shape[2]
-            draft = self._draft(seq, max_new_tokens - len(new) - 1)
-            logits = self._forward(cache, [seq[-1]] + draft, cached)
-            forwards += 1
-            argmax = logits.argmax(-1).tolist()
-            ok = 0
-            while ok < len(draft) and draft[ok] == argmax[ok]:
-                ok += 1
-            commit = draft[:ok] + [argmax[ok]]
-            cache[:] = [c[:, :, : cached + 1 + ok] for c in cache]     # drop the rejected drafts' slots
-            for tok in commit:
-                new.append(tok)
-                seq.append(tok)
-                if tok in self.eos:
-                    reason = "eos"
-                    break
-            if reason == "eos":
-                break
-        return new, DecodeStats(len(new), forwards, time.perf_counter() - start, reason)
+        stats = DecodeStats(0, 0, 0.0, "max_new_tokens")
+        new: list[int] = []
+        if max_new_tokens:
+            k = int(self.plan.get("k", 0)) if drafts else 0
+            kv = self.step.new_kv(1, len(prompt) + max_new_tokens + k + 2)
+            run, seq = self.step.run, list(prompt)
+            n = len(prompt)                     # the prompt in one forward: its last token's logits
+            logits = run(kv, np.array([prompt], np.int64), np.arange(n, dtype=np.int64)[None], causal_mask(n, 0), 1)
+            stats.forwards, stats.prefill_s = 1, time.perf_counter() - start
+            tok = int(logits[0, -1].argmax())
+            new.append(tok)
+            seq.append(tok)
+            while tok not in self.eos and len(new) < max_new_tokens:
+                chain = drafts.propose(seq, max_new_tokens - len(new) - 1) if drafts else []
+                cached, t = kv.length, 1 + len(chain)
+                logits = run(kv, np.array([[tok] + chain], np.int64), np.arange(cached, cached + t, dtype=np.int64)[None],
+                             causal_mask(t, cached))
+                stats.forwards += 1
+                best = logits[0].argmax(-1)
+                ok = 0
+                while ok < len(chain) and chain[ok] == best[ok]:
+                    ok += 1
+                kv.length = cached + 1 + ok              # the rejected drafts' slots are overwritten later
+                if drafts:
+                    drafts.observe(len(chain), ok)
+                    stats.drafted += len(chain)
+                    stats.accepted += ok
+                for tok in chain[:ok] + [int(best[ok])]:
+                    new.append(tok)
+                    seq.append(tok)
+                    if tok in self.eos:
+                        break
+        if new and new[-1] in self.eos:
+            stats.finish_reason = "eos"
+        stats.new_tokens, stats.wall_time_s = len(new), time.perf_counter() - start
+        return new, stats

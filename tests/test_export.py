@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -61,19 +62,39 @@ def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, stra
     assert manifest["strategy"] == strategy and manifest["quant"] == quant
     assert manifest["plan"]["draft"] == {"anpd": "adaptive_ngram", "ngram": "ngram", "greedy": None}[strategy]
     assert not list(tmp_path.glob(".dec-*"))                    # no temporary directory left
+    assert manifest["plan"].get("adaptive", False) == (strategy == "anpd")
+    if quant != "none":                             # int8 activations: the fast kernels, exact graph
+        levels = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {4}
     dec = ExportedDecoder(out)
     graph = ORTCausalLM(out / "model.onnx")
+    drafted = 0
     for text in PROMPTS:
         ids = dec.encode(text)
         for n in (0, 1, 9, 24):
             got, stats = dec.generate(ids, n)
-            assert got == _greedy(graph, ids, n) and stats.new_tokens == len(got) <= n
+            assert got == _greedy(graph, ids, n) == dec.generate(ids, n, draft=False)[0]
+            assert stats.new_tokens == len(got) <= n and stats.accepted <= stats.drafted
+            drafted += stats.drafted
         want = _greedy(graph, ids, 24)
         eos = want[5]
         dec.eos = {eos}
         got, stats = dec.generate(ids, 24)
         assert got == want[: want.index(eos) + 1] and stats.finish_reason == "eos"
         dec.eos = set(manifest["eos_token_ids"])
+    assert (drafted > 0) == (strategy != "greedy")            # the repetitive prompts get drafts
+
+
+def test_exported_decoder_cost_curve_is_cached(model_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
+                         chat=False, progress=lambda m: None)
+    curve = ExportedDecoder(out).cost_curve()
+    assert curve[0] == 1.0 and curve == sorted(curve) and len(curve) >= 9
+    table = json.loads((tmp_path / "xdg" / "decograph" / "exported_costs.json").read_text())
+    assert len(table) == 1
+    assert ExportedDecoder(out).cost_curve() == curve                 # read back, not measured again
 
 
 def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:

@@ -1,7 +1,8 @@
 """The ONNX Runtime path: the exported step against torch (checker, shape inference, logits and
-KV within 1e-4), every lossless strategy on ORT equal to ORT's own one-token greedy (tiny model
-and the real default model), fp32 ORT against the torch reference with any parting explained by
-a near-tie (the step and the logit margin are reported), and errors."""
+KV within 1e-4), a k-token step bit-identical to k one-token steps (fp32, int4, int8), every
+lossless strategy on ORT equal to ORT's own one-token greedy (tiny model and the real default
+model), fp32 ORT against the torch reference with any parting explained by a near-tie (the step
+and the logit margin are reported), the export cache keyed by the graph's version, and errors."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ import decograph
 from decograph.api import resolve_model
 from decograph.backends import BackendFallbackWarning, get_backend
 from decograph.backends.onnxruntime.backend import export_dir
-from decograph.backends.onnxruntime.export import export_step, io_names
+from decograph.backends.onnxruntime.export import (INEXACT_ACCURACY_LEVEL, QUANT, export_step, io_names, quant_tag,
+                                                   quantize_step)
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.errors import ModelError, UnsupportedError
 from decograph.frontends.strategies import list_strategies, load_strategy
@@ -115,10 +117,63 @@ def test_every_lossless_strategy_equals_ort_greedy(tiny, strategy, backend) -> N
 def test_quantized_graphs_use_matmulnbits(tiny) -> None:
     for bits in (4, 8):
         a = get_backend(f"onnxruntime-int{bits}").prepare(resolve_model(tiny)[0])
+        assert a.path.name == f"model.{quant_tag(bits, INEXACT_ACCURACY_LEVEL)}.onnx"   # settings name the file
         proto = onnx.load(str(a.path))
         nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-        assert len(nbits) == 2 * 7 + 1                              # 7 linears per layer, the head
-        assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
+        assert len(nbits) == 2 * 4 + 1                  # q/k/v, o, gate/up, down per layer; the head
+        attrs = [{x.name: x.i for x in n.attribute} for n in nbits]
+        assert {(a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(bits, INEXACT_ACCURACY_LEVEL)}
+
+
+def test_graph_uses_fused_ops(exported) -> None:
+    ops = [n.op_type for n in onnx.load(str(exported)).graph.node]
+    for op, count in (("GroupQueryAttention", 2), ("RotaryEmbedding", 4), ("SkipSimplifiedLayerNormalization", 4)):
+        assert ops.count(op) == count, op
+    assert len(ops) < 40 * 2
+
+
+def _steps(adapter, prompt, toks, widths):
+    """Logits and KV of ``toks`` fed after ``prompt`` in steps of the given widths."""
+    cache = adapter.new_cache(1)
+    n = len(prompt)
+    adapter.forward(cache, torch.tensor([prompt]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
+    out, i = [], 0
+    for w in widths:
+        past = adapter.cache_len(cache)
+        attend = torch.cat([torch.ones(w, past, dtype=torch.bool), torch.ones(w, w, dtype=torch.bool).tril()], 1)[None]
+        out.append(adapter.forward(cache, torch.tensor([toks[i:i + w]]), torch.arange(past, past + w)[None], attend)[0])
+        i += w
+    return torch.cat(out), [torch.cat(kv, 0) for kv in adapter.slot_tensors(cache)]
+
+
+@pytest.mark.parametrize("bits", [0, 4, 8])
+def test_an_exact_graphs_k_token_step_is_bit_identical_to_k_one_token_steps(tiny, exported, bits, tmp_path) -> None:
+    """What makes verification lossless on the exported decoder's graphs: a row's logits and KV
+    do not depend on how many query tokens its step has (with int8 activations, the smallest
+    difference would become a different token now and then)."""
+    path = quantize_step(exported, tmp_path / "q.onnx", bits) if bits else exported
+    a = ORTCausalLM(path)
+    prompt, toks = [1, 5, 9, 5, 9, 5, 9, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+    one_logits, one_kv = _steps(a, prompt, toks, [1] * 12)
+    for widths in ([2] * 6, [4, 8], [12], [3, 1, 5, 3]):
+        logits, kv = _steps(a, prompt, toks, widths)
+        assert torch.equal(logits, one_logits), widths
+        assert all(torch.equal(x, y) for x, y in zip(kv, one_kv)), widths
+
+
+def test_export_cache_is_keyed_by_the_graph_version(tiny, monkeypatch) -> None:
+    from decograph.backends.onnxruntime import graph
+
+    before = export_dir(tiny)
+    monkeypatch.setattr(graph, "GRAPH_VERSION", graph.GRAPH_VERSION + "-next")
+    assert export_dir(tiny) != before
+
+
+def test_a_mask_seeing_a_later_slot_is_refused(exported) -> None:
+    a = ORTCausalLM(exported)
+    cache = a.new_cache(1)
+    with pytest.raises(UnsupportedError, match="causally"):
+        a.forward(cache, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), torch.ones(1, 2, 2, dtype=torch.bool))
 
 
 def test_errors(tmp_path, exported) -> None:

@@ -16,7 +16,11 @@ __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeInt4Backend", "OnnxRuntimeInt8Backe
 
 
 def _fingerprint(model: Any) -> str:
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """The model's config and weights, and the step graph's version (a changed graph is a new
+    directory: old exports are never reused)."""
+    from decograph.backends.onnxruntime.graph import GRAPH_VERSION
+
+    h = hashlib.sha256(f"{GRAPH_VERSION}\n".encode() + model.config.to_json_string(use_diff=False).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum()):.9e}".encode())
     return h.hexdigest()[:12]
@@ -56,13 +60,13 @@ class OnnxRuntimeBackend(Backend):
             return hit[1]
         path = export_dir(adapter.model) / "model.onnx"
         if not path.is_file():
-            export_step(adapter.model, path)
+            export_step(adapter.model, path, exact=False)      # batches and trees: see export's notes
         if self.bits:
-            from decograph.backends.onnxruntime.export import quantize_step
+            from decograph.backends.onnxruntime.export import INEXACT_ACCURACY_LEVEL, quant_tag, quantize_step
 
-            qpath = path.with_name(f"model.int{self.bits}.onnx")
+            qpath = path.with_name(f"model.{quant_tag(self.bits, INEXACT_ACCURACY_LEVEL)}.onnx")
             if not qpath.is_file():
-                quantize_step(path, qpath, self.bits)
+                quantize_step(path, qpath, self.bits, INEXACT_ACCURACY_LEVEL)
             path = qpath
         ort_adapter = ORTCausalLM(path, vocab_size=adapter.vocab_size, eos_token_ids=adapter.eos_token_ids,
                                   max_positions=adapter.max_positions, tokenizer=adapter.tokenizer)

@@ -1,0 +1,189 @@
+"""The decoding step of a Llama-architecture model written directly as an ONNX graph of ONNX
+Runtime's fused CPU operators (no tracing): per layer one ``SkipSimplifiedLayerNormalization``
+(residual add + RMSNorm), one MatMul for Q, K and V together, ``RotaryEmbedding`` on Q and K at
+explicit positions, ``GroupQueryAttention`` over the past KV (causal in slot order, the step's
+additive mask as its ``attention_bias``: trees, packed rows and padding take slots away), the
+output projection, one MatMul for gate and up, ``QuickGelu`` (SiLU) and the down projection;
+about 12 nodes a layer instead of the ~60 of a traced export. ``export.quantize_step`` turns
+every MatMul into a block-wise ``MatMulNBits``; fused Q/K/V and gate/up are quantized per output
+column like the separate ones, the same arithmetic in fewer, larger kernels. The interface is
+``kv.io_names``; ``logits_keep`` (int64 [1]) computes logits for the last ``logits_keep`` query
+rows only (0: all), so a prefill pays for one row of the vocabulary projection.
+
+``exact`` graphs give every query row bit-identical logits and K/V whatever the number of query
+tokens in its step (k tokens in one forward == k one-token forwards), which is what makes
+greedy verification of drafts lossless when the weights are quantized with int8 activations
+(``accuracy_level`` 4, where the smallest float difference becomes a different rounding of an
+activation and, a few layers on, a different token now and then). Every other kernel is
+row-wise already; ``GroupQueryAttention`` multiplies a one-token step with a matrix-vector
+routine that sums in another order than its matrix-matrix one, so an exact graph gives a
+one-token step's attention a padding query row (a copy of its Q/K/V; its K/V go one slot past
+the step, outside the cache) and never runs a one-row attention; the other kernels run on the
+real rows only. A two-token step costs little more than a one-token one, so a runner may as
+well verify one drafted token each step. What stays outside: a row's slots must lie where a
+one-token decode would put them (a dense causal chain, as ``decograph.exported`` keeps them);
+padding or holes in the cache (batches, trees) move the softmax's summation lanes.
+
+``GroupQueryAttention`` writes the new K/V after the past ones; when ``past`` and ``present``
+are bound to one preallocated buffer (``kv``: I/O binding, the mask's last axis the valid
+length) it writes them in place and nothing is copied per step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from decograph.errors import ModelError
+
+__all__ = ["GRAPH_VERSION", "build_step"]
+
+GRAPH_VERSION = "fused-5"           # part of the export cache key: bump when the graph changes
+_MS = "com.microsoft"
+
+
+class _G:
+    """A small ONNX graph writer: nodes, initializers, unique names."""
+
+    def __init__(self) -> None:
+        from onnx import helper
+
+        self.h, self.nodes, self.inits, self.n = helper, [], [], 0
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op: str, ins: list[str], n_out: int = 1, outs: list[str] | None = None, domain: str = "",
+           **attrs: Any) -> Any:
+        self.n += 1
+        outs = outs or [f"{op}_{self.n}_{j}" for j in range(n_out)]
+        self.nodes.append(self.h.make_node(op, ins, outs, name=f"{op}_{self.n}", domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _linear(g: _G, x: str, layers: list[Any], name: str) -> str:
+    """``x @ W.T (+ b)`` for one or more ``nn.Linear`` stacked along the output axis."""
+    w = np.concatenate([_np(m.weight) for m in layers], 0).T          # [in, out]
+    y = g.op("MatMul", [x, g.init(f"{name}.weight", w)], outs=[f"{name}/out"])
+    if any(m.bias is not None for m in layers):
+        b = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
+                            for m in layers])
+        y = g.op("Add", [y, g.init(f"{name}.bias", b)])
+    return y
+
+
+def build_step(model: Any, exact: bool = True, opset: int = 23) -> Any:
+    """The step graph (an ``onnx.ModelProto``, fp32 weights) of a ``LlamaForCausalLM``; with
+    ``exact``, the padding query row that makes every query row's result independent of the
+    step's width (see the module's docstring)."""
+    import onnx
+    import torch
+    from onnx import TensorProto as TP
+
+    from decograph.backends.onnxruntime.kv import io_names
+
+    if type(model).__name__ != "LlamaForCausalLM":
+        raise ModelError(f"ONNX export supports Llama-architecture models, not {type(model).__name__}")
+    cfg = model.config
+    n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ModelError(f"ONNX export supports SiLU MLPs, not {cfg.hidden_act!r}")
+    m = model.model
+    g = _G()
+    ins, outs = io_names(n_layers)
+    # cos / sin of every position, from the model's own rotary module (its scaling included)
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+    with torch.no_grad():
+        pos = torch.arange(max_pos)[None]
+        cos, sin = m.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    cos_c = g.init("rotary.cos", _np(cos[0, :, : hd // 2]))
+    sin_c = g.init("rotary.sin", _np(sin[0, :, : hd // 2]))
+    if not (np.allclose(_np(cos[0, :, : hd // 2]), _np(cos[0, :, hd // 2:])) or hd % 2):
+        raise ModelError("ONNX export supports rotary embeddings of the rotate-half form only")
+    one, zero = g.init("c.1", np.array([1])), g.init("c.0", np.array([0]))
+    ids, pos, mask = "input_ids", "position_ids", "attention_mask"
+    t_len = g.op("Slice", [g.op("Shape", [ids]), one, g.init("c.2", np.array([2]))])
+    queries, need = t_len, None
+    if exact:
+        # A one-token step gets a padding query row in attention (a copy of its Q/K/V, after
+        # it): GroupQueryAttention then always multiplies two or more query rows, so a row's
+        # arithmetic is the same whether its step has 1 token or k (every other kernel is
+        # row-wise already). A step of 2+ tokens has none.
+        need = g.op("Max", [g.op("Sub", ["c.2", t_len]), zero])             # 1 if T == 1 else 0
+        cut = g.op("Sub", [t_len, need])
+        pos = g.op("Concat", [pos, g.op("Slice", [pos, cut, t_len, one])], axis=1)
+        pads = g.op("Concat", [g.init("c.pads", np.zeros(6, np.int64)), need, need], axis=0)
+        mask = g.op("Pad", [mask, pads], mode="constant")
+        queries = g.op("Add", [t_len, need])
+    # GQA's lengths from the mask's shape: total = S + queries for every row
+    total = g.op("Cast", [g.op("Slice", [g.op("Shape", [mask]), g.init("c.3", np.array([3])), g.init("c.4", np.array([4]))])],
+                 to=TP.INT32)
+    total_scalar = g.op("Squeeze", [total, zero])
+    batch = g.op("Slice", [g.op("Shape", ["input_ids"]), zero, one])
+    seqlens = g.op("Expand", [g.op("Sub", [total, g.init("c.1i", np.array([1], np.int32))]), batch])
+    qlens = g.op("Expand", [g.op("Cast", [queries], to=TP.INT32), batch])
+    x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight)), "input_ids"])
+    eps = float(cfg.rms_norm_eps)
+    res, mlp_out = x, None
+    for i, layer in enumerate(m.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        ln1 = g.init(f"l{i}.ln1", _np(layer.input_layernorm.weight))
+        if mlp_out is None:
+            h = g.op("RMSNormalization", [x, ln1], axis=-1, epsilon=eps)          # opset 23
+        else:
+            h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, ln1], n_out=4, domain=_MS,
+                                epsilon=eps)
+        qkv = _linear(g, h, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv")
+        if exact:
+            qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, cut, t_len, one])], axis=1)
+        scale = float(getattr(att, "scaling", hd ** -0.5))
+        q, k, v = g.op("Split", [qkv, g.init(f"l{i}.split", np.array([heads * hd, kv_heads * hd, kv_heads * hd]))],
+                       n_out=3, axis=-1)
+        # rotary at explicit positions, any pattern (GQA's own needs head sizes divisible by 16)
+        q = g.op("RotaryEmbedding", [q, pos, cos_c, sin_c], domain=_MS, num_heads=heads, interleaved=0)
+        k = g.op("RotaryEmbedding", [k, pos, cos_c, sin_c], domain=_MS, num_heads=kv_heads, interleaved=0)
+        a = g.op("GroupQueryAttention", [q, k, v, ins[3 + 2 * i], ins[4 + 2 * i], seqlens, total_scalar, "", "", "",
+                                         mask, "", "", "", "", "", qlens], n_out=3,
+                 outs=[f"l{i}.attn", outs[1 + 2 * i], outs[2 + 2 * i]], domain=_MS, num_heads=heads,
+                 kv_num_heads=kv_heads, causal=1, scale=scale)
+        if exact:
+            a = [g.op("Slice", [a[0], zero, t_len, one])]                     # the real rows
+        a = _linear(g, a[0], [att.o_proj], f"l{i}.o")
+        ln2 = g.init(f"l{i}.ln2", _np(layer.post_attention_layernorm.weight))
+        h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [a, res, ln2], n_out=4, domain=_MS, epsilon=eps)
+        gu = _linear(g, h, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up")
+        gate, up = g.op("Split", [gu, g.init(f"l{i}.gsplit", np.array([mlp.gate_proj.out_features] * 2))],
+                        n_out=2, axis=-1)
+        act = g.op("QuickGelu", [gate], domain=_MS, alpha=1.0)          # x * sigmoid(x): SiLU
+        mlp_out = _linear(g, g.op("Mul", [act, up]), [mlp.down_proj], f"l{i}.down")
+    h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", _np(m.norm.weight))], n_out=1,
+             domain=_MS, epsilon=eps)
+    # the last ``logits_keep`` rows only: start = T - keep, clamped to [0, T] by Slice
+    start = g.op("Sub", [t_len, "logits_keep"])
+    start = g.op("Where", [g.op("Greater", ["logits_keep", zero]), start, zero])
+    h = g.op("Slice", [h, start, t_len, one])
+    head = model.lm_head
+    g.op("MatMul", [h, g.init("lm_head.weight", _np(head.weight).T)], outs=["logits"])
+    f, i64 = TP.FLOAT, TP.INT64
+    vi = onnx.helper.make_tensor_value_info
+    inputs = [vi("input_ids", i64, ["batch", "seq"]), vi("position_ids", i64, ["batch", "seq"]),
+              vi("attention_mask", f, ["batch", 1, "seq", "total"])]
+    inputs += [vi(n, f, ["batch", kv_heads, "past", hd]) for n in ins[3:-1]]
+    inputs.append(vi("logits_keep", i64, [1]))
+    outputs = [vi("logits", f, ["batch", "keep", cfg.vocab_size])]
+    outputs += [vi(n, f, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
+    graph = onnx.helper.make_graph(g.nodes, "decograph_step", inputs, outputs, g.inits)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset),
+                                                         onnx.helper.make_opsetid(_MS, 1)],
+                                   producer_name="decograph")
+    proto.ir_version = 10
+    return proto
