@@ -18,6 +18,7 @@ end to end (prompt processing included) like the others. llama.cpp: ``bench_exte
 
     python benchmarks/bench_backends.py [--per-category 2] [--max-new-tokens 64] [--reps 3]
         [--backends torch,onnxruntime,onnxruntime-int4,onnxruntime-int8] [--exported int4,int8] [--no-genai]
+        [--spinning on|off]
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
     tmp = Path(tempfile.mkdtemp(prefix="bench-exported-"))
     try:
         out = export_decoder("anpd", tmp / "dec", model=HFCausalLM(model, tok), quant=quant, progress=lambda m: None)
-        dec = ExportedDecoder(out)
+        dec = ExportedDecoder(out, threads=2, spinning=args.spinning == "on")
         curve = dec.cost_curve()                      # measured once per graph and machine (cached)
         systems = {"greedy": lambda p: _exported(dec, p, args.max_new_tokens, False),
                    "anpd": lambda p: _exported(dec, p, args.max_new_tokens, True)}
@@ -175,14 +176,23 @@ def _genai(system, p: list[int], n: int):
     return ids, seconds, 0.0, None
 
 
-def _genai_system():
-    """onnxruntime-genai's greedy on its own int4 CPU export (built once and cached), or None."""
+def _genai_system(spinning: bool):
+    """onnxruntime-genai's greedy on its own int4 CPU export (built once and cached), 2 threads,
+    idle-thread spinning as the exported decoder's; or None."""
     try:
+        import onnxruntime_genai as og
+
         from decograph.baselines import ORTGenAIGreedy, ensure_ortgenai_model, model_eos_ids
         from decograph.models.default import default_model_path
 
         hf = default_model_path()
-        return ORTGenAIGreedy(ensure_ortgenai_model(hf, log=lambda m: print(m, file=sys.stderr)), model_eos_ids(hf))
+        system = ORTGenAIGreedy(ensure_ortgenai_model(hf, log=lambda m: print(m, file=sys.stderr)), model_eos_ids(hf))
+        config = og.Config(str(system.model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": 2, "inter_op_num_threads": 1,
+            "session.intra_op.allow_spinning": "1" if spinning else "0"}}}}))
+        system.model = og.Model(config)
+        return system
     except Exception as e:                          # noqa: BLE001 -- optional baseline
         print(f"onnxruntime-genai not measured: {e}", file=sys.stderr)
         return None
@@ -199,6 +209,9 @@ def main() -> None:
                                                        "empty for none")
     ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True,
                     help="also onnxruntime-genai's greedy (its own int4 export), interleaved with the exported decoder")
+    ap.add_argument("--spinning", choices=("on", "off"), default="on",
+                    help="ONNX Runtime idle-thread spinning for the exported decoder and genai (2 threads each): "
+                         "on is ORT's default; off is much faster while other work keeps the cores busy")
     ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
     args = ap.parse_args()
     warnings.simplefilter("ignore", BackendFallbackWarning)
@@ -207,7 +220,7 @@ def main() -> None:
     ps = prompts(tok, args.per_category)
     backends = [b for b in args.backends.split(",") if b]
     table, curves = bench_backends(model, tok, ps, backends, args) if backends else ([], {})
-    genai = _genai_system() if args.genai and args.exported else None
+    genai = _genai_system(args.spinning == "on") if args.genai and args.exported else None
     for quant in [q for q in args.exported.split(",") if q]:
         rows, curve = bench_exported(model, tok, ps, quant, args, genai)
         table += rows

@@ -86,7 +86,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         manifest = {
             "format": "decograph-exported-decoder", "version": MANIFEST_VERSION,
             "strategy": program.name, "passes": passes, "plan": plan, "quant": quant, "model_file": model_file,
-            "graph": GRAPH_VERSION, "exact": True, "quant_settings": dict(QUANT) if quant != "none" else None,
+            "graph": GRAPH_VERSION, "quant_settings": dict(QUANT) if quant != "none" else None,
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
             "num_layers": text.num_hidden_layers, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads, "vocab_size": adapter.vocab_size,

@@ -99,8 +99,8 @@ class _Drafts:
     def _match(self, seq: list[int]) -> tuple[int, int] | None:
         """(end, length): the newest earlier occurrence of the longest suffix n-gram, and how far
         back the match really extends (up to 32 tokens). Adaptive drafting also tries 1-grams
-        below ``min_n``: their drafts are cut to what pays (a one-token draft is free on an exact
-        graph, whose one-token step has a padding row anyway)."""
+        below ``min_n``: their drafts are cut to what pays (one drafted token costs ~10% of a
+        forward, the wider forward's extra row in the matrix products)."""
         lowest = 1 if self.adaptive else self.min_n
         for n in range(min(self.max_n, len(seq) - 1), lowest - 1, -1):
             for end in reversed(self.where.get(tuple(seq[-n:]), ())):
@@ -161,7 +161,10 @@ class _Drafts:
 
 
 class ExportedDecoder:
-    def __init__(self, directory: str | Path, *, threads: int = 0, check_hashes: bool = True) -> None:
+    def __init__(self, directory: str | Path, *, threads: int | None = None, spinning: bool | None = None,
+                 check_hashes: bool = True) -> None:
+        """``threads``/``spinning``: ONNX Runtime's intra-op threads and idle-thread spinning
+        (``kv.session_options``; ``None``: ``DECOGRAPH_ORT_THREADS`` / ``_SPINNING``, else ORT's)."""
         from tokenizers import Tokenizer
 
         d = Path(directory)
@@ -182,9 +185,11 @@ class ExportedDecoder:
                 raise ModelError(f"{f}: listed in the manifest but missing")
             if check_hashes and _sha(f) != digest:
                 raise ModelError(f"{f}: its sha256 differs from the manifest's (the decoder was modified)")
-        self.step = StepSession(d / m["model_file"], threads)
+        self.step = StepSession(d / m["model_file"], threads, spinning)
         self.session = self.step.session
-        self.threads = threads
+        opts = self.session.get_session_options()
+        self.threads = opts.intra_op_num_threads
+        self.spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.n_layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.eos = set(m["eos_token_ids"])
@@ -216,7 +221,8 @@ class ExportedDecoder:
             return self._curve
         import onnxruntime as ort
 
-        key = json.dumps(["curve-3", self.manifest["files"].get(self.manifest["model_file"]), ort.__version__, self.threads,
+        key = json.dumps(["curve-4", self.manifest["files"].get(self.manifest["model_file"]), ort.__version__,
+                          self.threads, self.spinning,
                           platform.machine(), platform.processor(), os.cpu_count()])
         path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "exported_costs.json"
         try:
@@ -259,15 +265,12 @@ class ExportedDecoder:
                 if rep:
                     times[w].append(time.perf_counter() - t0)
                 kv.length = context
-        # A forward's time is close to linear in its query rows (w, or 2 for a one-token step
-        # of an exact graph): a least-squares line through each width's least disturbed run
-        # keeps a busy machine's noise out of the curve.
-        rows = np.array([max(w, 2) if self.manifest.get("exact", True) else w for w in _CURVE_WIDTHS], float)
+        # A forward's time is close to linear in its query tokens: a least-squares line through
+        # each width's least disturbed run keeps a busy machine's noise out of the curve.
+        rows = np.array(_CURVE_WIDTHS, float)
         best = np.array([min(times[w]) for w in _CURVE_WIDTHS])
         slope, base = np.polyfit(rows, best, 1)
-        slope = max(float(slope), 0.0)
-        base = max(float(base), 0.05 * float(best.min()))
-        fit = base + slope * rows
+        fit = max(float(base), 0.05 * float(best.min())) + max(float(slope), 0.0) * rows
         return {str(w): round(float(fit[i] / fit[0]), 4) for i, w in enumerate(_CURVE_WIDTHS)}
 
     # -- decoding --------------------------------------------------------------------------

@@ -125,6 +125,30 @@ def test_quantized_graphs_use_matmulnbits(tiny) -> None:
         assert {(a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(bits, INEXACT_ACCURACY_LEVEL)}
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_rotary_inside_attention_matches_torch(exact, tmp_path) -> None:
+    """Head sizes divisible by 16 (the real models') take GQA's own rotary: explicit positions
+    still hold for padded batches, left-padded prefills and tree steps."""
+    model = tiny_llama(hidden=64, heads=4, kv_heads=2)                  # head size 16
+    path = export_step(model, tmp_path / "m.onnx", exact=exact)
+    assert "RotaryEmbedding" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    a, ref = ORTCausalLM(path), resolve_model(model)[0]
+    ca, cr = a.new_cache(2), ref.new_cache(2)
+    ids, pos = torch.tensor([[1, 5, 9, 5], [0, 0, 3, 4]]), torch.tensor([[0, 1, 2, 3], [0, 0, 0, 1]])
+    att = torch.ones(4, 4, dtype=torch.bool).tril().repeat(2, 1, 1)
+    att[1, :, :2] = False
+    att[1, 0, 0] = att[1, 1, 1] = True
+    assert (a.forward(ca, ids, pos, att) - ref.forward(cr, ids, pos, att))[:, 2:].abs().max() < 1e-4
+    tree, tpos = torch.tensor([[9, 7], [3, 2]]), torch.tensor([[4, 4], [2, 2]])
+    att = torch.cat([att[:, -1:].repeat(1, 2, 1), torch.eye(2, dtype=torch.bool).repeat(2, 1, 1)], 2)
+    assert (a.forward(ca, tree, tpos, att) - ref.forward(cr, tree, tpos, att)).abs().max() < 1e-4
+    one = torch.ones(2, 1, 7, dtype=torch.bool)
+    one[1, :, :2] = False
+    one[:, :, 4:6] = False
+    assert (a.forward(ca, torch.tensor([[3], [8]]), torch.tensor([[5], [3]]), one)
+            - ref.forward(cr, torch.tensor([[3], [8]]), torch.tensor([[5], [3]]), one)).abs().max() < 1e-4
+
+
 def test_graph_uses_fused_ops(exported) -> None:
     ops = [n.op_type for n in onnx.load(str(exported)).graph.node]
     for op, count in (("GroupQueryAttention", 2), ("RotaryEmbedding", 4), ("SkipSimplifiedLayerNormalization", 4)):

@@ -1,10 +1,11 @@
 """The decoding step of a Llama-architecture model written directly as an ONNX graph of ONNX
 Runtime's fused CPU operators (no tracing): per layer one ``SkipSimplifiedLayerNormalization``
-(residual add + RMSNorm), one MatMul for Q, K and V together, ``RotaryEmbedding`` on Q and K at
-explicit positions, ``GroupQueryAttention`` over the past KV (causal in slot order, the step's
-additive mask as its ``attention_bias``: trees, packed rows and padding take slots away), the
-output projection, one MatMul for gate and up, ``QuickGelu`` (SiLU) and the down projection;
-about 12 nodes a layer instead of the ~60 of a traced export. ``export.quantize_step`` turns
+(residual add + RMSNorm), one MatMul for Q, K and V together, ``GroupQueryAttention`` over the
+past KV (rotary at explicit positions inside it when the head size is a multiple of 16, else
+``RotaryEmbedding`` nodes; causal in slot order, the step's additive mask as its
+``attention_bias``: trees, packed rows and padding take slots away), the output projection, one
+MatMul for gate and up, ``QuickGelu`` (SiLU) and the down projection; about 10 nodes a layer
+instead of the ~60 of a traced export. ``export.quantize_step`` turns
 every MatMul into a block-wise ``MatMulNBits``; fused Q/K/V and gate/up are quantized per output
 column like the separate ones, the same arithmetic in fewer, larger kernels. The interface is
 ``kv.io_names``; ``logits_keep`` (int64 [1]) computes logits for the last ``logits_keep`` query
@@ -38,7 +39,7 @@ from decograph.errors import ModelError
 
 __all__ = ["GRAPH_VERSION", "build_step"]
 
-GRAPH_VERSION = "fused-5"           # part of the export cache key: bump when the graph changes
+GRAPH_VERSION = "fused-6"           # part of the export cache key: bump when the graph changes
 _MS = "com.microsoft"
 
 
@@ -79,10 +80,11 @@ def _linear(g: _G, x: str, layers: list[Any], name: str) -> str:
     return y
 
 
-def build_step(model: Any, exact: bool = True, opset: int = 23) -> Any:
+def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None = None, opset: int = 23) -> Any:
     """The step graph (an ``onnx.ModelProto``, fp32 weights) of a ``LlamaForCausalLM``; with
     ``exact``, the padding query row that makes every query row's result independent of the
-    step's width (see the module's docstring)."""
+    step's width (see the module's docstring). ``rotary_in_attention``: GQA applies the rotary
+    embedding (default where it can: head sizes divisible by 16)."""
     import onnx
     import torch
     from onnx import TensorProto as TP
@@ -97,6 +99,8 @@ def build_step(model: Any, exact: bool = True, opset: int = 23) -> Any:
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ModelError(f"ONNX export supports SiLU MLPs, not {cfg.hidden_act!r}")
+    if rotary_in_attention is None:
+        rotary_in_attention = hd % 16 == 0     # GQA's own rotary needs head sizes divisible by 16
     m = model.model
     g = _G()
     ins, outs = io_names(n_layers)
@@ -146,15 +150,18 @@ def build_step(model: Any, exact: bool = True, opset: int = 23) -> Any:
         if exact:
             qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, cut, t_len, one])], axis=1)
         scale = float(getattr(att, "scaling", hd ** -0.5))
-        q, k, v = g.op("Split", [qkv, g.init(f"l{i}.split", np.array([heads * hd, kv_heads * hd, kv_heads * hd]))],
-                       n_out=3, axis=-1)
-        # rotary at explicit positions, any pattern (GQA's own needs head sizes divisible by 16)
-        q = g.op("RotaryEmbedding", [q, pos, cos_c, sin_c], domain=_MS, num_heads=heads, interleaved=0)
-        k = g.op("RotaryEmbedding", [k, pos, cos_c, sin_c], domain=_MS, num_heads=kv_heads, interleaved=0)
-        a = g.op("GroupQueryAttention", [q, k, v, ins[3 + 2 * i], ins[4 + 2 * i], seqlens, total_scalar, "", "", "",
-                                         mask, "", "", "", "", "", qlens], n_out=3,
+        kv_io = [ins[3 + 2 * i], ins[4 + 2 * i], seqlens, total_scalar]
+        if rotary_in_attention:                 # packed Q/K/V, GQA rotates Q and K itself
+            attn_in, rot = [qkv, "", "", *kv_io, cos_c, sin_c, pos, mask], {"do_rotary": 1}
+        else:
+            q, k, v = g.op("Split", [qkv, g.init(f"l{i}.split", np.array([heads * hd, kv_heads * hd, kv_heads * hd]))],
+                           n_out=3, axis=-1)
+            q = g.op("RotaryEmbedding", [q, pos, cos_c, sin_c], domain=_MS, num_heads=heads, interleaved=0)
+            k = g.op("RotaryEmbedding", [k, pos, cos_c, sin_c], domain=_MS, num_heads=kv_heads, interleaved=0)
+            attn_in, rot = [q, k, v, *kv_io, "", "", "", mask], {}
+        a = g.op("GroupQueryAttention", attn_in + ["", "", "", "", "", qlens], n_out=3,
                  outs=[f"l{i}.attn", outs[1 + 2 * i], outs[2 + 2 * i]], domain=_MS, num_heads=heads,
-                 kv_num_heads=kv_heads, causal=1, scale=scale)
+                 kv_num_heads=kv_heads, causal=1, scale=scale, **rot)
         if exact:
             a = [g.op("Slice", [a[0], zero, t_len, one])]                     # the real rows
         a = _linear(g, a[0], [att.o_proj], f"l{i}.o")

@@ -10,6 +10,7 @@ row (see ``graph``) writes one slot past a one-token step, outside the valid len
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,17 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "position_ids", "attention_mask", *past, "logits_keep"], ["logits", *present]
 
 
-def session_options(threads: int = 0, spinning: bool = True) -> Any:
+def session_options(threads: int | None = None, spinning: bool | None = None) -> Any:
+    """CPU EP options: all graph optimizations, sequential execution; ``threads`` intra-op
+    threads (0: ORT's choice, one per physical core) and idle-thread ``spinning`` (ORT's
+    default; off is much faster on a machine busy with other work). ``None`` reads
+    ``DECOGRAPH_ORT_THREADS`` / ``DECOGRAPH_ORT_SPINNING`` (0 or 1), else the defaults."""
     import onnxruntime as ort
 
+    if threads is None:
+        threads = int(os.environ.get("DECOGRAPH_ORT_THREADS") or 0)
+    if spinning is None:
+        spinning = os.environ.get("DECOGRAPH_ORT_SPINNING", "1").strip() not in ("0", "false", "off", "no")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -107,7 +116,7 @@ class KV:
 class StepSession:
     """An ONNX Runtime session over a step graph, its shapes read from the graph."""
 
-    def __init__(self, path: str | Path, threads: int = 0, spinning: bool = True) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool | None = None) -> None:
         import onnxruntime as ort
 
         p = Path(path)
