@@ -115,7 +115,8 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-exported-"))
     try:
-        out = export_decoder("anpd", tmp / "dec", model=HFCausalLM(model, tok), quant=quant, progress=lambda m: None)
+        out = export_decoder("anpd", tmp / "dec", model=HFCausalLM(model, tok), quant=quant, block_size=args.block_size,
+                             progress=lambda m: None)
         dec = ExportedDecoder(out, threads=2, spinning=args.spinning == "on")
         curve = dec.cost_curve()                      # measured once per graph and machine (cached)
         systems = {"greedy": lambda p: _exported(dec, p, args.max_new_tokens, False),
@@ -148,7 +149,8 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
     table = []
     for m, st in stats.items():
         tokens = sum(map(len, st["ids"]))
-        row = {"backend": "onnxruntime-genai int4" if m.startswith("ort_genai") else f"exported-{quant}",
+        name = f"exported-{quant}" + (f"-b{args.block_size}" if args.block_size != 32 and quant != "none" else "")
+        row = {"backend": "onnxruntime-genai int4" if m.startswith("ort_genai") else name,
                "strategy": "greedy" if m.startswith("ort_genai") else m,
                "tokens_per_s": round(statistics.mean(st["e2e"]), 1),
                "speedup_vs_exported_greedy": round(statistics.mean(st["e2e"]) / statistics.mean(greedy["e2e"]), 3)}
@@ -207,6 +209,7 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated; empty for none")
     ap.add_argument("--exported", default="int4", help="quantizations of the exported decoder (int4,int8,none); "
                                                        "empty for none")
+    ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
     ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True,
                     help="also onnxruntime-genai's greedy (its own int4 export), interleaved with the exported decoder")
     ap.add_argument("--spinning", choices=("on", "off"), default="on",

@@ -1,6 +1,7 @@
 """``decograph export``: a self-contained decoder directory (see ``decograph.exported``).
 
     export_decoder("anpd", "out/", quant="int4")        # the default model; or model=DIR
+    export_decoder("anpd", "out/", quant="int4", block_size=128)   # faster, less accurate
 
 Written into a temporary directory beside ``out`` and renamed when complete, so a failed export
 leaves nothing half-written. The strategy goes through the pass pipeline first; the exported
@@ -44,7 +45,7 @@ def runner_plan(program: O.Program) -> dict[str, Any]:
             "adaptive": bool(getattr(op, "adaptive", False))}
 
 
-def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none",
+def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,
                    overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
                    progress: Any = print) -> Path:
     from decograph.api import _program, optimize, resolve_model
@@ -54,6 +55,8 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
 
     if quant not in ("none", "int4", "int8"):
         raise InputError(f"--quant must be none, int4 or int8, got {quant!r}")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise InputError(f"block_size must be 16, 32, 64, 128 or 256, got {block_size}")
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target}: exists and is not empty; choose a new directory")
@@ -72,7 +75,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
             step.rename(tmp / model_file)
         else:
             progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
-            quantize_step(step, tmp / model_file, bits=int(quant[3:]))
+            quantize_step(step, tmp / model_file, bits=int(quant[3:]), block_size=block_size)
             step.unlink()
         tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "strategy.json").write_text(json.dumps(to_json(program), indent=1), encoding="utf-8")
@@ -86,7 +89,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         manifest = {
             "format": "decograph-exported-decoder", "version": MANIFEST_VERSION,
             "strategy": program.name, "passes": passes, "plan": plan, "quant": quant, "model_file": model_file,
-            "graph": GRAPH_VERSION, "quant_settings": dict(QUANT) if quant != "none" else None,
+            "graph": GRAPH_VERSION, "quant_settings": dict(QUANT, block_size=block_size) if quant != "none" else None,
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
             "num_layers": text.num_hidden_layers, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads, "vocab_size": adapter.vocab_size,

@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,8 @@ class ExportedDecoder:
         self.eos = set(m["eos_token_ids"])
         self.plan = m["plan"]
         self._curve: list[float] | None = None
+        self._exact: bool | None = None
+        self._warned = False
 
     # -- text ------------------------------------------------------------------------------
 
@@ -212,25 +215,22 @@ class ExportedDecoder:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # -- the forward-cost curve --------------------------------------------------------------
+    # -- measured on this machine (once per graph, machine and threads; cached) ----------------
 
-    def cost_curve(self) -> list[float]:
-        """Time of a forward over w query tokens over one token's, for w = 1, 2, ...: measured
-        once per graph and machine, cached in ``$XDG_CACHE_HOME/decograph/exported_costs.json``."""
-        if self._curve is not None:
-            return self._curve
+    def _machine(self, kind: str, measure: Any) -> Any:
+        """``measure()``'s result for this graph, ORT version, machine and threads, cached in
+        ``$XDG_CACHE_HOME/decograph/exported_machine.json``."""
         import onnxruntime as ort
 
-        key = json.dumps(["curve-4", self.manifest["files"].get(self.manifest["model_file"]), ort.__version__,
-                          self.threads, self.spinning,
-                          platform.machine(), platform.processor(), os.cpu_count()])
-        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "exported_costs.json"
+        key = json.dumps([kind, self.manifest["files"].get(self.manifest["model_file"]), ort.__version__,
+                          self.threads, self.spinning, platform.machine(), platform.processor(), os.cpu_count()])
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "exported_machine.json"
         try:
             table = json.loads(path.read_text())
         except (OSError, ValueError):
             table = {}
         if key not in table:
-            table[key] = self._measure_curve()
+            table[key] = measure()
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -238,10 +238,43 @@ class ExportedDecoder:
                 os.replace(tmp, path)
             except OSError:
                 pass                        # a read-only cache only costs a re-measurement next time
-        points = {int(w): float(c) for w, c in table[key].items()}
-        top = max(points)
+        return table[key]
+
+    def exact(self) -> bool:
+        """Whether a k-token forward gives bit-identical logits and K/V to k one-token forwards
+        here, for every width a draft can take (what makes drafting lossless; see
+        ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
+        if self._exact is None:
+            self._exact = bool(self._machine("exact-1", self._check_exact))
+        return self._exact
+
+    def _check_exact(self, context: int = 37) -> bool:
+        widths = list(range(2, int(self.plan.get("k") or 8) + 2))
+        rng = np.random.default_rng(1)
+        vocab = self.step.vocab_size
+        prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
+        runs = []
+        for order in ([1] * len(toks), widths, widths[::-1]):
+            kv = self.step.new_kv(1, context + len(toks) + 2)
+            self.step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
+            logits, i = [], 0
+            for w in order:
+                pos = np.arange(context + i, context + i + w)[None]
+                logits.append(self.step.run(kv, toks[None, i:i + w], pos, causal_mask(w, context + i)).copy())
+                i += w
+            runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
+        (ref, ref_kv), others = runs[0], runs[1:]
+        return all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv))
+                   for lg, kv in others)
+
+    def cost_curve(self) -> list[float]:
+        """Time of a forward over w query tokens over one token's, for w = 1, 2, ...: measured
+        once per graph and machine (cached)."""
+        if self._curve is not None:
+            return self._curve
+        points = {int(w): float(c) for w, c in self._machine("curve-5", self._measure_curve).items()}
         out, prev = [], 1.0
-        for w in range(1, top + 1):         # interpolated, and never cheaper than a narrower width
+        for w in range(1, max(points) + 1):   # interpolated, and never cheaper than a narrower width
             lo = max(p for p in points if p <= w)
             hi = min(p for p in points if p >= w)
             c = points[lo] if lo == hi else points[lo] + (points[hi] - points[lo]) * (w - lo) / (hi - lo)
@@ -265,9 +298,10 @@ class ExportedDecoder:
                 if rep:
                     times[w].append(time.perf_counter() - t0)
                 kv.length = context
-        # A forward's time is close to linear in its query tokens: a least-squares line through
-        # each width's least disturbed run keeps a busy machine's noise out of the curve.
-        rows = np.array(_CURVE_WIDTHS, float)
+        # A forward's time is close to linear in its matrix rows (w; 2 for one token, with the
+        # exact graph's padding row): a least-squares line through each width's least disturbed
+        # run keeps a busy machine's noise out of the curve.
+        rows = np.array([max(w, 2) for w in _CURVE_WIDTHS], float)
         best = np.array([min(times[w]) for w in _CURVE_WIDTHS])
         slope, base = np.polyfit(rows, best, 1)
         fit = max(float(base), 0.05 * float(best.min())) + max(float(slope), 0.0) * rows
@@ -289,7 +323,13 @@ class ExportedDecoder:
                              f"the model's {limit} positions")
         drafts = None
         if draft and self.plan.get("draft"):
-            drafts = _Drafts(self.plan, self.cost_curve() if self.plan.get("adaptive") else None)
+            if self.exact():
+                drafts = _Drafts(self.plan, self.cost_curve() if self.plan.get("adaptive") else None)
+            elif not self._warned:
+                self._warned = True
+                warnings.warn("this machine's ONNX Runtime kernels do not give a multi-token step the arithmetic of "
+                              "one-token steps on this graph: decoding greedily without drafts, to stay lossless",
+                              RuntimeWarning, stacklevel=2)
         start = time.perf_counter()
         stats = DecodeStats(0, 0, 0.0, "max_new_tokens")
         new: list[int] = []

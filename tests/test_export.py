@@ -86,15 +86,43 @@ def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, stra
     assert (drafted > 0) == (strategy != "greedy")            # the repetitive prompts get drafts
 
 
-def test_exported_decoder_cost_curve_is_cached(model_dir, tmp_path, monkeypatch) -> None:
+def test_block_size_is_the_exports_choice(model_dir, tmp_path) -> None:
+    out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
+                         block_size=16, chat=False, progress=lambda m: None)
+    sizes = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
+             for a in n.attribute if a.name == "block_size"}
+    assert sizes == {16} and json.loads((out / "manifest.json").read_text())["quant_settings"]["block_size"] == 16
+    dec = ExportedDecoder(out)
+    ids = dec.encode(PROMPTS[0])
+    assert dec.generate(ids, 16)[0] == dec.generate(ids, 16, draft=False)[0] == _greedy(ORTCausalLM(out / "model.onnx"), ids, 16)
+
+
+def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
                          chat=False, progress=lambda m: None)
-    curve = ExportedDecoder(out).cost_curve()
-    assert curve[0] == 1.0 and curve == sorted(curve) and len(curve) >= 9
-    table = json.loads((tmp_path / "xdg" / "decograph" / "exported_costs.json").read_text())
-    assert len(table) == 1
-    assert ExportedDecoder(out).cost_curve() == curve                 # read back, not measured again
+    dec = ExportedDecoder(out)
+    curve = dec.cost_curve()
+    assert curve[0] == curve[1] == 1.0 and curve == sorted(curve) and len(curve) >= 9   # 1 token: a padding row
+    assert dec.exact()
+    table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
+    assert sorted(json.loads(k)[0] for k in table) == ["curve-5", "exact-1"]
+    again = ExportedDecoder(out)
+    monkeypatch.setattr(again, "_measure_curve", lambda: pytest.fail("measured again"))
+    monkeypatch.setattr(again, "_check_exact", lambda: pytest.fail("checked again"))
+    assert again.cost_curve() == curve and again.exact()                # read back, not measured again
+
+
+def test_a_machine_whose_kernels_are_not_exact_decodes_without_drafts(model_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
+                         chat=False, progress=lambda m: None)
+    dec = ExportedDecoder(out)
+    monkeypatch.setattr(dec, "_check_exact", lambda: False)
+    ids = dec.encode(PROMPTS[0])
+    with pytest.warns(RuntimeWarning, match="without drafts"):
+        got, stats = dec.generate(ids, 16)
+    assert got == dec.generate(ids, 16, draft=False)[0] and stats.drafted == 0 and stats.forwards == len(got)
 
 
 def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:
@@ -131,6 +159,8 @@ def test_export_errors(model_dir, tmp_path) -> None:
         export_decoder("greedy", tmp_path / "used", model=model, progress=lambda m: None)
     with pytest.raises(InputError, match="--quant"):
         export_decoder("greedy", tmp_path / "q", model=model, quant="int3", progress=lambda m: None)
+    with pytest.raises(InputError, match="block_size"):
+        export_decoder("greedy", tmp_path / "q", model=model, quant="int4", block_size=48, progress=lambda m: None)
     out = export_decoder("greedy", tmp_path / "ok", model=model, chat=False, progress=lambda m: None)
     with (out / "model.onnx").open("ab") as f:
         f.write(b"\0")

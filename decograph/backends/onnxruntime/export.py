@@ -79,17 +79,20 @@ def export_step(model: Any, path: str | Path, exact: bool = True) -> Path:
 
 
 def quantize_step(src: str | Path, dst: str | Path, bits: int = 4,
-                  accuracy_level: int = QUANT["accuracy_level"]) -> Path:
+                  accuracy_level: int = QUANT["accuracy_level"], block_size: int = QUANT["block_size"]) -> Path:
     """Weight-only quantization of the step graph's MatMul weights with ORT's ``MatMulNBits``
-    (``bits`` 4 or 8, symmetric, blocks of ``QUANT``'s size); the embedding table stays fp32."""
+    (``bits`` 4 or 8, symmetric, one scale per ``block_size`` weights: 32 as onnxruntime-genai's
+    builder; 128 runs faster, less accurately); the embedding table stays fp32."""
     if bits not in (4, 8):
         raise ModelError(f"quantize_step: bits must be 4 or 8, got {bits}")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise ModelError(f"quantize_step: block_size must be 16, 32, 64, 128 or 256, got {block_size}")
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     out = Path(dst)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=QUANT["block_size"], is_symmetric=True,
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True,
                              accuracy_level=accuracy_level)
     q.process()
     _save(q.model.model, out, Path(str(src) + ".data").is_file())

@@ -15,15 +15,17 @@ rows only (0: all), so a prefill pays for one row of the vocabulary projection.
 tokens in its step (k tokens in one forward == k one-token forwards), which is what makes
 greedy verification of drafts lossless when the weights are quantized with int8 activations
 (``accuracy_level`` 4, where the smallest float difference becomes a different rounding of an
-activation and, a few layers on, a different token now and then). Every other kernel is
-row-wise already; ``GroupQueryAttention`` multiplies a one-token step with a matrix-vector
-routine that sums in another order than its matrix-matrix one, so an exact graph gives a
-one-token step's attention a padding query row (a copy of its Q/K/V; its K/V go one slot past
-the step, outside the cache) and never runs a one-row attention; the other kernels run on the
-real rows only. A two-token step costs little more than a one-token one, so a runner may as
-well verify one drafted token each step. What stays outside: a row's slots must lie where a
-one-token decode would put them (a dense causal chain, as ``decograph.exported`` keeps them);
-padding or holes in the cache (batches, trees) move the softmax's summation lanes.
+activation and, a few layers on, a different token now and then). ORT's kernels compute a
+row of a matrix product the same way for any number of rows except one: a one-row product
+takes matrix-vector routines that sum in another order. So an exact graph gives a one-token
+step a padding row (a copy of its token, after it; its K/V go one slot past the step, outside
+the cache) and never multiplies a single row; a two-token step then costs what a one-token
+step does, and a runner may as well verify a drafted token every step. This holds for the
+kernels of this ORT version on this kind of CPU with 32-weight blocks (with 128-weight blocks
+the int8 kernels' row tiling changes sums too): ``decograph.exported`` checks it on the machine
+it runs on before it drafts. What stays outside: a row's slots must lie where a one-token
+decode puts them (a dense causal chain, as ``decograph.exported`` keeps them); padding or holes
+in the cache (batches, trees) move the softmax's summation lanes.
 
 ``GroupQueryAttention`` writes the new K/V after the past ones; when ``past`` and ``present``
 are bound to one preallocated buffer (``kv``: I/O binding, the mask's last axis the valid
@@ -39,7 +41,7 @@ from decograph.errors import ModelError
 
 __all__ = ["GRAPH_VERSION", "build_step"]
 
-GRAPH_VERSION = "fused-6"           # part of the export cache key: bump when the graph changes
+GRAPH_VERSION = "fused-7"           # part of the export cache key: bump when the graph changes
 _MS = "com.microsoft"
 
 
@@ -116,18 +118,18 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     one, zero = g.init("c.1", np.array([1])), g.init("c.0", np.array([0]))
     ids, pos, mask = "input_ids", "position_ids", "attention_mask"
     t_len = g.op("Slice", [g.op("Shape", [ids]), one, g.init("c.2", np.array([2]))])
-    queries, need = t_len, None
+    queries = t_len
     if exact:
-        # A one-token step gets a padding query row in attention (a copy of its Q/K/V, after
-        # it): GroupQueryAttention then always multiplies two or more query rows, so a row's
-        # arithmetic is the same whether its step has 1 token or k (every other kernel is
-        # row-wise already). A step of 2+ tokens has none.
+        # A one-token step gets a padding query row (a copy of its token and position, after
+        # it): no kernel then multiplies a single row, whose matrix-vector routines sum in
+        # another order than the matrix-matrix ones. A step of 2+ tokens has none.
         need = g.op("Max", [g.op("Sub", ["c.2", t_len]), zero])             # 1 if T == 1 else 0
         cut = g.op("Sub", [t_len, need])
         pos = g.op("Concat", [pos, g.op("Slice", [pos, cut, t_len, one])], axis=1)
         pads = g.op("Concat", [g.init("c.pads", np.zeros(6, np.int64)), need, need], axis=0)
         mask = g.op("Pad", [mask, pads], mode="constant")
         queries = g.op("Add", [t_len, need])
+        ids = g.op("Concat", [ids, g.op("Slice", [ids, cut, t_len, one])], axis=1)
     # GQA's lengths from the mask's shape: total = S + queries for every row
     total = g.op("Cast", [g.op("Slice", [g.op("Shape", [mask]), g.init("c.3", np.array([3])), g.init("c.4", np.array([4]))])],
                  to=TP.INT32)
@@ -135,7 +137,7 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     batch = g.op("Slice", [g.op("Shape", ["input_ids"]), zero, one])
     seqlens = g.op("Expand", [g.op("Sub", [total, g.init("c.1i", np.array([1], np.int32))]), batch])
     qlens = g.op("Expand", [g.op("Cast", [queries], to=TP.INT32), batch])
-    x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight)), "input_ids"])
+    x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight)), ids])
     eps = float(cfg.rms_norm_eps)
     res, mlp_out = x, None
     for i, layer in enumerate(m.layers):
@@ -147,8 +149,6 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
             h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, ln1], n_out=4, domain=_MS,
                                 epsilon=eps)
         qkv = _linear(g, h, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv")
-        if exact:
-            qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, cut, t_len, one])], axis=1)
         scale = float(getattr(att, "scaling", hd ** -0.5))
         kv_io = [ins[3 + 2 * i], ins[4 + 2 * i], seqlens, total_scalar]
         if rotary_in_attention:                 # packed Q/K/V, GQA rotates Q and K itself
@@ -162,8 +162,6 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
         a = g.op("GroupQueryAttention", attn_in + ["", "", "", "", "", qlens], n_out=3,
                  outs=[f"l{i}.attn", outs[1 + 2 * i], outs[2 + 2 * i]], domain=_MS, num_heads=heads,
                  kv_num_heads=kv_heads, causal=1, scale=scale, **rot)
-        if exact:
-            a = [g.op("Slice", [a[0], zero, t_len, one])]                     # the real rows
         a = _linear(g, a[0], [att.o_proj], f"l{i}.o")
         ln2 = g.init(f"l{i}.ln2", _np(layer.post_attention_layernorm.weight))
         h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [a, res, ln2], n_out=4, domain=_MS, epsilon=eps)
