@@ -24,8 +24,8 @@ real default model are marked ``real_model``. Any other fence info string is an 
 typo (```bash) cannot silently skip a block.
 
 Commands stay cheap (16 new tokens, one prompt per benchmark task, one repetition). The whole
-file took 6.5 minutes on the project's 2-core machine while other benchmark jobs shared it
-(``decograph bench`` alone about 2 minutes); ``-m "not real_model"`` runs the rest in seconds.
+file took 6 to 7 minutes on the project's 2-core machine while other benchmark jobs shared it,
+``decograph bench`` alone 2 to 3.5 of them; ``-m "not real_model"`` runs the rest in seconds.
 
 In ``docs/strategy-files.md`` every yaml/toml block is a strategy example and is loaded with
 ``decograph.frontends.strategies.load_strategy`` from a file in a temp dir; it must verify:
