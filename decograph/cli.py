@@ -172,9 +172,10 @@ def _cmd_run_exported(args: argparse.Namespace) -> int:
     """``run --exported DIR``: onnxruntime, numpy and tokenizers only (never torch)."""
     from decograph.exported import ExportedDecoder
 
-    if args.strategy or args.model or args.sample or args.set or args.stream or args.backend != "torch":
+    if (args.strategy or args.model or args.sample or args.set or args.stream or args.backend != "torch"
+            or args.passes != "default"):
         raise InputError("--exported runs the decoder's own strategy and model: drop --strategy/--model/--set/"
-                         "--backend/--sample/--stream")
+                         "--backend/--passes/--sample/--stream")
     dec = ExportedDecoder(args.exported)
     ids, s = dec.generate(dec.encode(args.prompt, args.chat), args.max_new_tokens)
     text = dec.decode(ids)
@@ -220,7 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     printer = _TextPrinter(tok) if args.stream else None
     [result] = generate(adapter, tok, [args.prompt], strategy.program, args.max_new_tokens, chat=chat,
                         do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, streamer=printer, backend=args.backend)
+                        seed=args.seed, streamer=printer, backend=args.backend, passes=args.passes)
     s = result.stats
     if args.json:
         record = {"strategy": strategy.name, "model": model_name, "prompt": args.prompt, "chat": chat,
@@ -347,6 +348,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     r.add_argument("--backend", default="torch", metavar="NAME",
                    help="the backend to run on (see `decograph backends`; default: torch)")
+    r.add_argument("--passes", default="default", metavar="PIPELINE",
+                   help="the pass pipeline: 'default', 'none' (the program as written) or e.g. 'mask-fusion,cache-reuse'")
     g = r.add_argument_group("sampling (lossless: verification becomes speculative sampling)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0, metavar="T")

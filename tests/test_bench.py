@@ -150,6 +150,7 @@ def test_bench_command_end_to_end(model_dir: Path, tmp_path: Path, capsys: pytes
     assert md in cap.out and "### qa (2 prompts)" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".bench*"))                       # no temporary file left
+    assert all((out / f).stat().st_mode & 0o044 == 0o044 for f in ("bench.json", "bench.md", "bench.png"))
 
 
 def test_bench_reports_a_lossless_mismatch(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -256,3 +256,22 @@ def test_ner_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys: pytest.
     code, _, err = run_cli(capsys, "run", "--strategy", "padellm_ner", "--model", str(tiny_dir), "--prompt", "t1",
                            "--no-chat")
     assert code == 2 and "no branch provider 'ner.count'" in err and "decograph ner" in err
+
+
+def test_run_passes_option_reaches_generate(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--passes none`` runs the program as written: recompute KV means more query tokens
+    than the default pipeline's keep_accepted, and the tokens stay the same."""
+    from decograph.api import generate
+
+    prompt = "t1 t2 t3 t4 t1 t2 t3 t4 t1 t2"
+    args = ["run", "--strategy", "ngram", "--model", str(tiny_dir), "--prompt", prompt, "--max-new-tokens", "12",
+            "--no-chat", "--json"]
+    code, out, err = run_cli(capsys, *args, "--passes", "none")
+    assert code == 0, err
+    [plain] = generate(str(tiny_dir), None, [prompt], "ngram", 12, passes="none")
+    [tuned] = generate(str(tiny_dir), None, [prompt], "ngram", 12)
+    record = json.loads(out)
+    assert record["new_token_ids"] == plain.new_token_ids == tuned.new_token_ids
+    assert record["forward_passes"] == plain.stats.forward_passes
+    code, out, err = run_cli(capsys, *args, "--passes", "no-such-pass")
+    assert code == 2 and "no-such-pass" in err

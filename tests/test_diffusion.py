@@ -15,6 +15,7 @@ from decograph.errors import InputError, ModelError, UnsupportedError
 from decograph.frontends.diffusion import MDMAdapter, as_diffusion_adapter, load_diffusion_model
 from decograph.frontends.strategies import load_strategy
 from decograph.ir import ops as O
+from decograph.ir import parse_program, print_program
 from decograph.models.mdm import MDMTransformer, load_mdm, save_mdm, tiny_mdm
 
 MASK = 1
@@ -345,6 +346,12 @@ def test_strategy_model_mismatch_errors(model2) -> None:
         decograph.generate(tiny_llama(), None, [[1, 2, 3]], strategy="fast_dllm", max_new_tokens=4)
     with pytest.raises(UnsupportedError, match="keep_accepted"):
         run(model2, "fast_dllm", kv="keep_accepted")
+    for kv in ("block_approx", "block_approx_dual"):      # a causal program asking for a diffusion cache
+        greedy_kv = load_strategy("greedy").program
+        text = print_program(greedy_kv).replace("kv=recompute", f"kv={kv}")
+        with pytest.raises(UnsupportedError, match=f"kv={kv}\\) applies to masked-diffusion models only"):
+            decograph.generate(tiny_llama(), None, [[1, 2, 3]], strategy=parse_program(text), max_new_tokens=4,
+                               passes="none")
 
 
 def test_save_and_load_round_trip(tmp_path, model2) -> None:

@@ -32,7 +32,7 @@ JOIN_RULES = ("concat", "collect", "ner_dedup")
 KV_POLICIES = ("keep_accepted", "recompute", "block_approx", "block_approx_dual")
 LAYOUTS = ("sequence", "batch")
 ROLLBACKS = ("copy", "in_place")
-UNTIL = ("eos", "max_new_tokens", "stop", "converged")
+UNTIL = ("eos", "max_new_tokens", "stop")
 B, V = Sym("B"), Sym("V")
 
 

@@ -6,10 +6,12 @@ result types against each op's type rule, and the data flow between steps (a ver
 the logits of the forward that ran its drafts). Each message names the op and its line, the
 operand or field at fault, quotes the IR around it, and says what would fix it:
 
-    verify error at line 5, op `forward`, field 'mask': 'causal' cannot hold 2 drafts
-       4 |     %4 = draft.ngram_pool(%2, candidates=5, n=4) : Tokens[B, 5, 3]
-    >  5 |     %5 = forward(%2, %3, %4, mask=causal) : Logits[B, 22, V]
-    fix: use mask=tree to verify several drafts in one forward
+    verify error at line 6, op `forward`, its result type: declared Logits[B, 7, V], the type rule gives Logits[B, 9, V]
+        4 |   ^(%2: State):
+        5 |     %3 = draft.ngram(%2, candidates=1, k=8, max_n=3, min_n=1) : Tokens[B, 8]
+    >   6 |     %4 = forward(%2, %3, dedup=false, layout=sequence, mask=causal) : Logits[B, 7, V]
+        7 |     %5 = verify.greedy(%2, %4, %3) : Tokens[B, A]
+    fix: declare `: Logits[B, 9, V]`
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ CASES = [
     ("multiline_description", edit('"Jacobi decoding (Santilli et al. 2023)."', '"two\\nlines"'),
      "{f}:2: description: must be one non-empty line of text, got 'two\\nlines'"),
     ("bad_until", edit("      body:", "      until: [eos, forever]\n      body:"),
-     "{f}:7: steps[1].iterate.until: 'forever' is not one of eos, max_new_tokens, stop, converged"),
+     "{f}:7: steps[1].iterate.until: 'forever' is not one of eos, max_new_tokens, stop"),
     ("until_not_list", edit("      body:", "      until: eos\n      body:"),
      "{f}:7: steps[1].iterate.until: must be a list of strings, got 'eos'"),
     ("non_mapping_top", "- prefill\n- emit\n",

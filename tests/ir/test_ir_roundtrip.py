@@ -245,7 +245,7 @@ strategy jacobi {
     "diffusion": '''\
 strategy diffusion "LLaDA-style blocks" {
   %0 = prefill(%prompt) : State
-  %1 = iterate(%0, max_steps=0, until=[converged]) : State {
+  %1 = iterate(%0, max_steps=0, until=[max_new_tokens]) : State {
   ^(%2: State):
     %3 = draft.mask(%2, k=32, mask_token=-1) : Tokens[B, 32]
     %4 = forward(%2, %3, dedup=false, layout=sequence, mask=block) : Logits[B, 33, V]

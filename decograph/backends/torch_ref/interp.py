@@ -110,8 +110,8 @@ class Interpreter:
                 self.sources[id(op)].cost = config.cost_curve
             elif isinstance(op, O.UNMASK_OPS):
                 raise UnsupportedError(f"{op.NAME} needs a masked-diffusion model, the model is a causal LM")
-            elif isinstance(op, O.Commit) and op.kv == "block_approx":
-                raise UnsupportedError("commit(kv=block_approx) applies to masked-diffusion models only")
+            elif isinstance(op, O.Commit) and op.kv in ("block_approx", "block_approx_dual"):
+                raise UnsupportedError(f"commit(kv={op.kv}) applies to masked-diffusion models only")
         # No seed: a fresh one per run, so unseeded sampling really varies between calls.
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         self.gen = torch.Generator().manual_seed(seed)
