@@ -12,7 +12,9 @@ what followed the newest earlier occurrence of the longest matching suffix, ``ma
 ``min_n`` tokens, at most ``k``) verified greedily in one causal forward per step; ``greedy``
 drafts nothing. ``adaptive_ngram`` (ANPD) cuts each draft to the length with the most expected
 tokens per unit of forward time, from its match level's running acceptance and this machine's
-measured forward-cost curve (cached per graph and machine in ``$XDG_CACHE_HOME/decograph``).
+measured forward-cost curve (cached per graph and machine in ``$XDG_CACHE_HOME/decograph``);
+with nothing to copy it still drafts one token (the sequence's most frequent), which the exact
+graph's padding row makes free.
 
 The output is exactly the graph's own greedy decoding (``generate(..., draft=False)``, one
 token per forward): the step graph computes every query row with the same arithmetic whatever
@@ -87,6 +89,8 @@ class _Drafts:
         self.adaptive = bool(plan.get("adaptive")) and cost is not None
         self.cost = cost or []
         self.where: dict[tuple[int, ...], list[int]] = {}
+        self.counts: dict[int, int] = {}
+        self.top = -1                                   # the sequence's most frequent token
         self.seen = 0
         self.rates = {"first": {}, "later": {}}         # level -> [hits, tries]
         self.level = -1
@@ -95,6 +99,10 @@ class _Drafts:
         for end in range(self.seen + 1, len(seq) + 1):
             for n in range(1, min(self.max_n, end) + 1):
                 self.where.setdefault(tuple(seq[end - n:end]), []).append(end)
+            tok = seq[end - 1]
+            self.counts[tok] = self.counts.get(tok, 0) + 1
+            if self.counts[tok] > self.counts.get(self.top, 0):
+                self.top = tok
         self.seen = len(seq)
 
     def _match(self, seq: list[int]) -> tuple[int, int] | None:
@@ -130,7 +138,10 @@ class _Drafts:
         k = min(self.k, budget)
         found = self._match(seq) if k > 0 else None
         if found is None:
-            return []
+            # nothing to copy: when a one-token draft costs nothing (an exact graph's one-token
+            # step has a padding row anyway), guess the sequence's most frequent token
+            free = self.adaptive and len(self.cost) > 1 and self.cost[1] <= 1.02 * self.cost[0]
+            return [self.top] if k > 0 and free and self.top >= 0 else []
         end, length = found
         chain = seq[end:end + k]
         level = max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
