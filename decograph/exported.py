@@ -41,6 +41,7 @@ import numpy as np
 
 from decograph.backends.onnxruntime.kv import StepSession, causal_mask
 from decograph.errors import InputError, ModelError
+from decograph.measure_cache import cached
 
 __all__ = ["ExportedDecoder", "DecodeStats", "MANIFEST_VERSION"]
 
@@ -235,21 +236,7 @@ class ExportedDecoder:
 
         key = json.dumps([kind, self.manifest["files"].get(self.manifest["model_file"]), ort.__version__,
                           self.threads, self.spinning, platform.machine(), platform.processor(), os.cpu_count()])
-        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "exported_machine.json"
-        try:
-            table = json.loads(path.read_text())
-        except (OSError, ValueError):
-            table = {}
-        if key not in table:
-            table[key] = measure()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(table, indent=1))
-                os.replace(tmp, path)
-            except OSError:
-                pass                        # a read-only cache only costs a re-measurement next time
-        return table[key]
+        return cached("exported_machine.json", key, measure)
 
     def exact(self) -> bool:
         """Whether a k-token forward gives bit-identical logits and K/V to k one-token forwards

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,29 +95,13 @@ def _key(adapter: Any) -> str | None:
                        platform.machine(), platform.processor(), os.cpu_count(), torch.__version__])
 
 
-def _path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "decograph" / "cost_curves.json"
-
-
 def cached_cost_curve(adapter: Any) -> CostCurve:
     """The adapter's measured curve, measuring (a few seconds) and caching it on first use."""
+    from decograph.measure_cache import cached
+
     key = _key(adapter)
     if key is None:
         return DEFAULT_CURVE
-    path = _path()
-    try:
-        table = json.loads(path.read_text())
-    except (OSError, ValueError):
-        table = {}
-    if key in table:
-        return CostCurve({int(q): float(c) for q, c in table[key].items()})
-    curve = measure_cost_curve(adapter)
-    table[key] = {str(q): c for q, c in curve.points.items()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass            # a read-only cache only costs a re-measurement next time
-    return curve
+    points = cached("cost_curves.json", key,
+                    lambda: {str(q): c for q, c in measure_cost_curve(adapter).points.items()})
+    return CostCurve({int(q): float(c) for q, c in points.items()})
