@@ -22,14 +22,16 @@ MASK = 1
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22]]
 
 
-def reference(model: MDMTransformer, prompt: list[int], n: int, block: int, eos: int | None = None) -> list[int]:
-    """One token per step, lowest-confidence remasking, one prompt alone, whole-canvas forwards."""
-    x = list(prompt) + [MASK] * n
+def reference(model: MDMTransformer, prompt: list[int], n: int, block: int, eos: int | None = None,
+              suffix: tuple[int, ...] | list[int] = ()) -> list[int]:
+    """One token per step, lowest-confidence remasking, one prompt alone, whole-canvas forwards
+    (over prompt + masks + ``suffix``: infilling, the suffix stays fixed)."""
+    x = list(prompt) + [MASK] * n + list(suffix)
     p, k, limit = len(prompt), block or n, n
     while True:
         masked = [g for g in range(limit) if x[p + g] == MASK]
         if not masked:
-            return x[p:p + limit + 1] if limit < n else x[p:]
+            return x[p:p + limit + 1] if limit < n else x[p:p + n]
         s = masked[0] // k * k
         cand = [g for g in masked if g < s + k]
         with torch.no_grad():
@@ -42,7 +44,7 @@ def reference(model: MDMTransformer, prompt: list[int], n: int, block: int, eos:
         x[p + g] = t
         if eos is not None and t == eos and g < limit:
             limit = g
-            x[p + g + 1:] = [t] * (n - g - 1)
+            x[p + g + 1:p + n] = [t] * (n - g - 1)
 
 
 def run(model, strategy="llada_semi_ar", n=20, prompts=PROMPTS, passes="none", **overrides):
@@ -374,28 +376,9 @@ def test_save_and_load_round_trip(tmp_path, model2) -> None:
         load_mdm(tmp_path / "m")
 
 
-def reference_infill(model, prompt, suffix, n, block):
-    """One token per step over prompt + masks + suffix (the suffix stays fixed)."""
-    x = list(prompt) + [MASK] * n + list(suffix)
-    p, k = len(prompt), block or n
-    while True:
-        masked = [g for g in range(n) if x[p + g] == MASK]
-        if not masked:
-            return x[p:p + n]
-        s = masked[0] // k * k
-        cand = [g for g in masked if g < s + k]
-        with torch.no_grad():
-            logits, _ = model(torch.tensor([x]), torch.arange(len(x))[None])
-        lg = logits[0].float()
-        lg[:, MASK] = float("-inf")
-        conf, tok = torch.softmax(lg[[p + g for g in cand]], -1).max(-1)
-        best = max(range(len(cand)), key=lambda i: (float(conf[i]), -i))
-        x[p + cand[best]] = int(tok[best])
-
-
 def test_infilling_with_suffixes(model2) -> None:
     suffixes = [[30, 31, 32], [], [40, 41, 42, 43, 44]]
-    ref = [reference_infill(model2, p, sfx, 12, 4) for p, sfx in zip(PROMPTS, suffixes)]
+    ref = [reference(model2, p, 12, 4, suffix=sfx) for p, sfx in zip(PROMPTS, suffixes)]
     out = decograph.generate(model2, None, PROMPTS, "llada_semi_ar", 12, passes="none", overrides={"block": 4},
                              suffixes=suffixes, eos_token_id=[])
     assert [r.new_token_ids for r in out] == ref
