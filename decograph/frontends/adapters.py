@@ -133,8 +133,18 @@ class _SlotLayer:
             self.k = self.k.index_select(0, rows)
             self.v = self.v.index_select(0, rows)  # type: ignore[union-attr]
 
-    def gather(self, slots: torch.Tensor) -> None:
+    def gather(self, slots: torch.Tensor, kernel: Any = None) -> None:
+        """Row ``b`` keeps its slots ``slots[b]``; with a ``kv.compact`` kernel (ascending slots:
+        each moves only forward), in place in the buffers, one (row, head) plane per call."""
         if self.k is None:
+            return
+        if kernel is not None and bool((slots[:, 1:] > slots[:, :-1]).all()):
+            for buf in (self.k, self.v):
+                for b in range(buf.shape[0]):
+                    plane = buf[b]                                   # [H, capacity, D]: kernel's [R, S, W]
+                    for h in range(buf.shape[1]):
+                        kernel(plane, h, slots[b])
+            self.length = slots.shape[1]
             return
         b, h, _, d = self.k.shape
         idx = slots[:, None, :, None].expand(b, h, slots.shape[1], d)
@@ -240,6 +250,7 @@ class HFCausalLM(CausalLMAdapter):
         return SlotCache(self.num_layers)
 
     supports_attention_kernel = True
+    supports_compact_kernel = True              # gather_slots takes a backend's kv.compact
 
     def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None):
         """As ``CausalLMAdapter.forward``; with ``attention`` (a backend's kernel, see
@@ -290,9 +301,10 @@ class HFCausalLM(CausalLMAdapter):
         for layer in cache.layers:
             layer.batch_select_indices(rows.to(self.device))
 
-    def gather_slots(self, cache, slots: torch.Tensor) -> None:
+    def gather_slots(self, cache, slots: torch.Tensor, kernel: Any = None) -> None:
+        """``kernel``: a backend's ``kv.compact``, which moves the kept slots in place."""
         for layer in cache.layers:
-            layer.gather(slots.to(self.device))
+            layer.gather(slots.to(self.device), kernel)
 
     def slot_tensors(self, cache):
         return [(layer.keys, layer.values) for layer in cache.layers]

@@ -90,3 +90,28 @@ def test_triton_backend_on_the_default_model_gives_the_reference_tokens() -> Non
     ref = decograph.generate(model, tok, prompts, "anpd", 5, chat=True)
     out = decograph.generate(model, tok, prompts, "anpd", 5, chat=True, backend="triton")
     assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]
+
+
+@pytest.mark.parametrize("strategy", ["ngram", "lookahead"])
+def test_triton_kv_compact_runs_in_the_slot_cache_and_keeps_the_tokens(strategy: str, monkeypatch) -> None:
+    """With the unoptimized rollback (``rollback=copy``, passes none) every step with rejected
+    drafts compacts the slot cache: on the Triton backend through its ``kv.compact`` kernel, in
+    place, with the reference's tokens for every row of a ragged batch."""
+    pytest.importorskip("triton")
+    from decograph.backends.triton import kernels as T
+
+    calls, kernel = [], T.kv_compact
+
+    def spy(cache, row, keep):
+        calls.append(len(keep))
+        return kernel(cache, row, keep)
+
+    monkeypatch.setattr(T, "kv_compact", spy)
+    model = tiny_llama()
+    prompts = [[3, 1, 4, 1, 5, 3, 1, 4], [2, 7], [9, 2, 6, 5, 3, 5, 8, 9, 2]]
+    kw = dict(eos_token_id=[], passes="none")
+    ref = decograph.generate(model, None, prompts, strategy, 10, **kw)
+    out = decograph.generate(model, None, prompts, strategy, 10, backend="triton", **kw)
+    assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]
+    assert calls, "the slot cache never called the backend's kv.compact"
+    assert sum(r.stats.kv_bytes_copied for r in out) == sum(r.stats.kv_bytes_copied for r in ref) > 0

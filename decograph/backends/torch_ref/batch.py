@@ -246,6 +246,7 @@ class BatchState:
         self._bytes = 0                     # bytes of one slot of one row, once known
         self._stack: list[_Level] = []      # levels suspended by fork, innermost last
         self.attention: Any = None          # a backend's attention kernel (adapters that take one)
+        self.compact: Any = None            # a backend's kv.compact kernel (adapters that take one)
 
     @property
     def forked(self) -> bool:
@@ -412,10 +413,15 @@ class BatchState:
 
     def _compact(self, union: torch.Tensor, most: int) -> None:
         s = union.shape[1]
-        order = torch.argsort(union.to(torch.int8), dim=1, stable=True)[:, s - most :]
+        # each physical row keeps its valid slots (and, short of ``most``, the last invalid ones),
+        # in slot order: every kept slot moves only forward, so a kernel can compact in place
+        order = torch.argsort(union.to(torch.int8), dim=1, stable=True)[:, s - most :].sort(dim=1).values
         for r in self.active:
             r.kv_bytes_copied += most * self._slot_bytes()
-        self.adapter.gather_slots(self.cache, order)
+        if self.compact is not None:
+            self.adapter.gather_slots(self.cache, order, kernel=self.compact)
+        else:
+            self.adapter.gather_slots(self.cache, order)
         self.valid = torch.gather(self.valid, 1, order[torch.tensor(self.phys, dtype=torch.long)]) if self.phys \
             else self.valid[:, :most]
         for lv in self._stack:

@@ -187,6 +187,8 @@ class Interpreter:
         state = self.state = BatchState(self.adapter, rows)
         if getattr(self.adapter, "supports_attention_kernel", False):
             state.attention = self.cfg.kernels.get("attention")
+        if getattr(self.adapter, "supports_compact_kernel", False):
+            state.compact = self.cfg.kernels.get("kv.compact")
         if state.active and max(len(r.tokens) for r in state.active) > 1:
             saved = [r.tokens for r in state.active]
             for r in state.active:

@@ -4,8 +4,9 @@ Hugging Face models through transformers' attention registry), on a CUDA GPU or,
 ``TRITON_INTERPRET=1``, on the CPU (Triton's interpreter: exact but slow, for tests). The
 rest of a forward (embeddings, MLPs) is the model's own torch code. Ops without a kernel here
 run on the torch reference (with a ``BackendFallbackWarning``): sampling and threshold
-verification. ``kv.compact`` is tested against the reference; the runtime's slot cache
-(which compacts rarely: rollback is in place) does not call it yet."""
+verification. ``kv.compact`` moves the kept slots when the runtime's slot cache compacts
+(rarely with the default passes, whose rollback is in place; every step with rejected drafts
+under ``rollback=copy``), in place in the cache's buffers."""
 from __future__ import annotations
 
 import importlib.util
