@@ -9,14 +9,17 @@ a context of ``--context`` tokens.
 
 Then the exported decoder (``decograph export anpd DIR --quant int4``, run without torch,
 ``decograph.exported``): its greedy (``draft=False``, one token per forward: the reference) and
-ANPD, interleaved per prompt and repetition (greedy, anpd, greedy, anpd, ...), end-to-end
+ANPD, interleaved per prompt (each system's repetitions back to back, the systems' order
+rotated per prompt), end-to-end
 tokens/s (prompt forward included) and decode-only tokens/s (after the prompt's forward), the
 share of ANPD outputs identical to the exported greedy, and the runner's own measured cost
-curve; with ``--genai`` (default, when installed) onnxruntime-genai's greedy on its own int4
-export of the model joins the rotation (genai, greedy, anpd, genai, ...), on the same prompts,
-end to end (prompt processing included) like the others. llama.cpp: ``bench_external.py``.
+curve; with ``--genai`` (default, when installed) onnxruntime-genai's greedy and its n-gram
+speculation on its own int4 export of the model join the rotation, on the same prompts, end to
+end (prompt processing included) like the others; genai's n-gram outputs are compared with genai's greedy. The exported decoder's part
+runs once per length in ``--max-new-tokens`` (the backends' part at the first). llama.cpp:
+``bench_external.py``.
 
-    python benchmarks/bench_backends.py [--per-category 2] [--max-new-tokens 64] [--reps 3]
+    python benchmarks/bench_backends.py [--per-category 2] [--max-new-tokens 64 256] [--reps 3]
         [--backends torch,onnxruntime,onnxruntime-int4,onnxruntime-int8] [--exported int4,int8] [--no-genai]
         [--spinning on|off]
 """
@@ -85,7 +88,7 @@ def bench_backends(model, tok, ps, backends: list[str], args) -> tuple[list[dict
                 times = []
                 for _ in range(args.reps):
                     t0 = time.perf_counter()
-                    [r] = generate(model, tok, [p], s, args.max_new_tokens, backend=b)
+                    [r] = generate(model, tok, [p], s, args.max_new_tokens[0], backend=b)
                     times.append(time.perf_counter() - t0)
                 rows[(b, s)]["tps"].append(len(r.new_token_ids) / statistics.median(times))
                 rows[(b, s)]["ids"].append(r.new_token_ids)
@@ -97,7 +100,7 @@ def bench_backends(model, tok, ps, backends: list[str], args) -> tuple[list[dict
     for (b, s), m in rows.items():
         own = rows[(b, "greedy")]["ids"]
         tps = statistics.mean(m["tps"])
-        row = {"backend": b, "strategy": s, "tokens_per_s": round(tps, 1),
+        row = {"backend": b, "strategy": s, "max_new_tokens": args.max_new_tokens[0], "tokens_per_s": round(tps, 1),
                "speedup_vs_torch_greedy": round(tps / ref, 2) if ref else None,
                "identical_to_own_greedy": f"{sum(a == g for a, g in zip(m['ids'], own))}/{len(own)}"}
         if ref_rows:
@@ -108,7 +111,8 @@ def bench_backends(model, tok, ps, backends: list[str], args) -> tuple[list[dict
 
 def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[dict], dict]:
     """The exported decoder's greedy and ANPD (and onnxruntime-genai's greedy on its own int4
-    export, when given), interleaved per prompt and repetition: genai, greedy, anpd, genai, ..."""
+    export, when given), interleaved per prompt and repetition: genai, greedy, anpd, genai, ...;
+    once per generation length in ``--max-new-tokens``, from one export."""
     from decograph.export import export_decoder
     from decograph.exported import ExportedDecoder
     from decograph.frontends.adapters import HFCausalLM
@@ -119,42 +123,53 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
                              progress=lambda m: None)
         dec = ExportedDecoder(out, threads=2, spinning=args.spinning == "on")
         curve = dec.cost_curve()                      # measured once per graph and machine (cached)
-        systems = {"greedy": lambda p: _exported(dec, p, args.max_new_tokens, False),
-                   "anpd": lambda p: _exported(dec, p, args.max_new_tokens, True)}
-        if genai is not None:
-            systems = {"ort_genai_greedy": lambda p: _genai(genai, p, args.max_new_tokens)} | systems
-        for run in systems.values():                  # warm-up
-            run(ps[0])
-        stats = {m: {"e2e": [], "decode": [], "ids": [], "forwards": 0, "drafted": 0, "accepted": 0} for m in systems}
-        for i, p in enumerate(ps):
-            runs: dict[str, list] = {m: [] for m in systems}
-            for _ in range(args.reps):
-                for m, run in systems.items():
-                    runs[m].append(run(p))
-            for m, rs in runs.items():
-                st = stats[m]
-                ids, _, _, s0 = rs[0]
-                st["ids"].append(ids)
-                st["e2e"].append(len(ids) / statistics.median(r[1] for r in rs))
-                if s0 is not None:
-                    st["decode"].append((len(ids) - 1) / statistics.median(r[1] - r[2] for r in rs))
-                    st["forwards"] += s0.forwards
-                    st["drafted"] += s0.drafted
-                    st["accepted"] += s0.accepted
-            print(f"exported-{quant} prompt {i + 1}/{len(ps)}: " + ", ".join(
-                f"{m} {stats[m]['e2e'][-1]:.1f}" for m in systems), file=sys.stderr)
+        table = []
+        for n in args.max_new_tokens:
+            table += _exported_rows(dec, ps, quant, n, args, genai)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return table, {str(k): round(curve[k - 1], 3) for k in (1, 2, 4, 8) if k <= len(curve)}
+
+
+def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
+    systems = {"greedy": lambda p: _exported(dec, p, n, False), "anpd": lambda p: _exported(dec, p, n, True)}
+    if genai:
+        systems = {f"ort_genai_{k}": (lambda p, g=g: _genai(g, p, n)) for k, g in genai.items()} | systems
+    for run in systems.values():                  # warm-up
+        run(ps[0])
+    stats = {m: {"e2e": [], "decode": [], "ids": [], "forwards": 0, "drafted": 0, "accepted": 0} for m in systems}
+    names = list(systems)
+    for i, p in enumerate(ps):
+        runs: dict[str, list] = {m: [] for m in systems}
+        # each system's repetitions back to back (the median is of runs after its own: a run
+        # right after another engine's shares the cores with that engine's threads while they
+        # still spin, and finds its own asleep), systems in an order rotated per prompt
+        turn = i % len(names)
+        for m in names[turn:] + names[:turn]:
+            for _ in range(args.reps):
+                runs[m].append(systems[m](p))
+        for m, rs in runs.items():
+            st = stats[m]
+            ids, _, _, s0 = rs[0]
+            st["ids"].append(ids)
+            st["e2e"].append(len(ids) / statistics.median(r[1] for r in rs))
+            if s0 is not None:
+                st["decode"].append((len(ids) - 1) / statistics.median(r[1] - r[2] for r in rs))
+                st["forwards"] += s0.forwards
+                st["drafted"] += s0.drafted
+                st["accepted"] += s0.accepted
+        print(f"exported-{quant} {n} tokens, prompt {i + 1}/{len(ps)}: " + ", ".join(
+            f"{m} {stats[m]['e2e'][-1]:.1f}" for m in systems), file=sys.stderr)
     greedy = stats["greedy"]
     table = []
     for m, st in stats.items():
         tokens = sum(map(len, st["ids"]))
         name = f"exported-{quant}" + (f"-b{args.block_size}" if args.block_size != 32 and quant != "none" else "")
         row = {"backend": "onnxruntime-genai int4" if m.startswith("ort_genai") else name,
-               "strategy": "greedy" if m.startswith("ort_genai") else m,
+               "strategy": m.removeprefix("ort_genai_"), "max_new_tokens": n,
                "tokens_per_s": round(statistics.mean(st["e2e"]), 1),
                "speedup_vs_exported_greedy": round(statistics.mean(st["e2e"]) / statistics.mean(greedy["e2e"]), 3)}
-        if genai is not None:
+        if genai:
             row["speedup_vs_genai_greedy"] = round(statistics.mean(st["e2e"]) /
                                                    statistics.mean(stats["ort_genai_greedy"]["e2e"]), 3)
         if st["decode"]:
@@ -162,10 +177,13 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
                     "identical_to_own_greedy": f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}",
                     "tokens_per_forward": round(tokens / st["forwards"], 3),
                     "drafted": st["drafted"], "accepted": st["accepted"]}
+        elif m == "ort_genai_ngram":
+            own = stats["ort_genai_greedy"]["ids"]
+            row["identical_to_own_greedy"] = f"{sum(a == g for a, g in zip(st['ids'], own))}/{len(ps)}"
         else:
             row["identical_to_own_greedy"] = "-"
         table.append(row)
-    return table, {str(k): round(curve[k - 1], 3) for k in (1, 2, 4, 8) if k <= len(curve)}
+    return table
 
 
 def _exported(dec, p: list[int], n: int, draft: bool):
@@ -178,32 +196,27 @@ def _genai(system, p: list[int], n: int):
     return ids, seconds, 0.0, None
 
 
-def _genai_system(spinning: bool):
-    """onnxruntime-genai's greedy on its own int4 CPU export (built once and cached), 2 threads,
-    idle-thread spinning as the exported decoder's; or None."""
+def _genai_systems(spinning: bool) -> dict:
+    """onnxruntime-genai's greedy and its n-gram speculation on its own int4 CPU export (built
+    once and cached), 2 threads, idle-thread spinning as the exported decoder's; or {}."""
     try:
-        import onnxruntime_genai as og
-
-        from decograph.baselines import ORTGenAIGreedy, ensure_ortgenai_model, model_eos_ids
+        from decograph.baselines import ORTGenAIGreedy, ORTGenAINgram, ensure_ortgenai_model, model_eos_ids
         from decograph.models.default import default_model_path
 
         hf = default_model_path()
-        system = ORTGenAIGreedy(ensure_ortgenai_model(hf, log=lambda m: print(m, file=sys.stderr)), model_eos_ids(hf))
-        config = og.Config(str(system.model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": 2, "inter_op_num_threads": 1,
-            "session.intra_op.allow_spinning": "1" if spinning else "0"}}}}))
-        system.model = og.Model(config)
-        return system
+        model_dir, eos = ensure_ortgenai_model(hf, log=lambda m: print(m, file=sys.stderr)), model_eos_ids(hf)
+        return {"greedy": ORTGenAIGreedy(model_dir, eos, threads=2, spinning=spinning),
+                "ngram": ORTGenAINgram(model_dir, eos, threads=2, spinning=spinning)}
     except Exception as e:                          # noqa: BLE001 -- optional baseline
         print(f"onnxruntime-genai not measured: {e}", file=sys.stderr)
-        return None
+        return {}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-category", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[64],
+                    help="generation lengths: the backends run the first; the exported decoder each")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated; empty for none")
@@ -211,7 +224,8 @@ def main() -> None:
                                                        "empty for none")
     ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
     ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True,
-                    help="also onnxruntime-genai's greedy (its own int4 export), interleaved with the exported decoder")
+                    help="also onnxruntime-genai's greedy and n-gram speculation (its own int4 export), interleaved "
+                         "with the exported decoder")
     ap.add_argument("--spinning", choices=("on", "off"), default="on",
                     help="ONNX Runtime idle-thread spinning for the exported decoder and genai (2 threads each): "
                          "on is ORT's default; off is much faster while other work keeps the cores busy")
@@ -223,18 +237,18 @@ def main() -> None:
     ps = prompts(tok, args.per_category)
     backends = [b for b in args.backends.split(",") if b]
     table, curves = bench_backends(model, tok, ps, backends, args) if backends else ([], {})
-    genai = _genai_system(args.spinning == "on") if args.genai and args.exported else None
+    genai = _genai_systems(args.spinning == "on") if args.genai and args.exported else {}
     for quant in [q for q in args.exported.split(",") if q]:
         rows, curve = bench_exported(model, tok, ps, quant, args, genai)
         table += rows
         curves[f"exported-{quant}"] = curve
-    print("| backend | strategy | tokens/s | decode-only tokens/s | vs torch greedy | vs exported greedy | "
+    print("| backend | strategy | new tokens | tokens/s | decode-only tokens/s | vs torch greedy | vs exported greedy | "
           "vs genai greedy | identical to own greedy | tokens/forward |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         vs, ve, vg = (f"{r[k]}x" if r.get(k) else "-" for k in ("speedup_vs_torch_greedy", "speedup_vs_exported_greedy",
                                                                   "speedup_vs_genai_greedy"))
-        print(f"| {r['backend']} | {r['strategy']} | {r['tokens_per_s']} | {r.get('decode_tokens_per_s', '-')} | {vs} | "
+        print(f"| {r['backend']} | {r['strategy']} | {r['max_new_tokens']} | {r['tokens_per_s']} | {r.get('decode_tokens_per_s', '-')} | {vs} | "
               f"{ve} | {vg} | {r['identical_to_own_greedy']} | {r.get('tokens_per_forward', '-')} |")
     print(f"\nforward-cost curve (time of k query tokens / one token; backends at context {args.context}, "
           f"the exported runner's own measurement at context 128)")

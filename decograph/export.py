@@ -18,6 +18,7 @@ from typing import Any
 
 from decograph.errors import InputError, UnsupportedError
 from decograph.exported import MANIFEST_VERSION, _sha
+from decograph.files import plain_permissions
 from decograph.ir import ops as O
 
 __all__ = ["export_decoder", "runner_plan"]
@@ -101,6 +102,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         if target.exists():
             target.rmdir()
+        plain_permissions(tmp)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

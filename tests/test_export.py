@@ -4,6 +4,7 @@ subprocess), the CLI, and errors (unsupported strategies, a modified file, a use
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -92,6 +93,11 @@ def test_block_size_is_the_exports_choice(model_dir, tmp_path) -> None:
     sizes = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
              for a in n.attribute if a.name == "block_size"}
     assert sizes == {16} and json.loads((out / "manifest.json").read_text())["quant_settings"]["block_size"] == 16
+    # written under temporary names (private), then given the permissions a plain write gives
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~umask for f in out.iterdir()}
     dec = ExportedDecoder(out)
     ids = dec.encode(PROMPTS[0])
     assert dec.generate(ids, 16)[0] == dec.generate(ids, 16, draft=False)[0] == _greedy(ORTCausalLM(out / "model.onnx"), ids, 16)

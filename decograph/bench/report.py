@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from decograph.files import plain_permissions
+
 __all__ = ["summarize", "markdown", "write_outputs", "write_chart"]
 
 
@@ -96,9 +98,7 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
 def _publish(tmp: str, path: Path) -> None:
     """Give the temporary file the permissions a plain ``open`` would (mkstemp makes it 0600)
     and move it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    plain_permissions(tmp)
     os.replace(tmp, path)
 
 

@@ -54,6 +54,7 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same directory and a
     rename, so ``path`` is either its old self or complete. ``InputError`` if it cannot be written."""
     from decograph.errors import InputError
+    from decograph.files import plain_permissions
 
     target = _check_out(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -62,7 +63,7 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        plain_permissions(tmp)
         os.replace(tmp, target)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

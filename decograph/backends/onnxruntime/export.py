@@ -31,6 +31,7 @@ from typing import Any
 from decograph.backends.onnxruntime.graph import GRAPH_VERSION, build_step
 from decograph.backends.onnxruntime.kv import io_names
 from decograph.errors import ModelError
+from decograph.files import plain_permissions
 
 __all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "export_step", "io_names", "quant_tag", "quantize_step"]
 
@@ -56,6 +57,7 @@ def _save(proto: Any, out: Path, big: bool) -> None:
     try:
         # external data lands at its final name (a location relative to the model's folder)
         onnx.save_model(proto, tmp, save_as_external_data=big, location=out.name + ".data" if big else None)
+        plain_permissions(tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
