@@ -134,11 +134,11 @@ class _SlotLayer:
             self.v = self.v.index_select(0, rows)  # type: ignore[union-attr]
 
     def gather(self, slots: torch.Tensor, kernel: Any = None) -> None:
-        """Row ``b`` keeps its slots ``slots[b]``; with a ``kv.compact`` kernel (ascending slots:
-        each moves only forward), in place in the buffers, one (row, head) plane per call."""
+        """Row ``b`` keeps its slots ``slots[b]``; with a ``kv.compact`` kernel (which needs
+        ascending slots: each moves only forward), in place, one (row, head) plane per call."""
         if self.k is None:
             return
-        if kernel is not None and bool((slots[:, 1:] > slots[:, :-1]).all()):
+        if kernel is not None:
             for buf in (self.k, self.v):
                 for b in range(buf.shape[0]):
                     plane = buf[b]                                   # [H, capacity, D]: kernel's [R, S, W]
@@ -302,9 +302,13 @@ class HFCausalLM(CausalLMAdapter):
             layer.batch_select_indices(rows.to(self.device))
 
     def gather_slots(self, cache, slots: torch.Tensor, kernel: Any = None) -> None:
-        """``kernel``: a backend's ``kv.compact``, which moves the kept slots in place."""
+        """``kernel``: a backend's ``kv.compact``, which moves the kept slots in place (used when
+        every row's slots ascend; otherwise the slots are gathered into new buffers)."""
+        slots = slots.to(self.device)
+        if kernel is not None and not bool((slots[:, 1:] > slots[:, :-1]).all()):
+            kernel = None
         for layer in cache.layers:
-            layer.gather(slots.to(self.device), kernel)
+            layer.gather(slots, kernel)
 
     def slot_tensors(self, cache):
         return [(layer.keys, layer.values) for layer in cache.layers]

@@ -418,10 +418,7 @@ class BatchState:
         order = torch.argsort(union.to(torch.int8), dim=1, stable=True)[:, s - most :].sort(dim=1).values
         for r in self.active:
             r.kv_bytes_copied += most * self._slot_bytes()
-        if self.compact is not None:
-            self.adapter.gather_slots(self.cache, order, kernel=self.compact)
-        else:
-            self.adapter.gather_slots(self.cache, order)
+        self.adapter.gather_slots(self.cache, order, **({"kernel": self.compact} if self.compact else {}))
         self.valid = torch.gather(self.valid, 1, order[torch.tensor(self.phys, dtype=torch.long)]) if self.phys \
             else self.valid[:, :most]
         for lv in self._stack:
