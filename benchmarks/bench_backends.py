@@ -200,13 +200,12 @@ def _genai_systems(spinning: bool) -> dict:
     """onnxruntime-genai's greedy and its n-gram speculation on its own int4 CPU export (built
     once and cached), 2 threads, idle-thread spinning as the exported decoder's; or {}."""
     try:
-        from decograph.baselines import ORTGenAIGreedy, ORTGenAINgram, ensure_ortgenai_model, model_eos_ids
+        from decograph.baselines import model_eos_ids, ortgenai_systems
         from decograph.models.default import default_model_path
 
         hf = default_model_path()
-        model_dir, eos = ensure_ortgenai_model(hf, log=lambda m: print(m, file=sys.stderr)), model_eos_ids(hf)
-        return {"greedy": ORTGenAIGreedy(model_dir, eos, threads=2, spinning=spinning),
-                "ngram": ORTGenAINgram(model_dir, eos, threads=2, spinning=spinning)}
+        systems = ortgenai_systems(hf, model_eos_ids(hf), spinning, log=lambda m: print(m, file=sys.stderr))
+        return {name.removeprefix("ort_genai_"): system for name, system in systems.items()}
     except Exception as e:                          # noqa: BLE001 -- optional baseline
         print(f"onnxruntime-genai not measured: {e}", file=sys.stderr)
         return {}

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-__all__ = ["BaselineUnavailable", "ExternalSystem", "LlamaCppGreedy", "ORTGenAIGreedy", "ORTGenAINgram",
+__all__ = ["BaselineUnavailable", "ExternalSystem", "LlamaCppGreedy", "ORTGenAIGreedy", "ORTGenAINgram", "ortgenai_systems",
            "clip_at_eos", "ensure_ortgenai_model", "external_systems", "model_eos_ids"]
 
 _ORT_PIP, _LLAMA_PIP = "onnxruntime-genai", "llama-cpp-python"
@@ -366,6 +366,15 @@ _VOCAB_TEXTS = ("<|im_start|>user\nWhat is 2+2? Answer in one word.<|im_end|>\n<
                 "def f(x):\n    return x ** 2  # squares, naïve café 東京 🙂\n\n\n  tabs\tand  spaces")
 
 
+def ortgenai_systems(hf_dir: str | Path, eos: Sequence[int], spinning: bool | None = None,
+                     log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """onnxruntime-genai's greedy and n-gram speculation (``ort_genai_greedy``,
+    ``ort_genai_ngram``) on its own int4 export of ``hf_dir`` (built once, cached), 2 threads."""
+    ort_dir = ensure_ortgenai_model(hf_dir, log=log)
+    return {"ort_genai_greedy": ORTGenAIGreedy(ort_dir, eos, spinning=spinning),
+            "ort_genai_ngram": ORTGenAINgram(ort_dir, eos, spinning=spinning)}
+
+
 def external_systems(log: Callable[[str], Any] = print) -> tuple[dict[str, Any], dict[str, str]]:
     """The external systems available here, built for the default model (SmolLM2-135M-Instruct),
     by name (``ort_genai_greedy``, ``ort_genai_ngram``, ``llamacpp_greedy``), and, for those not
@@ -382,9 +391,7 @@ def external_systems(log: Callable[[str], Any] = print) -> tuple[dict[str, Any],
         return {}, {n: why for n in ("ort_genai_greedy", "ort_genai_ngram", "llamacpp_greedy")}
 
     try:
-        ort_dir = ensure_ortgenai_model(hf_dir, log=log)
-        systems["ort_genai_greedy"] = ORTGenAIGreedy(ort_dir, eos)
-        systems["ort_genai_ngram"] = ORTGenAINgram(ort_dir, eos)
+        systems |= ortgenai_systems(hf_dir, eos, log=log)
     except Exception as exc:        # noqa: BLE001 -- reported, not raised: the other systems still run
         why = str(exc) if isinstance(exc, BaselineUnavailable) else f"onnxruntime-genai failed: {type(exc).__name__}: {exc}"
         for n in ("ort_genai_greedy", "ort_genai_ngram"):
