@@ -176,7 +176,7 @@ def _cmd_run_exported(args: argparse.Namespace) -> int:
             or args.passes != "default"):
         raise InputError("--exported runs the decoder's own strategy and model: drop --strategy/--model/--set/"
                          "--backend/--passes/--sample/--stream")
-    dec = ExportedDecoder(args.exported)
+    dec = ExportedDecoder(args.exported, device=args.ort_device)
     ids, s = dec.generate(dec.encode(args.prompt, args.chat), args.max_new_tokens)
     text = dec.decode(ids)
     if args.json:
@@ -195,7 +195,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from decograph.export import export_decoder
 
     with _quiet_loading():
-        out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, overrides=_overrides(args.set),
+        out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, dtype=args.dtype,
+                             overrides=_overrides(args.set),
                              passes=args.passes, chat=args.chat if args.chat is not None else args.model is None,
                              progress=lambda m: print(m, file=sys.stderr))
     print(out)
@@ -207,6 +208,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.exported:
         return _cmd_run_exported(args)      # before any torch import
+    if args.ort_device != "auto":
+        raise InputError("--ort-device is for --exported decoders; the onnxruntime backends read "
+                         "DECOGRAPH_ORT_DEVICE (auto, cpu or cuda)")
     from decograph.api import generate
     from decograph.frontends.strategies import load_strategy
 
@@ -338,6 +342,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a built-in name (see `decograph strategies`) or a strategy file")
     r.add_argument("--exported", metavar="DIR", help="run a decoder written by `decograph export` (onnxruntime, "
                    "numpy and tokenizers only; no torch)")
+    r.add_argument("--ort-device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="with --exported: ONNX Runtime's CUDA EP or CPU EP (auto: cuda for a float16 export where "
+                        "onnxruntime-gpu has the CUDA EP, else cpu)")
     r.add_argument("--prompt", required=True, metavar="TEXT")
     r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model directory, "
                    "or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
@@ -384,6 +391,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT", help="a new (or empty) directory")
     e.add_argument("--model", metavar="DIR", help="a local Hugging Face Llama-architecture causal LM (default: embedded)")
     e.add_argument("--quant", choices=("none", "int4", "int8"), default="none", help="weight-only quantization")
+    e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="activations and KV cache; float16 for ONNX Runtime's CUDA EP (default: float32)")
     e.add_argument("--passes", default="default", metavar="PIPELINE", help="default: the torch pipeline")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     e.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

@@ -48,7 +48,7 @@ def runner_plan(program: O.Program) -> dict[str, Any]:
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,
                    overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
-                   progress: Any = print) -> Path:
+                   dtype: str = "float32", progress: Any = print) -> Path:
     from decograph.api import _program, optimize, resolve_model
     from decograph.backends.onnxruntime.export import GRAPH_VERSION, QUANT, export_step, quantize_step
     from decograph.frontends.adapters import HFCausalLM
@@ -58,6 +58,8 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         raise InputError(f"--quant must be none, int4 or int8, got {quant!r}")
     if block_size not in (16, 32, 64, 128, 256):
         raise InputError(f"block_size must be 16, 32, 64, 128 or 256, got {block_size}")
+    if dtype not in ("float32", "float16"):
+        raise InputError(f"--dtype must be float32 or float16 (for ONNX Runtime's CUDA EP), got {dtype!r}")
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         raise InputError(f"{target}: exists and is not empty; choose a new directory")
@@ -70,7 +72,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         progress(f"exporting the decoding step of {type(adapter.model).__name__} to ONNX ...")
-        step = export_step(adapter.model, tmp / "model.fp32.onnx")
+        step = export_step(adapter.model, tmp / "model.step.onnx", dtype=dtype)
         model_file = "model.onnx"
         if quant == "none":
             step.rename(tmp / model_file)
@@ -89,7 +91,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         heads = text.num_attention_heads
         manifest = {
             "format": "decograph-exported-decoder", "version": MANIFEST_VERSION,
-            "strategy": program.name, "passes": passes, "plan": plan, "quant": quant, "model_file": model_file,
+            "strategy": program.name, "passes": passes, "plan": plan, "quant": quant, "dtype": dtype, "model_file": model_file,
             "graph": GRAPH_VERSION, "quant_settings": dict(QUANT, block_size=block_size) if quant != "none" else None,
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
             "num_layers": text.num_hidden_layers, "kv_heads": getattr(text, "num_key_value_heads", None) or heads,

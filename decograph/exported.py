@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.onnxruntime.kv import StepSession, causal_mask
+from decograph.backends.onnxruntime.kv import StepSession, causal_mask, pick_device
 from decograph.errors import InputError, ModelError
 from decograph.measure_cache import cached
 
@@ -175,9 +175,12 @@ class _Drafts:
 
 class ExportedDecoder:
     def __init__(self, directory: str | Path, *, threads: int | None = None, spinning: bool | None = None,
-                 check_hashes: bool = True) -> None:
+                 check_hashes: bool = True, device: str = "auto") -> None:
         """``threads``/``spinning``: ONNX Runtime's intra-op threads and idle-thread spinning
-        (``kv.session_options``; ``None``: ``DECOGRAPH_ORT_THREADS`` / ``_SPINNING``, else ORT's)."""
+        (``kv.session_options``; ``None``: ``DECOGRAPH_ORT_THREADS`` / ``_SPINNING``, else ORT's).
+        ``device``: ``cpu``, ``cuda`` (ONNX Runtime's CUDA EP, the cache in GPU memory), or
+        ``auto``: cuda for a float16 export (``export --dtype float16``) where the CUDA EP is
+        there, else cpu."""
         from tokenizers import Tokenizer
 
         d = Path(directory)
@@ -198,7 +201,10 @@ class ExportedDecoder:
                 raise ModelError(f"{f}: listed in the manifest but missing")
             if check_hashes and _sha(f) != digest:
                 raise ModelError(f"{f}: its sha256 differs from the manifest's (the decoder was modified)")
-        self.step = StepSession(d / m["model_file"], threads, spinning)
+        if device == "auto":
+            device = pick_device("auto") if m.get("dtype") == "float16" else "cpu"
+        self.step = StepSession(d / m["model_file"], threads, spinning, device=device)
+        self.device = self.step.device
         self.session = self.step.session
         opts = self.session.get_session_options()
         self.threads = opts.intra_op_num_threads
@@ -235,7 +241,8 @@ class ExportedDecoder:
         import onnxruntime as ort
 
         key = json.dumps([kind, self.manifest["files"].get(self.manifest["model_file"]), ort.__version__,
-                          self.threads, self.spinning, platform.machine(), platform.processor(), os.cpu_count()])
+                          self.threads, self.spinning, platform.machine(), platform.processor(), os.cpu_count()]
+                         + ([self.device] if self.device != "cpu" else []))
         return cached("exported_machine.json", key, measure)
 
     def exact(self) -> bool:

@@ -1,6 +1,8 @@
 """The ``onnxruntime`` backend: the model's decoding step exported to ONNX once (cached per
-model and weights) and run by ONNX Runtime's CPU EP; the strategy's control flow, drafting and
-verification run on the host (verification on the torch reference, with a fallback warning)."""
+model and weights) and run by ONNX Runtime: the CUDA EP when this onnxruntime has it (a float16
+graph, the KV cache in GPU memory, I/O binding), else the CPU EP (float32); the strategy's
+control flow, drafting and verification run on the host (verification on the torch reference,
+with a fallback warning). ``DECOGRAPH_ORT_DEVICE`` (auto, cpu or cuda) overrides the choice."""
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +35,9 @@ def export_dir(model: Any) -> Path:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    description = "ONNX Runtime CPU EP: the model's step exported to ONNX (cached); verification on the host"
-    devices = ("cpu",)
+    description = ("ONNX Runtime, CUDA EP (float16) where onnxruntime-gpu has it, else CPU EP: the model's step "
+                   "exported to ONNX (cached); verification on the host")
+    devices = ("cpu", "cuda")
     bits = 0                        # weight-only quantization (MatMulNBits); 0: fp32
 
     def __init__(self) -> None:
@@ -58,18 +61,22 @@ class OnnxRuntimeBackend(Backend):
         hit = self._adapters.get(id(adapter))
         if hit is not None and hit[0] is adapter:
             return hit[1]
-        path = export_dir(adapter.model) / "model.onnx"
-        if not path.is_file():
-            export_step(adapter.model, path, exact=False)      # batches and trees: see export's notes
+        from decograph.backends.onnxruntime.kv import pick_device
+
+        device = pick_device(os.environ.get("DECOGRAPH_ORT_DEVICE", "").strip() or "auto")
+        stem = "model" if device == "cpu" else "model.fp16"     # the CUDA EP's attention takes float16
+        path = export_dir(adapter.model) / f"{stem}.onnx"
+        if not path.is_file():                                  # batches and trees: see export's notes
+            export_step(adapter.model, path, exact=False, dtype="float32" if device == "cpu" else "float16")
         if self.bits:
             from decograph.backends.onnxruntime.export import INEXACT_ACCURACY_LEVEL, quant_tag, quantize_step
 
-            qpath = path.with_name(f"model.{quant_tag(self.bits, INEXACT_ACCURACY_LEVEL)}.onnx")
+            qpath = path.with_name(f"{stem}.{quant_tag(self.bits, INEXACT_ACCURACY_LEVEL)}.onnx")
             if not qpath.is_file():
                 quantize_step(path, qpath, self.bits, INEXACT_ACCURACY_LEVEL)
             path = qpath
         ort_adapter = ORTCausalLM(path, vocab_size=adapter.vocab_size, eos_token_ids=adapter.eos_token_ids,
-                                  max_positions=adapter.max_positions, tokenizer=adapter.tokenizer)
+                                  max_positions=adapter.max_positions, tokenizer=adapter.tokenizer, device=device)
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
 

@@ -64,13 +64,13 @@ def _save(proto: Any, out: Path, big: bool) -> None:
             os.remove(tmp)
 
 
-def export_step(model: Any, path: str | Path, exact: bool = True) -> Path:
-    """Writes the step graph (``graph.build_step``) to ``path`` (weights in ``<name>.data``
-    beside it when the model is over 2 GB's protobuf limit); checks it with ``onnx.checker``
-    and shape inference."""
+def export_step(model: Any, path: str | Path, exact: bool = True, dtype: str = "float32") -> Path:
+    """Writes the step graph (``graph.build_step``; ``dtype`` float32, or float16 for the CUDA
+    EP) to ``path`` (weights in ``<name>.data`` beside it when the model is over 2 GB's
+    protobuf limit); checks it with ``onnx.checker`` and shape inference."""
     import onnx
 
-    proto = build_step(model, exact=exact)
+    proto = build_step(model, exact=exact, dtype=dtype)
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     out = Path(path)

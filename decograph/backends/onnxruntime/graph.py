@@ -67,31 +67,41 @@ class _G:
         return outs[0] if len(outs) == 1 else outs
 
 
-def _np(t: Any) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def _linear(g: _G, x: str, layers: list[Any], name: str) -> str:
+def _np(t: Any, dtype: Any = np.float32) -> np.ndarray:
+    return t.detach().float().cpu().numpy().astype(dtype)
+
+
+def _linear(g: _G, x: str, layers: list[Any], name: str, dtype: Any) -> str:
     """``x @ W.T (+ b)`` for one or more ``nn.Linear`` stacked along the output axis."""
-    w = np.concatenate([_np(m.weight) for m in layers], 0).T          # [in, out]
+    w = np.concatenate([_np(m.weight, dtype) for m in layers], 0).T          # [in, out]
     y = g.op("MatMul", [x, g.init(f"{name}.weight", w)], outs=[f"{name}/out"])
     if any(m.bias is not None for m in layers):
-        b = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
+        b = np.concatenate([_np(m.bias, dtype) if m.bias is not None else np.zeros(m.out_features, dtype)
                             for m in layers])
         y = g.op("Add", [y, g.init(f"{name}.bias", b)])
     return y
 
 
-def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None = None, opset: int = 23) -> Any:
-    """The step graph (an ``onnx.ModelProto``, fp32 weights) of a ``LlamaForCausalLM``; with
-    ``exact``, the padding query row that makes every query row's result independent of the
-    step's width (see the module's docstring). ``rotary_in_attention``: GQA applies the rotary
-    embedding (default where it can: head sizes divisible by 16)."""
+def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None = None, opset: int = 23,
+               dtype: str = "float32") -> Any:
+    """The step graph (an ``onnx.ModelProto``) of a ``LlamaForCausalLM``; with ``exact``, the
+    padding query row that makes every query row's result independent of the step's width (see
+    the module's docstring). ``rotary_in_attention``: GQA applies the rotary embedding (default
+    where it can: head sizes divisible by 16). ``dtype``: of the weights, activations and KV
+    cache, ``float32`` or ``float16`` (what ``GroupQueryAttention``'s CUDA kernel takes); the
+    mask input and the logits output are float32 either way."""
     import onnx
     import torch
     from onnx import TensorProto as TP
 
     from decograph.backends.onnxruntime.kv import io_names
+
+    if dtype not in DTYPES:
+        raise ModelError(f"ONNX export: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ft, kv_t = DTYPES[dtype], (TP.FLOAT if dtype == "float32" else TP.FLOAT16)
 
     if type(model).__name__ != "LlamaForCausalLM":
         raise ModelError(f"ONNX export supports Llama-architecture models, not {type(model).__name__}")
@@ -111,8 +121,8 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     with torch.no_grad():
         pos = torch.arange(max_pos)[None]
         cos, sin = m.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    cos_c = g.init("rotary.cos", _np(cos[0, :, : hd // 2]))
-    sin_c = g.init("rotary.sin", _np(sin[0, :, : hd // 2]))
+    cos_c = g.init("rotary.cos", _np(cos[0, :, : hd // 2], ft))
+    sin_c = g.init("rotary.sin", _np(sin[0, :, : hd // 2], ft))
     if not (np.allclose(_np(cos[0, :, : hd // 2]), _np(cos[0, :, hd // 2:])) or hd % 2):
         raise ModelError("ONNX export supports rotary embeddings of the rotate-half form only")
     one, zero = g.init("c.1", np.array([1])), g.init("c.0", np.array([0]))
@@ -130,6 +140,8 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
         mask = g.op("Pad", [mask, pads], mode="constant")
         queries = g.op("Add", [t_len, need])
         ids = g.op("Concat", [ids, g.op("Slice", [ids, cut, t_len, one])], axis=1)
+    if kv_t != TP.FLOAT:
+        mask = g.op("Cast", [mask], to=kv_t)            # float32's -inf-like values become -inf
     # GQA's lengths from the mask's shape: total = S + queries for every row
     total = g.op("Cast", [g.op("Slice", [g.op("Shape", [mask]), g.init("c.3", np.array([3])), g.init("c.4", np.array([4]))])],
                  to=TP.INT32)
@@ -137,18 +149,18 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     batch = g.op("Slice", [g.op("Shape", ["input_ids"]), zero, one])
     seqlens = g.op("Expand", [g.op("Sub", [total, g.init("c.1i", np.array([1], np.int32))]), batch])
     qlens = g.op("Expand", [g.op("Cast", [queries], to=TP.INT32), batch])
-    x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight)), ids])
+    x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight, ft)), ids])
     eps = float(cfg.rms_norm_eps)
     res, mlp_out = x, None
     for i, layer in enumerate(m.layers):
         att, mlp = layer.self_attn, layer.mlp
-        ln1 = g.init(f"l{i}.ln1", _np(layer.input_layernorm.weight))
+        ln1 = g.init(f"l{i}.ln1", _np(layer.input_layernorm.weight, ft))
         if mlp_out is None:
             h = g.op("RMSNormalization", [x, ln1], axis=-1, epsilon=eps)          # opset 23
         else:
             h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, ln1], n_out=4, domain=_MS,
                                 epsilon=eps)
-        qkv = _linear(g, h, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv")
+        qkv = _linear(g, h, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv", ft)
         scale = float(getattr(att, "scaling", hd ** -0.5))
         kv_io = [ins[3 + 2 * i], ins[4 + 2 * i], seqlens, total_scalar]
         if rotary_in_attention:                 # packed Q/K/V, GQA rotates Q and K itself
@@ -162,30 +174,34 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
         a = g.op("GroupQueryAttention", attn_in + ["", "", "", "", "", qlens], n_out=3,
                  outs=[f"l{i}.attn", outs[1 + 2 * i], outs[2 + 2 * i]], domain=_MS, num_heads=heads,
                  kv_num_heads=kv_heads, causal=1, scale=scale, **rot)
-        a = _linear(g, a[0], [att.o_proj], f"l{i}.o")
-        ln2 = g.init(f"l{i}.ln2", _np(layer.post_attention_layernorm.weight))
+        a = _linear(g, a[0], [att.o_proj], f"l{i}.o", ft)
+        ln2 = g.init(f"l{i}.ln2", _np(layer.post_attention_layernorm.weight, ft))
         h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [a, res, ln2], n_out=4, domain=_MS, epsilon=eps)
-        gu = _linear(g, h, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up")
+        gu = _linear(g, h, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", ft)
         gate, up = g.op("Split", [gu, g.init(f"l{i}.gsplit", np.array([mlp.gate_proj.out_features] * 2))],
                         n_out=2, axis=-1)
         act = g.op("QuickGelu", [gate], domain=_MS, alpha=1.0)          # x * sigmoid(x): SiLU
-        mlp_out = _linear(g, g.op("Mul", [act, up]), [mlp.down_proj], f"l{i}.down")
-    h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", _np(m.norm.weight))], n_out=1,
+        mlp_out = _linear(g, g.op("Mul", [act, up]), [mlp.down_proj], f"l{i}.down", ft)
+    h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", _np(m.norm.weight, ft))], n_out=1,
              domain=_MS, epsilon=eps)
     # the last ``logits_keep`` rows only: start = T - keep, clamped to [0, T] by Slice
     start = g.op("Sub", [t_len, "logits_keep"])
     start = g.op("Where", [g.op("Greater", ["logits_keep", zero]), start, zero])
     h = g.op("Slice", [h, start, t_len, one])
     head = model.lm_head
-    g.op("MatMul", [h, g.init("lm_head.weight", _np(head.weight).T)], outs=["logits"])
+    if kv_t == TP.FLOAT:
+        g.op("MatMul", [h, g.init("lm_head.weight", _np(head.weight).T)], outs=["logits"])
+    else:
+        g.op("Cast", [g.op("MatMul", [h, g.init("lm_head.weight", _np(head.weight, ft).T)], outs=["lm_head/out"])],
+             outs=["logits"], to=TP.FLOAT)
     f, i64 = TP.FLOAT, TP.INT64
     vi = onnx.helper.make_tensor_value_info
     inputs = [vi("input_ids", i64, ["batch", "seq"]), vi("position_ids", i64, ["batch", "seq"]),
               vi("attention_mask", f, ["batch", 1, "seq", "total"])]
-    inputs += [vi(n, f, ["batch", kv_heads, "past", hd]) for n in ins[3:-1]]
+    inputs += [vi(n, kv_t, ["batch", kv_heads, "past", hd]) for n in ins[3:-1]]
     inputs.append(vi("logits_keep", i64, [1]))
     outputs = [vi("logits", f, ["batch", "keep", cfg.vocab_size])]
-    outputs += [vi(n, f, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
+    outputs += [vi(n, kv_t, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
     graph = onnx.helper.make_graph(g.nodes, "decograph_step", inputs, outputs, g.inits)
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset),
                                                          onnx.helper.make_opsetid(_MS, 1)],

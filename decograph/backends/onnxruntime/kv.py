@@ -18,7 +18,7 @@ import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["KV", "StepSession", "causal_mask", "io_names", "session_options"]
+__all__ = ["KV", "StepSession", "causal_mask", "io_names", "pick_device", "session_options"]
 
 _NEG = np.float32(np.finfo(np.float32).min)
 
@@ -59,29 +59,47 @@ def causal_mask(t: int, past: int) -> np.ndarray:
 
 
 class KV:
-    """One batch's cache: per layer K and V buffers bound to the graph's past and present."""
+    """One batch's cache: per layer K and V buffers bound to the graph's past and present.
 
-    def __init__(self, owner: StepSession, batch: int, capacity: int) -> None:
+    On the CPU EP the buffers are numpy arrays that the bound ``OrtValue`` s share. On a device
+    (``StepSession.device`` "cuda", or ``shared=False``) they are ``OrtValue`` s in that device's
+    memory, written in place by the graph; the host sees copies (``host``, ``views``), made only
+    for the rare edits (growth, row selection, slot compaction)."""
+
+    def __init__(self, owner: StepSession, batch: int, capacity: int, shared: bool | None = None) -> None:
         self.owner, self.batch, self.length = owner, batch, 0
+        self.shared = owner.device == "cpu" if shared is None else shared
+        if self.shared and owner.device != "cpu":
+            raise ModelError(f"a KV cache on {owner.device!r} cannot share host memory")
         self.io = owner.session.io_binding()
-        self.bufs: list[np.ndarray] = []
+        self.bufs: list[np.ndarray] = []            # host arrays (shared ones only)
+        self.vals: list[Any] = []                   # the bound OrtValues
+        self._cap = 0
         self._logits: dict[tuple[int, ...], tuple[np.ndarray, Any]] = {}
-        self._bind([np.zeros((batch, owner.kv_heads, capacity, owner.head_dim), np.float32)
+        self._bind([np.zeros((batch, owner.kv_heads, capacity, owner.head_dim), owner.kv_dtype)
                     for _ in range(2 * owner.num_layers)])
 
     @property
     def capacity(self) -> int:
-        return self.bufs[0].shape[2]
+        return self._cap
 
     def _bind(self, bufs: list[np.ndarray]) -> None:
         from onnxruntime import OrtValue
 
-        self.bufs, self.batch = bufs, bufs[0].shape[0]
+        self.batch, self._cap = bufs[0].shape[0], bufs[0].shape[2]
+        if self.shared:
+            self.bufs, self.vals = bufs, [OrtValue.ortvalue_from_numpy(b) for b in bufs]
+        else:
+            dev = "cpu" if self.owner.device == "cpu" else self.owner.device
+            self.bufs, self.vals = [], [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b), dev, 0) for b in bufs]
         ins, outs = self.owner.past_names, self.owner.present_names
-        for i, buf in enumerate(bufs):
-            v = OrtValue.ortvalue_from_numpy(buf)
+        for i, v in enumerate(self.vals):
             self.io.bind_ortvalue_input(ins[i], v)
             self.io.bind_ortvalue_output(outs[i], v)
+
+    def host(self) -> list[np.ndarray]:
+        """The whole buffers on the host: the shared arrays themselves, else copies."""
+        return self.bufs if self.shared else [v.numpy() for v in self.vals]
 
     def reserve(self, need: int) -> None:
         """At least ``need`` slots of capacity (grown by doubling, the valid slots copied)."""
@@ -89,8 +107,8 @@ class KV:
             return
         cap = max(need, 2 * self.capacity, 64)
         new = []
-        for buf in self.bufs:
-            b = np.zeros(buf.shape[:2] + (cap,) + buf.shape[3:], np.float32)
+        for buf in self.host():
+            b = np.zeros(buf.shape[:2] + (cap,) + buf.shape[3:], buf.dtype)
             b[:, :, : self.length] = buf[:, :, : self.length]
             new.append(b)
         self._bind(new)
@@ -103,30 +121,58 @@ class KV:
             if b.shape[2] == cap and b.flags.c_contiguous:
                 new.append(b)
             else:
-                full = np.zeros(b.shape[:2] + (cap,) + b.shape[3:], np.float32)
+                full = np.zeros(b.shape[:2] + (cap,) + b.shape[3:], b.dtype)
                 full[:, :, : b.shape[2]] = b
                 new.append(full)
         self._bind(new)
         self.length = length
 
     def views(self) -> list[np.ndarray]:
-        return [b[:, :, : self.length] for b in self.bufs]
+        return [b[:, :, : self.length] for b in self.host()]
+
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def pick_device(device: str = "auto") -> str:
+    """``cpu``, ``cuda`` (ONNX Runtime's CUDA EP: onnxruntime-gpu and a GPU), or ``auto``: cuda
+    where this onnxruntime has the CUDA EP, else cpu."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if _PROVIDERS["cuda"] in have else "cpu"
+    if device not in _PROVIDERS:
+        raise ModelError(f"ONNX Runtime device must be auto, cpu or cuda, got {device!r}")
+    if _PROVIDERS[device] not in have:
+        raise ModelError(f"ONNX Runtime device {device!r} needs {_PROVIDERS[device]}, which this onnxruntime "
+                         f"{ort.__version__} does not have (it has {', '.join(have)}; the CUDA EP comes with "
+                         f"onnxruntime-gpu)")
+    return device
 
 
 class StepSession:
-    """An ONNX Runtime session over a step graph, its shapes read from the graph."""
+    """An ONNX Runtime session over a step graph, its shapes read from the graph; on the CPU EP,
+    or on the CUDA EP (``device="cuda"``: the KV cache in GPU memory, I/O binding, the step's
+    small inputs and the logits copied by ORT; the graph float16, which GroupQueryAttention's
+    CUDA kernel needs: ``export_step(..., dtype="float16")``)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool | None = None,
+                 device: str = "cpu") -> None:
         import onnxruntime as ort
 
         p = Path(path)
         if not p.is_file():
             raise ModelError(f"{p}: no such ONNX model file")
+        self.device = pick_device(device)
+        providers = [_PROVIDERS[self.device]] + (["CPUExecutionProvider"] if self.device != "cpu" else [])
         try:
-            self.session = ort.InferenceSession(str(p), session_options(threads, spinning),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(p), session_options(threads, spinning), providers=providers)
         except Exception as e:                  # ORT raises its own Fail/InvalidGraph types
             raise ModelError(f"{p}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        if self.session.get_providers()[0] != providers[0]:
+            raise ModelError(f"{p}: ONNX Runtime could not start {providers[0]} (it runs on "
+                             f"{', '.join(self.session.get_providers())}); check the CUDA and cuDNN libraries")
         names = [i.name for i in self.session.get_inputs()]
         self.num_layers = (len(names) - 4) // 2
         ins, outs = io_names(self.num_layers)
@@ -134,13 +180,16 @@ class StepSession:
             raise ModelError(f"{p}: inputs {names[:4]}... are not a decograph step graph (see kv.io_names; graphs "
                              f"exported before the fused graph must be exported again)")
         self.past_names, self.present_names = ins[3:-1], outs[1:]
-        past = self.session.get_inputs()[3].shape
-        self.kv_heads, self.head_dim = int(past[1]), int(past[3])
+        past = self.session.get_inputs()[3]
+        self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(past.type)
+        if self.kv_dtype is None:
+            raise ModelError(f"{p}: its KV cache is {past.type}; decograph's step graphs use float or float16")
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.path = p
 
-    def new_kv(self, batch: int, capacity: int = 0) -> KV:
-        return KV(self, batch, capacity)
+    def new_kv(self, batch: int, capacity: int = 0, shared: bool | None = None) -> KV:
+        return KV(self, batch, capacity, shared)
 
     def run(self, kv: KV, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
         """One step: ``ids``/``pos`` int64 [B, T], ``mask`` float32 [B, 1, T, length + T]

@@ -5,8 +5,9 @@ The cache is a ``kv.KV``: per layer K/V buffers that the graph's past inputs and
 outputs are bound to (I/O binding), so a step appends its slots in place; truncation sets the
 valid length, row selection and slot compaction copy into new buffers. Attention is causal in
 slot order: ``forward`` refuses a pattern that lets a token see a later slot (no strategy the
-runtime runs needs one). CUDA EP with I/O binding when onnxruntime-gpu sees a GPU is not built
-yet: the CPU EP runs everywhere.
+runtime runs needs one). ``device="cuda"`` runs a float16 graph on ONNX Runtime's CUDA EP with
+the cache in GPU memory (``kv.StepSession``); the host's edits of the cache (row selection,
+compaction) then go through host copies.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ _NEG = np.float32(np.finfo(np.float32).min)
 
 class ORTCausalLM(CausalLMAdapter):
     def __init__(self, path: str | Path, *, vocab_size: int | None = None, eos_token_ids: tuple[int, ...] = (),
-                 max_positions: int | None = None, tokenizer: Any = None, threads: int = 0) -> None:
+                 max_positions: int | None = None, tokenizer: Any = None, threads: int = 0,
+                 device: str = "cpu") -> None:
         import onnxruntime as ort
 
-        self.step = StepSession(path, threads)
+        self.step = StepSession(path, threads, device=device)
+        self.device = self.step.device
         self.session = self.step.session
         self.num_layers, self.kv_heads, self.head_dim = self.step.num_layers, self.step.kv_heads, self.step.head_dim
         self.vocab_size = vocab_size or self.step.vocab_size
@@ -39,7 +42,8 @@ class ORTCausalLM(CausalLMAdapter):
         # the forward-cost curve (time of k query tokens over one) is measured per graph and machine
         st = p.stat()
         self.weight_bytes = st.st_size + sum(f.stat().st_size for f in p.parent.glob(p.name + ".data"))
-        self.cost_key = ["onnxruntime", ort.__version__, p.parent.name, p.name, st.st_size, int(st.st_mtime), threads]
+        self.cost_key = ["onnxruntime", ort.__version__, p.parent.name, p.name, st.st_size, int(st.st_mtime), threads,
+                         self.device]
 
     def new_cache(self, batch_size: int) -> KV:
         return self.step.new_kv(batch_size)
@@ -65,7 +69,7 @@ class ORTCausalLM(CausalLMAdapter):
 
     def select_rows(self, cache: KV, rows: torch.Tensor) -> None:
         idx = rows.numpy()
-        cache.replace([buf[idx] for buf in cache.bufs], cache.length)
+        cache.replace([buf[idx] for buf in cache.host()], cache.length)
 
     def gather_slots(self, cache: KV, slots: torch.Tensor) -> None:
         idx = slots.numpy()[:, None, :, None]
