@@ -221,10 +221,16 @@ def test_errors(tmp_path, exported) -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(ModelError, match="Llama-architecture"):
         export_step(gpt2, tmp_path / "g.onnx")
-    from decograph.models.mdm import tiny_mdm
+    from transformers import BertConfig, BertForMaskedLM
 
-    with pytest.raises(UnsupportedError, match="exports Hugging Face causal LMs"):
-        decograph.generate(tiny_mdm(), None, [[5, 6]], "fast_dllm", 4, backend="onnxruntime")
+    from decograph.frontends.diffusion import HFMaskedDiffusion
+
+    bert = HFMaskedDiffusion(BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=32)), mask_token_id=3)
+    with pytest.raises(UnsupportedError, match="exports Hugging Face causal LMs and decograph's own masked-diffusion "
+                                               "model .train-mdm.; got HFMaskedDiffusion"):
+        decograph.generate(bert, None, [[5, 6]], "fast_dllm", 4, backend="onnxruntime",
+                           overrides={"kv": "recompute"})
 
 
 @pytest.mark.real_model

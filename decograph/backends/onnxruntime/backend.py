@@ -28,9 +28,12 @@ def _fingerprint(model: Any) -> str:
     return h.hexdigest()[:12]
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "onnx"
+
+
 def export_dir(model: Any) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "onnx"
-    return root / f"{model.config.model_type}-{_fingerprint(model)}"
+    return _cache_root() / f"{model.config.model_type}-{_fingerprint(model)}"
 
 
 class OnnxRuntimeBackend(Backend):
@@ -55,12 +58,18 @@ class OnnxRuntimeBackend(Backend):
         from decograph.backends.onnxruntime.export import export_step
         from decograph.backends.onnxruntime.session import ORTCausalLM
         from decograph.frontends.adapters import HFCausalLM
+        from decograph.frontends.diffusion import MDMAdapter
 
-        if not isinstance(adapter, HFCausalLM):
-            raise UnsupportedError(f"backend 'onnxruntime' exports Hugging Face causal LMs; got {type(adapter).__name__}")
         hit = self._adapters.get(id(adapter))
         if hit is not None and hit[0] is adapter:
             return hit[1]
+        if isinstance(adapter, MDMAdapter):
+            ort_mdm = self._prepare_mdm(adapter)
+            self._adapters[id(adapter)] = (adapter, ort_mdm)
+            return ort_mdm
+        if not isinstance(adapter, HFCausalLM):
+            raise UnsupportedError(f"backend {self.name!r} exports Hugging Face causal LMs and decograph's own "
+                                   f"masked-diffusion model (train-mdm); got {type(adapter).__name__}")
         from decograph.backends.onnxruntime.kv import pick_device
 
         device = pick_device(os.environ.get("DECOGRAPH_ORT_DEVICE", "").strip() or "auto")
@@ -79,6 +88,26 @@ class OnnxRuntimeBackend(Backend):
                                   max_positions=adapter.max_positions, tokenizer=adapter.tokenizer, device=device)
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
+
+
+    def _prepare_mdm(self, adapter: Any) -> Any:
+        """decograph's masked-diffusion model, exported once (``mdm.export_mdm``), fp32 on the
+        CPU EP: the unmask strategies and both block-wise caches run on it."""
+        from decograph.backends.onnxruntime.mdm import MDM_GRAPH_VERSION, ORTMDMAdapter, export_mdm
+
+        if self.bits:
+            raise UnsupportedError(f"backend {self.name!r}: the masked-diffusion model runs in fp32 only "
+                                   f"(backend 'onnxruntime')")
+        m = adapter.model
+        h = hashlib.sha256(f"{MDM_GRAPH_VERSION}\n{sorted(vars(m.config).items())}".encode())
+        for name, p in m.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum()):.9e}".encode())
+        path = _cache_root() / f"mdm-{h.hexdigest()[:12]}" / "model.onnx"
+        if not path.is_file():
+            export_mdm(m, path)
+        return ORTMDMAdapter(path, mask_token_id=adapter.mask_token_id, eos_token_ids=adapter.eos_token_ids,
+                             max_positions=adapter.max_positions, tokenizer=adapter.tokenizer,
+                             shift_logits=adapter.shift_logits)
 
 
 class OnnxRuntimeInt4Backend(OnnxRuntimeBackend):
