@@ -10,6 +10,8 @@ For each generation length L in ``--lengths`` and each system:
 - ``+parallel``: Fast-dLLM's confidence-threshold unmasking (``fast_dllm``, kv=recompute);
 - ``+prefix cache``: the same with the block-wise approximate prefix cache (kv=block_approx);
 - ``+dual cache``: with the dual cache (kv=block_approx_dual): Fast-dLLM as a whole;
+- ``+dual cache, blocks of B/2``: the same with half-size blocks (``--small-block``): a cached
+  step runs fewer positions, the cache is refreshed twice as often;
 - ``lud (dual cache)``: lexical-unit decoding, contiguous runs, dual cache.
 
 Reported: throughput (generated tokens / wall time, batch 1, median over ``--reps``), speedup
@@ -38,14 +40,18 @@ from decograph.frontends.strategies import load_strategy  # noqa: E402
 from decograph.train_mdm import held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
 
 
-def systems(threshold: float, block: int) -> dict[str, object]:
-    return {
+def systems(threshold: float, block: int, small: int) -> dict[str, object]:
+    out = {
         "baseline (LLaDA)": load_strategy("llada_semi_ar", overrides={"block": block}).program,
         "+parallel": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "recompute"}).program,
         "+prefix cache": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "block_approx"}).program,
         "+dual cache": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "block_approx_dual"}).program,
         "lud (dual cache)": load_strategy("lud", overrides={"block": block, "threshold": threshold}).program,
     }
+    if small:
+        out[f"+dual cache, blocks of {small}"] = load_strategy(
+            "fast_dllm", overrides={"block": small, "threshold": threshold, "kv": "block_approx_dual"}).program
+    return out
 
 
 def accuracy(out: list[int], ref: list[int]) -> float:
@@ -61,6 +67,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--small-block", type=int, default=16, help="the extra dual-cache row's block size (0: none)")
+    ap.add_argument("--backend", default="torch", help="where every system runs (torch, onnxruntime)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / "diffusion.json"))
     args = ap.parse_args()
@@ -69,12 +77,12 @@ def main() -> None:
     info = json.loads((trained_mdm_dir() / "train.json").read_text())
     print(f"model: {trained_mdm_dir()} ({info['steps']} steps, {info['seconds']:.0f} s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", file=sys.stderr)
-    progs = systems(args.threshold, args.block)
+    progs = systems(args.threshold, args.block, args.small_block)
     rows = []
     for L in args.lengths:
         cases = held_out_samples(tok, args.prompt_len, L + args.suffix_len, args.n, seed=L)
         samples = [(p, c[:L], c[L:]) for p, c in cases]
-        run = dict(passes="none", eos_token_id=[])          # infilling: the whole span is filled
+        run = dict(passes="none", eos_token_id=[], backend=args.backend)   # infilling: the whole span is filled
         generate(model, tok, [samples[0][0]], progs["+dual cache"], L, suffixes=[samples[0][2]], **run)  # warm-up
         per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": []} for name in progs}
         for i, (prompt, ref, suffix) in enumerate(samples):
