@@ -89,7 +89,6 @@ class OnnxRuntimeBackend(Backend):
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
 
-
     def _prepare_mdm(self, adapter: Any) -> Any:
         """decograph's masked-diffusion model, exported once (``mdm.export_mdm``), fp32 on the
         CPU EP: the unmask strategies and both block-wise caches run on it."""
