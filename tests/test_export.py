@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
 
-from decograph.backends import BackendFallbackWarning
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.cli import main
 from decograph.errors import InputError, ModelError, UnsupportedError
@@ -45,12 +43,7 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("m"))
 
 
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BackendFallbackWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])

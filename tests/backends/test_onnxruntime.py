@@ -6,19 +6,17 @@ and the logit margin are reported), the export cache keyed by the graph's versio
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 import decograph
 from decograph.api import resolve_model
-from decograph.backends import BackendFallbackWarning, get_backend
+from decograph.backends import get_backend
 from decograph.backends.onnxruntime.backend import export_dir
-from decograph.backends.onnxruntime.export import (INEXACT_ACCURACY_LEVEL, QUANT, export_step, io_names, quant_tag,
+from decograph.backends.onnxruntime.export import (INEXACT_ACCURACY_LEVEL, export_step, io_names, quant_tag,
                                                    quantize_step)
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.errors import ModelError, UnsupportedError
@@ -29,17 +27,7 @@ LOSSLESS = [name for name, _ in list_strategies() if load_strategy(name).lossles
 PROMPTS = [[1, 5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3], [7, 8, 9, 10, 11, 12, 7, 8]]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BackendFallbackWarning)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

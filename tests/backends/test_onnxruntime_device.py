@@ -15,9 +15,9 @@ import torch
 
 import decograph
 from decograph.api import resolve_model
-from decograph.backends import BackendFallbackWarning, get_backend
+from decograph.backends import get_backend
 from decograph.backends.onnxruntime.export import export_step, quantize_step
-from decograph.backends.onnxruntime.kv import StepSession, causal_mask, pick_device
+from decograph.backends.onnxruntime.kv import KV, StepSession, causal_mask, pick_device
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.errors import InputError, ModelError
 from decograph.export import export_decoder
@@ -28,17 +28,7 @@ from decograph.models.tiny import tiny_llama, tiny_model_dir
 PROMPTS = [[1, 5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3], [7, 8, 9, 10, 11, 12, 7, 8]]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BackendFallbackWarning)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +134,7 @@ def test_device_choice_and_errors(half, monkeypatch) -> None:
         with pytest.raises(ModelError, match="could not start CUDAExecutionProvider"):
             StepSession(half, device="cuda")
     with pytest.raises(ModelError, match="cannot share host memory"):
-        StepSession(half).new_kv(1, 8).__class__(type("S", (), {"device": "cuda"})(), 1, 8, True)
+        KV(type("OnCuda", (), {"device": "cuda"})(), 1, 8, shared=True)
 
 
 def test_float16_export_runs_on_the_cpu_here(tmp_path) -> None:

@@ -4,14 +4,13 @@ KV, key masks and ``logits_at``), and every unmask strategy, with each KV mode, 
 infilling and EOS, gives the torch backend's tokens; the export is cached; errors are named."""
 from __future__ import annotations
 
-import warnings
 
 import onnx
 import pytest
 import torch
 
 import decograph
-from decograph.backends import BackendFallbackWarning, get_backend
+from decograph.backends import get_backend
 from decograph.backends.onnxruntime.mdm import ORTMDMAdapter, export_mdm
 from decograph.errors import ModelError, UnsupportedError
 from decograph.frontends.diffusion import MDMAdapter
@@ -21,12 +20,7 @@ from decograph.models.tiny import tiny_llama
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22]]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", BackendFallbackWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

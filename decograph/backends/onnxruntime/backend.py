@@ -13,27 +13,25 @@ from typing import Any
 
 from decograph.backends.base import _HOST, Backend
 from decograph.errors import UnsupportedError
+from decograph.measure_cache import cache_path
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeInt4Backend", "OnnxRuntimeInt8Backend", "export_dir"]
 
 
-def _fingerprint(model: Any) -> str:
-    """The model's config and weights, and the step graph's version (a changed graph is a new
-    directory: old exports are never reused)."""
-    from decograph.backends.onnxruntime.graph import GRAPH_VERSION
-
-    h = hashlib.sha256(f"{GRAPH_VERSION}\n".encode() + model.config.to_json_string(use_diff=False).encode())
+def _fingerprint(model: Any, header: str) -> str:
+    """``header`` (the graph's version and the model's config) and the model's weights: a
+    changed graph or model is a new directory, old exports are never reused."""
+    h = hashlib.sha256(header.encode())
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum()):.9e}".encode())
     return h.hexdigest()[:12]
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "decograph" / "onnx"
-
-
 def export_dir(model: Any) -> Path:
-    return _cache_root() / f"{model.config.model_type}-{_fingerprint(model)}"
+    from decograph.backends.onnxruntime.graph import GRAPH_VERSION
+
+    digest = _fingerprint(model, f"{GRAPH_VERSION}\n{model.config.to_json_string(use_diff=False)}")
+    return cache_path("onnx") / f"{model.config.model_type}-{digest}"
 
 
 class OnnxRuntimeBackend(Backend):
@@ -98,10 +96,8 @@ class OnnxRuntimeBackend(Backend):
             raise UnsupportedError(f"backend {self.name!r}: the masked-diffusion model runs in fp32 only "
                                    f"(backend 'onnxruntime')")
         m = adapter.model
-        h = hashlib.sha256(f"{MDM_GRAPH_VERSION}\n{sorted(vars(m.config).items())}".encode())
-        for name, p in m.named_parameters():
-            h.update(f"{name}{tuple(p.shape)}{float(p.detach().double().sum()):.9e}".encode())
-        path = _cache_root() / f"mdm-{h.hexdigest()[:12]}" / "model.onnx"
+        digest = _fingerprint(m, f"{MDM_GRAPH_VERSION}\n{sorted(vars(m.config).items())}")
+        path = cache_path("onnx") / f"mdm-{digest}" / "model.onnx"
         if not path.is_file():
             export_mdm(m, path)
         return ORTMDMAdapter(path, mask_token_id=adapter.mask_token_id, eos_token_ids=adapter.eos_token_ids,

@@ -66,9 +66,18 @@ class _G:
         self.nodes.append(self.h.make_node(op, ins, outs, name=f"{op}_{self.n}", domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
+    def model(self, name: str, inputs: list[Any], outputs: list[Any], opset: int) -> Any:
+        """The ``onnx.ModelProto`` of the nodes and initializers so far (the default opset
+        ``opset`` and ``com.microsoft`` 1, IR version 10)."""
+        h = self.h
+        proto = h.make_model(h.make_graph(self.nodes, name, inputs, outputs, self.inits),
+                             opset_imports=[h.make_opsetid("", opset), h.make_opsetid(_MS, 1)],
+                             producer_name="decograph")
+        proto.ir_version = 10
+        return proto
+
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
-
 
 def _np(t: Any, dtype: Any = np.float32) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(dtype)
@@ -202,9 +211,4 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     inputs.append(vi("logits_keep", i64, [1]))
     outputs = [vi("logits", f, ["batch", "keep", cfg.vocab_size])]
     outputs += [vi(n, kv_t, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
-    graph = onnx.helper.make_graph(g.nodes, "decograph_step", inputs, outputs, g.inits)
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset),
-                                                         onnx.helper.make_opsetid(_MS, 1)],
-                                   producer_name="decograph")
-    proto.ir_version = 10
-    return proto
+    return g.model("decograph_step", inputs, outputs, opset)

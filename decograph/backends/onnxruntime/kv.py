@@ -18,7 +18,7 @@ import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["KV", "StepSession", "causal_mask", "io_names", "pick_device", "session_options"]
+__all__ = ["KV", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
 
 _NEG = np.float32(np.finfo(np.float32).min)
 
@@ -90,8 +90,8 @@ class KV:
         if self.shared:
             self.bufs, self.vals = bufs, [OrtValue.ortvalue_from_numpy(b) for b in bufs]
         else:
-            dev = "cpu" if self.owner.device == "cpu" else self.owner.device
-            self.bufs, self.vals = [], [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b), dev, 0) for b in bufs]
+            self.bufs, self.vals = [], [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b), self.owner.device, 0)
+                                        for b in bufs]
         ins, outs = self.owner.past_names, self.owner.present_names
         for i, v in enumerate(self.vals):
             self.io.bind_ortvalue_input(ins[i], v)
@@ -151,6 +151,25 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+def open_session(path: Path, options: Any, device: str = "cpu") -> Any:
+    """An ONNX Runtime session over ``path`` on ``device`` (``cpu`` or ``cuda``, with the CPU EP
+    for what the CUDA EP lacks); a missing file, a graph ORT refuses, or a CUDA EP that does
+    not start is a ``ModelError`` naming the file."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ModelError(f"{path}: no such ONNX model file")
+    providers = [_PROVIDERS[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:                  # ORT raises its own Fail/InvalidGraph types
+        raise ModelError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+    if session.get_providers()[0] != providers[0]:
+        raise ModelError(f"{path}: ONNX Runtime could not start {providers[0]} (it runs on "
+                         f"{', '.join(session.get_providers())}); check the CUDA and cuDNN libraries")
+    return session
+
+
 class StepSession:
     """An ONNX Runtime session over a step graph, its shapes read from the graph; on the CPU EP,
     or on the CUDA EP (``device="cuda"``: the KV cache in GPU memory, I/O binding, the step's
@@ -159,20 +178,9 @@ class StepSession:
 
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool | None = None,
                  device: str = "cpu") -> None:
-        import onnxruntime as ort
-
         p = Path(path)
-        if not p.is_file():
-            raise ModelError(f"{p}: no such ONNX model file")
         self.device = pick_device(device)
-        providers = [_PROVIDERS[self.device]] + (["CPUExecutionProvider"] if self.device != "cpu" else [])
-        try:
-            self.session = ort.InferenceSession(str(p), session_options(threads, spinning), providers=providers)
-        except Exception as e:                  # ORT raises its own Fail/InvalidGraph types
-            raise ModelError(f"{p}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
-        if self.session.get_providers()[0] != providers[0]:
-            raise ModelError(f"{p}: ONNX Runtime could not start {providers[0]} (it runs on "
-                             f"{', '.join(self.session.get_providers())}); check the CUDA and cuDNN libraries")
+        self.session = open_session(p, session_options(threads, spinning), self.device)
         names = [i.name for i in self.session.get_inputs()]
         self.num_layers = (len(names) - 4) // 2
         ins, outs = io_names(self.num_layers)

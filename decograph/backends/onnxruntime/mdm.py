@@ -99,12 +99,7 @@ def build_mdm(model: Any, opset: int = 23) -> Any:
     inputs.append(vi("logits_at", i64, ["batch", "keep"]))
     outputs = [vi("logits", f, ["batch", "keep", cfg.vocab_size])]
     outputs += [vi(n, f, ["batch", h, "seq", dh]) for n in outs[1:]]
-    graph = onnx.helper.make_graph(g.nodes, "decograph_mdm", inputs, outputs, g.inits)
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset),
-                                                         onnx.helper.make_opsetid(_MS, 1)],
-                                   producer_name="decograph")
-    proto.ir_version = 10
-    return proto
+    return g.model("decograph_mdm", inputs, outputs, opset)
 
 
 def export_mdm(model: Any, path: str | Path) -> Path:
@@ -137,20 +132,12 @@ class ORTMDMAdapter(MaskedDiffusionAdapter):
                  spinning: bool | None = None) -> None:
         import os
 
-        import onnxruntime as ort
-
-        from decograph.backends.onnxruntime.kv import session_options
+        from decograph.backends.onnxruntime.kv import open_session, session_options
 
         p = Path(path)
-        if not p.is_file():
-            raise ModelError(f"{p}: no such ONNX model file")
-        try:
-            if spinning is None and not os.environ.get("DECOGRAPH_ORT_SPINNING", "").strip():
-                spinning = False
-            self.session = ort.InferenceSession(str(p), session_options(threads, spinning),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:                  # ORT raises its own Fail/InvalidGraph types
-            raise ModelError(f"{p}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from None
+        if spinning is None and not os.environ.get("DECOGRAPH_ORT_SPINNING", "").strip():
+            spinning = False
+        self.session = open_session(p, session_options(threads, spinning))
         names = [i.name for i in self.session.get_inputs()]
         self.num_layers = (len(names) - 4) // 2
         if names != _names(self.num_layers)[0]:
@@ -181,7 +168,7 @@ class ORTMDMAdapter(MaskedDiffusionAdapter):
         at = (logits_at if logits_at is not None else torch.arange(t).expand(b, t)).numpy().astype(np.int64)
         feeds: dict[str, np.ndarray] = {"ids": ids.numpy().astype(np.int64),
                                         "positions": positions.numpy().astype(np.int64), "bias": bias, "logits_at": at}
-        empty = np.zeros((b, self.heads, 0, self.head_dim), np.float32)
+        empty = np.zeros((b, self.heads, 0, self.head_dim), np.float32) if context is None else None
         for i in range(self.num_layers):
             k, v = (context[i][0].numpy(), context[i][1].numpy()) if context is not None else (empty, empty)
             feeds[f"context.{i}.key"], feeds[f"context.{i}.value"] = k, v
