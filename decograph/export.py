@@ -5,8 +5,10 @@
 
 Written into a temporary directory beside ``out`` and renamed when complete, so a failed export
 leaves nothing half-written. The strategy goes through the pass pipeline first; the exported
-runner executes greedy verification with no draft or an n-gram draft (``ngram``,
-``adaptive_ngram``); other strategies are refused with a named error.
+runner executes greedy verification of no draft, an n-gram chain (``ngram``, ``adaptive_ngram``),
+Jacobi or Gauss-Seidel-Jacobi iteration, or lookahead (a Jacobi window and an n-gram pool,
+``decograph.exported_drafts``); other strategies (draft models, branches, sampling, masked
+diffusion) are refused with a named error.
 """
 from __future__ import annotations
 
@@ -35,15 +37,25 @@ def runner_plan(program: O.Program) -> dict[str, Any]:
     for op in loops[0].body.ops:
         if isinstance(op, O.VERIFY_OPS + O.UNMASK_OPS) and not isinstance(op, O.VerifyGreedy):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`; the exported runner verifies greedily only")
+    kinds = sorted(type(op).__name__ for op in drafts)
     if not drafts:
         return {"draft": None}
     op = drafts[0]
-    if len(drafts) > 1 or not isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)):
-        raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`; the exported runner drafts with one "
-                               f"n-gram chain (ngram, adaptive_ngram) or nothing")
-    # one chain: the runner keeps no token tree (several candidates would need tree masks)
-    return {"draft": op.NAME.split(".", 1)[1], "k": op.k, "max_n": op.max_n, "min_n": op.min_n,
-            "adaptive": bool(getattr(op, "adaptive", False))}
+    if kinds == ["DraftJacobi", "DraftNgramPool"]:          # lookahead: a Jacobi window and an n-gram pool
+        jac = next(d for d in drafts if isinstance(d, O.DraftJacobi))
+        pool = next(d for d in drafts if isinstance(d, O.DraftNgramPool))
+        return {"draft": "lookahead", "window": jac.window, "n": pool.n, "candidates": 1}
+    if len(drafts) == 1 and isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)):
+        # one chain: the runner keeps no token tree (several candidates would need tree masks)
+        return {"draft": op.NAME.split(".", 1)[1], "k": op.k, "max_n": op.max_n, "min_n": op.min_n,
+                "adaptive": bool(getattr(op, "adaptive", False))}
+    if len(drafts) == 1 and isinstance(op, O.DraftJacobi):
+        return {"draft": "jacobi", "window": op.window, "init": op.init}
+    if len(drafts) == 1 and isinstance(op, O.DraftGaussSeidelJacobi):
+        return {"draft": "gauss_seidel_jacobi", "block": op.block, "init": op.init}
+    raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`; the exported runner drafts with an n-gram "
+                           f"chain (ngram, adaptive_ngram), Jacobi or Gauss-Seidel-Jacobi iteration, lookahead "
+                           f"(jacobi + ngram_pool), or nothing")
 
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,

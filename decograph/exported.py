@@ -7,23 +7,28 @@ This module imports neither torch nor transformers (a test checks). The decoder 
     strategy.json    the optimized strategy program (the IR's JSON form), for reference and tools
     tokenizer.json   the tokenizer (``tokenizers``), plus the chat template in the manifest
 
-The runner executes the strategy's plan: n-gram drafting (``ngram`` / ``adaptive_ngram``:
-what followed the newest earlier occurrence of the longest matching suffix, ``max_n`` down to
-``min_n`` tokens, at most ``k``) verified greedily in one causal forward per step; ``greedy``
-drafts nothing. ``adaptive_ngram`` (ANPD) cuts each draft to the length with the most expected
-tokens per unit of forward time, from its match level's running acceptance and this machine's
-measured forward-cost curve (cached per graph and machine in ``$XDG_CACHE_HOME/decograph``);
-with nothing to copy it still drafts one token (the sequence's most frequent), which the exact
-graph's padding row makes free.
+The runner executes the strategy's plan (``decograph.exported_drafts``): n-gram drafting
+(``ngram`` / ``adaptive_ngram``: what followed the newest earlier occurrence of the longest
+matching suffix, ``max_n`` down to ``min_n`` tokens, at most ``k``), Jacobi or Gauss-Seidel-
+Jacobi iteration, or lookahead (a pool n-gram verified, a Jacobi window beside it), verified
+greedily in one causal forward per step; ``greedy`` drafts nothing. ``adaptive_ngram`` (ANPD)
+cuts each draft to the length with the most expected tokens per unit of forward time, from its
+match level's running acceptance and this machine's measured forward-cost curve (cached per
+graph and machine in ``$XDG_CACHE_HOME/decograph``); with nothing to copy it still drafts one
+token (the sequence's most frequent), which the exact graph's padding row makes free.
 
 The output is exactly the graph's own greedy decoding (``generate(..., draft=False)``, one
 token per forward): the step graph computes every query row with the same arithmetic whatever
 the number of query tokens (``graph``), so verifying a draft of k tokens gives bit-identical
 logits to k one-token forwards. The KV cache lives in buffers bound to the graph's past and
 present (``kv``): nothing is copied per step, and a rejected draft costs no cache edit.
+``generate_batch`` decodes several prompts in one step per iteration, each row with its own
+cache length (the graph's ``cache_lengths``: no padding inside a row's cache), so each row's
+tokens are exactly its own ``generate``'s.
 
     decoder = ExportedDecoder("out/")
     ids, stats = decoder.generate(decoder.encode("Hello"), max_new_tokens=64)
+    rows = decoder.generate_batch([decoder.encode(q) for q in ("Hi", "Name three rivers.")], 64)
 """
 from __future__ import annotations
 
@@ -39,16 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.onnxruntime.kv import StepSession, causal_mask, pick_device
+from decograph.backends.onnxruntime.kv import _NEG, StepSession, causal_mask, pick_device
 from decograph.errors import InputError, ModelError
+from decograph.exported_drafts import PLANS, make_drafts
 from decograph.measure_cache import cached
 
 __all__ = ["ExportedDecoder", "DecodeStats", "MANIFEST_VERSION"]
 
 MANIFEST_VERSION = 2
-_BUCKETS = (1, 2, 3, 4, 5, 8, 16)                     # suffix-match lengths that start each level
-_FIRST_PRIOR = (0.3, 0.35, 0.4, 0.45, 0.55, 0.7, 0.8)  # prior chance the first drafted token is right
-_LATER_PRIOR = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)   # ... and each later one, given the one before
 _CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
 
 
@@ -79,98 +82,6 @@ def _sha(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-class _Drafts:
-    """N-gram drafting over one sequence: an incremental index of every n-gram's end positions,
-    and (adaptive) per-level acceptance, decayed, that cuts drafts to the length that pays."""
-
-    def __init__(self, plan: dict[str, Any], cost: list[float] | None) -> None:
-        self.k, self.max_n, self.min_n = int(plan["k"]), int(plan["max_n"]), int(plan["min_n"])
-        self.adaptive = bool(plan.get("adaptive")) and cost is not None
-        self.cost = cost or []
-        self.where: dict[tuple[int, ...], list[int]] = {}
-        self.counts: dict[int, int] = {}
-        self.top = -1                                   # the sequence's most frequent token
-        self.seen = 0
-        self.rates = {"first": {}, "later": {}}         # level -> [hits, tries]
-        self.level = -1
-
-    def _update(self, seq: list[int]) -> None:
-        for end in range(self.seen + 1, len(seq) + 1):
-            for n in range(1, min(self.max_n, end) + 1):
-                self.where.setdefault(tuple(seq[end - n:end]), []).append(end)
-            tok = seq[end - 1]
-            self.counts[tok] = self.counts.get(tok, 0) + 1
-            if self.counts[tok] > self.counts.get(self.top, 0):
-                self.top = tok
-        self.seen = len(seq)
-
-    def _match(self, seq: list[int]) -> tuple[int, int] | None:
-        """(end, length): the newest earlier occurrence of the longest suffix n-gram, and how far
-        back the match really extends (up to 32 tokens). Adaptive drafting also tries 1-grams
-        below ``min_n``: their drafts are cut to what pays (one drafted token costs ~10% of a
-        forward, the wider forward's extra row in the matrix products)."""
-        lowest = 1 if self.adaptive else self.min_n
-        for n in range(min(self.max_n, len(seq) - 1), lowest - 1, -1):
-            for end in reversed(self.where.get(tuple(seq[-n:]), ())):
-                if end < len(seq):
-                    length = n
-                    while length < 32 and end - length - 1 >= 0 and seq[end - length - 1] == seq[-length - 1]:
-                        length += 1
-                    return end, length
-        return None
-
-    def _rate(self, table: str, level: int, prior: float) -> float:
-        hits, tries = self.rates[table].get(level, (0.0, 0.0))
-        return (hits + 2.0 * prior) / (tries + 2.0)
-
-    def _record(self, table: str, level: int, ok: bool) -> None:
-        h = self.rates[table].setdefault(level, [0.0, 0.0])
-        h[0], h[1] = 0.95 * h[0] + ok, 0.95 * h[1] + 1.0
-
-    def _cost(self, width: int) -> float:
-        c = self.cost
-        return c[width - 1] if width <= len(c) else c[-1] * width / len(c)
-
-    def propose(self, seq: list[int], budget: int) -> list[int]:
-        self._update(seq)
-        self.level = -1
-        k = min(self.k, budget)
-        found = self._match(seq) if k > 0 else None
-        if found is None:
-            # nothing to copy: when a one-token draft costs nothing (an exact graph's one-token
-            # step has a padding row anyway), guess the sequence's most frequent token
-            free = self.adaptive and len(self.cost) > 1 and self.cost[1] <= 1.02 * self.cost[0]
-            return [self.top] if k > 0 and free and self.top >= 0 else []
-        end, length = found
-        chain = seq[end:end + k]
-        level = max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
-        if self.adaptive:
-            first = self._rate("first", level, _FIRST_PRIOR[level])
-            later = self._rate("later", level, _LATER_PRIOR[level])
-            best, best_ratio, expected, chance = 0, 1.0 / self._cost(1), 1.0, 1.0
-            for i in range(len(chain)):
-                chance *= first if i == 0 else later
-                expected += chance
-                if expected / self._cost(i + 2) > best_ratio:
-                    best, best_ratio = i + 1, expected / self._cost(i + 2)
-            chain = chain[:best]
-            if not chain:
-                for table in self.rates.values():           # unused: drift back to the prior
-                    if level in table:
-                        table[level][0] *= 0.97
-                        table[level][1] *= 0.97
-                return []
-        self.level = level
-        return chain
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        if self.level < 0 or not drafted:
-            return
-        self._record("first", self.level, accepted >= 1)
-        for i in range(1, min(accepted + 1, drafted)):
-            self._record("later", self.level, i < accepted)
 
 
 class ExportedDecoder:
@@ -213,6 +124,9 @@ class ExportedDecoder:
         self.n_layers, self.kv_heads, self.head_dim = m["num_layers"], m["kv_heads"], m["head_dim"]
         self.eos = set(m["eos_token_ids"])
         self.plan = m["plan"]
+        if not isinstance(self.plan, dict) or self.plan.get("draft") not in PLANS:
+            raise ModelError(f"{mpath}: field 'plan' is {self.plan!r}; its 'draft' must be one of {PLANS} (a newer "
+                             f"decograph's export?)")
         self._curve: list[float] | None = None
         self._exact: bool | None = None
         self._warned = False
@@ -247,14 +161,15 @@ class ExportedDecoder:
 
     def exact(self) -> bool:
         """Whether a k-token forward gives bit-identical logits and K/V to k one-token forwards
-        here, for every width a draft can take (what makes drafting lossless; see
+        here, for every width a step can take, and a row's step in a batch (its own cache
+        length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if self._exact is None:
-            self._exact = bool(self._machine("exact-1", self._check_exact))
+            self._exact = bool(self._machine(f"exact-2-{self.width()}", self._check_exact))
         return self._exact
 
     def _check_exact(self, context: int = 37) -> bool:
-        widths = list(range(2, int(self.plan.get("k") or 8) + 2))
+        widths = list(range(2, max(self.width(), 9) + 1))
         rng = np.random.default_rng(1)
         vocab = self.step.vocab_size
         prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
@@ -269,8 +184,23 @@ class ExportedDecoder:
                 i += w
             runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
         (ref, ref_kv), others = runs[0], runs[1:]
-        return all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv))
+        same = all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv))
                    for lg, kv in others)
+        # two rows of different lengths in one step (a 3-token step and a padded 1-token one)
+        short = context - 7
+        alone = []
+        for n, w in ((context, 3), (short, 1)):
+            kv = self.step.new_kv(1, context + 8)
+            self.step.run(kv, prompt[:, :n], np.arange(n)[None], causal_mask(n, 0), 1)
+            alone.append(self.step.run(kv, toks[None, :w], np.arange(n, n + w)[None], causal_mask(w, n)).copy())
+        kv = self.step.new_kv(2, context + 8)
+        self.step.run(kv, np.repeat(prompt, 2, 0), np.arange(context)[None].repeat(2, 0),
+                      causal_mask(context, 0).repeat(2, 0), 1)
+        lengths = np.array([context, short])
+        mask = self._masks(lengths, [(list(toks[1:3]), []), ([], [])], 3, context)
+        pos = lengths[:, None] + np.arange(3)
+        both = self.step.run(kv, np.stack([toks[:3], toks[:1].repeat(3)]), pos, mask, lengths=lengths)
+        return same and np.array_equal(both[0], alone[0][0]) and np.array_equal(both[1, :1], alone[1][0])
 
     def cost_curve(self) -> list[float]:
         """Time of a forward over w query tokens over one token's, for w = 1, 2, ...: measured
@@ -314,61 +244,171 @@ class ExportedDecoder:
 
     # -- decoding --------------------------------------------------------------------------
 
+    def width(self) -> int:
+        """The most query tokens a step of this plan takes (pending token, chain and window)."""
+        p = self.plan
+        kind = p.get("draft")
+        if kind == "lookahead":
+            return 1 + max(int(p["n"]) - 1, int(p["window"])) + int(p["window"])
+        return 1 + int(p.get("k") or p.get("window") or p.get("block") or 0)
+
     def generate(self, prompt: list[int], max_new_tokens: int = 128, *,
                  draft: bool = True) -> tuple[list[int], DecodeStats]:
         """Greedy decoding of ``max_new_tokens`` after ``prompt``, drafting as the plan says
         (``draft=False``: one token per forward, the reference the drafts reproduce exactly)."""
-        if not prompt:
-            raise InputError("the prompt is empty: give at least one token")
+        [out] = self.generate_batch([prompt], max_new_tokens, draft=draft)
+        return out
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 128, *,
+                       draft: bool = True) -> list[tuple[list[int], DecodeStats]]:
+        """``generate`` for several prompts at once, each row's tokens exactly its own
+        ``generate``'s: every row keeps its own cache length (dense from slot 0, as alone; the
+        graph's ``cache_lengths``), its own drafts, and leaves the batch when it ends. The
+        prompts' forwards run one by one (a row's prompt forward is then the one it has alone)."""
+        if not prompts:
+            raise InputError("no prompts: give at least one")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise InputError(f"prompt {i} is empty: give at least one token")
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         limit = self.manifest.get("max_positions") or 0
-        if limit and len(prompt) + max_new_tokens > limit:
-            raise InputError(f"the prompt has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+        longest = max(len(p) for p in prompts)
+        if limit and longest + max_new_tokens > limit:
+            raise InputError(f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                              f"the model's {limit} positions")
-        drafts = None
-        if draft and self.plan.get("draft"):
-            if self.exact():
-                drafts = _Drafts(self.plan, self.cost_curve() if self.plan.get("adaptive") else None)
-            elif not self._warned:
+        drafting = draft and bool(self.plan.get("draft"))
+        if drafting and not self.exact():
+            drafting = False
+            if not self._warned:
                 self._warned = True
                 warnings.warn("this machine's ONNX Runtime kernels do not give a multi-token step the arithmetic of "
                               "one-token steps on this graph: decoding greedily without drafts, to stay lossless",
                               RuntimeWarning, stacklevel=2)
+        curve = self.cost_curve() if drafting and self.plan.get("adaptive") else None
+        stats = [DecodeStats(0, 0, 0.0, "max_new_tokens") for _ in prompts]
+        new: list[list[int]] = [[] for _ in prompts]
         start = time.perf_counter()
-        stats = DecodeStats(0, 0, 0.0, "max_new_tokens")
-        new: list[int] = []
         if max_new_tokens:
-            k = int(self.plan.get("k", 0)) if drafts else 0
-            kv = self.step.new_kv(1, len(prompt) + max_new_tokens + k + 2)
-            run, seq = self.step.run, list(prompt)
-            n = len(prompt)                     # the prompt in one forward: its last token's logits
-            logits = run(kv, np.array([prompt], np.int64), np.arange(n, dtype=np.int64)[None], causal_mask(n, 0), 1)
-            stats.forwards, stats.prefill_s = 1, time.perf_counter() - start
-            tok = int(logits[0, -1].argmax())
-            new.append(tok)
-            seq.append(tok)
-            while tok not in self.eos and len(new) < max_new_tokens:
-                chain = drafts.propose(seq, max_new_tokens - len(new) - 1) if drafts else []
-                cached, t = kv.length, 1 + len(chain)
-                logits = run(kv, np.array([[tok] + chain], np.int64), np.arange(cached, cached + t, dtype=np.int64)[None],
-                             causal_mask(t, cached))
-                stats.forwards += 1
-                best = logits[0].argmax(-1)
+            kv = self._prefill(prompts, max_new_tokens, new, stats)
+            for st in stats:
+                st.prefill_s = time.perf_counter() - start
+            srcs = [make_drafts(self.plan, curve) if drafting else None for _ in prompts]
+            self._decode(kv, prompts, max_new_tokens, new, stats, srcs, start)
+        for row, st in zip(new, stats):
+            st.new_tokens = len(row)
+            if row and row[-1] in self.eos:
+                st.finish_reason = "eos"
+            if not st.wall_time_s:
+                st.wall_time_s = time.perf_counter() - start
+        return list(zip(new, stats))
+
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int, new: list[list[int]],
+                 stats: list[DecodeStats]) -> Any:
+        """Each prompt in one forward (its last token's logits: the first new token), into one
+        batch cache with room for the whole decode."""
+        cap = max(len(p) for p in prompts) + max_new_tokens + self.width() + 2
+        rows = []
+        for i, p in enumerate(prompts):
+            n = len(p)
+            kv = self.step.new_kv(1, cap if len(prompts) == 1 else n + 2)
+            logits = self.step.run(kv, np.array([p], np.int64), np.arange(n, dtype=np.int64)[None], causal_mask(n, 0), 1)
+            new[i].append(int(logits[0, -1].argmax()))
+            stats[i].forwards = 1
+            rows.append(kv)
+        if len(prompts) == 1:
+            return rows[0]
+        bufs = []
+        for j in range(2 * self.n_layers):
+            full = np.zeros((len(prompts), self.kv_heads, cap, self.head_dim), rows[0].host()[0].dtype)
+            for i, kv in enumerate(rows):
+                full[i, :, :kv.length] = kv.host()[j][0, :, :kv.length]
+            bufs.append(full)
+        kv = self.step.new_kv(len(prompts), cap)
+        kv.replace(bufs, max(len(p) for p in prompts))
+        return kv
+
+    def _decode(self, kv: Any, prompts: list[list[int]], max_new_tokens: int, new: list[list[int]],
+                stats: list[DecodeStats], srcs: list[Any], start: float) -> None:
+        seqs = [list(p) + row for p, row in zip(prompts, new)]
+        live = [i for i in range(len(prompts)) if new[i][-1] not in self.eos and len(new[i]) < max_new_tokens]
+        lengths = np.array([len(p) for p in prompts], np.int64)     # each live row's valid slots
+        if len(live) < len(prompts):
+            kv, lengths = self._keep_rows(kv, live, lengths)
+        for i in set(range(len(prompts))) - set(live):
+            stats[i].wall_time_s = time.perf_counter() - start
+        one = len(prompts) == 1
+        while live:
+            plans = []
+            for i in live:
+                budget = max_new_tokens - len(new[i]) - 1
+                chain, window = srcs[i].propose(seqs[i], budget) if srcs[i] else ([], [])
+                plans.append((chain, window))
+            w = max(1 + len(c) + len(win) for c, win in plans)
+            ids = np.empty((len(live), w), np.int64)
+            pos = np.empty((len(live), w), np.int64)
+            for r, (i, (chain, window)) in enumerate(zip(live, plans)):
+                row = [new[i][-1]] + chain + window
+                ids[r] = row + [row[-1]] * (w - len(row))
+                pos[r] = lengths[r] + np.arange(w)
+                if window:
+                    pos[r, 1 + len(chain):1 + len(chain) + len(window)] = lengths[r] + 1 + np.arange(len(window))
+            if one and not plans[0][1]:
+                mask, rows_len = causal_mask(w, kv.length), None
+            else:
+                mask, rows_len = self._masks(lengths, plans, w, kv.length), lengths
+            logits = self.step.run(kv, ids, pos, mask, lengths=rows_len)
+            best = logits.argmax(-1)
+            done = []
+            for r, (i, (chain, window)) in enumerate(zip(live, plans)):
+                preds = [int(t) for t in best[r, :1 + len(chain)]]
                 ok = 0
-                while ok < len(chain) and chain[ok] == best[ok]:
+                while ok < len(chain) and chain[ok] == preds[ok]:
                     ok += 1
-                kv.length = cached + 1 + ok              # the rejected drafts' slots are overwritten later
-                if drafts:
-                    drafts.observe(len(chain), ok)
-                    stats.drafted += len(chain)
-                    stats.accepted += ok
-                for tok in chain[:ok] + [int(best[ok])]:
-                    new.append(tok)
-                    seq.append(tok)
+                st = stats[i]
+                st.forwards += 1
+                if chain and srcs[i] is not None:
+                    st.drafted += len(chain)
+                    st.accepted += ok
+                if srcs[i] is not None:
+                    srcs[i].observe(chain, ok, preds, [int(t) for t in best[r, 1 + len(chain):1 + len(chain) + len(window)]])
+                lengths[r] += 1 + ok               # the pending token's and the accepted drafts' slots
+                for tok in chain[:ok] + [preds[ok]]:
+                    new[i].append(tok)
+                    seqs[i].append(tok)
                     if tok in self.eos:
                         break
-        if new and new[-1] in self.eos:
-            stats.finish_reason = "eos"
-        stats.new_tokens, stats.wall_time_s = len(new), time.perf_counter() - start
-        return new, stats
+                if new[i][-1] in self.eos or len(new[i]) >= max_new_tokens:
+                    done.append(r)
+                    st.wall_time_s = time.perf_counter() - start
+            kv.length = int(lengths.max())          # rejected slots past a row's length are overwritten later
+            if done:
+                keep = [r for r in range(len(live)) if r not in done]
+                live = [live[r] for r in keep]
+                kv, lengths = self._keep_rows(kv, keep, lengths)
+
+    @staticmethod
+    def _keep_rows(kv: Any, rows: list[int], lengths: np.ndarray) -> tuple[Any, np.ndarray]:
+        """The cache and lengths of ``rows`` only (finished rows leave the batch)."""
+        if not rows:
+            return kv, lengths[:0]
+        idx = np.array(rows)
+        kv.replace([buf[idx] for buf in kv.host()], int(lengths[idx].max()))
+        return kv, lengths[idx]
+
+    @staticmethod
+    def _masks(lengths: np.ndarray, plans: list[tuple[list[int], list[int]]], w: int, width: int) -> np.ndarray:
+        """Each row's additive mask over its own slots: the pending token and chain causal after
+        the row's ``lengths`` cached slots; a lookahead window's rows see the context, the
+        pending token and the window's earlier rows; filler rows are causal (never read)."""
+        cols = np.arange(width + w)
+        mask = np.empty((len(plans), 1, w, width + w), np.float32)
+        for r, (chain, window) in enumerate(plans):
+            see = cols[None, :] < (lengths[r] + 1 + np.arange(w))[:, None]
+            if window:
+                c, j = 1 + len(chain), np.arange(len(window))
+                see[c:c + len(window)] = cols[None, :] <= lengths[r]
+                win = (cols[None, :] >= lengths[r] + c) & (cols[None, :] <= (lengths[r] + c + j)[:, None])
+                see[c:c + len(window)] |= win
+            mask[r, 0] = np.where(see, np.float32(0.0), _NEG)
+        return mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,15 +47,22 @@ def model_dir(tmp_path_factory):
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
+PLAN = {"anpd": "adaptive_ngram", "ngram": "ngram", "greedy": None, "jacobi": "jacobi",
+        "gs_jacobi": "gauss_seidel_jacobi", "lookahead": "lookahead"}
+
+
 @pytest.mark.parametrize("quant", ["none", "int4"])
-@pytest.mark.parametrize("strategy", ["anpd", "ngram", "greedy"])
+@pytest.mark.parametrize("strategy", list(PLAN))
 def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, strategy, quant) -> None:
+    # the Jacobi family as written: the default pipeline's auto-tune drops drafts that do not
+    # pay on this model's measured cost curve, and exports plain greedy decoding then
+    passes = "none" if strategy in ("jacobi", "gs_jacobi", "lookahead") else "default"
     out = export_decoder(strategy, tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant=quant,
-                         chat=False, progress=lambda m: None)
+                         chat=False, passes=passes, progress=lambda m: None)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "strategy.json", "tokenizer.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["strategy"] == strategy and manifest["quant"] == quant
-    assert manifest["plan"]["draft"] == {"anpd": "adaptive_ngram", "ngram": "ngram", "greedy": None}[strategy]
+    assert manifest["plan"]["draft"] == PLAN[strategy]
     assert not list(tmp_path.glob(".dec-*"))                    # no temporary directory left
     assert manifest["plan"].get("adaptive", False) == (strategy == "anpd")
     if quant != "none":                             # int8 activations: the fast kernels, exact graph
@@ -78,6 +86,22 @@ def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, stra
         assert got == want[: want.index(eos) + 1] and stats.finish_reason == "eos"
         dec.eos = set(manifest["eos_token_ids"])
     assert (drafted > 0) == (strategy != "greedy")            # the repetitive prompts get drafts
+    # a batch: prompts of 8, 5 and 1 tokens, each row its own greedy (its own cache length);
+    # rows end at different steps (EOS in one, the budget in the others)
+    ids = [dec.encode(t) for t in PROMPTS]
+    for n in (1, 7, 24):
+        want = [_greedy(graph, p, n) for p in ids]
+        rows = dec.generate_batch(ids, n)
+        assert [r[0] for r in rows] == want and [r[1].new_tokens for r in rows] == [len(w) for w in want]
+        assert [r[0] for r in dec.generate_batch(ids, n, draft=False)] == want
+    want = [_greedy(graph, p, 24) for p in ids]
+    eos = want[1][4]
+    dec.eos = {eos}
+    rows = dec.generate_batch(ids, 24)
+    assert len(rows[1][0]) <= 5 and rows[1][1].finish_reason == "eos"
+    for w, (got, stats) in zip(want, rows):
+        assert got == (w[:w.index(eos) + 1] if eos in w else w)
+        assert stats.finish_reason == ("eos" if eos in w else "max_new_tokens")
 
 
 def test_block_size_is_the_exports_choice(model_dir, tmp_path) -> None:
@@ -105,7 +129,7 @@ def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_pat
     assert curve[0] == curve[1] == 1.0 and curve == sorted(curve) and len(curve) >= 9   # 1 token: a padding row
     assert dec.exact()
     table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
-    assert sorted(json.loads(k)[0] for k in table) == ["curve-5", "exact-1"]
+    assert sorted(json.loads(k)[0] for k in table) == ["curve-5", f"exact-2-{dec.width()}"]
     again = ExportedDecoder(out)
     monkeypatch.setattr(again, "_measure_curve", lambda: pytest.fail("measured again"))
     monkeypatch.setattr(again, "_check_exact", lambda: pytest.fail("checked again"))
@@ -141,9 +165,16 @@ def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:
 
 def test_export_errors(model_dir, tmp_path) -> None:
     model = HFCausalLM.from_pretrained(str(model_dir))
-    with pytest.raises(UnsupportedError, match="draft.jacobi"):
-        export_decoder("jacobi", tmp_path / "j", model=model, passes="none", progress=lambda m: None)
+    with pytest.raises(UnsupportedError, match="fork/join"):
+        export_decoder("parallel_reasoning", tmp_path / "j", model=model, passes="none", progress=lambda m: None)
     from decograph.frontends.strategy_file import load_strategy_text
+
+    two = load_strategy_text("strategy: two\ndescription: two chains\nsteps:\n  - prefill\n  - iterate:\n      body:\n"
+                             "        - draft: {source: ngram, as: a}\n        - draft: {source: jacobi, as: b}\n"
+                             "        - forward: {drafts: [a, b]}\n        - verify: {rule: greedy}\n"
+                             "        - commit: {}\n  - emit\n", "two.yaml")
+    with pytest.raises(UnsupportedError, match="the exported runner drafts with an n-gram chain"):
+        export_decoder(two, tmp_path / "two", model=model, passes="none", progress=lambda m: None)
 
     lossy = load_strategy_text("strategy: lossy\ndescription: threshold verification\nsteps:\n  - prefill\n  - iterate:\n      body:\n"
                                "        - draft: {source: ngram}\n        - forward: {}\n"
@@ -187,3 +218,16 @@ def test_default_model_int4_decoder(default_model, tmp_path, monkeypatch) -> Non
         got, stats = dec.generate(ids, 32)
         assert got == _greedy(graph, ids, 32, set(dec.eos))
         assert stats.forwards <= len(got) + 1
+    # a batch of three prompts of different lengths, and the Jacobi family's plans on the same
+    # graph (the manifest's plan is what the runner executes; the files keep their hashes)
+    qs = ["List the planets of the solar system in order.", "Write a haiku about rain.",
+          "Repeat: one two three, one two three, one two three."]
+    ids = [dec.encode(q) for q in qs]
+    want = [_greedy(graph, p, 24, set(dec.eos)) for p in ids]
+    assert [r[0] for r in dec.generate_batch(ids, 24)] == want
+    for plan in ({"draft": "jacobi", "window": 4, "init": "repeat"}, {"draft": "lookahead", "window": 4, "n": 4}):
+        other = tmp_path / plan["draft"]
+        shutil.copytree(out, other)
+        manifest = json.loads((other / "manifest.json").read_text())
+        (other / "manifest.json").write_text(json.dumps(manifest | {"plan": plan}))
+        assert [r[0] for r in ExportedDecoder(other).generate_batch(ids, 24)] == want, plan

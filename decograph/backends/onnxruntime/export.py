@@ -5,7 +5,8 @@ queries plus the cache grown by the new slots; names as optimum uses them (``kv.
 
     inputs   input_ids [B, T] int64, position_ids [B, T] int64,
              attention_mask [B, 1, T, S + T] float32 (additive: 0 attends, -inf-like not),
-             past_key_values.{i}.key / .value [B, Hkv, S, D] float32, logits_keep int64 [1]
+             past_key_values.{i}.key / .value [B, Hkv, S, D] float32, logits_keep int64 [1],
+             cache_lengths int64 [B] (each row's valid past slots, <= S; its new slots go there)
     outputs  logits [B, keep, V] float32 (the last ``logits_keep`` tokens; 0: all T),
              present.{i}.key / .value [B, Hkv, S + T, D] (S + 2 after a one-token step
              of an exact graph: the last slot is its padding row's, scratch, not cache)

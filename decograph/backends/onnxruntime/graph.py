@@ -25,7 +25,9 @@ kernels of this ORT version on this kind of CPU with 32-weight blocks (with 128-
 the int8 kernels' row tiling changes sums too): ``decograph.exported`` checks it on the machine
 it runs on before it drafts. What stays outside: a row's slots must lie where a one-token
 decode puts them (a dense causal chain, as ``decograph.exported`` keeps them); padding or holes
-in the cache (batches, trees) move the softmax's summation lanes.
+in the cache (left-padded batches, trees) move the softmax's summation lanes. A batch stays
+exact by giving each row its own cache length (``cache_lengths``: row b's slots are dense from
+0, its step's slots start at ``cache_lengths[b]``), not padding.
 
 ``GroupQueryAttention`` writes the new K/V after the past ones; when ``past`` and ``present``
 are bound to one preallocated buffer (``kv``: I/O binding, the mask's last axis the valid
@@ -41,7 +43,7 @@ from decograph.errors import ModelError
 
 __all__ = ["GRAPH_VERSION", "build_step"]
 
-GRAPH_VERSION = "fused-7"           # part of the export cache key: bump when the graph changes
+GRAPH_VERSION = "fused-8"           # part of the export cache key: bump when the graph changes
 _MS = "com.microsoft"
 
 
@@ -151,13 +153,17 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
         ids = g.op("Concat", [ids, g.op("Slice", [ids, cut, t_len, one])], axis=1)
     if kv_t != TP.FLOAT:
         mask = g.op("Cast", [mask], to=kv_t)            # float32's -inf-like values become -inf
-    # GQA's lengths from the mask's shape: total = S + queries for every row
+    # GQA's lengths: the buffer's total from the mask's shape; each row's own total (its
+    # ``cache_lengths`` past slots + the step's queries), so rows of a batch can hold caches of
+    # different lengths, each dense from slot 0, as in a one-row decode
     total = g.op("Cast", [g.op("Slice", [g.op("Shape", [mask]), g.init("c.3", np.array([3])), g.init("c.4", np.array([4]))])],
                  to=TP.INT32)
     total_scalar = g.op("Squeeze", [total, zero])
     batch = g.op("Slice", [g.op("Shape", ["input_ids"]), zero, one])
-    seqlens = g.op("Expand", [g.op("Sub", [total, g.init("c.1i", np.array([1], np.int32))]), batch])
-    qlens = g.op("Expand", [g.op("Cast", [queries], to=TP.INT32), batch])
+    q32 = g.op("Cast", [queries], to=TP.INT32)
+    seqlens = g.op("Sub", [g.op("Add", [g.op("Cast", ["cache_lengths"], to=TP.INT32), q32]),
+                           g.init("c.1i", np.array([1], np.int32))])
+    qlens = g.op("Expand", [q32, batch])
     x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight, ft)), ids])
     eps = float(cfg.rms_norm_eps)
     res, mlp_out = x, None
@@ -207,8 +213,8 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     vi = onnx.helper.make_tensor_value_info
     inputs = [vi("input_ids", i64, ["batch", "seq"]), vi("position_ids", i64, ["batch", "seq"]),
               vi("attention_mask", f, ["batch", 1, "seq", "total"])]
-    inputs += [vi(n, kv_t, ["batch", kv_heads, "past", hd]) for n in ins[3:-1]]
-    inputs.append(vi("logits_keep", i64, [1]))
+    inputs += [vi(n, kv_t, ["batch", kv_heads, "past", hd]) for n in ins[3:-2]]
+    inputs += [vi("logits_keep", i64, [1]), vi("cache_lengths", i64, ["batch"])]
     outputs = [vi("logits", f, ["batch", "keep", cfg.vocab_size])]
     outputs += [vi(n, kv_t, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
     return g.model("decograph_step", inputs, outputs, opset)

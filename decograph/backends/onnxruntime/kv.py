@@ -27,7 +27,7 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     """The step graph's input and output names (optimum's for the first ones)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["input_ids", "position_ids", "attention_mask", *past, "logits_keep"], ["logits", *present]
+    return ["input_ids", "position_ids", "attention_mask", *past, "logits_keep", "cache_lengths"], ["logits", *present]
 
 
 def session_options(threads: int | None = None, spinning: bool | None = None) -> Any:
@@ -182,12 +182,12 @@ class StepSession:
         self.device = pick_device(device)
         self.session = open_session(p, session_options(threads, spinning), self.device)
         names = [i.name for i in self.session.get_inputs()]
-        self.num_layers = (len(names) - 4) // 2
+        self.num_layers = (len(names) - 5) // 2
         ins, outs = io_names(self.num_layers)
         if names != ins:
             raise ModelError(f"{p}: inputs {names[:4]}... are not a decograph step graph (see kv.io_names; graphs "
                              f"exported before the fused graph must be exported again)")
-        self.past_names, self.present_names = ins[3:-1], outs[1:]
+        self.past_names, self.present_names = ins[3:-2], outs[1:]
         past = self.session.get_inputs()[3]
         self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.kv_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(past.type)
@@ -199,20 +199,33 @@ class StepSession:
     def new_kv(self, batch: int, capacity: int = 0, shared: bool | None = None) -> KV:
         return KV(self, batch, capacity, shared)
 
-    def run(self, kv: KV, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
+    def run(self, kv: KV, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, keep: int = 0,
+            lengths: np.ndarray | None = None) -> np.ndarray:
         """One step: ``ids``/``pos`` int64 [B, T], ``mask`` float32 [B, 1, T, length + T]
         (additive); returns the logits of the last ``keep`` tokens (0: all), [B, keep, V]. The
-        array is reused by the next step of the same shape: read it (or copy) before."""
+        array is reused by the next step of the same shape: read it (or copy) before.
+
+        ``lengths`` (int [B], each <= ``kv.length``): rows whose caches hold fewer slots; row b's
+        T new slots go to ``lengths[b]`` onwards and it attends to its first ``lengths[b] + T``
+        slots only (its mask row read over those), as in a decode of that row alone. Default:
+        every row ``kv.length``."""
         b, t = ids.shape
         if b != kv.batch or mask.shape != (b, 1, t, kv.length + t):
             raise ModelError(f"step of {tuple(ids.shape)} tokens with a mask of {mask.shape} over a cache of "
                              f"{kv.batch} rows x {kv.length} slots")
+        if lengths is None:
+            past = np.full(b, kv.length, np.int64)
+        else:
+            past = np.asarray(lengths, np.int64)
+            if past.shape != (b,) or past.min() < 0 or past.max() > kv.length:
+                raise ModelError(f"lengths {past.tolist()}: expected {b} row lengths in [0, {kv.length}]")
         kv.reserve(kv.length + t + 1)
         io = kv.io
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", pos)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("logits_keep", np.array([keep], dtype=np.int64))
+        io.bind_cpu_input("cache_lengths", past)
         shape = (b, keep if 0 < keep <= t else t, self.vocab_size)
         out = kv._logits.get(shape)
         if out is None:
