@@ -21,7 +21,7 @@ runs once per length in ``--max-new-tokens`` (the backends' part at the first). 
 
     python benchmarks/bench_backends.py [--per-category 2] [--max-new-tokens 64 256] [--reps 3]
         [--backends torch,onnxruntime,onnxruntime-int4,onnxruntime-int8] [--exported int4,int8] [--no-genai]
-        [--spinning on|off]
+        [--spinning on|off] [--exported-plans jacobi,lookahead] [--batch 4]
 """
 from __future__ import annotations
 
@@ -131,8 +131,14 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
     return table, {str(k): round(curve[k - 1], 3) for k in (1, 2, 4, 8) if k <= len(curve)}
 
 
+PLANS = {"jacobi": {"draft": "jacobi", "window": 4, "init": "repeat"},
+         "lookahead": {"draft": "lookahead", "window": 4, "n": 4}}
+
+
 def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
     systems = {"greedy": lambda p: _exported(dec, p, n, False), "anpd": lambda p: _exported(dec, p, n, True)}
+    for name in [x for x in args.exported_plans.split(",") if x]:
+        systems[name] = lambda p, d=dec.with_plan(PLANS[name]): _exported(d, p, n, True)
     if genai:
         systems = {f"ort_genai_{k}": (lambda p, g=g: _genai(g, p, n)) for k, g in genai.items()} | systems
     for run in systems.values():                  # warm-up
@@ -183,7 +189,20 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
         else:
             row["identical_to_own_greedy"] = "-"
         table.append(row)
-    return table
+    return table + [_batch_row(dec, ps, quant, n, b, greedy) for b in args.batch]
+
+
+def _batch_row(dec, ps, quant: str, n: int, b: int, greedy: dict) -> dict:
+    """ANPD with ``b`` prompts per ``generate_batch`` call: total tokens over total time (a
+    throughput, the prompts' forwards included), and each row against its own greedy."""
+    ids, t0 = [], time.perf_counter()
+    for i in range(0, len(ps), b):
+        ids += [r[0] for r in dec.generate_batch(ps[i:i + b], n)]
+    seconds = time.perf_counter() - t0
+    tps = sum(map(len, ids)) / seconds
+    return {"backend": f"exported-{quant} batch {b}", "strategy": "anpd", "max_new_tokens": n,
+            "tokens_per_s": round(tps, 1), "speedup_vs_exported_greedy": round(tps / statistics.mean(greedy["e2e"]), 3),
+            "identical_to_own_greedy": f"{sum(a == g for a, g in zip(ids, greedy['ids']))}/{len(ps)}"}
 
 
 def _exported(dec, p: list[int], n: int, draft: bool):
@@ -222,6 +241,9 @@ def main() -> None:
     ap.add_argument("--exported", default="int4", help="quantizations of the exported decoder (int4,int8,none); "
                                                        "empty for none")
     ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
+    ap.add_argument("--exported-plans", default="", help=f"also these plans on the exported graph ({','.join(PLANS)})")
+    ap.add_argument("--batch", type=int, nargs="*", default=[], help="also ANPD in batches of these sizes "
+                                                                     "(generate_batch; throughput, run once)")
     ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True,
                     help="also onnxruntime-genai's greedy and n-gram speculation (its own int4 export), interleaved "
                          "with the exported decoder")

@@ -131,6 +131,17 @@ class ExportedDecoder:
         self._exact: bool | None = None
         self._warned = False
 
+    def with_plan(self, plan: dict[str, Any]) -> ExportedDecoder:
+        """This decoder (its session and cache-free state shared) running another plan, e.g.
+        ``{"draft": "lookahead", "window": 4, "n": 4}``; greedy tokens stay the same."""
+        import copy
+
+        if not isinstance(plan, dict) or plan.get("draft") not in PLANS:
+            raise InputError(f"plan {plan!r}: its 'draft' must be one of {PLANS}")
+        other = copy.copy(self)
+        other.plan, other._exact = dict(plan), None
+        return other
+
     # -- text ------------------------------------------------------------------------------
 
     def encode(self, text: str, chat: bool | None = None) -> list[int]:
