@@ -41,6 +41,7 @@ class Ngram:
         self.seen = 0
         self.rates: dict[str, dict[int, list[float]]] = {"first": {}, "later": {}}   # level -> [hits, tries]
         self.level = -1
+        self.jacobi: int | None = None      # last step's prediction after a rejected draft (Jacobi's guess)
 
     def _update(self, seq: list[int]) -> None:
         for end in range(self.seen + 1, len(seq) + 1):
@@ -86,9 +87,12 @@ class Ngram:
         found = self._match(seq) if k > 0 else None
         if found is None:
             # nothing to copy: when a one-token draft costs nothing (an exact graph's one-token
-            # step has a padding row anyway), guess the sequence's most frequent token
+            # step has a padding row anyway), guess: what the last step predicted after its
+            # rejected draft (Jacobi iteration's guess; right ~11% of the time on Spec-Bench
+            # prompts), else the sequence's most frequent token (~5%)
             free = self.adaptive and len(self.cost) > 1 and self.cost[1] <= 1.02 * self.cost[0]
-            return ([self.top] if k > 0 and free and self.top >= 0 else []), []
+            guess = self.jacobi if self.jacobi is not None else self.top
+            return ([guess] if k > 0 and free and guess >= 0 else []), []
         end, length = found
         chain = seq[end:end + k]
         level = max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
@@ -112,6 +116,7 @@ class Ngram:
         return chain, []
 
     def observe(self, chain: list[int], ok: int, preds: list[int], window_preds: list[int]) -> None:
+        self.jacobi = preds[ok + 1] if ok < len(chain) else None
         if self.level < 0 or not chain:
             return
         self._record("first", self.level, ok >= 1)

@@ -50,11 +50,17 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     return opts
 
 
+_TRIANGLES: dict[int, np.ndarray] = {}
+
+
 def causal_mask(t: int, past: int) -> np.ndarray:
     """The additive mask [1, 1, t, past + t] of t causal query tokens after ``past`` cached ones."""
     mask = np.zeros((1, 1, t, past + t), dtype=np.float32)
     if t > 1:
-        mask[0, 0, :, past:][np.triu_indices(t, 1)] = _NEG
+        tri = _TRIANGLES.get(t)
+        if tri is None:
+            tri = _TRIANGLES[t] = np.triu(np.full((t, t), _NEG, np.float32), 1)
+        mask[0, 0, :, past:] = tri
     return mask
 
 
