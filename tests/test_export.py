@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -198,6 +199,22 @@ def test_export_errors(model_dir, tmp_path) -> None:
         ExportedDecoder(out)
     with pytest.raises(ModelError, match="no manifest.json"):
         ExportedDecoder(tmp_path)
+    good = export_decoder("greedy", tmp_path / "good", model=model, chat=False, progress=lambda m: None)
+    dec = ExportedDecoder(good)
+    with pytest.raises(InputError, match="'draft' must be one of"):
+        dec.with_plan({"draft": "medusa"})
+    with pytest.raises(InputError, match="prompt 1 is empty"):
+        dec.generate_batch([[1, 2], []], 4)
+    with pytest.raises(InputError, match="no prompts"):
+        dec.generate_batch([], 4)
+    kv = dec.step.new_kv(2, 8)
+    with pytest.raises(ModelError, match=r"lengths \[0, 3\]: expected 2 row lengths in \[0, 0\]"):
+        dec.step.run(kv, np.ones((2, 1), np.int64), np.zeros((2, 1), np.int64), np.zeros((2, 1, 1, 1), np.float32),
+                     lengths=np.array([0, 3]))
+    manifest = json.loads((good / "manifest.json").read_text())
+    (good / "manifest.json").write_text(json.dumps(manifest | {"plan": {"draft": "medusa"}}))
+    with pytest.raises(ModelError, match="field 'plan'"):
+        ExportedDecoder(good)
     assert main(["run", "--exported", str(out), "--strategy", "anpd", "--prompt", "t1"]) == 2
 
 
