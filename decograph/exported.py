@@ -323,7 +323,8 @@ class ExportedDecoder:
         for i, p in enumerate(prompts):
             n = len(p)
             kv = self.step.new_kv(1, cap if len(prompts) == 1 else n + 2)
-            logits = self.step.run(kv, np.array([p], np.int64), np.arange(n, dtype=np.int64)[None], causal_mask(n, 0), 1)
+            logits = self.step.run(kv, np.array([p], np.int64), np.arange(n, dtype=np.int64)[None],
+                                   causal_mask(n, 0), 1)
             new[i].append(int(logits[0, -1].argmax()))
             stats[i].forwards = 1
             rows.append(kv)
@@ -382,7 +383,8 @@ class ExportedDecoder:
                     st.drafted += len(chain)
                     st.accepted += ok
                 if srcs[i] is not None:
-                    srcs[i].observe(chain, ok, preds, [int(t) for t in best[r, 1 + len(chain):1 + len(chain) + len(window)]])
+                    c = 1 + len(chain)
+                    srcs[i].observe(chain, ok, preds, [int(t) for t in best[r, c:c + len(window)]])
                 lengths[r] += 1 + ok               # the pending token's and the accepted drafts' slots
                 for tok in chain[:ok] + [preds[ok]]:
                     new[i].append(tok)

@@ -158,6 +158,23 @@ def test_run_plain_and_stream_print_the_text(tiny_dir: Path, capsys: pytest.Capt
     assert code == 0 and streamed == text + "\n"  # drafting changes speed, never the greedy text
 
 
+def test_run_several_prompts_is_one_batch(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from decograph.api import generate
+
+    prompts = ["t5 t6 t5 t6", "t1", "t2 t3 t2"]
+    args = ["run", "--strategy", "anpd", "--model", str(tiny_dir), "--max-new-tokens", "7", "--no-chat"]
+    code, out, err = run_cli(capsys, *args, *(x for p in prompts for x in ("--prompt", p)), "--json")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    expected = generate(str(tiny_dir), None, prompts, "anpd", 7)
+    assert [r["prompt"] for r in records] == prompts
+    assert [r["new_token_ids"] for r in records] == [e.new_token_ids for e in expected]
+    code, out, err = run_cli(capsys, *args, "--prompt", prompts[0], "--prompt", prompts[1])
+    assert code == 0 and out == "".join(e.text + "\n" for e in expected[:2]) and err.count("7 tokens") == 2
+    code, out, err = run_cli(capsys, *args, "--prompt", "t1", "--prompt", "t2", "--stream")
+    assert code == 2 and "--stream prints one prompt's text" in err
+
+
 def test_run_sampling_is_seeded(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["run", "--strategy", "ngram", "--model", str(tiny_dir), "--prompt", "t5 t6 t5", "--max-new-tokens", "8",
             "--sample", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3", "--json"]

@@ -153,15 +153,17 @@ def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:
     out = tmp_path / "dec"
     assert main(["export", "anpd", str(out), "--model", str(model_dir), "--quant", "int4", "--no-chat"]) == 0
     code = ("import sys, json\nfrom decograph.cli import main\n"
-            f"rc = main(['run', '--exported', {str(out)!r}, '--prompt', 't1 t5 t9 t5 t9 t5', '--max-new-tokens', '16', '--json'])\n"
+            f"rc = main(['run', '--exported', {str(out)!r}, '--prompt', 't1 t5 t9 t5 t9 t5', '--prompt', 't3 t4', "
+            "'--max-new-tokens', '16', '--json'])\n"
             "assert rc == 0\nassert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]    # one batch of two
     dec = ExportedDecoder(out)
-    ids = dec.encode("t1 t5 t9 t5 t9 t5")
-    assert record["new_token_ids"] == _greedy(ORTCausalLM(out / "model.onnx"), ids, 16)
-    assert record["strategy"] == "anpd" and record["quant"] == "int4"
+    graph = ORTCausalLM(out / "model.onnx")
+    for record, prompt in zip(records, ("t1 t5 t9 t5 t9 t5", "t3 t4")):
+        assert record["prompt"] == prompt and record["new_token_ids"] == _greedy(graph, dec.encode(prompt), 16)
+        assert record["strategy"] == "anpd" and record["quant"] == "int4"
 
 
 def test_export_errors(model_dir, tmp_path) -> None:
