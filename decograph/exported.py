@@ -51,7 +51,7 @@ from decograph.measure_cache import cached
 
 __all__ = ["ExportedDecoder", "DecodeStats", "MANIFEST_VERSION"]
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3                 # 3: the step graph takes cache_lengths (batches)
 _CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
 
 

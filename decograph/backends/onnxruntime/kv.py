@@ -191,8 +191,8 @@ class StepSession:
         self.num_layers = (len(names) - 5) // 2
         ins, outs = io_names(self.num_layers)
         if names != ins:
-            raise ModelError(f"{p}: inputs {names[:4]}... are not a decograph step graph (see kv.io_names; graphs "
-                             f"exported before the fused graph must be exported again)")
+            raise ModelError(f"{p}: inputs {names[:4]}... are not a decograph step graph of this version (see "
+                             f"kv.io_names; graphs exported by an older decograph must be exported again)")
         self.past_names, self.present_names = ins[3:-2], outs[1:]
         past = self.session.get_inputs()[3]
         self.kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
