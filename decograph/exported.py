@@ -330,11 +330,12 @@ class ExportedDecoder:
             rows.append(kv)
         if len(prompts) == 1:
             return rows[0]
+        hosts = [kv.views() for kv in rows]                 # each row's valid slots, read once
         bufs = []
         for j in range(2 * self.n_layers):
-            full = np.zeros((len(prompts), self.kv_heads, cap, self.head_dim), rows[0].host()[0].dtype)
-            for i, kv in enumerate(rows):
-                full[i, :, :kv.length] = kv.host()[j][0, :, :kv.length]
+            full = np.zeros((len(prompts), self.kv_heads, cap, self.head_dim), self.step.kv_dtype)
+            for i, views in enumerate(hosts):
+                full[i, :, :views[j].shape[2]] = views[j][0]
             bufs.append(full)
         kv = self.step.new_kv(len(prompts), cap)
         kv.replace(bufs, max(len(p) for p in prompts))
@@ -379,10 +380,9 @@ class ExportedDecoder:
                     ok += 1
                 st = stats[i]
                 st.forwards += 1
-                if chain and srcs[i] is not None:
+                if srcs[i] is not None:
                     st.drafted += len(chain)
                     st.accepted += ok
-                if srcs[i] is not None:
                     c = 1 + len(chain)
                     srcs[i].observe(chain, ok, preds, [int(t) for t in best[r, c:c + len(window)]])
                 lengths[r] += 1 + ok               # the pending token's and the accepted drafts' slots
@@ -406,7 +406,7 @@ class ExportedDecoder:
         if not rows:
             return kv, lengths[:0]
         idx = np.array(rows)
-        kv.replace([buf[idx] for buf in kv.host()], int(lengths[idx].max()))
+        kv.select(idx, int(lengths[idx].max()))
         return kv, lengths[idx]
 
     @staticmethod

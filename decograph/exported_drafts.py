@@ -18,13 +18,31 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PLANS", "make_drafts", "Ngram", "Jacobi", "Lookahead"]
+__all__ = ["PLANS", "make_drafts", "Ngram", "Jacobi", "Lookahead", "BUCKETS", "FIRST_PRIOR", "LATER_PRIOR",
+           "level", "pool_add"]
 
 PLANS = (None, "ngram", "adaptive_ngram", "jacobi", "gauss_seidel_jacobi", "lookahead")   # plan["draft"]
 
-_BUCKETS = (1, 2, 3, 4, 5, 8, 16)                     # suffix-match lengths that start each level
-_FIRST_PRIOR = (0.3, 0.35, 0.4, 0.45, 0.55, 0.7, 0.8)  # prior chance the first drafted token is right
-_LATER_PRIOR = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)   # ... and each later one, given the one before
+# ANPD's match levels and priors, and lookahead's pool rule: shared with the torch reference's
+# draft sources (``decograph.backends.torch_ref.drafts``), which run the same algorithms on rows
+BUCKETS = (1, 2, 3, 4, 5, 8, 16)                      # suffix-match lengths that start each level
+FIRST_PRIOR = (0.3, 0.35, 0.4, 0.45, 0.55, 0.7, 0.8)  # prior chance the first drafted token is right
+LATER_PRIOR = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)   # ... and each later one, given the one before
+POOL_CAP = 16                                         # n-grams kept per first token in lookahead's pool
+
+
+def level(length: int) -> int:
+    """ANPD's match level of a suffix match ``length`` tokens long."""
+    return max(i for i, lo in enumerate(BUCKETS) if length >= lo)
+
+
+def pool_add(pool: dict[int, list[tuple[int, ...]]], gram: tuple[int, ...]) -> None:
+    """Lookahead's pool: ``gram``'s continuation, newest last, under its first token."""
+    lst = pool.setdefault(gram[0], [])
+    if gram[1:] in lst:
+        lst.remove(gram[1:])
+    lst.append(gram[1:])
+    del lst[:-POOL_CAP]
 
 
 class Ngram:
@@ -95,10 +113,10 @@ class Ngram:
             return ([guess] if k > 0 and free and guess >= 0 else []), []
         end, length = found
         chain = seq[end:end + k]
-        level = max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
+        lv = level(length)
         if self.adaptive:
-            first = self._rate("first", level, _FIRST_PRIOR[level])
-            later = self._rate("later", level, _LATER_PRIOR[level])
+            first = self._rate("first", lv, FIRST_PRIOR[lv])
+            later = self._rate("later", lv, LATER_PRIOR[lv])
             best, best_ratio, expected, chance = 0, 1.0 / self._cost(1), 1.0, 1.0
             for i in range(len(chain)):
                 chance *= first if i == 0 else later
@@ -108,11 +126,11 @@ class Ngram:
             chain = chain[:best]
             if not chain:
                 for table in self.rates.values():           # unused: drift back to the prior
-                    if level in table:
-                        table[level][0] *= 0.97
-                        table[level][1] *= 0.97
+                    if lv in table:
+                        table[lv][0] *= 0.97
+                        table[lv][1] *= 0.97
                 return [], []
-        self.level = level
+        self.level = lv
         return chain, []
 
     def observe(self, chain: list[int], ok: int, preds: list[int], window_preds: list[int]) -> None:
@@ -160,8 +178,6 @@ class Lookahead:
     context and the pending token only; every step's predictions (window and chain) feed the
     pool of ``n``-grams. With nothing in the pool, the window itself is the verified chain."""
 
-    CAP = 16
-
     def __init__(self, plan: dict[str, Any]) -> None:
         self.n, self.window = int(plan["n"]), int(plan["window"])
         self.pool: dict[int, list[tuple[int, ...]]] = {}
@@ -170,17 +186,10 @@ class Lookahead:
         self.root = -1
         self.jacobi_chain = False
 
-    def _add(self, gram: tuple[int, ...]) -> None:
-        lst = self.pool.setdefault(gram[0], [])
-        if gram[1:] in lst:
-            lst.remove(gram[1:])
-        lst.append(gram[1:])
-        del lst[: -self.CAP]
-
     def propose(self, seq: list[int], budget: int) -> tuple[list[int], list[int]]:
         n = self.n
         for s in range(max(0, self.seen - n + 1), len(seq) - n + 1):
-            self._add(tuple(seq[s:s + n]))
+            pool_add(self.pool, tuple(seq[s:s + n]))
         self.seen, self.root = len(seq), seq[-1]
         w = min(self.window, budget)
         guess = self.guess[:w]
@@ -197,7 +206,7 @@ class Lookahead:
         for pred in ([preds] + ([[preds[0]] + window_preds] if window_preds else [])):
             g = [self.root] + pred
             for s in range(0, len(g) - self.n + 1):
-                self._add(tuple(g[s:s + self.n]))
+                pool_add(self.pool, tuple(g[s:s + self.n]))
 
 
 def make_drafts(plan: dict[str, Any], cost: list[float] | None) -> Any:

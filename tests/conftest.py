@@ -27,3 +27,24 @@ def private_cache(tmp_path_factory, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BackendFallbackWarning)
         yield
+
+
+def _ort_greedy(adapter, prompt: list[int], n: int, eos=()) -> list[int]:
+    cache, out, feed = adapter.new_cache(1), [], list(prompt)
+    for _ in range(n):
+        past, t = adapter.cache_len(cache), len(feed)
+        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
+        tok = int(adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)[0, -1].argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        feed = [tok]
+    return out
+
+
+@pytest.fixture(scope="session")
+def ort_greedy():
+    """``ort_greedy(adapter, prompt, n, eos=())``: an adapter's own one-token-at-a-time greedy
+    decoding, plain causal steps (no drafts, no runtime): the reference of losslessness on an
+    ONNX Runtime graph (``ORTCausalLM``)."""
+    return _ort_greedy

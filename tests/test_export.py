@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.cli import main
@@ -25,19 +24,6 @@ from decograph.models.tiny import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["t1 t5 t9 t5 t9 t5 t9 t5", "t3 t4 t3 t4 t3", "t7"]
-
-
-def _greedy(adapter: ORTCausalLM, prompt: list[int], n: int, eos=()) -> list[int]:
-    cache, out, feed = adapter.new_cache(1), [], list(prompt)
-    for _ in range(n):
-        past, t = adapter.cache_len(cache), len(feed)
-        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
-        tok = int(adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        feed = [tok]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +40,7 @@ PLAN = {"anpd": "adaptive_ngram", "ngram": "ngram", "greedy": None, "jacobi": "j
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
 @pytest.mark.parametrize("strategy", list(PLAN))
-def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, strategy, quant) -> None:
+def test_exported_decoder_equals_the_graphs_own_greedy(ort_greedy, model_dir, tmp_path, strategy, quant) -> None:
     # the Jacobi family as written: the default pipeline's auto-tune drops drafts that do not
     # pay on this model's measured cost curve, and exports plain greedy decoding then
     passes = "none" if strategy in ("jacobi", "gs_jacobi", "lookahead") else "default"
@@ -77,10 +63,10 @@ def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, stra
         ids = dec.encode(text)
         for n in (0, 1, 9, 24):
             got, stats = dec.generate(ids, n)
-            assert got == _greedy(graph, ids, n) == dec.generate(ids, n, draft=False)[0]
+            assert got == ort_greedy(graph, ids, n) == dec.generate(ids, n, draft=False)[0]
             assert stats.new_tokens == len(got) <= n and stats.accepted <= stats.drafted
             drafted += stats.drafted
-        want = _greedy(graph, ids, 24)
+        want = ort_greedy(graph, ids, 24)
         eos = want[5]
         dec.eos = {eos}
         got, stats = dec.generate(ids, 24)
@@ -91,11 +77,11 @@ def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, stra
     # rows end at different steps (EOS in one, the budget in the others)
     ids = [dec.encode(t) for t in PROMPTS]
     for n in (1, 7, 24):
-        want = [_greedy(graph, p, n) for p in ids]
+        want = [ort_greedy(graph, p, n) for p in ids]
         rows = dec.generate_batch(ids, n)
         assert [r[0] for r in rows] == want and [r[1].new_tokens for r in rows] == [len(w) for w in want]
         assert [r[0] for r in dec.generate_batch(ids, n, draft=False)] == want
-    want = [_greedy(graph, p, 24) for p in ids]
+    want = [ort_greedy(graph, p, 24) for p in ids]
     eos = want[1][4]
     dec.eos = {eos}
     rows = dec.generate_batch(ids, 24)
@@ -105,7 +91,7 @@ def test_exported_decoder_equals_the_graphs_own_greedy(model_dir, tmp_path, stra
         assert stats.finish_reason == ("eos" if eos in w else "max_new_tokens")
 
 
-def test_block_size_is_the_exports_choice(model_dir, tmp_path) -> None:
+def test_block_size_is_the_exports_choice(ort_greedy, model_dir, tmp_path) -> None:
     out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
                          block_size=16, chat=False, progress=lambda m: None)
     sizes = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
@@ -118,7 +104,7 @@ def test_block_size_is_the_exports_choice(model_dir, tmp_path) -> None:
     assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~umask for f in out.iterdir()}
     dec = ExportedDecoder(out)
     ids = dec.encode(PROMPTS[0])
-    assert dec.generate(ids, 16)[0] == dec.generate(ids, 16, draft=False)[0] == _greedy(ORTCausalLM(out / "model.onnx"), ids, 16)
+    assert dec.generate(ids, 16)[0] == dec.generate(ids, 16, draft=False)[0] == ort_greedy(ORTCausalLM(out / "model.onnx"), ids, 16)
 
 
 def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_path, monkeypatch) -> None:
@@ -149,7 +135,7 @@ def test_a_machine_whose_kernels_are_not_exact_decodes_without_drafts(model_dir,
     assert got == dec.generate(ids, 16, draft=False)[0] and stats.drafted == 0 and stats.forwards == len(got)
 
 
-def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:
+def test_exported_run_never_imports_torch(ort_greedy, model_dir, tmp_path) -> None:
     out = tmp_path / "dec"
     assert main(["export", "anpd", str(out), "--model", str(model_dir), "--quant", "int4", "--no-chat"]) == 0
     code = ("import sys, json\nfrom decograph.cli import main\n"
@@ -162,7 +148,7 @@ def test_exported_run_never_imports_torch(model_dir, tmp_path) -> None:
     dec = ExportedDecoder(out)
     graph = ORTCausalLM(out / "model.onnx")
     for record, prompt in zip(records, ("t1 t5 t9 t5 t9 t5", "t3 t4")):
-        assert record["prompt"] == prompt and record["new_token_ids"] == _greedy(graph, dec.encode(prompt), 16)
+        assert record["prompt"] == prompt and record["new_token_ids"] == ort_greedy(graph, dec.encode(prompt), 16)
         assert record["strategy"] == "anpd" and record["quant"] == "int4"
 
 
@@ -221,7 +207,7 @@ def test_export_errors(model_dir, tmp_path) -> None:
 
 
 @pytest.mark.real_model
-def test_default_model_int4_decoder(default_model, tmp_path, monkeypatch) -> None:
+def test_default_model_int4_decoder(ort_greedy, default_model, tmp_path, monkeypatch) -> None:
     """The exported int4 ANPD decoder of the default model: its chat encoding equals the HF
     tokenizer's, and its tokens equal the int4 graph's own greedy decoding."""
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -235,16 +221,17 @@ def test_default_model_int4_decoder(default_model, tmp_path, monkeypatch) -> Non
         hf = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         assert ids == list(hf["input_ids"] if hasattr(hf, "keys") else hf)
         got, stats = dec.generate(ids, 32)
-        assert got == _greedy(graph, ids, 32, set(dec.eos))
+        assert got == ort_greedy(graph, ids, 32, set(dec.eos))
         assert stats.forwards <= len(got) + 1
     # a batch of three prompts of different lengths, and the Jacobi family's plans on the same
     # graph (the manifest's plan is what the runner executes; the files keep their hashes)
     qs = ["List the planets of the solar system in order.", "Write a haiku about rain.",
           "Repeat: one two three, one two three, one two three."]
     ids = [dec.encode(q) for q in qs]
-    want = [_greedy(graph, p, 24, set(dec.eos)) for p in ids]
+    want = [ort_greedy(graph, p, 24, set(dec.eos)) for p in ids]
     assert [r[0] for r in dec.generate_batch(ids, 24)] == want
-    for plan in ({"draft": "jacobi", "window": 4, "init": "repeat"}, {"draft": "lookahead", "window": 4, "n": 4}):
+    for plan in ({"draft": "jacobi", "window": 4, "init": "repeat"}, {"draft": "gauss_seidel_jacobi", "block": 4},
+                 {"draft": "lookahead", "window": 4, "n": 4}):
         other = tmp_path / plan["draft"]
         shutil.copytree(out, other)
         manifest = json.loads((other / "manifest.json").read_text())

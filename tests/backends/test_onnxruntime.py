@@ -67,30 +67,12 @@ def test_step_matches_torch_logits_and_kv(tiny, exported) -> None:
         assert (k1 - k2[:, :, : k1.shape[2]]).abs().max() < 1e-4 and (v1 - v2[:, :, : v1.shape[2]]).abs().max() < 1e-4
 
 
-def _ort_greedy(adapter, prompt, n, eos=()):
-    """ORT's own one-token-at-a-time greedy decoding (no drafts, plain causal steps)."""
-    cache = adapter.new_cache(1)
-    out, ids = [], list(prompt)
-    feed = ids
-    for _ in range(n):
-        past = adapter.cache_len(cache)
-        t = len(feed)
-        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
-        logits = adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        feed = [tok]
-    return out
-
-
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int4", "onnxruntime-int8"])
 @pytest.mark.parametrize("strategy", LOSSLESS)
-def test_every_lossless_strategy_equals_ort_greedy(tiny, strategy, backend) -> None:
+def test_every_lossless_strategy_equals_ort_greedy(ort_greedy, tiny, strategy, backend) -> None:
     """On a quantized graph, lossless means: the tokens of that graph's own greedy decoding."""
     ort_a = get_backend(backend).prepare(resolve_model(tiny)[0])
-    want = [_ort_greedy(ort_a, p, 20) for p in PROMPTS]
+    want = [ort_greedy(ort_a, p, 20) for p in PROMPTS]
     for batch in (PROMPTS[:1], PROMPTS):
         out = decograph.generate(tiny, None, batch, strategy, 20, eos_token_id=[], backend=backend)
         assert [r.new_token_ids for r in out] == want[: len(batch)]
@@ -222,7 +204,7 @@ def test_errors(tmp_path, exported) -> None:
 
 
 @pytest.mark.real_model
-def test_default_model_on_ort(default_model, monkeypatch) -> None:
+def test_default_model_on_ort(ort_greedy, default_model, monkeypatch) -> None:
     monkeypatch.delenv("XDG_CACHE_HOME")                    # the export is cached across runs
     model, tok = default_model
     data = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "spec_bench_questions.jsonl"
@@ -232,7 +214,7 @@ def test_default_model_on_ort(default_model, monkeypatch) -> None:
     for backend in ("onnxruntime-int4", "onnxruntime"):       # int4: lossless against its own greedy
         adapter = get_backend(backend).prepare(resolve_model(model)[0])
         eos = adapter.eos_token_ids
-        want = [_ort_greedy(adapter, p, 24, eos) for p in prompts]
+        want = [ort_greedy(adapter, p, 24, eos) for p in prompts]
         for strategy in ("anpd", "ngram", "lookahead"):
             out = decograph.generate(model, tok, prompts, strategy, 24, backend=backend)
             assert [r.new_token_ids for r in out] == want, (backend, strategy)

@@ -36,17 +36,6 @@ def half(tiny, tmp_path_factory):
     return export_step(tiny, tmp_path_factory.mktemp("onnx16") / "model.fp16.onnx", exact=False, dtype="float16")
 
 
-def _greedy(adapter, prompt, n):
-    cache, out, feed = adapter.new_cache(1), [], list(prompt)
-    for _ in range(n):
-        past, t = adapter.cache_len(cache), len(feed)
-        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
-        tok = int(adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)[0, -1].argmax())
-        out.append(tok)
-        feed = [tok]
-    return out
-
-
 def test_float16_graph_is_valid_and_close_to_torch(tiny, half) -> None:
     proto = onnx.load(str(half))
     onnx.checker.check_model(proto)
@@ -74,10 +63,10 @@ def test_float16_graph_is_valid_and_close_to_torch(tiny, half) -> None:
 
 @pytest.mark.parametrize("bits", [0, 4])
 @pytest.mark.parametrize("strategy", ["ngram", "lookahead", "jacobi"])
-def test_float16_graph_decodes_like_its_own_greedy(tiny, half, tmp_path, strategy, bits) -> None:
+def test_float16_graph_decodes_like_its_own_greedy(ort_greedy, tiny, half, tmp_path, strategy, bits) -> None:
     path = half if not bits else quantize_step(half, tmp_path / "model.fp16.int4.onnx", bits, 0)
     a = ORTCausalLM(path, vocab_size=resolve_model(tiny)[0].vocab_size)
-    want = [_greedy(a, p, 16) for p in PROMPTS]
+    want = [ort_greedy(a, p, 16) for p in PROMPTS]
     for batch in (PROMPTS[:1], PROMPTS):
         out = decograph.generate(a, None, batch, strategy, 16, eos_token_id=[])
         assert [r.new_token_ids for r in out] == want[: len(batch)]

@@ -133,6 +133,10 @@ class KV:
         self._bind(new)
         self.length = length
 
+    def select(self, rows: np.ndarray, length: int | None = None) -> None:
+        """Keep batch ``rows`` only (in that order), ``length`` slots valid (default: as now)."""
+        self.replace([buf[rows] for buf in self.host()], self.length if length is None else length)
+
     def views(self) -> list[np.ndarray]:
         return [b[:, :, : self.length] for b in self.host()]
 

@@ -68,8 +68,7 @@ class ORTCausalLM(CausalLMAdapter):
         cache.length = min(cache.length, length)
 
     def select_rows(self, cache: KV, rows: torch.Tensor) -> None:
-        idx = rows.numpy()
-        cache.replace([buf[idx] for buf in cache.host()], cache.length)
+        cache.select(rows.numpy())
 
     def gather_slots(self, cache: KV, slots: torch.Tensor) -> None:
         idx = slots.numpy()[:, None, :, None]

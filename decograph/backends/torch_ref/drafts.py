@@ -16,6 +16,8 @@ from typing import Any
 from decograph.backends.torch_ref.batch import Row
 from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
 from decograph.errors import UnsupportedError
+from decograph.exported_drafts import FIRST_PRIOR, LATER_PRIOR, pool_add
+from decograph.exported_drafts import level as match_level
 from decograph.ir import ops as O
 
 __all__ = ["make_source", "DraftSource"]
@@ -150,15 +152,6 @@ def matches(toks: list[int], index: NgramIndex, max_n: int, min_n: int, want: in
     return out
 
 
-_BUCKETS = (1, 2, 3, 4, 5, 8, 16)              # suffix-match lengths that start each level
-_FIRST_PRIOR = (0.3, 0.35, 0.4, 0.45, 0.55, 0.7, 0.8)  # prior chance the first drafted token is right
-_LATER_PRIOR = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)   # ... and each later one, given the one before
-
-
-def _bucket(length: int) -> int:
-    return max(i for i, lo in enumerate(_BUCKETS) if length >= lo)
-
-
 @dataclass
 class _Anpd:
     index: NgramIndex
@@ -205,7 +198,7 @@ class AdaptiveNgram(DraftSource):
             return []
         end, length = found[0]
         chain = toks[end : end + k]
-        level = _bucket(length)
+        level = match_level(length)
         if self.op.adaptive:
             chain = chain[: self._best_length(mem, level, len(chain), len(row.pending))]
             if not chain:
@@ -236,8 +229,8 @@ class AdaptiveNgram(DraftSource):
 
     def _best_length(self, mem: _Anpd, level: int, longest: int, pending: int) -> int:
         """The draft length with the most expected tokens per unit of forward cost."""
-        first = mem.rate(mem.first, level, _FIRST_PRIOR[level])
-        later = mem.rate(mem.later, level, _LATER_PRIOR[level])
+        first = mem.rate(mem.first, level, FIRST_PRIOR[level])
+        later = mem.rate(mem.later, level, LATER_PRIOR[level])
         best, best_ratio = 0, 1.0 / self.cost(pending)
         expected, chance = 1.0, 1.0
         for i in range(longest):
@@ -273,24 +266,16 @@ class NgramPool(DraftSource):
     to ``candidates`` newest n-grams that start at the root token.
     """
 
-    CAP = 16
     observes_all = True
 
     def fresh(self, row: Row) -> Any:
         return {"pool": {}, "seen": 0}
 
-    def _add(self, pool: dict[int, list[tuple[int, ...]]], gram: tuple[int, ...]) -> None:
-        lst = pool.setdefault(gram[0], [])
-        if gram[1:] in lst:
-            lst.remove(gram[1:])
-        lst.append(gram[1:])
-        del lst[: -self.CAP]
-
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         mem = self.memory(row)
         n, toks = int(self.op.n), row.tokens
         for s in range(max(0, mem["seen"] - n + 1), len(toks) - n + 1):
-            self._add(mem["pool"], tuple(toks[s : s + n]))
+            pool_add(mem["pool"], tuple(toks[s : s + n]))
         mem["seen"] = len(toks)
         grams = mem["pool"].get(toks[-1], [])[::-1][: int(self.op.candidates)]
         return [list(g[:limit]) for g in grams if limit > 0]
@@ -301,7 +286,7 @@ class NgramPool(DraftSource):
         for pred in preds:
             seq = [root] + pred
             for s in range(0, len(seq) - n + 1):
-                self._add(pool, tuple(seq[s : s + n]))
+                pool_add(pool, tuple(seq[s : s + n]))
 
 
 SOURCES: dict[type[O.Op], type[DraftSource]] = {
