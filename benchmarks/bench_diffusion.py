@@ -2,7 +2,8 @@
 
 Infilling on held-out standard-library text (files ``train-mdm`` never trained on): each
 case is a held-out passage cut into ``--prompt-len`` tokens before, a span of ``L`` tokens
-(masked: the reference), and ``--suffix-len`` tokens after; the model fills the span.
+(masked: the reference), and ``--suffix-len`` tokens after; the model fills the span. The
+default model is byte-level, so a token is a byte (128 tokens: about three lines of code).
 For each generation length L in ``--lengths`` and each system:
 
 - ``baseline``: LLaDA semi-autoregressive decoding (``llada_semi_ar``: blocks of 32, one
@@ -19,7 +20,7 @@ over the baseline, forwards per token, and quality: the token accuracy of the ou
 the reference continuation (%), and the accuracy of the baseline's own output taken as the
 reference (agreement, %). Systems run interleaved per case after a warm-up.
 
-    python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9]
+    python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9] [--prompt-len 128]
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def accuracy(out: list[int], ref: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16, help="held-out prompts per length")
-    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--suffix-len", type=int, default=32)
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--reps", type=int, default=3)

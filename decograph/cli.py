@@ -245,7 +245,7 @@ def _cmd_train_mdm(args: argparse.Namespace) -> int:
     if args.minutes <= 0 and args.max_steps <= 0:
         raise InputError("train-mdm: give --minutes > 0 or --max-steps > 0")
     cfg = TrainConfig(d_model=args.d_model, n_layers=args.layers, seq_len=args.seq_len, minutes=args.minutes,
-                      max_steps=args.max_steps, seed=args.seed)
+                      max_steps=args.max_steps, seed=args.seed, compile=args.compile)
     path = train_mdm(cfg, args.cache_dir, force=args.force, progress=not args.quiet,
                      log=lambda m: print(m, file=sys.stderr))
     print(path)
@@ -355,8 +355,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=0, metavar="N", help="stop after N steps (0: by --minutes)")
     t.add_argument("--d-model", type=int, default=256, metavar="D", help="model width (default: 256)")
     t.add_argument("--layers", type=int, default=4, metavar="N", help="transformer layers (default: 4)")
-    t.add_argument("--seq-len", type=int, default=320, metavar="T", help="training sequence length (default: 320)")
+    t.add_argument("--seq-len", type=int, default=448, metavar="T", help="training sequence length (default: 448)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the training forward (auto: where it compiles, else eager)")
     t.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/decograph/models")
     t.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

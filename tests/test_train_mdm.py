@@ -12,6 +12,7 @@ import decograph
 from decograph import train_mdm as T
 from decograph.cli import main
 from decograph.errors import InputError, ModelError
+from decograph.models.mdm import MDMConfig, MDMTransformer
 
 TINY = T.TrainConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=48, batch_size=8,
                      lr=3e-3, minutes=0, max_steps=40)
@@ -100,3 +101,37 @@ def test_cli_train_mdm_errors_and_missing_model(tmp_path, monkeypatch, capsys) -
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["run", "--model", "mdm", "--strategy", "fast_dllm", "--prompt", "x"]) == 2
     assert "decograph train-mdm" in capsys.readouterr().err
+
+
+def test_mask_ratios_are_stratified_over_the_batch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    orders = set()
+    for batch in (1, 7, 16, 16, 16):
+        t = T.draw_t(batch, gen)
+        assert t.shape == (batch,) and (t >= 1e-3).all() and (t <= 1).all()
+        assert sorted((t * batch).floor().long().tolist()) == list(range(batch))    # one per slice
+        orders.add(tuple(t.argsort().tolist()))
+    assert len(orders) == 5                                                         # rows get shuffled slices
+
+
+def test_compile_falls_back_to_eager_or_raises(monkeypatch) -> None:
+    model = MDMTransformer(MDMConfig(vocab_size=16, mask_token_id=1, eos_token_id=0, d_model=8, n_layers=1, n_heads=2,
+                                     d_ff=16))
+    ids, pos = torch.randint(0, 16, (2, 5)), torch.arange(5).expand(2, -1)
+    want = model(ids, pos)[0]
+
+    def broken(m):
+        def run(*a):
+            raise RuntimeError("no C++ compiler\nmore")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    logs: list[str] = []
+    fwd = T._train_forward(model, T.TrainConfig(compile="auto"), logs.append)
+    assert torch.equal(fwd(ids, pos), want) and torch.equal(fwd(ids, pos), want)
+    assert len(logs) == 1 and "torch.compile failed (RuntimeError: no C++ compiler)" in logs[0]
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        T._train_forward(model, T.TrainConfig(compile="on"), logs.append)(ids, pos)
+    assert torch.equal(T._train_forward(model, T.TrainConfig(compile="off"), logs.append)(ids, pos), want)
+    with pytest.raises(InputError, match="compile must be auto, on or off"):
+        T._train_forward(model, T.TrainConfig(compile="sometimes"), logs.append)

@@ -73,24 +73,25 @@ class _State:
 
 def select_unmask(op: O.Op, conf: torch.Tensor) -> list[int]:
     """Indices (into ``conf``, candidates in position order) that ``op`` unmasks; never empty."""
-    n = conf.numel()
+    c = [float(x) for x in conf.tolist()]        # one host copy, not a tensor read per comparison
+    n = len(c)
     if n == 0:
         return []
-    order = sorted(range(n), key=lambda i: (-float(conf[i]), i))
+    order = sorted(range(n), key=lambda i: (-c[i], i))
     if isinstance(op, O.UnmaskTopkPerStep):
         return sorted(order[:op.k])
     if isinstance(op, O.UnmaskThreshold):
         if op.contiguous:
             run = 0
-            while run < n and float(conf[run]) > op.threshold:
+            while run < n and c[run] > op.threshold:
                 run += 1
             return list(range(max(run, 1)))
-        picked = [i for i in range(n) if float(conf[i]) > op.threshold]
+        picked = [i for i in range(n) if c[i] > op.threshold]
         return picked or [order[0]]
     if isinstance(op, O.UnmaskFactor):
         best = 1
         for m in range(1, n + 1):
-            if (m + 1) * (1.0 - float(conf[order[m - 1]])) < op.factor:
+            if (m + 1) * (1.0 - c[order[m - 1]]) < op.factor:
                 best = m
         return sorted(order[:best])
     raise UnsupportedError(f"unmask rule {op.NAME} is not supported")
@@ -132,6 +133,7 @@ class DiffusionInterpreter:
         self.wall = 0.0
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._kv_block: dict[int, int] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -149,6 +151,7 @@ class DiffusionInterpreter:
             if self.mask_id in r.prompt:
                 raise InputError(f"prompt {r.index} contains the mask token id {self.mask_id}")
         self.state = _State(rows)
+        self._kv, self._kv_block, self._plans = None, {}, {}      # nothing kept from an earlier run
         if self.cfg.trace is not None:
             self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": len(r.prompt)} for r in rows)
         width = max(len(p) for p in prompts)
@@ -284,6 +287,26 @@ class DiffusionInterpreter:
 
     def _cached(self, rows: list[DiffRow], blocks: dict[int, tuple[int, int]], shift: int) -> dict[int, torch.Tensor]:
         assert self._kv is not None
+        key = tuple((r.index, blocks[r.index]) for r in rows)
+        plan = self._plans.get(key)
+        if plan is None:                   # the same for every step of these rows' blocks: built once
+            plan = self._plans[key] = self._cached_plan(rows, blocks, shift)
+        idx, cols, pos, qvalid, cvalid, at, every = plan
+        ctx = self._kv if every else [(k[idx], v[idx]) for k, v in self._kv]     # no copy when all rows run
+        lg, _ = self.adapter.forward(self.ids[idx].gather(1, cols), pos, qvalid, context=ctx, context_valid=cvalid,
+                                     logits_at=at)
+        out = {}
+        for j, r in enumerate(rows):
+            s, e = blocks[r.index]
+            out[r.index] = lg[j, :e - s]
+            r.forwards += 1
+            r.query_tokens += int(qvalid[j].sum())
+        return out
+
+    def _cached_plan(self, rows: list[DiffRow], blocks: dict[int, tuple[int, int]], shift: int) -> tuple[Any, ...]:
+        """What a cached step of ``rows`` at ``blocks`` reads: the rows, the query columns, their
+        positions and validity, the context's validity (the query's own columns excluded), the
+        block's logit columns, and whether every row runs (the kept KV is then used as is)."""
         total = self.ids.shape[1]
         dual = self.commit.kv == "block_approx_dual"
         starts = [self.width + blocks[r.index][0] - shift for r in rows]
@@ -293,19 +316,11 @@ class DiffusionInterpreter:
         inside = cols < torch.tensor(ends)[:, None]
         cols = cols.clamp_max(total - 1)
         idx = torch.tensor([r.index for r in rows])
-        ids, pos = self.ids[idx].gather(1, cols), self.pos[idx].gather(1, cols)
+        pos = self.pos[idx].gather(1, cols)
         qvalid = inside & self.valid[idx].gather(1, cols)
         span = torch.arange(total)[None, :]
         in_query = (span >= torch.tensor(starts)[:, None]) & (span < torch.tensor(ends)[:, None])
         cvalid = self.valid[idx] & ~in_query
         every = len(rows) == self.ids.shape[0] and idx.tolist() == list(range(len(rows)))
-        ctx = self._kv if every else [(k[idx], v[idx]) for k, v in self._kv]     # no copy when all rows run
         at = torch.stack([torch.arange(w).clamp_max(e - s - 1) for s, e in (blocks[r.index] for r in rows)])
-        lg, _ = self.adapter.forward(ids, pos, qvalid, context=ctx, context_valid=cvalid, logits_at=at)
-        out = {}
-        for j, r in enumerate(rows):
-            s, e = blocks[r.index]
-            out[r.index] = lg[j, :e - s]
-            r.forwards += 1
-            r.query_tokens += int(qvalid[j].sum())
-        return out
+        return idx, cols, pos, qvalid, cvalid, at, every
