@@ -13,14 +13,19 @@ For each generation length L in ``--lengths`` and each system:
 - ``+dual cache``: with the dual cache (kv=block_approx_dual): Fast-dLLM as a whole;
 - ``+dual cache, blocks of B/2``: the same with half-size blocks (``--small-block``): a cached
   step runs fewer positions, the cache is refreshed twice as often;
-- ``lud (dual cache)``: lexical-unit decoding, contiguous runs, dual cache.
+- ``lud (dual cache)``: lexical-unit decoding, contiguous runs, dual cache;
+- ``+dual cache, threshold T``: the dual cache at each of ``--more-thresholds`` (the
+  threshold's speed / quality trade-off in the same run).
 
 Reported: throughput (generated tokens / wall time, batch 1, median over ``--reps``), speedup
 over the baseline, forwards per token, and quality: the token accuracy of the output against
 the reference continuation (%), and the accuracy of the baseline's own output taken as the
-reference (agreement, %). Systems run interleaved per case after a warm-up.
+reference (agreement, %), beside the accuracy of a fill with no model (the passage's context's
+most frequent token repeated) and each system's most frequent output token's share (100%:
+one token repeated), which show a degenerate fill for what it is. Systems run interleaved
+per case after a warm-up.
 
-    python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9] [--prompt-len 128]
+    python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9] [--more-thresholds 0.7 0.5] [--prompt-len 128]
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from decograph.frontends.strategies import load_strategy  # noqa: E402
 from decograph.train_mdm import held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
 
 
-def systems(threshold: float, block: int, small: int) -> dict[str, object]:
+def systems(threshold: float, block: int, small: int, more: list[float]) -> dict[str, object]:
     out = {
         "baseline (LLaDA)": load_strategy("llada_semi_ar", overrides={"block": block}).program,
         "+parallel": load_strategy("fast_dllm", overrides={"block": block, "threshold": threshold, "kv": "recompute"}).program,
@@ -52,7 +57,15 @@ def systems(threshold: float, block: int, small: int) -> dict[str, object]:
     if small:
         out[f"+dual cache, blocks of {small}"] = load_strategy(
             "fast_dllm", overrides={"block": small, "threshold": threshold, "kv": "block_approx_dual"}).program
+    for t in more:                       # the threshold's trade-off: the dual cache at other thresholds
+        out[f"+dual cache, threshold {t:g}"] = load_strategy(
+            "fast_dllm", overrides={"block": block, "threshold": t, "kv": "block_approx_dual"}).program
     return out
+
+
+def top_share(out: list[int]) -> float:
+    """The share of ``out`` taken by its most frequent token (1.0: one token repeated)."""
+    return max(map(out.count, set(out))) / len(out) if out else 0.0
 
 
 def accuracy(out: list[int], ref: list[int]) -> float:
@@ -67,6 +80,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--more-thresholds", type=float, nargs="*", default=[], metavar="T",
+                    help="extra dual-cache rows at these thresholds")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--small-block", type=int, default=16, help="the extra dual-cache row's block size (0: none)")
     ap.add_argument("--backend", default="torch", help="where every system runs (torch, onnxruntime)")
@@ -78,14 +93,15 @@ def main() -> None:
     info = json.loads((trained_mdm_dir() / "train.json").read_text())
     print(f"model: {trained_mdm_dir()} ({info['steps']} steps, {info['seconds']:.0f} s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", file=sys.stderr)
-    progs = systems(args.threshold, args.block, args.small_block)
+    progs = systems(args.threshold, args.block, args.small_block, args.more_thresholds)
     rows = []
     for L in args.lengths:
         cases = held_out_samples(tok, args.prompt_len, L + args.suffix_len, args.n, seed=L)
         samples = [(p, c[:L], c[L:]) for p, c in cases]
         run = dict(passes="none", eos_token_id=[], backend=args.backend)   # infilling: the whole span is filled
         generate(model, tok, [samples[0][0]], progs["+dual cache"], L, suffixes=[samples[0][2]], **run)  # warm-up
-        per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": []} for name in progs}
+        per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": [], "top": []} for name in progs}
+        trivial: list[float] = []      # no model: the span filled with the context's most frequent token
         for i, (prompt, ref, suffix) in enumerate(samples):
             outs = {}
             for name, prog in progs.items():
@@ -97,8 +113,11 @@ def main() -> None:
                 outs[name] = r
                 per[name]["tps"].append(len(r.new_token_ids) / statistics.median(times))
                 per[name]["acc"].append(accuracy(r.new_token_ids, ref))
+                per[name]["top"].append(top_share(r.new_token_ids))
                 per[name]["fwd"].append(r.stats.forward_passes)
                 per[name]["tok"].append(len(r.new_token_ids))
+            ctx = prompt + suffix
+            trivial.append(accuracy([max(set(ctx), key=ctx.count)] * L, ref))
             base = outs["baseline (LLaDA)"].new_token_ids
             for name, r in outs.items():
                 per[name]["agree"].append(accuracy(r.new_token_ids, base + [-1] * (L - len(base))) if base else 1.0)
@@ -111,12 +130,21 @@ def main() -> None:
                          "speedup": round(tps / base_tps, 2),
                          "forwards_per_token": round(sum(m["fwd"]) / max(1, sum(m["tok"])), 3),
                          "accuracy_pct": round(100 * statistics.mean(m["acc"]), 2),
-                         "agreement_with_baseline_pct": round(100 * statistics.mean(m["agree"]), 2)})
-    print("| gen length | system | tokens/s | speedup | forwards/token | token accuracy vs reference | same as baseline |")
-    print("|---|---|---|---|---|---|---|")
+                         "agreement_with_baseline_pct": round(100 * statistics.mean(m["agree"]), 2),
+                         "top_token_share_pct": round(100 * statistics.mean(m["top"]), 2)})
+        rows.append({"length": L, "system": "no model: the context's most frequent token", "tokens_per_s": None,
+                     "speedup": None, "forwards_per_token": 0.0, "accuracy_pct": round(100 * statistics.mean(trivial), 2),
+                     "agreement_with_baseline_pct": None, "top_token_share_pct": 100.0})
+    print("| gen length | system | tokens/s | speedup | forwards/token | token accuracy vs reference | same as baseline "
+          "| most frequent token's share |")
+    print("|---|---|---|---|---|---|---|---|")
+    def cell(v: object, unit: str = "") -> str:
+        return "-" if v is None else f"{v}{unit}"
+
     for r in rows:
-        print(f"| {r['length']} | {r['system']} | {r['tokens_per_s']} | {r['speedup']}x | {r['forwards_per_token']} "
-              f"| {r['accuracy_pct']}% | {r['agreement_with_baseline_pct']}% |")
+        print(f"| {r['length']} | {r['system']} | {cell(r['tokens_per_s'])} | {cell(r['speedup'], 'x')} "
+              f"| {r['forwards_per_token']} | {r['accuracy_pct']}% | {cell(r['agreement_with_baseline_pct'], '%')} "
+              f"| {r['top_token_share_pct']}% |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "train": {k: info[k] for k in ("steps", "seconds", "final_loss")},
                                           "rows": rows}, indent=1))
