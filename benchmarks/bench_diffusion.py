@@ -68,6 +68,11 @@ def top_share(out: list[int]) -> float:
     return max(map(out.count, set(out))) / len(out) if out else 0.0
 
 
+def cell(v: object, unit: str = "") -> str:
+    """A table cell: ``-`` for a value a row does not have."""
+    return "-" if v is None else f"{v}{unit}"
+
+
 def accuracy(out: list[int], ref: list[int]) -> float:
     return sum(a == b for a, b in zip(out, ref)) / len(ref)
 
@@ -138,9 +143,6 @@ def main() -> None:
     print("| gen length | system | tokens/s | speedup | forwards/token | token accuracy vs reference | same as baseline "
           "| most frequent token's share |")
     print("|---|---|---|---|---|---|---|---|")
-    def cell(v: object, unit: str = "") -> str:
-        return "-" if v is None else f"{v}{unit}"
-
     for r in rows:
         print(f"| {r['length']} | {r['system']} | {cell(r['tokens_per_s'])} | {cell(r['speedup'], 'x')} "
               f"| {r['forwards_per_token']} | {r['accuracy_pct']}% | {cell(r['agreement_with_baseline_pct'], '%')} "

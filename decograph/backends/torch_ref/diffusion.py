@@ -73,7 +73,7 @@ class _State:
 
 def select_unmask(op: O.Op, conf: torch.Tensor) -> list[int]:
     """Indices (into ``conf``, candidates in position order) that ``op`` unmasks; never empty."""
-    c = [float(x) for x in conf.tolist()]        # one host copy, not a tensor read per comparison
+    c = conf.tolist()                            # one host copy, not a tensor read per comparison
     n = len(c)
     if n == 0:
         return []
