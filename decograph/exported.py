@@ -49,7 +49,7 @@ from decograph.errors import InputError, ModelError
 from decograph.exported_drafts import PLANS, make_drafts
 from decograph.measure_cache import cached
 
-__all__ = ["ExportedDecoder", "DecodeStats", "MANIFEST_VERSION"]
+__all__ = ["ExportedDecoder", "DecodeStats", "MANIFEST_VERSION", "width_invariant"]
 
 MANIFEST_VERSION = 3                 # 3: the step graph takes cache_lengths (batches)
 _CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
@@ -82,6 +82,30 @@ def _sha(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def width_invariant(step: StepSession, max_width: int = 9, context: int = 37) -> bool:
+    """Whether ``step``'s graph, on this machine's kernels, gives a k-token step bit-identical
+    logits and K/V to k one-token steps, for every k from 2 to ``max_width`` (in either order
+    after a ``context``-token prefill of random tokens). Exact graphs are built for it; on some
+    CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order than a
+    several-row one, and this is what finds out."""
+    widths = list(range(2, max_width + 1))
+    rng = np.random.default_rng(1)
+    vocab = step.vocab_size
+    prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
+    runs = []
+    for order in ([1] * len(toks), widths, widths[::-1]):
+        kv = step.new_kv(1, context + len(toks) + 2)
+        step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
+        logits, i = [], 0
+        for w in order:
+            pos = np.arange(context + i, context + i + w)[None]
+            logits.append(step.run(kv, toks[None, i:i + w], pos, causal_mask(w, context + i)).copy())
+            i += w
+        runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
+    (ref, ref_kv), others = runs[0], runs[1:]
+    return all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv)) for lg, kv in others)
 
 
 class ExportedDecoder:
@@ -180,23 +204,10 @@ class ExportedDecoder:
         return self._exact
 
     def _check_exact(self, context: int = 37) -> bool:
-        widths = list(range(2, max(self.width(), 9) + 1))
+        same = width_invariant(self.step, max(self.width(), 9), context)
         rng = np.random.default_rng(1)
         vocab = self.step.vocab_size
-        prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
-        runs = []
-        for order in ([1] * len(toks), widths, widths[::-1]):
-            kv = self.step.new_kv(1, context + len(toks) + 2)
-            self.step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
-            logits, i = [], 0
-            for w in order:
-                pos = np.arange(context + i, context + i + w)[None]
-                logits.append(self.step.run(kv, toks[None, i:i + w], pos, causal_mask(w, context + i)).copy())
-                i += w
-            runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
-        (ref, ref_kv), others = runs[0], runs[1:]
-        same = all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv))
-                   for lg, kv in others)
+        prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, 3)
         # two rows of different lengths in one step (a 3-token step and a padded 1-token one)
         short = context - 7
         alone = []

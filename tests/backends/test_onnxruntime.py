@@ -18,8 +18,10 @@ from decograph.backends import get_backend
 from decograph.backends.onnxruntime.backend import export_dir
 from decograph.backends.onnxruntime.export import (INEXACT_ACCURACY_LEVEL, export_step, io_names, quant_tag,
                                                    quantize_step)
+from decograph.backends.onnxruntime.kv import StepSession
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.errors import ModelError, UnsupportedError
+from decograph.exported import width_invariant
 from decograph.frontends.strategies import list_strategies, load_strategy
 from decograph.models.tiny import tiny_llama
 
@@ -144,15 +146,25 @@ def _steps(adapter, prompt, toks, widths):
 def test_an_exact_graphs_k_token_step_is_bit_identical_to_k_one_token_steps(tiny, exported, bits, tmp_path) -> None:
     """What makes verification lossless on the exported decoder's graphs: a row's logits and KV
     do not depend on how many query tokens its step has (with int8 activations, the smallest
-    difference would become a different token now and then)."""
+    difference would become a different token now and then). The float and int8 graphs are
+    exact on every CPU; the int4 graph's MatMulNBits kernels are on some (seen: with AVX-512)
+    and not on others (seen: an AMD EPYC without it). Where they are not, the differences are
+    rounding's, and ``width_invariant`` (the exported decoder's check, which then decodes
+    without drafts) must see what this test sees."""
     path = quantize_step(exported, tmp_path / "q.onnx", bits) if bits else exported
     a = ORTCausalLM(path)
     prompt, toks = [1, 5, 9, 5, 9, 5, 9, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
     one_logits, one_kv = _steps(a, prompt, toks, [1] * 12)
+    identical = True
     for widths in ([2] * 6, [4, 8], [12], [3, 1, 5, 3]):
         logits, kv = _steps(a, prompt, toks, widths)
-        assert torch.equal(logits, one_logits), widths
-        assert all(torch.equal(x, y) for x, y in zip(kv, one_kv)), widths
+        same = torch.equal(logits, one_logits) and all(torch.equal(x, y) for x, y in zip(kv, one_kv))
+        if bits != 4:
+            assert same, widths
+        identical &= same
+        assert (logits - one_logits).abs().max() < 1e-3 * one_logits.abs().max(), widths
+    if not identical:
+        assert not width_invariant(StepSession(path), 12), "the exactness check missed what this test saw"
 
 
 def test_export_cache_is_keyed_by_the_graph_version(tiny, monkeypatch) -> None:
