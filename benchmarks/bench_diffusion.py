@@ -3,7 +3,8 @@
 Infilling on held-out standard-library text (files ``train-mdm`` never trained on): each
 case is a held-out passage cut into ``--prompt-len`` tokens before, a span of ``L`` tokens
 (masked: the reference), and ``--suffix-len`` tokens after; the model fills the span. The
-default model is byte-level, so a token is a byte (128 tokens: about three lines of code).
+default model's tokens are bytes and 61 merges (1.6 bytes a token; 128 tokens: about five lines
+of code).
 For each generation length L in ``--lengths`` and each system:
 
 - ``baseline``: LLaDA semi-autoregressive decoding (``llada_semi_ar``: blocks of 32, one
@@ -22,8 +23,11 @@ over the baseline, forwards per token, and quality: the token accuracy of the ou
 the reference continuation (%), and the accuracy of the baseline's own output taken as the
 reference (agreement, %), beside the accuracy of a fill with no model (the passage's context's
 most frequent token repeated) and each system's most frequent output token's share (100%:
-one token repeated), which show a degenerate fill for what it is. Systems run interleaved
-per case after a warm-up.
+one token repeated), which show a degenerate fill for what it is, and the model's own
+log-likelihood of each output, per token, read left to right (``own_loglik``; the held-out
+text's own beside it): what a decoding rule that commits tokens together instead of one at a
+time can lose, whether or not the model is good at the task. Systems run interleaved per
+case after a warm-up; the likelihoods are scored afterwards, untimed.
 
     python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9] [--more-thresholds 0.7 0.5] [--prompt-len 128]
 """
@@ -77,6 +81,26 @@ def accuracy(out: list[int], ref: list[int]) -> float:
     return sum(a == b for a, b in zip(out, ref)) / len(ref)
 
 
+@torch.no_grad()
+def own_loglik(model: torch.nn.Module, prompt: list[int], fill: list[int], suffix: list[int], chunk: int = 32) -> float:
+    """The model's own log-likelihood of ``fill`` between ``prompt`` and ``suffix``, per token
+    (nats), read left to right: the sum over i of log p(fill[i] | prompt, fill[:i], masks,
+    suffix), the chain rule in one order of the any-order model a masked diffusion LM is. One
+    canvas per position, ``chunk`` canvases per forward, logits only where they are read."""
+    if not fill:
+        return 0.0
+    mask, n, L = model.config.mask_token_id, len(prompt), len(fill)
+    total = 0.0
+    for lo in range(0, L, chunk):
+        rows = range(lo, min(L, lo + chunk))
+        ids = torch.tensor([prompt + fill[:i] + [mask] * (L - i) + suffix for i in rows])
+        pos = torch.arange(ids.shape[1]).expand(len(rows), -1)
+        at = torch.tensor([[n + i] for i in rows])
+        logp = model(ids, pos, logits_at=at)[0][:, 0].float().log_softmax(-1)
+        total += float(logp[torch.arange(len(rows)), torch.tensor([fill[i] for i in rows])].sum())
+    return total / L
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16, help="held-out prompts per length")
@@ -105,8 +129,9 @@ def main() -> None:
         samples = [(p, c[:L], c[L:]) for p, c in cases]
         run = dict(passes="none", eos_token_id=[], backend=args.backend)   # infilling: the whole span is filled
         generate(model, tok, [samples[0][0]], progs["+dual cache"], L, suffixes=[samples[0][2]], **run)  # warm-up
-        per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": [], "top": []} for name in progs}
+        per: dict[str, dict[str, list[float]]] = {name: {"tps": [], "acc": [], "agree": [], "fwd": [], "tok": [], "top": [], "ll": []} for name in progs}
         trivial: list[float] = []      # no model: the span filled with the context's most frequent token
+        ref_ll: list[float] = []       # the model's own likelihood of the held-out text
         for i, (prompt, ref, suffix) in enumerate(samples):
             outs = {}
             for name, prog in progs.items():
@@ -123,6 +148,9 @@ def main() -> None:
                 per[name]["tok"].append(len(r.new_token_ids))
             ctx = prompt + suffix
             trivial.append(accuracy([max(set(ctx), key=ctx.count)] * L, ref))
+            ref_ll.append(own_loglik(model, prompt, ref, suffix))
+            for name, r in outs.items():         # scored after every system ran (not timed)
+                per[name]["ll"].append(own_loglik(model, prompt, r.new_token_ids, suffix))
             base = outs["baseline (LLaDA)"].new_token_ids
             for name, r in outs.items():
                 per[name]["agree"].append(accuracy(r.new_token_ids, base + [-1] * (L - len(base))) if base else 1.0)
@@ -136,17 +164,21 @@ def main() -> None:
                          "forwards_per_token": round(sum(m["fwd"]) / max(1, sum(m["tok"])), 3),
                          "accuracy_pct": round(100 * statistics.mean(m["acc"]), 2),
                          "agreement_with_baseline_pct": round(100 * statistics.mean(m["agree"]), 2),
-                         "top_token_share_pct": round(100 * statistics.mean(m["top"]), 2)})
+                         "top_token_share_pct": round(100 * statistics.mean(m["top"]), 2),
+                         "own_loglik_per_token": round(statistics.mean(m["ll"]), 3)})
         rows.append({"length": L, "system": "no model: the context's most frequent token", "tokens_per_s": None,
                      "speedup": None, "forwards_per_token": 0.0, "accuracy_pct": round(100 * statistics.mean(trivial), 2),
-                     "agreement_with_baseline_pct": None, "top_token_share_pct": 100.0})
+                     "agreement_with_baseline_pct": None, "top_token_share_pct": 100.0, "own_loglik_per_token": None})
+        rows.append({"length": L, "system": "the held-out text itself", "tokens_per_s": None, "speedup": None,
+                     "forwards_per_token": None, "accuracy_pct": 100.0, "agreement_with_baseline_pct": None,
+                     "top_token_share_pct": None, "own_loglik_per_token": round(statistics.mean(ref_ll), 3)})
     print("| gen length | system | tokens/s | speedup | forwards/token | token accuracy vs reference | same as baseline "
-          "| most frequent token's share |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| most frequent token's share | model's own log-likelihood / token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['length']} | {r['system']} | {cell(r['tokens_per_s'])} | {cell(r['speedup'], 'x')} "
-              f"| {r['forwards_per_token']} | {r['accuracy_pct']}% | {cell(r['agreement_with_baseline_pct'], '%')} "
-              f"| {r['top_token_share_pct']}% |")
+              f"| {cell(r['forwards_per_token'])} | {r['accuracy_pct']}% | {cell(r['agreement_with_baseline_pct'], '%')} "
+              f"| {cell(r['top_token_share_pct'], '%')} | {cell(r['own_loglik_per_token'])} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "train": {k: info[k] for k in ("steps", "seconds", "final_loss")},
                                           "rows": rows}, indent=1))

@@ -5,17 +5,22 @@ every machine has offline: the ``.py`` files of the running Python's standard li
 docstrings and ``pydoc_data``'s documentation text; test packages excluded). Files whose path
 hashes to 0 mod 20 are held out for the benchmark.
 
-- Tokenizer: bytes (``vocab_size`` 259: the 256 byte values, no merges) plus
-  ``<|endoftext|>`` (EOS, also the padding after a file's end), ``<|mask|>`` and ``<|pad|>``.
-  Bytes are what a model this small predicts confidently several at a time (indentation,
-  the rest of a keyword or a name already in the context), which is what parallel unmasking
-  needs: a BPE of 512 pieces trained for the same 25 minutes was rarely more than 50% sure
-  of two masked pieces in a row. A larger ``vocab_size`` trains a byte-level BPE of that size.
+- Tokenizer: bytes, and whitespace runs as single tokens (``vocab_size`` 300: the 256 byte
+  values, three special tokens: ``<|endoftext|>`` (EOS, also the padding after a file's end),
+  ``<|mask|>``, ``<|pad|>``, and 41 merges of whitespace, ``merges="whitespace"``: a line's
+  newline and indentation are one token; 1.27 bytes a token). On bytes alone a model this
+  small fills a masked span with spaces (indentation is a quarter of the corpus' bytes, so a
+  far position's likeliest byte is a space, confidently, and unmasking commits those first).
+  A BPE over the whole text (``merges="all"``; 320 tokens: 1.6 bytes a token) leaves it unsure
+  of every token but the next one (about one token per step at any threshold).
 - Objective (LLaDA): draw t ~ U(0, 1], mask each token with probability t, minimise the
   cross-entropy of the masked tokens weighted by 1/t. The batch's t are stratified (one in
   each of ``batch_size`` equal slices of (0, 1], MDLM's low-discrepancy sampler): the same
-  objective with less variance. Half the samples keep a random-length prefix unmasked
-  (LLaDA's SFT form: a prompt, then a masked response).
+  objective with less variance. Half the rows keep a random-length prefix unmasked (LLaDA's
+  SFT form: a prompt, then a masked response). ``block_rows`` (default 0) makes that share of
+  rows the canvas semi-autoregressive decoding sees instead: a clean prefix, a block of 16 or
+  32 tokens masked with ratio t (the loss), the positions after it all masked, half the time
+  a clean suffix; its loss has at most a block's tokens, so in 25 minutes it learns less.
 - Speed: bfloat16 autocast with fp32 weights where the CPU computes bf16 natively, fp32
   otherwise (25 minutes were 2958 steps on a CPU with native bf16, 732 on one without); the
   forward is compiled with ``torch.compile`` where it compiles (eager otherwise). Inference
@@ -34,6 +39,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -60,7 +66,8 @@ _SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"
 class TrainConfig:
     """What is trained; every field is part of the checkpoint's fingerprint except ``minutes``."""
 
-    vocab_size: int = 259       # 256 bytes and three special tokens: a byte-level model (no merges)
+    vocab_size: int = 300       # 256 bytes, three special tokens and 41 merges (byte-level BPE)
+    merges: str = "whitespace"  # "whitespace": merges of whitespace runs only; "all": BPE on the whole text
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -73,6 +80,8 @@ class TrainConfig:
     max_steps: int = 0           # 0: as many as fit in ``minutes``
     bf16: str = "auto"           # bfloat16 autocast (fp32 weights): "auto" where the CPU has native bf16
     compile: str = "auto"        # torch.compile the training forward: "auto" falls back to eager if it fails
+    block_rows: float = 0.0      # share of rows in the semi-autoregressive infilling form (see _masked_batch)
+    blocks: tuple[int, ...] = (16, 32)   # the block sizes those rows draw from
 
     def use_bf16(self) -> bool:
         if self.bf16 not in ("auto", "on", "off"):
@@ -114,17 +123,26 @@ def held_out(rel: str) -> bool:
     return zlib.crc32(rel.encode()) % 20 == 0
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with EOS, mask and pad tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, merges: str = "all") -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with EOS, mask and pad tokens, of at most
+    ``vocab_size`` tokens; ``merges="whitespace"`` learns merges of whitespace runs only (every
+    other byte stays a token of its own)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if merges not in ("all", "whitespace"):
+        raise InputError(f"train-mdm: merges must be 'all' or 'whitespace', got {merges!r}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if merges == "all":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:       # a whitespace run is a piece of its own (a space before a word too)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, MASK, PAD], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(texts if merges == "all" else [r for t in texts for r in re.findall(r"\s{2,}", t)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, mask_token=MASK, pad_token=PAD)
 
 
@@ -192,11 +210,26 @@ def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: in
     x = torch.stack(rows).long()
     t = draw_t(cfg.batch_size, gen)[:, None]
     masked = torch.rand(x.shape, generator=gen) < t
+    weight = masked.float() / t
+    n = cfg.seq_len
     for i in range(cfg.batch_size):
-        if rng.random() < 0.5:          # SFT form: an unmasked prompt, then the masked response
-            masked[i, : rng.randrange(1, cfg.seq_len // 2)] = False
+        if rng.random() < cfg.block_rows:
+            # the canvas semi-autoregressive decoding sees: a clean prefix, the current block
+            # masked with ratio t, the later blocks all masked, maybe a clean suffix (infilling);
+            # the loss is the block's (its masked tokens, weighted 1/t)
+            b = rng.choice(cfg.blocks)
+            start = rng.randrange(1, n - b)
+            end = n - (rng.randrange(1, (n - start - b) // 2 + 1) if rng.random() < 0.5 and n - start - b >= 2 else 0)
+            masked[i, :start] = False
+            masked[i, start + b:end] = True
+            masked[i, end:] = False
+            weight[i] = 0.0
+            weight[i, start:start + b] = masked[i, start:start + b].float() / t[i]
+        elif rng.random() < 0.5:          # SFT form: an unmasked prompt, then the masked response
+            masked[i, : rng.randrange(1, n // 2)] = False
+            weight[i] = masked[i].float() / t[i]
     inp = torch.where(masked, torch.full_like(x, mask), x)
-    return inp, x, masked.float() / t
+    return inp, x, weight
 
 
 def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = None, *, force: bool = False,
@@ -217,7 +250,7 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
     train_texts = [t for rel, t in files if not held_out(rel)]
     log(f"corpus: {len(files)} standard-library files, {len(train_texts)} for training, "
         f"{sum(map(len, train_texts)) / 1e6:.1f} MB")
-    tok = train_tokenizer(train_texts, cfg.vocab_size)
+    tok = train_tokenizer(train_texts, cfg.vocab_size, cfg.merges)
     eos, mask, pad = (tok.convert_tokens_to_ids(t) for t in (EOS, MASK, PAD))
     data = [torch.tensor(ids + [eos], dtype=torch.int32)
             for ids in tok(train_texts, add_special_tokens=False)["input_ids"] if ids]

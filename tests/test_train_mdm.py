@@ -49,17 +49,46 @@ def test_tokenizer_round_trips_and_has_special_tokens(stdlib) -> None:
     assert tok.decode(tok(texts[0])["input_ids"]) == texts[0]
     assert {tok.eos_token, tok.mask_token, tok.pad_token} == {T.EOS, T.MASK, T.PAD}
     assert len(tok) <= 320
+    ws = T.train_tokenizer(texts, 300, merges="whitespace")
+    assert ws.decode(ws(texts[0])["input_ids"]) == texts[0]
+    pieces = [ws.decode([i]) for i in range(len(ws)) if i not in ws.all_special_ids]
+    runs = [p for p in pieces if len(p) > 1]
+    assert runs and all(p.isspace() for p in runs)                 # merges of whitespace only
+    assert "\n    " in pieces and " " in pieces
+    assert len(ws(texts[0])["input_ids"]) < len(texts[0].encode())
+    with pytest.raises(InputError, match="merges"):
+        T.train_tokenizer(texts, 300, merges="words")
 
 
 def test_masked_batch_follows_the_llada_objective() -> None:
     data = [torch.arange(10, 200, dtype=torch.int32) % 50 + 10 for _ in range(3)] + [torch.tensor([11, 12], dtype=torch.int32)]
-    cfg = T.TrainConfig(seq_len=32, batch_size=64)
+    cfg = T.TrainConfig(seq_len=32, batch_size=64, block_rows=0.0)
     inp, tgt, w = T._masked_batch(data, cfg, eos=0, mask=1, rng=random.Random(0), gen=torch.Generator().manual_seed(0))
     masked = inp == 1
     assert torch.equal(masked, w > 0) and (tgt != 1).all()
     assert torch.equal(inp[~masked], tgt[~masked])
     assert (w[masked] >= 1).all()                        # 1/t with t in (0, 1]
     assert (tgt == 0).any()                              # a short file ends: EOS padding
+
+
+def test_block_rows_are_the_canvas_of_semi_autoregressive_infilling() -> None:
+    """A clean prefix, the block masked with ratio t (its masked tokens the loss, 1/t), the
+    later positions all masked, then a clean suffix or none."""
+    data = [torch.arange(10, 300, dtype=torch.int32) % 50 + 10 for _ in range(3)]
+    cfg = T.TrainConfig(seq_len=96, batch_size=64, block_rows=1.0, blocks=(16, 32))
+    inp, tgt, w = T._masked_batch(data, cfg, eos=0, mask=1, rng=random.Random(0), gen=torch.Generator().manual_seed(0))
+    masked = inp == 1
+    suffixes, sizes = 0, set()
+    for m, wt in zip(masked.tolist(), w.tolist()):
+        assert all(x >= 1 for x in wt if x > 0) and all(m[i] for i, x in enumerate(wt) if x > 0)
+        end = max(i for i, x in enumerate(m) if x) + 1
+        fits = [(s, b) for s in range(1, cfg.seq_len) for b in cfg.blocks
+                if not any(m[:s]) and all(m[s + b:end]) and not any(wt[:s]) and not any(wt[s + b:])
+                and all(wt[i] > 0 for i in range(s, min(s + b, end)) if m[i])]
+        assert fits, (m, wt)
+        sizes.add(fits[-1][1])
+        suffixes += end < cfg.seq_len
+    assert sizes == {16, 32} and 10 < suffixes < 54
 
 
 def test_training_reduces_the_loss_and_reuses_the_checkpoint(stdlib, tmp_path, capsys) -> None:
