@@ -3,8 +3,8 @@
 Infilling on held-out standard-library text (files ``train-mdm`` never trained on): each
 case is a held-out passage cut into ``--prompt-len`` tokens before, a span of ``L`` tokens
 (masked: the reference), and ``--suffix-len`` tokens after; the model fills the span. The
-default model's tokens are bytes and 61 merges (1.6 bytes a token; 128 tokens: about five lines
-of code).
+default model's tokens are bytes and whitespace runs (1.27 bytes a token; 128 tokens: about
+four lines of code).
 For each generation length L in ``--lengths`` and each system:
 
 - ``baseline``: LLaDA semi-autoregressive decoding (``llada_semi_ar``: blocks of 32, one

@@ -210,8 +210,7 @@ def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: in
     x = torch.stack(rows).long()
     t = draw_t(cfg.batch_size, gen)[:, None]
     masked = torch.rand(x.shape, generator=gen) < t
-    weight = masked.float() / t
-    n = cfg.seq_len
+    n, windows = cfg.seq_len, []
     for i in range(cfg.batch_size):
         if rng.random() < cfg.block_rows:
             # the canvas semi-autoregressive decoding sees: a clean prefix, the current block
@@ -219,15 +218,18 @@ def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: in
             # the loss is the block's (its masked tokens, weighted 1/t)
             b = rng.choice(cfg.blocks)
             start = rng.randrange(1, n - b)
-            end = n - (rng.randrange(1, (n - start - b) // 2 + 1) if rng.random() < 0.5 and n - start - b >= 2 else 0)
+            rest = n - start - b
+            end = n - (rng.randrange(1, rest // 2 + 1) if rng.random() < 0.5 and rest >= 2 else 0)
             masked[i, :start] = False
             masked[i, start + b:end] = True
             masked[i, end:] = False
-            weight[i] = 0.0
-            weight[i, start:start + b] = masked[i, start:start + b].float() / t[i]
+            windows.append((i, start, start + b))
         elif rng.random() < 0.5:          # SFT form: an unmasked prompt, then the masked response
             masked[i, : rng.randrange(1, n // 2)] = False
-            weight[i] = masked[i].float() / t[i]
+    weight = masked.float() / t
+    for i, lo, hi in windows:             # a block row's loss is its block's
+        weight[i, :lo] = 0.0
+        weight[i, hi:] = 0.0
     inp = torch.where(masked, torch.full_like(x, mask), x)
     return inp, x, weight
 
