@@ -27,7 +27,9 @@ one token repeated), which show a degenerate fill for what it is, and the model'
 log-likelihood of each output, per token, read left to right (``own_loglik``; the held-out
 text's own beside it): what a decoding rule that commits tokens together instead of one at a
 time can lose, whether or not the model is good at the task. Systems run interleaved per
-case after a warm-up; the likelihoods are scored afterwards, untimed.
+case after a warm-up; the likelihoods are scored afterwards, untimed. The model is
+``train-mdm``'s default (the LLaDA objective, then self-distillation on its own fills);
+``--no-distill``: the one trained with the LLaDA objective alone.
 
     python benchmarks/bench_diffusion.py [--n 16] [--lengths 64 256] [--reps 3] [--threshold 0.9] [--more-thresholds 0.7 0.5] [--prompt-len 128]
 """
@@ -47,7 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from decograph.api import generate  # noqa: E402
 from decograph.frontends.strategies import load_strategy  # noqa: E402
-from decograph.train_mdm import held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
+from decograph.train_mdm import TrainConfig, held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
 
 
 def systems(threshold: float, block: int, small: int, more: list[float]) -> dict[str, object]:
@@ -115,12 +117,15 @@ def main() -> None:
     ap.add_argument("--small-block", type=int, default=16, help="the extra dual-cache row's block size (0: none)")
     ap.add_argument("--backend", default="torch", help="where every system runs (torch, onnxruntime)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-distill", action="store_true",
+                    help="run on the checkpoint trained with the LLaDA objective alone (train-mdm --distill-minutes 0)")
     ap.add_argument("--out", default=str(HERE / "results" / "diffusion.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_trained_mdm()
-    info = json.loads((trained_mdm_dir() / "train.json").read_text())
-    print(f"model: {trained_mdm_dir()} ({info['steps']} steps, {info['seconds']:.0f} s, "
+    config = TrainConfig(distill_minutes=0) if args.no_distill else TrainConfig()
+    model, tok = load_trained_mdm(config)
+    info = json.loads((trained_mdm_dir(config) / "train.json").read_text())
+    print(f"model: {trained_mdm_dir(config)} ({info['steps']} steps, {info['seconds']:.0f} s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)", file=sys.stderr)
     progs = systems(args.threshold, args.block, args.small_block, args.more_thresholds)
     rows = []
@@ -180,7 +185,10 @@ def main() -> None:
               f"| {cell(r['forwards_per_token'])} | {r['accuracy_pct']}% | {cell(r['agreement_with_baseline_pct'], '%')} "
               f"| {cell(r['top_token_share_pct'], '%')} | {cell(r['own_loglik_per_token'])} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "train": {k: info[k] for k in ("steps", "seconds", "final_loss")},
+    train = {k: info[k] for k in ("steps", "seconds", "final_loss")}
+    if info.get("distill"):
+        train["distill"] = {k: v for k, v in info["distill"].items() if k != "curve"}
+    Path(args.out).write_text(json.dumps({"args": vars(args), "train": train,
                                           "rows": rows}, indent=1))
 
 

@@ -6,7 +6,7 @@
                   [--chat | --no-chat] [--set KEY=VALUE ...] [--backend NAME] [--sample ...] [--stream | --json]
     decograph ner --labels L1,L2 TEXT...
     decograph backends [--json]
-    decograph train-mdm [--minutes M]
+    decograph train-mdm [--minutes M] [--distill-minutes M]
     decograph bench [--strategies S1,S2] [--prompts FILE.jsonl] [--per-category N] [--reps N] [--out DIR]
     decograph viz --strategy NAME_OR_FILE --prompt TEXT [--max-new-tokens N] [-o report.html]
 
@@ -245,7 +245,8 @@ def _cmd_train_mdm(args: argparse.Namespace) -> int:
     if args.minutes <= 0 and args.max_steps <= 0:
         raise InputError("train-mdm: give --minutes > 0 or --max-steps > 0")
     cfg = TrainConfig(d_model=args.d_model, n_layers=args.layers, seq_len=args.seq_len, minutes=args.minutes,
-                      max_steps=args.max_steps, seed=args.seed, compile=args.compile)
+                      max_steps=args.max_steps, seed=args.seed, compile=args.compile,
+                      distill_minutes=args.distill_minutes)
     path = train_mdm(cfg, args.cache_dir, force=args.force, progress=not args.quiet,
                      log=lambda m: print(m, file=sys.stderr))
     print(path)
@@ -348,10 +349,14 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-mdm", help="train the small masked diffusion LM the unmask strategies run on",
                        description="Train a small masked diffusion LM (LLaDA objective) on this Python's standard "
-                                   "library, offline; saves a safetensors checkpoint, its config and tokenizer in "
+                                   "library, offline, then self-distill it on its own fills; saves a safetensors checkpoint, its config and tokenizer in "
                                    "the cache (reused by later runs) and prints its directory. Run it with "
                                    "`decograph run --model mdm --strategy fast_dllm ...`.")
-    t.add_argument("--minutes", type=float, default=25.0, help="wall-clock training budget (default: 25)")
+    t.add_argument("--minutes", type=float, default=20.0,
+                   help="wall-clock budget of the LLaDA-objective stage (default: 20)")
+    t.add_argument("--distill-minutes", type=float, default=8.0, metavar="M",
+                   help="then self-distillation on the model's own fills, so that it is sure of several tokens "
+                        "at once (default: 8; 0: none)")
     t.add_argument("--max-steps", type=int, default=0, metavar="N", help="stop after N steps (0: by --minutes)")
     t.add_argument("--d-model", type=int, default=256, metavar="D", help="model width (default: 256)")
     t.add_argument("--layers", type=int, default=4, metavar="N", help="transformer layers (default: 4)")

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import decograph
 from decograph import train_mdm as T
@@ -15,7 +16,8 @@ from decograph.errors import InputError, ModelError
 from decograph.models.mdm import MDMConfig, MDMTransformer
 
 TINY = T.TrainConfig(vocab_size=320, d_model=32, n_layers=1, n_heads=2, d_ff=64, seq_len=48, batch_size=8,
-                     lr=3e-3, minutes=0, max_steps=40)
+                     lr=3e-3, minutes=0, max_steps=40, distill_minutes=0)
+DISTILLED = T.TrainConfig(**{**TINY.__dict__, "distill_rows": 48, "distill_steps": 60, "distill_lr": 3e-3})
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +166,73 @@ def test_compile_falls_back_to_eager_or_raises(monkeypatch) -> None:
     assert torch.equal(T._train_forward(model, T.TrainConfig(compile="off"), logs.append)(ids, pos), want)
     with pytest.raises(InputError, match="compile must be auto, on or off"):
         T._train_forward(model, T.TrainConfig(compile="sometimes"), logs.append)
+
+
+def test_distill_canvas_masks_one_block_and_the_span_after_it() -> None:
+    """The canvas semi-autoregressive infilling sees: prompt, earlier blocks and suffix clean,
+    one block masked (its masked positions the loss, at least one), the span after it masked."""
+    assert T.distill_geometry(448) == (128, 64, 32, 32)
+    plen, span, slen, block = T.distill_geometry(48)
+    x = torch.arange(plen + span + slen).repeat(64, 1) + 10
+    inp, loss_at = T._distill_canvas(x, plen, span, block, mask=1, rng=random.Random(0),
+                                     gen=torch.Generator().manual_seed(0))
+    masked = inp == 1
+    assert torch.equal(inp[~masked], x[~masked]) and not (loss_at & ~masked).any()
+    seen = set()
+    for m, at in zip(masked.tolist(), loss_at.tolist()):
+        k = (at.index(True) - plen) // block
+        lo, hi = plen + k * block, plen + (k + 1) * block
+        seen.add(k)
+        assert not any(m[:lo]) and all(m[hi:plen + span]) and not any(m[plen + span:])
+        assert at[lo:hi] == m[lo:hi] and not any(at[:lo] + at[hi:])
+    assert seen == set(range(span // block))
+
+
+def test_certainty_forcing_loss_adds_the_entropy_of_right_predictions_only() -> None:
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    target = logits.argmax(-1)
+    target[0, 1] = (target[0, 1] + 1) % 7                       # one wrong prediction
+    at = torch.zeros(2, 5, dtype=torch.bool)
+    at[0, :3] = True
+    at[1, 4] = True
+    ce = F.cross_entropy(logits[at], target[at], reduction="none")
+    p = logits[at].softmax(-1)
+    entropy = -(p * p.log()).sum(-1)
+    right = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.0), ce.mean())
+    assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.5), (ce + 0.5 * entropy * right).mean())
+
+
+def _confidence_on_own_fills(model, tok, stdlib) -> float:
+    """The model's mean confidence (max probability) at each masked position of a span whose
+    earlier positions hold its own one-token-per-step fill (the canvas of each step)."""
+    plen, span, slen, block = T.distill_geometry(TINY.seq_len)
+    confs = []
+    for prompt, cont in T.held_out_samples(tok, plen, span + slen, 6, stdlib_root=stdlib):
+        [r] = decograph.generate(model, tok, [prompt], "fast_dllm", span, suffixes=[cont[span:]], passes="none",
+                                 eos_token_id=[], overrides={"block": block, "threshold": 1.0})
+        fill = list(r.new_token_ids)
+        for i in range(span):
+            ids = torch.tensor([prompt + fill[:i] + [model.config.mask_token_id] * (span - i) + cont[span:]])
+            with torch.no_grad():
+                p = model(ids, torch.arange(ids.shape[1])[None])[0][0, plen + i:plen + span].softmax(-1)
+            confs.append(float(p.max(-1).values.mean()))
+    return sum(confs) / len(confs)
+
+
+def test_self_distillation_makes_the_model_sure_of_its_own_fills(stdlib, tmp_path) -> None:
+    """The stage runs after the LLaDA objective (same fingerprint family, recorded in
+    train.json) and raises the model's confidence in what one-at-a-time decoding would write."""
+    assert TINY.fingerprint() != DISTILLED.fingerprint()
+    assert DISTILLED.fingerprint() == T.TrainConfig(**{**DISTILLED.__dict__, "distill_rows": 8, "distill_steps": 3}).fingerprint()
+    plain = T.train_mdm(TINY, tmp_path, progress=False, stdlib_root=stdlib, log=lambda m: None)
+    d = T.train_mdm(DISTILLED, tmp_path, progress=False, stdlib_root=stdlib, log=lambda m: None)
+    info = json.loads((d / "train.json").read_text())
+    assert info["pretrain"]["steps"] == 40 and info["distill"]["rows"] == 48 and info["distill"]["steps"] == 60
+    assert info["distill"]["curve"][-1]["loss"] < info["distill"]["curve"][0]["loss"]
+    before = _confidence_on_own_fills(*T.load_trained_mdm(TINY, tmp_path), stdlib)
+    after = _confidence_on_own_fills(*T.load_trained_mdm(DISTILLED, tmp_path), stdlib)
+    assert plain != d and after > before + 0.1, (before, after)
+    with pytest.raises(InputError, match="distill"):
+        T.train_mdm(T.TrainConfig(**{**TINY.__dict__, "distill_minutes": -1}), tmp_path, progress=False,
+                    stdlib_root=stdlib, log=lambda m: None)
