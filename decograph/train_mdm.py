@@ -26,7 +26,9 @@ hashes to 0 mod 20 are held out for the benchmark.
   model infills spans of training text one token per step (its own LLaDA-baseline decoding,
   through decograph's ``fast_dllm`` at threshold 1.0 with the dual cache), half it is
   fine-tuned on those fills on the semi-autoregressive canvas (cross-entropy against its own
-  tokens plus the entropy of those it predicts right). Trained on the text alone the model is
+  tokens plus the entropy of those it predicts right), half of each batch the same windows'
+  own text (cross-entropy only: without it the model grows sure of its likeliest tokens
+  everywhere, and its fills repeat them). Trained on the text alone the model is
   rarely sure of two masked tokens at once (0.98 forwards a token at Fast-dLLM's threshold
   0.9); its own fills are a deterministic function of their context, and learning them makes
   it sure of several at once, so parallel unmasking commits more per step and writes what
@@ -97,6 +99,7 @@ class TrainConfig:
     distill_steps: int = 0        # > 0: exactly this many fine-tuning steps instead of a time budget
     distill_entropy: float = 0.5  # certainty forcing: weight of the entropy of correctly predicted tokens
     distill_lr: float = 5e-4
+    distill_mix: float = 0.5      # share of the fine-tuning rows that are the text itself (cross-entropy only)
 
     @property
     def distills(self) -> bool:
@@ -118,7 +121,7 @@ class TrainConfig:
         if self.distills:         # (a checkpoint without the stage keeps its earlier fingerprint)
             d["distill"] = True
         else:
-            for k in ("distill_entropy", "distill_lr"):
+            for k in ("distill_entropy", "distill_lr", "distill_mix"):
                 del d[k]
         d["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -267,9 +270,11 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
     cfg = config or TrainConfig()
     if cfg.minutes <= 0 and cfg.max_steps <= 0:
         raise InputError("train-mdm: --minutes or --max-steps must be > 0")
-    for name in ("distill_minutes", "distill_rows", "distill_steps", "distill_entropy", "distill_lr"):
+    for name in ("distill_minutes", "distill_rows", "distill_steps", "distill_entropy", "distill_lr", "distill_mix"):
         if getattr(cfg, name) < 0:
             raise InputError(f"train-mdm: {name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.distill_mix > 1:
+        raise InputError(f"train-mdm: distill_mix is a share, at most 1, got {cfg.distill_mix}")
     target = trained_mdm_dir(cfg, cache_dir)
     if (target / "train.json").is_file() and not force:
         log(f"reusing the trained model at {target} (--force retrains)")
@@ -363,7 +368,8 @@ def _self_distill(model: MDMTransformer, tok: Any, data: list[torch.Tensor], cfg
        the span's earlier blocks and the suffix clean, one block masked with ratio t, the
        later blocks masked); the loss is the cross-entropy of the block's masked tokens
        against the model's own fill, plus ``distill_entropy`` times the entropy of those it
-       already predicts right. A fill is a deterministic function of its context, so the
+       already predicts right; ``distill_mix`` of the rows are the windows' own text instead
+       (cross-entropy only), which keeps the model a model of the text. A fill is a deterministic function of its context, so the
        model learns to be sure of several of its own tokens at once: parallel unmasking then
        commits more per step while producing what one-at-a-time decoding would."""
     from tqdm import tqdm
@@ -379,6 +385,7 @@ def _self_distill(model: MDMTransformer, tok: Any, data: list[torch.Tensor], cfg
     long_enough = [d for d in data if len(d) >= total] or data
     weights = [len(d) for d in long_enough]
     rows: list[list[int]] = []
+    texts: list[list[int]] = []                 # the same windows as written (the text itself)
     start = time.perf_counter()
     bar = tqdm(total=cfg.distill_rows or int(budget), disable=not progress, unit="row" if cfg.distill_rows else "s",
                desc="self-distill: own fills")
@@ -394,10 +401,15 @@ def _self_distill(model: MDMTransformer, tok: Any, data: list[torch.Tensor], cfg
                              suffixes=[w[plen + span:] for w in windows], passes="none", eos_token_id=[])
         for w, f in zip(windows, fills):
             rows.append(w[:plen] + list(f.new_token_ids) + w[plen + span:])
+            texts.append(w)
+        bar.set_postfix(rows=len(rows))
         bar.update(len(fills) if cfg.distill_rows else int(time.perf_counter() - start) - bar.n)
     bar.close()
     gen_seconds = time.perf_counter() - start
-    fills_t = torch.tensor(rows[:cfg.distill_rows] if cfg.distill_rows else rows)
+    keep = cfg.distill_rows or len(rows)
+    fills_t, texts_t = torch.tensor(rows[:keep]), torch.tensor(texts[:keep])
+    n_text = round(batch * cfg.distill_mix)
+    own = torch.arange(batch) >= n_text          # rows of the model's own fills (the rest: the text)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.distill_lr, betas=(0.9, 0.95), weight_decay=0.01)
     pos = torch.arange(total).expand(batch, -1)
@@ -408,11 +420,12 @@ def _self_distill(model: MDMTransformer, tok: Any, data: list[torch.Tensor], cfg
         frac = step / cfg.distill_steps if cfg.distill_steps else min(1.0, (time.perf_counter() - start) / budget)
         for g in opt.param_groups:
             g["lr"] = cfg.distill_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x = fills_t[torch.randint(len(fills_t), (batch,), generator=gen)]
+        pick = torch.randint(len(fills_t), (batch,), generator=gen)
+        x = torch.where(own[:, None], fills_t[pick], texts_t[pick])
         inp, loss_at = _distill_canvas(x, plen, span, block, mask, rng, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(inp, pos)[0]
-        loss = _certainty_forcing_loss(logits.float(), x, loss_at, cfg.distill_entropy)
+        loss = _certainty_forcing_loss(logits.float(), x, loss_at, cfg.distill_entropy, own[:, None] & loss_at)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -452,14 +465,17 @@ def _distill_canvas(x: torch.Tensor, plen: int, span: int, block: int, mask: int
 
 
 def _certainty_forcing_loss(logits: torch.Tensor, target: torch.Tensor, loss_at: torch.Tensor,
-                            entropy_weight: float) -> torch.Tensor:
+                            entropy_weight: float, entropy_at: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over ``loss_at`` of the cross-entropy against ``target`` plus ``entropy_weight``
-    times the prediction's entropy where its argmax already is the target."""
+    times the prediction's entropy where its argmax already is the target (and, given
+    ``entropy_at``, only there: the model's own fills, not the text's rows)."""
     logp = logits[loss_at].log_softmax(-1)
     tgt = target[loss_at]
     ce = -logp.gather(-1, tgt[:, None])[:, 0]
     entropy = -(logp.exp() * logp).sum(-1)
     right = (logp.argmax(-1) == tgt).float()
+    if entropy_at is not None:
+        right = right * entropy_at[loss_at].float()
     return (ce + entropy_weight * entropy * right).mean()
 
 

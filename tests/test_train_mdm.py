@@ -201,6 +201,9 @@ def test_certainty_forcing_loss_adds_the_entropy_of_right_predictions_only() -> 
     right = torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.0), ce.mean())
     assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.5), (ce + 0.5 * entropy * right).mean())
+    own = torch.tensor([[True], [False]]) & at                   # row 1 is the text itself: no entropy term
+    assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.5, own),
+                          (ce + 0.5 * entropy * right * torch.tensor([1.0, 1.0, 1.0, 0.0])).mean())
 
 
 def _confidence_on_own_fills(model, tok, stdlib) -> float:
@@ -233,6 +236,7 @@ def test_self_distillation_makes_the_model_sure_of_its_own_fills(stdlib, tmp_pat
     before = _confidence_on_own_fills(*T.load_trained_mdm(TINY, tmp_path), stdlib)
     after = _confidence_on_own_fills(*T.load_trained_mdm(DISTILLED, tmp_path), stdlib)
     assert plain != d and after > before + 0.1, (before, after)
-    with pytest.raises(InputError, match="distill"):
-        T.train_mdm(T.TrainConfig(**{**TINY.__dict__, "distill_minutes": -1}), tmp_path, progress=False,
-                    stdlib_root=stdlib, log=lambda m: None)
+    for bad in ({"distill_minutes": -1}, {"distill_mix": 1.5}):
+        with pytest.raises(InputError, match="distill"):
+            T.train_mdm(T.TrainConfig(**{**DISTILLED.__dict__, **bad}), tmp_path, progress=False,
+                        stdlib_root=stdlib, log=lambda m: None)
