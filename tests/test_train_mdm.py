@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import decograph
+from decograph import distill_mdm as D
 from decograph import train_mdm as T
 from decograph.cli import main
 from decograph.errors import InputError, ModelError
@@ -129,6 +130,8 @@ def test_failed_save_leaves_nothing_half_written(stdlib, tmp_path, monkeypatch) 
 def test_cli_train_mdm_errors_and_missing_model(tmp_path, monkeypatch, capsys) -> None:
     assert main(["train-mdm", "--minutes", "0"]) == 2
     assert "--max-steps" in capsys.readouterr().err
+    assert main(["train-mdm", "--distill-minutes", "-1", "--cache-dir", str(tmp_path)]) == 2
+    assert "distill_minutes must be >= 0" in capsys.readouterr().err and not any(tmp_path.iterdir())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert main(["run", "--model", "mdm", "--strategy", "fast_dllm", "--prompt", "x"]) == 2
     assert "decograph train-mdm" in capsys.readouterr().err
@@ -171,10 +174,10 @@ def test_compile_falls_back_to_eager_or_raises(monkeypatch) -> None:
 def test_distill_canvas_masks_one_block_and_the_span_after_it() -> None:
     """The canvas semi-autoregressive infilling sees: prompt, earlier blocks and suffix clean,
     one block masked (its masked positions the loss, at least one), the span after it masked."""
-    assert T.distill_geometry(448) == (128, 64, 32, 32)
-    plen, span, slen, block = T.distill_geometry(48)
+    assert D.distill_geometry(448) == (128, 64, 32, 32)
+    plen, span, slen, block = D.distill_geometry(48)
     x = torch.arange(plen + span + slen).repeat(64, 1) + 10
-    inp, loss_at = T._distill_canvas(x, plen, span, block, mask=1, rng=random.Random(0),
+    inp, loss_at = D._distill_canvas(x, plen, span, block, mask=1, rng=random.Random(0),
                                      gen=torch.Generator().manual_seed(0))
     masked = inp == 1
     assert torch.equal(inp[~masked], x[~masked]) and not (loss_at & ~masked).any()
@@ -199,17 +202,17 @@ def test_certainty_forcing_loss_adds_the_entropy_of_right_predictions_only() -> 
     p = logits[at].softmax(-1)
     entropy = -(p * p.log()).sum(-1)
     right = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.0), ce.mean())
-    assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.5), (ce + 0.5 * entropy * right).mean())
+    assert torch.allclose(D._certainty_forcing_loss(logits, target, at, 0.0), ce.mean())
+    assert torch.allclose(D._certainty_forcing_loss(logits, target, at, 0.5), (ce + 0.5 * entropy * right).mean())
     own = torch.tensor([[True], [False]]) & at                   # row 1 is the text itself: no entropy term
-    assert torch.allclose(T._certainty_forcing_loss(logits, target, at, 0.5, own),
+    assert torch.allclose(D._certainty_forcing_loss(logits, target, at, 0.5, own),
                           (ce + 0.5 * entropy * right * torch.tensor([1.0, 1.0, 1.0, 0.0])).mean())
 
 
 def _confidence_on_own_fills(model, tok, stdlib) -> float:
     """The model's mean confidence (max probability) at each masked position of a span whose
     earlier positions hold its own one-token-per-step fill (the canvas of each step)."""
-    plen, span, slen, block = T.distill_geometry(TINY.seq_len)
+    plen, span, slen, block = D.distill_geometry(TINY.seq_len)
     confs = []
     for prompt, cont in T.held_out_samples(tok, plen, span + slen, 6, stdlib_root=stdlib):
         [r] = decograph.generate(model, tok, [prompt], "fast_dllm", span, suffixes=[cont[span:]], passes="none",
