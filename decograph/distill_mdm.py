@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from decograph.models.mdm import MDMTransformer
-from decograph.train_mdm import TrainConfig, draw_t
+from decograph.train_mdm import TrainConfig, TrainLoop, draw_t
 
 __all__ = ["distill_geometry", "self_distill"]
 
@@ -85,11 +85,11 @@ def self_distill(model: MDMTransformer, tok: Any, data: list[torch.Tensor], cfg:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.distill_lr, betas=(0.9, 0.95), weight_decay=0.01)
     pos = torch.arange(total).expand(batch, -1)
-    start, step, ema, curve = time.perf_counter(), 0, None, []
     bar = tqdm(total=cfg.distill_steps or int(budget), disable=not progress, unit="step" if cfg.distill_steps else "s",
                desc="self-distill: fine-tune")
-    while (step < cfg.distill_steps) if cfg.distill_steps else (time.perf_counter() - start < budget):
-        frac = step / cfg.distill_steps if cfg.distill_steps else min(1.0, (time.perf_counter() - start) / budget)
+    loop = TrainLoop(bar, cfg.distill_steps > 0, 0.95)
+    while (loop.step < cfg.distill_steps) if cfg.distill_steps else (loop.elapsed() < budget):
+        frac = loop.step / cfg.distill_steps if cfg.distill_steps else min(1.0, loop.elapsed() / budget)
         for g in opt.param_groups:
             g["lr"] = cfg.distill_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         pick = torch.randint(len(fills_t), (batch,), generator=gen)
@@ -97,21 +97,12 @@ def self_distill(model: MDMTransformer, tok: Any, data: list[torch.Tensor], cfg:
         inp, loss_at = _distill_canvas(x, plen, span, block, mask, rng, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(inp, pos)[0]
-        loss = _certainty_forcing_loss(logits.float(), x, loss_at, cfg.distill_entropy, own[:, None] & loss_at)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 10 == 0:
-            curve.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": round(ema, 4)})
-        bar.set_postfix(step=step, loss=f"{ema:.3f}")
-        bar.update(1 if cfg.distill_steps else int(time.perf_counter() - start) - bar.n)
+        loop.update(model, opt, _certainty_forcing_loss(logits.float(), x, loss_at, cfg.distill_entropy,
+                                                        own[:, None] & loss_at))
     bar.close()
     model.eval()
-    return {"rows": len(fills_t), "fill_seconds": round(gen_seconds, 1), "steps": step,
-            "seconds": round(time.perf_counter() - start, 1), "final_loss": ema, "curve": curve,
+    return {"rows": len(fills_t), "fill_seconds": round(gen_seconds, 1), "steps": loop.step,
+            "seconds": round(loop.elapsed(), 1), "final_loss": loop.ema, "curve": loop.curve,
             "geometry": {"prompt": plen, "span": span, "suffix": slen, "block": block}}
 
 

@@ -67,7 +67,7 @@ import torch
 from decograph.errors import InputError, ModelError
 from decograph.models.mdm import MDMConfig, MDMTransformer, load_mdm, save_mdm
 
-__all__ = ["TrainConfig", "draw_t", "stdlib_files", "held_out", "train_tokenizer", "train_mdm", "trained_mdm_dir",
+__all__ = ["TrainConfig", "TrainLoop", "draw_t", "stdlib_files", "held_out", "train_tokenizer", "train_mdm", "trained_mdm_dir",
            "load_trained_mdm", "held_out_samples"]
 
 EOS, MASK, PAD = "<|endoftext|>", "<|mask|>", "<|pad|>"
@@ -262,6 +262,33 @@ def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: in
     return inp, x, weight
 
 
+class TrainLoop:
+    """The bookkeeping both training stages share: the optimizer step (gradient clipped to
+    1), the smoothed loss (``decay``), its curve every 10 steps, and the progress bar, by
+    steps (``by_steps``) or by seconds."""
+
+    def __init__(self, bar: Any, by_steps: bool, decay: float) -> None:
+        self.bar, self.by_steps, self.decay = bar, by_steps, decay
+        self.start, self.step, self.ema = time.perf_counter(), 0, None
+        self.curve: list[dict[str, float]] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def update(self, model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        self.step += 1
+        value = loss.item()
+        self.ema = value if self.ema is None else self.decay * self.ema + (1 - self.decay) * value
+        if self.step % 10 == 0:
+            self.curve.append({"step": self.step, "seconds": round(self.elapsed(), 1), "loss": round(self.ema, 4)})
+        self.bar.set_postfix(step=self.step, loss=f"{self.ema:.3f}")
+        self.bar.update(1 if self.by_steps else int(self.elapsed()) - self.bar.n)
+
+
 def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = None, *, force: bool = False,
               progress: bool = True, stdlib_root: str | Path | None = None, log: Any = print) -> Path:
     """Trains (or reuses) the checkpoint; returns its directory."""
@@ -298,32 +325,23 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     pos = torch.arange(cfg.seq_len).expand(cfg.batch_size, -1)
     budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
-    start, step, curve = time.perf_counter(), 0, []
+    start = time.perf_counter()
     bar = tqdm(total=int(budget) if cfg.max_steps == 0 else cfg.max_steps, disable=not progress,
                unit="s" if cfg.max_steps == 0 else "step", desc="train-mdm")
-    ema = None
+    loop = TrainLoop(bar, cfg.max_steps > 0, 0.98)
     forward = _train_forward(model, cfg, log)
-    while (cfg.max_steps == 0 or step < cfg.max_steps) and time.perf_counter() - start < budget:
-        frac = min(1.0, (time.perf_counter() - start) / budget) if cfg.max_steps == 0 else step / cfg.max_steps
-        lr = cfg.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    while (cfg.max_steps == 0 or loop.step < cfg.max_steps) and loop.elapsed() < budget:
+        frac = min(1.0, loop.elapsed() / budget) if cfg.max_steps == 0 else loop.step / cfg.max_steps
+        lr = cfg.lr * min(1.0, (loop.step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         inp, tgt, w = _masked_batch(data, cfg, eos, mask, rng, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = forward(inp, pos)
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none")
-        loss = (ce * w.flatten()).sum() / tgt.numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 10 == 0:
-            curve.append({"step": step, "seconds": round(time.perf_counter() - start, 1), "loss": round(ema, 4)})
-        bar.set_postfix(step=step, loss=f"{ema:.3f}")
-        bar.update(1 if cfg.max_steps else int(time.perf_counter() - start) - bar.n)
+        loop.update(model, opt, (ce * w.flatten()).sum() / tgt.numel())
     bar.close()
+    step, ema = loop.step, loop.ema
     pretrain = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "final_loss": ema}
     distilled = None
     if cfg.distills:
@@ -335,7 +353,7 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
         save_mdm(model, tmp)
         tok.save_pretrained(str(tmp))
         info = {"train_config": asdict(cfg), "steps": step, "seconds": round(time.perf_counter() - start, 1),
-                "tokens_seen": step * cfg.batch_size * cfg.seq_len, "final_loss": ema, "curve": curve,
+                "tokens_seen": step * cfg.batch_size * cfg.seq_len, "final_loss": ema, "curve": loop.curve,
                 "python": sys.version.split()[0], "bf16_autocast": bf16, "pretrain": pretrain,
                 "distill": distilled}
         (tmp / "train.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
