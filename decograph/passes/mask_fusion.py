@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from decograph.backends.torch_ref.cost import DEFAULT_CURVE
+from decograph.passes.cost import DEFAULT_CURVE
 from decograph.errors import PassError
 from decograph.ir import ops as O
 from decograph.passes.analysis import AnalysisManager, ForwardCost

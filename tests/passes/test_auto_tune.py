@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from helpers import check_pass
 
-from decograph.backends.torch_ref.cost import CostCurve
+from decograph.passes.cost import CostCurve
 from decograph.passes.auto_tune import AutoTune, best_size
 from decograph.passes.manager import PassContext
 from decograph.passes.profile import AcceptanceProfile

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import check_pass
 
-from decograph.backends.torch_ref.cost import DEFAULT_CURVE
+from decograph.passes.cost import DEFAULT_CURVE
 from decograph.errors import PassError
 from decograph.ir.parser import parse_program
 from decograph.passes import parse_pipeline

@@ -3,7 +3,7 @@ keeping tokens exact."""
 from __future__ import annotations
 
 from decograph.backends.torch_ref import Interpreter, RunConfig
-from decograph.backends.torch_ref.cost import CostCurve
+from decograph.passes.cost import CostCurve
 from decograph.frontends.adapters import as_adapter
 from decograph.frontends.strategies import load_strategy
 from decograph.models.oracle import OracleLM

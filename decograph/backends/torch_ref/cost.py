@@ -16,45 +16,9 @@ from typing import Any
 
 import torch
 
+from decograph.passes.cost import DEFAULT_CURVE, POINTS, CostCurve
+
 __all__ = ["CostCurve", "DEFAULT_CURVE", "measure_cost_curve", "cached_cost_curve"]
-
-POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-
-
-class CostCurve:
-    """Relative cost of a forward over ``q`` query tokens, interpolated between measured points."""
-
-    def __init__(self, points: dict[int, float]) -> None:
-        self.points = dict(sorted(points.items()))
-
-    def __call__(self, q: int) -> float:
-        """The cost of feeding ``q`` query tokens, padding them to the cheapest width first."""
-        return self.raw(self.best_width(q))
-
-    def best_width(self, q: int) -> int:
-        """The width >= q that is cheapest to run (small GEMMs can cost more than larger ones:
-        on SmolLM2 with 2 threads a 3-token forward costs more than a 4-token one)."""
-        best = q
-        for w in self.points:
-            if w > q and self.raw(w) < self.raw(best):
-                best = w
-        return best
-
-    def raw(self, q: int) -> float:
-        """The measured (interpolated) cost of exactly ``q`` query tokens."""
-        if q in self.points:
-            return self.points[q]
-        keys = list(self.points)
-        if q > keys[-1]:
-            a, b = keys[-2], keys[-1]
-        else:
-            b = next(k for k in keys if k > q)
-            a = keys[keys.index(b) - 1]
-        ya, yb = self.points[a], self.points[b]
-        return ya + (yb - ya) * (q - a) / (b - a)
-
-
-DEFAULT_CURVE = CostCurve({1: 1.0, 2: 1.5, 3: 1.7, 4: 1.7, 8: 1.8, 16: 2.1, 32: 2.8})
 
 
 def measure_cost_curve(adapter: Any, context: int = 256, reps: int = 5) -> CostCurve:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from decograph.backends.torch_ref.batch import Row
-from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
+from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.errors import UnsupportedError
 from decograph.exported_drafts import FIRST_PRIOR, LATER_PRIOR, pool_add
 from decograph.exported_drafts import level as match_level

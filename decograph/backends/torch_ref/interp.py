@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from decograph.backends.torch_ref.cost import DEFAULT_CURVE, CostCurve
+from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, Row, StepLayout
 from decograph.backends.torch_ref.branches import JOIN_RULES, Branch, find_branches
 from decograph.backends.torch_ref.layouts import Forwarded, collapse, run_forward

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, StepLayout
-from decograph.backends.torch_ref.cost import CostCurve
+from decograph.passes.cost import CostCurve
 
 __all__ = ["Forwarded", "run_forward"]
 
