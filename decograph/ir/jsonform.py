@@ -10,7 +10,7 @@ from typing import Any
 
 from decograph.errors import ParseError
 from decograph.ir.ops import Block, Iterate, Op, Program, Value
-from decograph.ir.parser import PROMPT_TYPE, _Parser, _Tokens, _type
+from decograph.ir.parser import PROMPT_TYPE, build_op, parse_type
 from decograph.ir.printer import Namer
 
 __all__ = ["to_json", "from_json"]
@@ -48,17 +48,8 @@ def to_json(p: Program) -> dict[str, Any]:
             "params": {k: _plain(v) for k, v in p.params}, "ops": block(p.body)}
 
 
-def _parse_type(text: str) -> Any:
-    t = _Tokens(text)
-    ty = _type(t)
-    if t.peek()[0] != "eof":
-        raise ParseError(f"bad type {text!r}")
-    return ty
-
-
 def from_json(d: dict[str, Any]) -> Program:
     """Inverse of ``to_json``; raises ``ParseError`` naming the op index on malformed input."""
-    parser = _Parser("")
     prompt = Value(PROMPT_TYPE)
     scope: dict[str, Value] = {"%prompt": prompt}
 
@@ -83,14 +74,14 @@ def from_json(d: dict[str, Any]) -> Program:
             if ref not in scope:
                 raise ParseError(f"JSON program, {where}: use of undefined value {ref}")
             operands.append(scope[ref])
-        results = tuple(Value(_parse_type(r["type"])) for r in item.get("results", []))
+        results = tuple(Value(parse_type(r["type"])) for r in item.get("results", []))
         body = None
         if "body" in item:
-            params = tuple(Value(_parse_type(p["type"])) for p in item["body"]["params"])
+            params = tuple(Value(parse_type(p["type"])) for p in item["body"]["params"])
             for p, v in zip(item["body"]["params"], params):
                 scope[p["name"]] = v
             body = Block(params, block(item["body"]["ops"], where + ".body"))
-        built = parser.build(OPS[name].cls, operands, {k: _tupled(v) for k, v in item.get("attrs", {}).items()}, results, body)
+        built = build_op(OPS[name].cls, operands, {k: _tupled(v) for k, v in item.get("attrs", {}).items()}, results, body)
         for r, v in zip(item.get("results", []), results):
             scope[r["name"]] = v
         return built

@@ -24,7 +24,7 @@ from decograph.errors import ParseError
 from decograph.ir.ops import OPS, Block, Iterate, Op, Program, Value
 from decograph.ir.types import TYPE_KINDS, Sym, Type, parse_dim
 
-__all__ = ["parse_program", "PROMPT_TYPE"]
+__all__ = ["parse_program", "parse_type", "build_op", "PROMPT_TYPE"]
 
 PROMPT_TYPE = Type("Tokens", (Sym("B"), Sym("P")))
 
@@ -256,7 +256,7 @@ class _Parser:
             t.context = f", op `{opname}`"
             t.take("}")
         try:
-            op = self.build(cls, operands, attrs, results, body)
+            op = build_op(cls, operands, attrs, results, body)
         except TypeError as exc:
             raise t.fail(line, col, str(exc), "write the operands the op takes, in order") from None
         for (name, vline, vcol), v in zip(lhs, results):
@@ -315,27 +315,40 @@ class _Parser:
         self.scopes.pop()
         return Block(tuple(params), tuple(ops))
 
-    @staticmethod
-    def build(cls: type[Op], operands: list[Value], attrs: dict[str, Any], results: tuple[Value, ...], body: Any) -> Op:
-        names = [f for f in dataclasses.fields(cls) if f.metadata.get("operand")]
-        known = {f.name for f in cls.attr_fields()}
-        for key in attrs:
-            if key not in known:
-                raise TypeError(f"unknown attribute {key!r}; {cls.NAME} takes {', '.join(sorted(known)) or 'none'}")
-        kwargs: dict[str, Any] = dict(attrs)
-        rest = list(operands)
-        for f in names:
-            if f.metadata.get("variadic"):
-                kwargs[f.name], rest = tuple(rest), []
-            elif rest:
-                kwargs[f.name] = rest.pop(0)
-            else:
-                raise TypeError(f"missing operand {f.name!r}")
-        if rest:
-            raise TypeError(f"takes {len(names)} operands, got {len(operands)}")
-        if body is not None:
-            kwargs["body"] = body
-        return cls(results=results, **kwargs)
+
+def build_op(cls: type[Op], operands: list[Value], attrs: dict[str, Any], results: tuple[Value, ...], body: Any) -> Op:
+    """An op of class ``cls`` from its operands in order (the variadic one takes the rest), its
+    attributes by name, its result values and its body (``Iterate``, else None). ``TypeError``
+    names an unknown attribute or a missing or extra operand; the text and JSON parsers both
+    build ops through it."""
+    names = [f for f in dataclasses.fields(cls) if f.metadata.get("operand")]
+    known = {f.name for f in cls.attr_fields()}
+    for key in attrs:
+        if key not in known:
+            raise TypeError(f"unknown attribute {key!r}; {cls.NAME} takes {', '.join(sorted(known)) or 'none'}")
+    kwargs: dict[str, Any] = dict(attrs)
+    rest = list(operands)
+    for f in names:
+        if f.metadata.get("variadic"):
+            kwargs[f.name], rest = tuple(rest), []
+        elif rest:
+            kwargs[f.name] = rest.pop(0)
+        else:
+            raise TypeError(f"missing operand {f.name!r}")
+    if rest:
+        raise TypeError(f"takes {len(names)} operands, got {len(operands)}")
+    if body is not None:
+        kwargs["body"] = body
+    return cls(results=results, **kwargs)
+
+
+def parse_type(text: str) -> Type:
+    """A type as the text form writes it (``Tokens[B, K + 1]``); ``ParseError`` if malformed."""
+    t = _Tokens(text)
+    ty = _type(t)
+    if t.peek()[0] != "eof":
+        raise ParseError(f"bad type {text!r}")
+    return ty
 
 
 def parse_program(text: str) -> Program:
