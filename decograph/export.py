@@ -13,14 +13,12 @@ diffusion) are refused with a named error.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from decograph.errors import InputError, UnsupportedError
 from decograph.exported import MANIFEST_VERSION, _sha
-from decograph.files import plain_permissions
+from decograph.files import check_output_dir, staging_dir
 from decograph.ir import ops as O
 
 __all__ = ["export_decoder", "runner_plan"]
@@ -73,16 +71,13 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype must be float32 or float16 (for ONNX Runtime's CUDA EP), got {dtype!r}")
     target = Path(out)
-    if target.exists() and any(target.iterdir()):
-        raise InputError(f"{target}: exists and is not empty; choose a new directory")
+    check_output_dir(target, "the exported decoder")      # a file, a used or unwritable place: before any work
     adapter, tok = resolve_model(model)
     if not isinstance(adapter, HFCausalLM):
         raise UnsupportedError(f"export needs a Hugging Face causal LM, got {type(adapter).__name__}")
     program = optimize(_program(strategy, overrides), adapter, passes)
     plan = runner_plan(program)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staging_dir(target, "the exported decoder") as tmp:     # renamed onto target when complete
         progress(f"exporting the decoding step of {type(adapter.model).__name__} to ONNX ...")
         step = export_step(adapter.model, tmp / "model.step.onnx", dtype=dtype)
         model_file = "model.onnx"
@@ -114,11 +109,4 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         }
         manifest["files"] = {f.name: _sha(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if target.exists():
-            target.rmdir()
-        plain_permissions(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

@@ -11,7 +11,8 @@ a float32 safetensors directory in the user cache and every later load reads tha
 The fingerprint hashes the GGUF file's size and its first and last MiB, so a different wheel
 version gets its own directory and a stale cache is never read. The directory is written
 under a temporary name next to its final place and renamed into place in one ``os.replace``:
-a crash or a concurrent first load never leaves a half-written cache behind.
+a crash or a concurrent first load never leaves a half-written cache behind, and what a
+killed conversion left there is removed by the next one (``decograph.files.staging_dir``).
 
 The wheel's own Python package is never imported (it needs ``llm`` and ``llama-cpp-python``);
 only its install location is looked up.
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from decograph.errors import ModelError
+from decograph.files import staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -192,8 +194,10 @@ def _convert(gguf: Path, target: Path, progress: bool) -> None:
             flush=True,
         )
     start = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    # staging_dir also removes what a killed earlier conversion left (up to 540 MB); the
+    # globs are the names earlier versions used, removed once a day old
+    with staging_dir(target, f"the {DEFAULT_MODEL_NAME} cache", publish=_move_into_place, error=ModelError,
+                     legacy=(f".{target.name}.tmp-*", f".{target.name}.stale-*")) as tmp:
         with _progress_bars(progress):
             model, tok = _read_gguf(gguf)
             _prepare(model, tok)
@@ -201,9 +205,6 @@ def _convert(gguf: Path, target: Path, progress: bool) -> None:
             tok.save_pretrained(tmp)
         marker = {"source": str(gguf), "fingerprint": target.name.rsplit("-", 1)[-1], "format": _CACHE_FORMAT}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"decograph: cached {DEFAULT_MODEL_NAME} in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
