@@ -17,6 +17,7 @@ from decograph.backends.torch_ref import Event, Interpreter, RunConfig
 from decograph.errors import InputError
 from decograph.frontends.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
+from decograph.text import check_utf8
 
 __all__ = ["Stats", "GenerationResult", "StreamChunk", "generate", "generate_stream", "list_strategies", "resolve_model"]
 
@@ -129,6 +130,7 @@ def _encode(prompts: Any, tokenizer: Any, chat: bool) -> list[list[int]]:
     out: list[list[int]] = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
+            p = check_utf8(p, f"prompt {i}")        # a lone surrogate would fail inside the tokenizer
             if tokenizer is None:
                 raise InputError(f"prompt {i} is text but no tokenizer was given; pass tokenizer= or token ids")
             if chat:
