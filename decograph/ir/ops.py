@@ -28,7 +28,7 @@ __all__ = [
 
 MAX_DRAFT = 64
 MASKS = ("causal", "tree", "block", "packed")
-JOIN_RULES = ("concat", "collect", "ner_dedup")
+JOIN_RULES = ("concat", "collect")        # built in; applications register more by name (NER: ner_dedup)
 KV_POLICIES = ("keep_accepted", "recompute", "block_approx", "block_approx_dual")
 LAYOUTS = ("sequence", "batch")
 ROLLBACKS = ("copy", "in_place")
@@ -300,7 +300,8 @@ class Fork(Op):
 @dataclass(frozen=True, eq=False)
 class Join(Op):
     """Merge a forked state's branches back into one row each: ``concat`` appends them to the
-    sequence, ``collect`` records them, ``ner_dedup`` records de-duplicated mentions."""
+    sequence, ``collect`` records them; any other name is a rule an application registers
+    with the runtime (``decograph.runtime.branches``), looked up when the program runs."""
     NAME = "join"
     state: Value = operand()
     rule: str = "concat"

@@ -35,7 +35,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 _RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16)}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES,
-    ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS, ("join", "rule"): O.JOIN_RULES,
+    ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS,
     ("draft.jacobi", "init"): ("repeat", "pad"), ("draft.gauss_seidel_jacobi", "init"): ("repeat", "pad"),
 }
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -160,6 +160,9 @@ class _Checker:
                 if not lo <= value <= hi:
                     raise self.fail(op, field, f"{value!r} is out of range [{lo:g}, {hi:g}]", f"choose {name} within [{lo:g}, {hi:g}]")
             choices = _CHOICES.get((op.NAME, name))
+            if (op.NAME, name) == ("join", "rule") and not (isinstance(value, str) and _NAME.match(value)):
+                raise self.fail(op, field, f"{value!r} is not a rule name", f"use {', '.join(O.JOIN_RULES)} or a "
+                                f"registered rule's name")
             if choices and value not in choices:
                 raise self.fail(op, field, f"{value!r} is not one of {', '.join(choices)}", f"use one of {', '.join(choices)}")
         if isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)) and op.min_n > op.max_n:

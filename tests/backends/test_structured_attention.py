@@ -50,7 +50,7 @@ def _fork_program():
 
 
 def _provider(row):
-    from decograph.backends.torch_ref.branches import Branch
+    from decograph.runtime.branches import Branch
 
     items = {0: [[1], [2, 3], [4, 4, 4]], 1: [], 2: [[5], [6, 2], [7], [8, 8]]}[row.index]
     return [Branch(f"b{i}", tuple(ids), {"i": i}) for i, ids in enumerate(items)]

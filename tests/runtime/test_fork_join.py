@@ -15,7 +15,7 @@ import torch
 from runtime_helpers import tiny
 
 from decograph.api import _setup, generate
-from decograph.backends.torch_ref.branches import Branch, list_items
+from decograph.runtime.branches import Branch, list_items
 from decograph.errors import InputError, VerifyError
 from decograph.ir.builder import Builder
 from decograph.models.oracle import OracleLM

@@ -3,8 +3,9 @@
 Drafting pays only when the tokens a draft is expected to add outweigh the extra cost of a
 wider forward, and on a CPU that cost is far from linear (SmolLM2-135M, 2 cores: 1.0 for one
 token, ~1.5 for two, ~1.7 for four to eight, ~2.1 for sixteen). The curve is measured once
-per model shape and machine and cached in ``$XDG_CACHE_HOME/decograph/cost_curves.json``;
-without a measurement a conservative default stands in.
+per model shape and machine and cached in ``$XDG_CACHE_HOME/decograph/cost_curves.json``
+(re-measured when it is not plausible, e.g. timed under load); without a measurement a
+conservative default stands in.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from decograph.passes.cost import DEFAULT_CURVE, POINTS, CostCurve
+from decograph.passes.cost import DEFAULT_CURVE, POINTS, CostCurve, curve_defect, plausible_curve
 
 __all__ = ["CostCurve", "DEFAULT_CURVE", "measure_cost_curve", "cached_cost_curve"]
 
@@ -59,13 +60,23 @@ def _key(adapter: Any) -> str | None:
                        platform.machine(), platform.processor(), os.cpu_count(), torch.__version__])
 
 
+def _points(stored: dict[str, float]) -> dict[int, float]:
+    return {int(q): float(c) for q, c in stored.items()}
+
+
 def cached_cost_curve(adapter: Any) -> CostCurve:
-    """The adapter's measured curve, measuring (a few seconds) and caching it on first use."""
+    """The adapter's measured curve, measuring and caching it on first use (announced on
+    stderr; seconds on an idle machine). A curve that cannot be right (``plausible_curve``:
+    timing noise from other jobs) is measured again, cached or not."""
     from decograph.measure_cache import cached
 
     key = _key(adapter)
     if key is None:
         return DEFAULT_CURVE
     points = cached("cost_curves.json", key,
-                    lambda: {str(q): c for q, c in measure_cost_curve(adapter).points.items()})
-    return CostCurve({int(q): float(c) for q, c in points.items()})
+                    lambda: {str(q): c for q, c in measure_cost_curve(adapter).points.items()},
+                    what="the forward-cost curve of this model",
+                    eta="a few seconds, a minute or two on a busy machine",
+                    check=lambda stored: plausible_curve(_points(stored)),
+                    rank=lambda stored: curve_defect(_points(stored)))
+    return CostCurve(_points(points))

@@ -1,4 +1,4 @@
-"""``draft.model``: a smaller causal LM proposes ``k`` tokens greedily.
+"""The torch backend's draft runner for ``draft.model`` (``decograph.runtime.drafts.ModelDraft``).
 
 Each row keeps its own draft-model cache holding the KV of a prefix of the row's committed
 tokens; before proposing, the cache is brought up to date with the committed tokens it lacks,
@@ -10,22 +10,18 @@ from typing import Any
 
 import torch
 
-from decograph.backends.torch_ref.batch import Row
-from decograph.backends.torch_ref.drafts import DraftSource
 from decograph.frontends.adapters import as_adapter
-from decograph.ir import ops as O
 
-__all__ = ["ModelDraft"]
+__all__ = ["TorchDraftRunner"]
 
 
-class ModelDraft(DraftSource):
-    """Greedy drafts from a draft model sharing the target's vocabulary."""
+class TorchDraftRunner:
+    """Greedy drafts from a torch causal LM (any model ``as_adapter`` takes)."""
 
-    def __init__(self, op: O.Op, model: Any) -> None:
-        super().__init__(op)
+    def __init__(self, model: Any) -> None:
         self.adapter = as_adapter(model)
 
-    def fresh(self, row: Row) -> Any:
+    def new_state(self) -> dict[str, Any]:
         return {"cache": self.adapter.new_cache(1), "have": 0}
 
     def _feed(self, mem: dict[str, Any], toks: list[int], start: int) -> torch.Tensor:
@@ -36,12 +32,7 @@ class ModelDraft(DraftSource):
         attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
         return self.adapter.forward(mem["cache"], ids, pos, attend)[0, -1]
 
-    def propose(self, row: Row, limit: int) -> list[list[int]]:
-        k = min(int(self.op.k), limit)
-        if k <= 0:
-            return []
-        mem = self.memory(row)
-        toks = row.tokens
+    def greedy(self, mem: dict[str, Any], toks: list[int], k: int) -> list[int]:
         logits = self._feed(mem, toks, mem["have"])
         mem["have"] = len(toks)
         out = [int(logits.argmax())]
@@ -49,4 +40,4 @@ class ModelDraft(DraftSource):
             logits = self._feed(mem, toks + out, len(toks) + len(out) - 1)
             out.append(int(logits.argmax()))
         self.adapter.truncate(mem["cache"], len(toks))
-        return [out]
+        return out

@@ -17,6 +17,7 @@ pick how branches run: ``mask=causal`` runs one forward per branch (round ``j`` 
 segment into its physical row under a segment mask, the prefix's KV shared in place;
 ``layout=batch`` first copies the prefix into a physical row per branch.
 
+``drafts`` / ``nodes`` below are, per row, the token chains and their node ids (the plan's).
 ``Forwarded.at[b]`` gives, for row ``b``, the flat logits row (into ``logits.view(-1, V)``) of
 the root and then of each node; ``slots`` the physical cache slot of each pending token and
 node, valid after ``collapse``.
@@ -30,6 +31,7 @@ import torch
 
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, StepLayout
 from decograph.passes.cost import CostCurve
+from decograph.runtime.protocol import StepPlan
 
 __all__ = ["Forwarded", "run_forward"]
 
@@ -44,8 +46,6 @@ class Forwarded:
     at: list[list[int]]                    # per row: flat logits row of the root, then each node
     pend_slots: list[list[int]]            # per row: cache slots of the pending tokens
     node_slots: list[list[int]]            # per row: cache slot of each node (after collapse)
-    drafts: list[Any]
-    nodes: list[list[list[list[int]]]]     # per draft, per row, per chain: node ids
     chain_of: list[list[int]] = field(default_factory=list)   # batch layout: per row, per node
     batch_rows: list[list[int]] | None = None                 # batch layout: copies per row
     _argmax: list[int] | None = None
@@ -64,29 +64,21 @@ class Forwarded:
         return self.flat[torch.tensor(self.at[b])]
 
 
-def _merged(state: BatchState, drafts: list[Any], dedup: bool) -> tuple[list[DraftTree], list[Any]]:
-    trees = [DraftTree(dedup=dedup) for _ in state.active]
-    nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(len(trees))] for d in drafts]
-    return trees, nodes
-
-
-def _chains(drafts: list[Any], b: int) -> list[list[int]]:
-    return [c for d in drafts for c in d.chains[b]]
-
-
-def run_forward(op: Any, state: BatchState, drafts: list[Any], curve: CostCurve, pad: int) -> Forwarded:
-    """Run ``op`` (a ``forward``) on the active rows in the layout its attributes select."""
-    trees, nodes = _merged(state, drafts, bool(op.dedup))
+def run_forward(plan: StepPlan, state: BatchState, curve: CostCurve) -> Forwarded:
+    """Run ``plan`` (the runtime's step: trees and the forward op's lowering) on the active
+    rows in the layout its ``mask`` / ``layout`` select."""
+    trees, pad = plan.trees, plan.pad_id
+    drafts, nodes = plan.chains, plan.chain_nodes      # per row: token chains, their node ids
     if state.forked:
-        if op.mask == "causal" and state.packed:
+        if plan.mask == "causal" and state.packed:
             return _rounds(state, drafts, trees, nodes, curve, pad)
-        if op.layout == "batch":
+        if plan.layout == "batch":
             state.unpack()
         return _packed(state, drafts, trees, nodes, curve, pad, list(range(len(trees))))
-    multi = any(len(_chains(drafts, b)) > 1 for b in range(len(trees)))
-    if op.mask == "tree" and op.layout == "batch" and multi:
+    multi = any(len(c) > 1 for c in plan.chains)
+    if plan.mask == "tree" and plan.layout == "batch" and multi:
         return _batch(state, drafts, trees, nodes, curve, pad)
-    if op.mask == "causal" and multi:
+    if plan.mask == "causal" and multi:
         return _separate(state, drafts, trees, nodes, curve, pad)
     return _packed(state, drafts, trees, nodes, curve, pad, list(range(len(trees))))
 
@@ -100,12 +92,12 @@ def _packed(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes:
     phys = [state.phys[b] for b in index]
     layout = StepLayout.fit(rows, sub, curve.best_width, phys, state.n_phys)
     base = state.valid.shape[1]
-    logits = state.forward(layout, pad, index)
+    logits = state.run_layout(layout, pad, index)
     flat = logits.reshape(-1, logits.shape[-1])
     if out is None:
         n = len(trees)
         out = Forwarded(list(state.active), trees, flat[None], [[] for _ in range(n)], [[] for _ in range(n)],
-                        [[] for _ in range(n)], drafts, nodes)
+                        [[] for _ in range(n)])
         shift = 0
     else:
         shift = out.logits.shape[1]
@@ -138,16 +130,11 @@ def _rounds(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes:
     return out
 
 
-def _chain_ids(nodes: Any, b: int) -> list[list[int]]:
-    """Row ``b``'s merged-tree node ids of each chain, in ``_chains`` order."""
-    return [ids for per_draft in nodes for ids in per_draft[b]]
-
-
 def _separate(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
               curve: CostCurve, pad: int) -> Forwarded:
     """One causal forward per chain index: the pending tokens, then that chain."""
     rows = list(state.active)
-    chains = [_chains(drafts, b) for b in range(len(rows))]
+    chains = drafts
     at = [[-1] * (1 + len(t)) for t in trees]
     node_slots = [[-1] * len(t) for t in trees]
     pend: list[list[int]] = []
@@ -160,7 +147,7 @@ def _separate(state: BatchState, drafts: list[Any], trees: list[DraftTree], node
         width = curve.best_width(max(len(r.pending) + len(t) for r, t in zip(rows, sub)))
         layout = StepLayout(rows, sub, width)
         base = state.valid.shape[1]
-        logits = state.forward(layout, pad)
+        logits = state.run_layout(layout, pad)
         outs.append(logits)
         for b, c in enumerate(chains):
             p = layout.pending[b]
@@ -168,20 +155,20 @@ def _separate(state: BatchState, drafts: list[Any], trees: list[DraftTree], node
                 at[b][0] = offset + b * width + p - 1
                 pend.append(list(range(base, base + p)))
             if j < len(c):
-                for d, node in enumerate(_chain_ids(nodes, b)[j]):
+                for d, node in enumerate(nodes[b][j]):
                     if at[b][1 + node] < 0:
                         at[b][1 + node] = offset + b * width + p + d
                         node_slots[b][node] = base + p + d
         offset += len(rows) * width
     flat = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])[None]
-    return Forwarded(rows, trees, flat, at, pend, node_slots, drafts, nodes)
+    return Forwarded(rows, trees, flat, at, pend, node_slots)
 
 
 def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
            curve: CostCurve, pad: int) -> Forwarded:
     """One forward whose batch holds a copy of each row per chain (the prefix KV is copied)."""
     rows = list(state.active)
-    chains = [_chains(drafts, b) for b in range(len(rows))]
+    chains = drafts
     copies = [max(1, len(c)) for c in chains]
     index = [b for b, n in enumerate(copies) for _ in range(n)]
     state.copy_rows(index)
@@ -196,7 +183,7 @@ def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: 
     width = curve.best_width(max(len(r.pending) + len(t) for r, t in zip(sub_rows, sub_trees)))
     layout = StepLayout(sub_rows, sub_trees, width)
     base = state.valid.shape[1]
-    logits = state.forward(layout, pad)
+    logits = state.run_layout(layout, pad)
     at, pend, node_slots, chain_of, batch_rows = [], [], [], [], []
     first = 0
     for b, c in enumerate(chains):
@@ -204,7 +191,7 @@ def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: 
         a = [first * width + p - 1] + [-1] * len(trees[b])
         owner = [-1] * len(trees[b])
         slots = [-1] * len(trees[b])
-        for j, ids in enumerate(_chain_ids(nodes, b)):
+        for j, ids in enumerate(nodes[b]):
             for d, node in enumerate(ids):
                 if a[1 + node] < 0:
                     a[1 + node], owner[node], slots[node] = (first + j) * width + p + d, j, base + p + d
@@ -214,7 +201,7 @@ def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: 
         chain_of.append(owner)
         batch_rows.append(list(range(first, first + copies[b])))
         first += copies[b]
-    return Forwarded(rows, trees, logits, at, pend, node_slots, drafts, nodes, chain_of, batch_rows)
+    return Forwarded(rows, trees, logits, at, pend, node_slots, chain_of, batch_rows)
 
 
 def collapse(state: BatchState, fwd: Forwarded, paths: list[list[int]]) -> None:

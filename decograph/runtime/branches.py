@@ -7,14 +7,17 @@ found by a ``delimiter`` pattern, or a ``provider`` function the caller passes a
 counts an earlier fork decoded). Every prompt goes through ``template`` (``{item}``,
 ``{i}``: the 1-based branch number).
 
-``join`` rules (``JOIN_RULES``) receive each forked row and its branch rows:
+``join`` rules (``JOIN_RULES``, extended by applications with ``register_join_rule``) receive
+each forked row and its branch rows:
 
 - ``concat``: append every branch's prompt and output (EOS or stop token dropped) to the
   row, which decodes on; the appended tokens are recomputed by its next forward, since the
   branches were computed side by side at overlapping positions;
-- ``collect``: record the branches' outputs (``BranchResult``) on the row, append nothing;
-- ``ner_dedup``: collect, then keep each mention once, under the label whose branch gave it
-  the highest probability (PaDeLLM-NER's de-duplication).
+- ``collect``: record the branches' outputs (``BranchResult``) on the row, append nothing.
+
+The NER application registers ``ner_dedup`` (PaDeLLM-NER's de-duplication) when imported.
+Tokenizers are either Hugging Face's (``tok(text, add_special_tokens=False)["input_ids"]``)
+or the ``tokenizers`` library's (``tok.encode(text, add_special_tokens=False).ids``).
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from decograph.backends.torch_ref.batch import Row
 from decograph.errors import InputError
+from decograph.runtime.rows import Row
 
-__all__ = ["Branch", "BranchResult", "find_branches", "list_items", "JOIN_RULES", "branch_result"]
+__all__ = ["Branch", "BranchResult", "find_branches", "list_items", "JOIN_RULES", "branch_result",
+           "register_join_rule", "join_rule", "encode_text", "decode_ids"]
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,17 @@ def list_items(text: str, delimiter: str) -> list[str]:
     return runs[-1] if runs else []
 
 
-def _tokenize(tokenizer: Any, text: str) -> tuple[int, ...]:
+def encode_text(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """``text``'s token ids, no special tokens, with either kind of tokenizer."""
     if tokenizer is None:
         raise InputError("draft.branches with text prompts needs a tokenizer; pass tokenizer= to generate")
-    return tuple(int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"])
+    if callable(tokenizer):
+        return tuple(int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tuple(int(t) for t in tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 def find_branches(op: Any, row: Row, tokenizer: Any, sources: dict[str, Callable[..., Any]]) -> list[Branch]:
@@ -80,7 +91,7 @@ def find_branches(op: Any, row: Row, tokenizer: Any, sources: dict[str, Callable
         fn = sources.get(op.provider)
         if fn is None:
             known = ", ".join(sorted(sources)) or "none"
-            hint = "; run NER with `decograph ner` or decograph.ner.extract_entities" if op.provider.startswith("ner.") else ""
+            hint = "; the application that owns it passes it (for ner.*: `decograph ner`)" if "." in op.provider else ""
             raise InputError(f"draft.branches: no branch provider {op.provider!r} was given to the run "
                              f"(given: {known}){hint}")
         out = []
@@ -89,19 +100,19 @@ def find_branches(op: Any, row: Row, tokenizer: Any, sources: dict[str, Callable
                 out.append(item)
                 continue
             text, meta = (item, {}) if isinstance(item, str) else item
-            out.append(Branch(text, _tokenize(tokenizer, text), dict(meta)))
+            out.append(Branch(text, encode_text(tokenizer, text), dict(meta)))
         return out[: op.max_branches]
     if op.prompts:
         items = list(op.prompts)
     else:
-        text = tokenizer.decode(row.tokens, skip_special_tokens=False) if tokenizer is not None else None
+        text = decode_ids(tokenizer, row.tokens, False) if tokenizer is not None else None
         if text is None:
             raise InputError("draft.branches with a delimiter needs a tokenizer to read the text")
         items = list_items(text, op.delimiter)
     out = []
     for i, item in enumerate(items[: op.max_branches], start=1):
         prompt = op.template.replace("{item}", item).replace("{i}", str(i))
-        out.append(Branch(prompt, _tokenize(tokenizer, prompt), {"item": item, "i": i}))
+        out.append(Branch(prompt, encode_text(tokenizer, prompt), {"item": item, "i": i}))
     return out
 
 
@@ -129,15 +140,37 @@ def _concat(parent: Row, branches: list[Row], tokenizer: Any, ends: set[int]) ->
     return new
 
 
-def _ner_dedup(parent: Row, branches: list[Row], tokenizer: Any, ends: set[int]) -> list[int]:
-    from decograph.ner import MentionJoin, dedupe_mentions
-
-    results = [branch_result(r, tokenizer, ends) for r in branches]
-    parent.results.append(MentionJoin(results, dedupe_mentions(results)))
-    return []
-
-
 # rule -> f(row, its branch rows, tokenizer, EOS and stop ids) -> tokens to append to the row
-JOIN_RULES: dict[str, Callable[[Row, list[Row], Any, set[int]], list[int]]] = {
-    "concat": _concat, "collect": _collect, "ner_dedup": _ner_dedup,
-}
+JoinRule = Callable[[Row, list[Row], Any, set[int]], list[int]]
+JOIN_RULES: dict[str, JoinRule] = {"concat": _concat, "collect": _collect}
+
+
+JOIN_GROUP = "decograph.join_rules"     # entry point group of applications' join rules
+
+
+def register_join_rule(name: str, rule: JoinRule) -> None:
+    """Make ``join(rule=NAME)`` run ``rule`` (an application's join; a name already taken by
+    another rule is an error)."""
+    if JOIN_RULES.get(name, rule) is not rule:
+        raise ValueError(f"join rule {name!r} is already registered")
+    JOIN_RULES[name] = rule
+
+
+def join_rule(name: str) -> JoinRule:
+    """The join rule called ``name``: built-in, registered, or found (once) through the entry
+    point group ``decograph.join_rules`` (how an application such as NER provides its rule
+    without the runtime naming it); ``UnsupportedError`` lists the known ones."""
+    if name not in JOIN_RULES:
+        from importlib import metadata
+
+        for ep in metadata.entry_points(group=JOIN_GROUP):
+            if ep.name == name:
+                register_join_rule(name, ep.load())
+                break
+    if name not in JOIN_RULES:
+        from decograph.errors import UnsupportedError
+
+        raise UnsupportedError(f"join(rule={name}): no such join rule; known: {', '.join(sorted(JOIN_RULES))} "
+                               f"(an application registers its own with register_join_rule or the entry point "
+                               f"group {JOIN_GROUP!r})")
+    return JOIN_RULES[name]

@@ -1,4 +1,4 @@
-"""Verification rules over a row's draft tree.
+"""Verification rules over a row's draft tree (numpy only).
 
 Each rule walks the tree from the root, choosing at every node one child to accept or
 stopping; it returns the accepted node ids and the bonus token that follows them.
@@ -9,15 +9,18 @@ stopping; it returns the accepted node ids and the bonus token that follows them
   children removed, renormalized); if none is accepted, sample the bonus from the residual.
   Every emitted token is then distributed exactly as a sample from p (lossless).
 - threshold: accept the most probable child if its probability is >= the threshold (lossy).
+
+Rows of logits or probabilities are ``[1 + nodes, V]``: row 0 at the root, row ``1 + i`` after
+node ``i``.
 """
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from decograph.backends.torch_ref.batch import DraftTree
 from decograph.errors import InputError
+from decograph.runtime.rows import DraftTree
 
-__all__ = ["greedy_walk", "sampling_walk", "threshold_walk", "process_logits"]
+__all__ = ["greedy_walk", "sampling_walk", "threshold_walk", "process_logits", "softmax", "log_softmax"]
 
 
 def greedy_walk(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
@@ -33,27 +36,42 @@ def greedy_walk(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:
         at, pred = nxt, argmax[1 + nxt]
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def process_logits(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """Probabilities after temperature, top-k and top-p (nucleus) filtering, in that order."""
-    x = logits.float() / temperature
+    x = np.asarray(logits, np.float64) / temperature
     if top_k and top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
+        kth = np.sort(x, axis=-1)[..., -top_k][..., None]
+        x = np.where(x < kth, -np.inf, x)
     if top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_x, dim=-1) >= top_p
-        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.softmax(x, dim=-1)
+        order = np.argsort(-x, axis=-1, kind="stable")
+        sorted_x = np.take_along_axis(x, order, -1)
+        p = softmax(sorted_x)
+        drop = (p.cumsum(-1) - p) >= top_p
+        mask = np.zeros_like(drop)
+        np.put_along_axis(mask, order, drop, -1)
+        x = np.where(mask, -np.inf, x)
+    return softmax(x)
 
 
-def sampling_walk(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> tuple[list[int], int]:
+def sampling_walk(tree: DraftTree, probs: np.ndarray, gen: np.random.Generator) -> tuple[list[int], int]:
     """``probs[0]`` at the root, ``probs[1 + i]`` after node i (rows of processed probabilities)."""
     vocab = probs.shape[-1]
     path: list[int] = []
     at = -1
     while True:
-        p = probs[0 if at < 0 else 1 + at].clone()
+        p = probs[0 if at < 0 else 1 + at].copy()
         moved = False
         for tok, node in tree.children.get(at, {}).items():
             if not 0 <= tok < vocab:
@@ -61,7 +79,7 @@ def sampling_walk(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) ->
             total = float(p.sum())
             if total <= 0:
                 break
-            if float(torch.rand((), generator=gen)) < float(p[tok]) / total:
+            if gen.random() < float(p[tok]) / total:
                 path.append(node)
                 at, moved = node, True
                 break
@@ -69,10 +87,10 @@ def sampling_walk(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) ->
         if not moved:
             if float(p.sum()) <= 0:
                 p = probs[0 if at < 0 else 1 + at]
-            return path, int(torch.multinomial(p / p.sum(), 1, generator=gen))
+            return path, int(gen.choice(vocab, p=p / p.sum()))
 
 
-def threshold_walk(tree: DraftTree, probs: torch.Tensor, threshold: float) -> tuple[list[int], int]:
+def threshold_walk(tree: DraftTree, probs: np.ndarray, threshold: float) -> tuple[list[int], int]:
     """Greedy bonus; drafts accepted while their probability reaches ``threshold``."""
     path: list[int] = []
     at = -1

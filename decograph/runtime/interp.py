@@ -1,0 +1,341 @@
+"""The one interpreter of optimized programs: runs any verified program on any backend.
+
+It walks the program's ops in order, binding each SSA value to a runtime object; the
+``iterate`` body runs until every row is done. Rows are ragged: each accepts its own number
+of tokens per step and leaves the batch when it hits EOS, a stop token or its budget. What a
+step feeds and keeps is decided here; the backend runs it through the step protocol
+(``decograph.runtime.protocol``), so drafting, verification, commit and fork/join rules have
+one implementation for every backend. No torch: the exported decoder runs this module too.
+
+``run`` is a generator of ``Event``s (one per row per step that committed tokens), so that
+streaming and the plain API share one loop.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from decograph.errors import UnsupportedError
+from decograph.ir import ops as O
+from decograph.passes.cost import DEFAULT_CURVE, CostCurve
+from decograph.runtime.branches import Branch, find_branches, join_rule
+from decograph.runtime.drafts import DraftSource, make_source
+from decograph.runtime.protocol import Batch, Engine, StepOutput, StepPlan
+from decograph.runtime.rows import DraftTree, Row
+from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
+
+__all__ = ["Event", "RunConfig", "Interpreter"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Tokens committed to row ``row`` (caller order) in one step; ``done`` on its last event."""
+
+    row: int
+    tokens: tuple[int, ...]
+    done: bool
+
+
+@dataclass
+class RunConfig:
+    """Run-time options that are not part of the strategy program."""
+
+    max_new_tokens: int = 128
+    eos_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    seed: int | None = None
+    draft_models: dict[str, Any] = field(default_factory=dict)   # name -> a backend's draft runner
+    cost_curve: CostCurve = DEFAULT_CURVE
+    tokenizer: Any = None               # for text branch prompts (draft.branches)
+    branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
+    kernels: dict[str, Any] = field(default_factory=dict)            # a backend's kernel slots
+    suffixes: list[list[int]] | None = None     # diffusion infilling: text after the masked span
+    trace: list | None = None           # a list: one JSON-ready record per top-level row per step
+    drafts: bool = True                 # False: every draft source proposes nothing (plain decoding)
+
+
+@dataclass
+class _Drafted:
+    source: DraftSource
+    chains: list[list[list[int]]]        # per active row: chains
+
+
+@dataclass
+class _Branched:
+    op: O.DraftBranches
+    branches: list[list[Branch]]         # per active row
+
+
+@dataclass
+class _Forwarded:
+    rows: list[Row]
+    plan: StepPlan
+    drafts: list[_Drafted]
+    nodes: list[list[list[list[int]]]]   # per draft, per row, per chain: node ids
+    pending: list[int]                   # per row: pending tokens fed
+    out: StepOutput
+    _argmax: dict[int, list[int]] = field(default_factory=dict)
+
+    def argmax(self, b: int) -> list[int]:
+        if b not in self._argmax:
+            self._argmax[b] = self.out.argmax(b)
+        return self._argmax[b]
+
+
+@dataclass
+class _Accepted:
+    forwarded: _Forwarded
+    paths: list[tuple[list[int], int]]   # per active row: accepted node ids, bonus token
+
+
+def _trace_step(fwd: _Forwarded, b: int, row: Row, path: list[int], bonus: int, committed: list[int],
+                start: int) -> dict[str, Any]:
+    """The trace record of row ``b``'s step (before its counters move): the draft tree (tokens,
+    parent pointers, and per node the draft op and chain that first proposed it), the accepted
+    node ids and tokens, the bonus token, what was committed after EOS/budget clipping and the
+    position in the generated sequence where it starts. Ints, strings and lists only."""
+    tree = fwd.plan.trees[b]
+    source, chain = [-1] * len(tree), [-1] * len(tree)
+    k = 0
+    for d, per_draft in enumerate(fwd.nodes):
+        for ids in per_draft[b]:
+            for node in ids:
+                if source[node] < 0:
+                    source[node], chain[node] = d, k
+            k += 1
+    return {"kind": "step", "row": row.index, "step": row.steps, "start": start,
+            "draft": {"tokens": [int(t) for t in tree.tokens], "parent": list(tree.parent), "source": source,
+                      "chain": chain},
+            "sources": [d.source.op.NAME for d in fwd.drafts],
+            "accepted": {"nodes": list(path), "tokens": [int(tree.tokens[i]) for i in path]},
+            "bonus": int(bonus), "committed": [int(t) for t in committed], "done": row.done,
+            "finish_reason": row.finish_reason or None}
+
+
+class Interpreter:
+    """Runs one program for one batch of prompts on ``engine`` (a backend's step protocol)."""
+
+    def __init__(self, program: O.Program, engine: Engine, config: RunConfig) -> None:
+        self.program, self.engine, self.cfg = program, engine, config
+        self.sources: dict[int, DraftSource] = {}
+        for op in program.walk():
+            if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
+                self.sources[id(op)] = make_source(op, config.draft_models)
+                self.sources[id(op)].cost = config.cost_curve
+            elif isinstance(op, O.UNMASK_OPS):
+                raise UnsupportedError(f"{op.NAME} needs a masked-diffusion model, the model is a causal LM")
+            elif isinstance(op, O.Commit) and op.kv in ("block_approx", "block_approx_dual"):
+                raise UnsupportedError(f"commit(kv={op.kv}) applies to masked-diffusion models only")
+            elif isinstance(op, O.Join):
+                join_rule(op.rule)
+        # No seed: a fresh one per run, so unseeded sampling really varies between calls.
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        self.gen = np.random.default_rng(seed)
+        self.stop = set(config.stop_token_ids)
+        loops = [op for op in program.walk() if isinstance(op, O.Iterate)]
+        self.eos = set(config.eos_token_ids) if any("eos" in op.until for op in loops) else set()
+        self.state: Batch | None = None
+        self.wall = 0.0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.cfg.tokenizer if self.cfg.tokenizer is not None else getattr(self.engine, "tokenizer", None)
+
+    def run(self, prompts: list[list[int]]) -> Iterator[Event]:
+        """Decode every prompt; yields commit events; ``self.state`` holds the rows after."""
+        start = time.perf_counter()
+        env: dict[Any, Any] = {id(self.program.prompt): prompts}
+        try:
+            yield from self._block(self.program.body.ops, env)
+        finally:
+            self.wall = time.perf_counter() - start
+
+    def _block(self, ops: tuple[O.Op, ...], env: dict[Any, Any]) -> Iterator[Event]:
+        for op in ops:
+            if isinstance(op, O.Iterate):
+                env[id(op.result)] = yield from self._iterate(op, env)
+            elif isinstance(op, O.Commit):
+                env[id(op.result)] = yield from self._commit(op, env)
+            elif isinstance(op, O.Join):
+                env[id(op.result)] = yield from self._join(op, env)
+            elif isinstance(op, O.Yield):
+                env["yield"] = env[id(op.value)]
+            else:
+                env[id(op.result)] = self._eval(op, env)
+
+    def _iterate(self, op: O.Iterate, env: dict[Any, Any]) -> Iterator[Event]:
+        state: Batch = env[id(op.init)]
+        steps = 0
+        while state.active and (op.max_steps == 0 or steps < op.max_steps):
+            env[id(op.body.params[0])] = state
+            yield from self._block(op.body.ops, env)
+            state = env["yield"]
+            steps += 1
+        return state
+
+    def _eval(self, op: O.Op, env: dict[Any, Any]) -> Any:
+        if isinstance(op, O.Prefill):
+            return self._prefill(env[id(op.prompt)])
+        if isinstance(op, O.DraftBranches):
+            state = env[id(op.state)]
+            found = [find_branches(op, r, self.tokenizer, self.cfg.branch_providers) for r in state.active]
+            return _Branched(op, found)
+        if isinstance(op, O.Fork):
+            return self._fork(env[id(op.state)], env[id(op.branches)])
+        if isinstance(op, O.DRAFT_OPS):
+            state: Batch = env[id(op.state)]
+            src = self.sources[id(op)]
+            if not self.cfg.drafts:
+                return _Drafted(src, [[] for _ in state.active])
+            return _Drafted(src, [src.propose(r, r.remaining - 1) for r in state.active])
+        if isinstance(op, O.Forward):
+            return self._forward(op, env[id(op.state)], [env[id(d)] for d in op.drafts])
+        if isinstance(op, O.VERIFY_OPS):
+            return self._verify(op, env[id(op.logits)])
+        if isinstance(op, O.Emit):
+            return [r.new_tokens for r in env[id(op.state)].rows]
+        raise UnsupportedError(f"{op.NAME} is not supported by the runtime on a causal LM")
+
+    def _prefill(self, prompts: list[list[int]]) -> Batch:
+        rows = [Row(i, list(p), len(p), self.cfg.max_new_tokens) for i, p in enumerate(prompts)]
+        for r in rows:
+            if r.max_new <= 0:
+                r.done, r.finish_reason = True, "max_new_tokens"
+        if self.cfg.trace is not None:
+            self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": r.n_prompt} for r in rows)
+        state = self.state = self.engine.start(rows)
+        state.prefill()
+        return state
+
+    def _forward(self, op: O.Forward, state: Batch, drafts: list[_Drafted]) -> _Forwarded:
+        """Merge every draft's chains into one tree per row (a trie with ``dedup``) and run the
+        forward the passes lowered (``op.mask``, ``op.layout``) on the backend."""
+        n = len(state.active)
+        trees = [DraftTree(dedup=bool(op.dedup)) for _ in range(n)]
+        nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(n)] for d in drafts]
+        chains = [[c for d in drafts for c in d.chains[b]] for b in range(n)]
+        chain_nodes = [[ids for per_draft in nodes for ids in per_draft[b]] for b in range(n)]
+        plan = StepPlan(op.mask, op.layout, trees, chains, chain_nodes, self.cfg.pad_token_id)
+        pending = [len(r.pending) for r in state.active]
+        rows = list(state.active)
+        return _Forwarded(rows, plan, drafts, nodes, pending, state.forward(plan))
+
+    def _verify(self, op: O.Op, fwd: _Forwarded) -> _Accepted:
+        paths = []
+        for b, tree in enumerate(fwd.plan.trees):
+            if isinstance(op, O.VerifyGreedy):
+                paths.append(greedy_walk(tree, fwd.argmax(b)))
+            elif isinstance(op, O.VerifySampling):
+                probs = process_logits(fwd.out.logits(b), op.temperature, op.top_k, op.top_p)
+                paths.append(sampling_walk(tree, probs, self.gen))
+            else:
+                paths.append(threshold_walk(tree, softmax(fwd.out.logits(b)), op.threshold))
+        return _Accepted(fwd, paths)
+
+    def _commit(self, op: O.Commit, env: dict[Any, Any]) -> Iterator[Event]:
+        state: Batch = env[id(op.state)]
+        acc: _Accepted = env[id(op.accepted)]
+        fwd = acc.forwarded
+        keep = op.kv == "keep_accepted"
+        state.commit(fwd.out, [p for p, _ in acc.paths], keep)
+        events = []
+        for b, (row, (path, bonus)) in enumerate(zip(fwd.rows, acc.paths)):
+            tree = fwd.plan.trees[b]
+            row.cached += fwd.pending[b] + (len(path) if keep else 0)
+            start = len(row.tokens) - row.n_prompt
+            committed = self._append(row, [tree.tokens[i] for i in path] + [bonus])
+            if self.cfg.trace is not None and row.branch < 0:
+                self.cfg.trace.append(_trace_step(fwd, b, row, path, bonus, committed, start))
+            if row.branch >= 0 and committed:
+                self._logprobs(fwd, b, row, path, committed)
+            row.accepted.append(len(path))
+            row.drafted.append(len(tree))
+            row.steps += 1
+            self._observe(fwd, b, row, len(committed))
+            if row.branch < 0:
+                events.append(Event(row.index, tuple(committed), row.done))
+        state.settle(copy=op.rollback == "copy")
+        for e in events:
+            yield e
+        return state
+
+    def _logprobs(self, fwd: _Forwarded, b: int, row: Row, path: list[int], committed: list[int]) -> None:
+        """log p of each committed token of branch row ``b`` (for joins that rank branches)."""
+        logits = fwd.out.logits(b)
+        at = [0] + [1 + i for i in path]
+        logp = log_softmax(logits[at[: len(committed)]])
+        row.logprobs += [float(logp[i, t]) for i, t in enumerate(committed)]
+
+    def _fork(self, state: Batch, found: _Branched) -> Batch:
+        """Every active row becomes its branches: rows of their own that start from its KV."""
+        budget = found.op.max_tokens or self.cfg.max_new_tokens
+        rows = []
+        for parent, branches in zip(state.active, found.branches):
+            mine = []
+            for i, br in enumerate(branches):
+                toks = parent.tokens + list(br.ids)
+                r = Row(parent.index, toks, len(toks), budget, cached=parent.cached, branch=i, parent=parent,
+                        prompt=br.prompt, fork_at=len(parent.tokens), meta=dict(br.meta))
+                if budget <= 0:
+                    r.done, r.finish_reason = True, "max_new_tokens"
+                mine.append(r)
+            rows.append(mine)
+        state.fork(rows)
+        return state
+
+    def _join(self, op: O.Join, env: dict[Any, Any]) -> Iterator[Event]:
+        """Each forked row takes back its branches by ``op.rule``; ``concat`` appends to it."""
+        state: Batch = env[id(op.state)]
+        rule = join_rule(op.rule)
+        ends = self.eos | self.stop
+        events = []
+        branch_rows = state.join()
+        for row, branches in zip(list(state.active), branch_rows):
+            new = rule(row, branches, self.tokenizer, ends)[: max(0, row.remaining)]
+            if not new:
+                continue
+            if self.cfg.trace is not None and row.branch < 0:
+                self.cfg.trace.append({"kind": "join", "row": row.index, "step": row.steps,
+                                       "start": len(row.tokens) - row.n_prompt, "committed": [int(t) for t in new]})
+            row.tokens.extend(new)          # recomputed at the next forward (pending)
+            if row.remaining <= 0:
+                row.done, row.finish_reason = True, "max_new_tokens"
+            if row.branch < 0:
+                events.append(Event(row.index, tuple(new), row.done))
+        state.settle()
+        for e in events:
+            yield e
+        return state
+
+    def _append(self, row: Row, new: list[int]) -> list[int]:
+        """Commit ``new`` to ``row`` honouring EOS, stop tokens and the budget exactly."""
+        out: list[int] = []
+        for tok in new[: max(0, row.remaining)]:
+            out.append(tok)
+            if tok in self.eos or tok in self.stop:
+                row.done, row.finish_reason = True, "eos" if tok in self.eos else "stop"
+                break
+        row.tokens.extend(out)
+        if not row.done and row.remaining <= 0:
+            row.done, row.finish_reason = True, "max_new_tokens"
+        return out
+
+    def _observe(self, fwd: _Forwarded, b: int, row: Row, committed: int) -> None:
+        if not fwd.drafts or row.done:
+            return
+        argmax = fwd.argmax(b)
+        preds_all = [[argmax[0]] + [argmax[1 + i] for i in ids] for d in fwd.nodes for ids in d[b]]
+        chains_all = fwd.plan.chains[b]
+        k = 0
+        for d, ids in zip(fwd.drafts, fwd.nodes):
+            n = len(ids[b])
+            if d.source.observes_all:
+                d.source.observe(row, chains_all, preds_all, committed)
+            else:
+                d.source.observe(row, d.chains[b], preds_all[k : k + n], committed)
+            k += n

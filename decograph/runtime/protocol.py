@@ -1,0 +1,100 @@
+"""The step protocol: what the runtime asks of a backend, and nothing of the strategy.
+
+The runtime (``decograph.runtime.interp``) decides, each step, which tokens every row feeds
+(its pending tokens and a draft tree), verifies what the model said and decides what to keep.
+A backend executes that: an ``Engine`` starts a ``Batch`` over the rows of one run, and the
+batch owns the KV storage (in the spirit of llama.cpp's ``llama_batch`` with its ``seq_rm`` /
+``seq_cp`` / ``seq_keep`` calls, and of vLLM's split between scheduler and model runner):
+
+- ``prefill()``: every row's committed tokens but its last (the first root) into the cache;
+- ``forward(plan)``: per active row, its pending tokens then the nodes of ``plan.trees[b]``
+  (parent pointers: a node sees the context, the pending tokens and its ancestors; position =
+  the root's position + depth). ``plan.mask`` / ``plan.layout`` are the passes' lowering
+  choice (tree in one sequence, a row copy per chain, one causal forward per chain; packed or
+  separate fork branches); a backend that lacks one runs an equivalent one, tokens unchanged.
+  The ``StepOutput`` gives per row the argmax (device-side where the backend can) and, only
+  when a rule needs them, the logits rows: root first, then after each node;
+- ``commit(out, paths, keep_nodes)``: each row keeps its pending tokens' slots and, with
+  ``keep_nodes``, its accepted path's nodes (``commit(kv=keep_accepted)``), else they are
+  recomputed as pending tokens next step; every other slot of the step is rolled back;
+- ``settle(copy)``: drop finished rows (their cache rows freed); ``copy``: compact now;
+- ``fork(branches)`` / ``join()``: active row ``b`` becomes the rows ``branches[b]``, which
+  start from its cache; ``join`` restores the forked rows and returns each one's branch rows.
+
+``rows`` / ``active`` are the current level's rows, and its unfinished ones, in order.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from decograph.runtime.rows import DraftTree, Row
+
+__all__ = ["StepPlan", "StepOutput", "Batch", "Engine"]
+
+
+@dataclass
+class StepPlan:
+    """One forward's query layout, per active row (``b``)."""
+
+    mask: str                           # causal | tree | packed (the forward op's lowering choice)
+    layout: str                         # sequence | batch
+    trees: list[DraftTree]              # merged draft trees (a trie with dedup)
+    chains: list[list[list[int]]]       # the token chains the trees hold, in draft order
+    chain_nodes: list[list[list[int]]]  # each chain's node ids in its tree
+    pad_id: int = 0
+
+
+class StepOutput(ABC):
+    """What a forward returned, for each active row ``b`` of the plan."""
+
+    @abstractmethod
+    def argmax(self, b: int) -> list[int]:
+        """The model's argmax at the root, then after each node of row ``b``'s tree."""
+
+    @abstractmethod
+    def logits(self, b: int) -> np.ndarray:
+        """Row ``b``'s logits [1 + nodes, V] (root first), as floats on the host."""
+
+
+class Batch(ABC):
+    """A backend's batch of rows and their KV cache (see the module docstring)."""
+
+    rows: list[Row]
+    active: list[Row]
+
+    @property
+    @abstractmethod
+    def forked(self) -> bool: ...
+
+    @abstractmethod
+    def prefill(self) -> None: ...
+
+    @abstractmethod
+    def forward(self, plan: StepPlan) -> StepOutput: ...
+
+    @abstractmethod
+    def commit(self, out: StepOutput, paths: list[list[int]], keep_nodes: bool) -> None: ...
+
+    @abstractmethod
+    def settle(self, copy: bool = False) -> None: ...
+
+    @abstractmethod
+    def fork(self, branches: list[list[Row]]) -> None: ...
+
+    @abstractmethod
+    def join(self) -> list[list[Row]]: ...
+
+
+class Engine(ABC):
+    """A backend's model runner: starts batches; ``tokenizer`` for text branch prompts;
+    ``cost_curve`` the measured forward cost (``decograph.passes.cost.CostCurve``) or None."""
+
+    tokenizer: Any = None
+    cost_curve: Any = None
+
+    @abstractmethod
+    def start(self, rows: list[Row]) -> Batch: ...
