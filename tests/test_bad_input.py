@@ -55,7 +55,8 @@ def test_run_exported_with_an_invalid_utf8_prompt(tmp_path) -> None:
 def test_ner_with_invalid_utf8_on_stdin_and_in_argv() -> None:
     _named_error(_cli("ner", "-", "--labels", "PER", stdin=b"Tim \xff Cook"),
                  "stdin is not valid UTF-8: byte 0xff at offset 4")
-    _named_error(_cli("ner", "Tim Cook", b"\x80x", "--labels", "PER"), "text 2 is not valid UTF-8: byte 0x80 at offset 0")
+    _named_error(_cli("ner", "Tim Cook", b"\x80x", "--labels", "PER"),
+                 "text 2 is not valid UTF-8: byte 0x80 at offset 0")
 
 
 def test_ner_request_checks_its_texts() -> None:

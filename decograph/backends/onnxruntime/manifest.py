@@ -191,7 +191,8 @@ def _graph(f: _Fields, d: Any, role: str) -> GraphSpec:
     if (block is None) != (quant == "none"):
         raise f.bad(f"{path}.block_size", block, "an integer block size with int4/int8, null with quant 'none'")
     extra = f.list_(d.get("external_data", []), f"{path}.external_data", 16)
-    return GraphSpec(role, _file_name(f, d["file"], f"{path}.file"), quant, f.choice(d["dtype"], f"{path}.dtype", DTYPES),
+    return GraphSpec(role, _file_name(f, d["file"], f"{path}.file"), quant,
+                     f.choice(d["dtype"], f"{path}.dtype", DTYPES),
                      str(f.str_(d["graph"], f"{path}.graph", 1, 100)), block, **shape,
                      external_data=tuple(_file_name(f, x, f"{path}.external_data[{i}]") for i, x in enumerate(extra)))
 
@@ -239,7 +240,8 @@ def check_fields(d: Any, where: str, directory: Path = Path(".")) -> Manifest:
         raise f.fail("chat_default", "is true but 'chat_prompt' is null")
     m = Manifest(directory, str(f.str_(d["strategy"], "strategy", 1, 200)), str(f.str_(d["passes"], "passes", 0, 1000)),
                  _file_name(f, d["program"], "program"), _file_name(f, d["tokenizer"], "tokenizer"),
-                 MappingProxyType(graphs), eos_ids, f.str_(d.get("chat_template"), "chat_template", 0, 1 << 20, null=True),
+                 MappingProxyType(graphs), eos_ids,
+                 f.str_(d.get("chat_template"), "chat_template", 0, 1 << 20, null=True),
                  chat_prompt, chat_default, str(f.str_(d["model"], "model", 1, 1000)),
                  MappingProxyType(_files(f, d["files"])))
     used = [("program", m.program_file), ("tokenizer", m.tokenizer_file)]
@@ -262,7 +264,8 @@ def _open_inside(directory: Path, name: str, where: str) -> int:
         try:
             st = os.lstat(here)
         except OSError as exc:
-            raise ManifestError(f"{where}: file {name!r} is listed but {here} cannot be read ({exc.strerror})") from None
+            raise ManifestError(f"{where}: file {name!r} is listed but {here} cannot be read "
+                                f"({exc.strerror})") from None
         if stat.S_ISLNK(st.st_mode):
             raise ManifestError(f"{where}: file {name!r}: {here} is a symbolic link; a decoder directory holds "
                                 f"plain files only") from None
@@ -361,7 +364,8 @@ def load_manifest(directory: str | Path, *, check_hashes: bool = True) -> Manife
     except OSError:
         raise ManifestError(f"{d}: no {MANIFEST_NAME} (not a decograph exported decoder)") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ManifestError(f"{mpath}: not a regular file (a symbolic link?); a decoder directory holds plain files only")
+        raise ManifestError(f"{mpath}: not a regular file (a symbolic link?); a decoder directory holds plain "
+                            f"files only")
     if st.st_size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{mpath}: {st.st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")
     data = _read(d, MANIFEST_NAME, str(mpath), MAX_MANIFEST_BYTES, None) or b""
