@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from decograph.api import generate  # noqa: E402
 from decograph.models.default import load_default_model  # noqa: E402
-from decograph.ner import NerTemplate, extract_entities, ner_request, newline_ids  # noqa: E402
+from decograph.apps.ner import NerTemplate, extract_entities, ner_request, newline_ids  # noqa: E402
 
 LABELS = ["PER", "ORG", "LOC"]
 BRANCH_TOKENS, CONCLUSION = 48, 24     # per branch; conclusion steps

@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from decograph.api import generate  # noqa: E402
 from decograph.frontends.strategies import load_strategy  # noqa: E402
-from decograph.train_mdm import TrainConfig, held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
+from decograph.apps.train_mdm import TrainConfig, held_out_samples, load_trained_mdm, trained_mdm_dir  # noqa: E402
 
 
 def systems(threshold: float, block: int, small: int, more: list[float]) -> dict[str, object]:

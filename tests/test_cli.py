@@ -245,7 +245,7 @@ def test_run_on_the_default_model_equals_hf_greedy(capsys: pytest.CaptureFixture
 
 
 def test_ner_prints_entities_and_json(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from decograph.ner import NerTemplate, extract_entities
+    from decograph.apps.ner import NerTemplate, extract_entities
 
     template = tmp_path / "ner.toml"
     template.write_text('prefix = "t1 {text}"\ncount_prompt = "t3 t{label}"\nmention_prompt = "t4 t{index}"\n'

@@ -8,7 +8,7 @@ import pytest
 
 from decograph.backends.torch_ref.branches import BranchResult
 from decograph.errors import InputError, StrategyFileError
-from decograph.ner import NerTemplate, clean_mention, dedupe_mentions, ner_request, parse_count
+from decograph.apps.ner import NerTemplate, clean_mention, dedupe_mentions, ner_request, parse_count
 
 
 def br(label: str, text: str, logprob: float, index: int = 1, tokens: tuple[int, ...] = (1, 2)) -> BranchResult:
@@ -107,7 +107,7 @@ def tiny_tokenizer():
 def test_two_stage_decoding_on_a_tiny_model_is_each_branch_alone(tiny_tokenizer) -> None:
     from decograph.api import generate
     from decograph.models.tiny import tiny_llama
-    from decograph.ner import extract_entities
+    from decograph.apps.ner import extract_entities
 
     model = tiny_llama(vocab_size=64)
     template = NerTemplate(chat=False, prefix="t1 t2 {text}", count_prompt="t3 t{label}", mention_prompt="t4 t{index}",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from decograph.api import generate
-from decograph.ner import dedupe_mentions, extract_entities, ner_request, newline_ids
+from decograph.apps.ner import dedupe_mentions, extract_entities, ner_request, newline_ids
 
 pytestmark = pytest.mark.real_model
 

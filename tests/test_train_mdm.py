@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import decograph
-from decograph import distill_mdm as D
-from decograph import train_mdm as T
+from decograph.apps import distill_mdm as D
+from decograph.apps import train_mdm as T
 from decograph.cli import main
 from decograph.errors import InputError, ModelError
 from decograph.models.mdm import MDMConfig, MDMTransformer

@@ -3,7 +3,7 @@
 After dParallel's certainty-forcing distillation (Chen et al. 2025): the model trained with the
 LLaDA objective infills windows of training text one token per step, then is fine-tuned to be
 sure of those fills on the canvas semi-autoregressive decoding sees (see ``self_distill``).
-``train_mdm`` runs it when ``TrainConfig.distills`` (``--distill-minutes``, default 8).
+``decograph.apps.train_mdm`` runs it when ``TrainConfig.distills`` (``--distill-minutes``, default 8).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from decograph.models.mdm import MDMTransformer
-from decograph.train_mdm import TrainConfig, TrainLoop, draw_t
+from decograph.apps.mdm_training import TrainConfig, TrainLoop, draw_t
 
 __all__ = ["distill_geometry", "self_distill"]
 

@@ -7,7 +7,7 @@ under the label whose branch gave it the highest probability (Lu et al. 2024). T
 is the built-in ``padellm_ner``; this module supplies its prompts (a ``NerTemplate``) and
 reads its result.
 
-    from decograph.ner import extract_entities
+    from decograph.apps.ner import extract_entities
     [ents] = extract_entities(["Tim Cook runs Apple in Cupertino."], ["PER", "ORG", "LOC"])
     [(e.text, e.label) for e in ents]
 

