@@ -112,7 +112,8 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, A
     return adapter, tokenizer if tokenizer is not None else getattr(adapter, "tokenizer", None)
 
 
-def _program(strategy: Any, overrides: dict[str, Any] | None) -> O.Program:
+def as_program(strategy: Any, overrides: dict[str, Any] | None = None) -> O.Program:
+    """The strategy's program: a Program, a Strategy, a built-in name or a strategy file path."""
     if isinstance(strategy, O.Program):
         return strategy
     if hasattr(strategy, "program"):
@@ -160,7 +161,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     engine = get_backend(backend)           # before any model work: an unknown backend fails fast
     adapter, tok = resolve_model(model, tokenizer)
     adapter = engine.prepare(adapter)       # e.g. the model exported to and run by ONNX Runtime
-    program = _program(strategy, overrides)
+    program = as_program(strategy, overrides)
     if do_sample:
         from decograph.passes.sampling import to_sampling
 

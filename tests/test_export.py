@@ -34,8 +34,16 @@ def model_dir(tmp_path_factory):
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 
-PLAN = {"anpd": "adaptive_ngram", "ngram": "ngram", "greedy": None, "jacobi": "jacobi",
-        "gs_jacobi": "gauss_seidel_jacobi", "lookahead": "lookahead"}
+PLAN = {"anpd": ["draft.adaptive_ngram"], "ngram": ["draft.ngram"], "greedy": [], "jacobi": ["draft.jacobi"],
+        "gs_jacobi": ["draft.gauss_seidel_jacobi"], "lookahead": ["draft.jacobi", "draft.ngram_pool"]}
+
+
+def drafts_of(out: Path) -> list[str]:
+    """The draft steps of the exported program (strategy.json: what the decoder runs)."""
+    from decograph.ir.jsonform import from_json
+
+    program = from_json(json.loads((out / "strategy.json").read_text()))
+    return sorted(op.NAME for op in program.walk() if op.NAME.startswith("draft."))
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
@@ -48,10 +56,9 @@ def test_exported_decoder_equals_the_graphs_own_greedy(ort_greedy, model_dir, tm
                          chat=False, passes=passes, progress=lambda m: None)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "strategy.json", "tokenizer.json"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["strategy"] == strategy and manifest["quant"] == quant
-    assert manifest["plan"]["draft"] == PLAN[strategy]
-    assert not list(tmp_path.glob(".dec-*"))                    # no temporary directory left
-    assert manifest["plan"].get("adaptive", False) == (strategy == "anpd")
+    assert manifest["strategy"] == strategy and manifest["graphs"]["target"]["quant"] == quant
+    assert drafts_of(out) == PLAN[strategy]
+    assert not list(tmp_path.glob(".dec*"))                     # no temporary directory left
     if quant != "none":                             # int8 activations: the fast kernels, exact graph
         levels = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
                   for a in n.attribute if a.name == "accuracy_level"}
@@ -98,7 +105,7 @@ def test_block_size_is_the_exports_choice(ort_greedy, model_dir, tmp_path) -> No
                          block_size=16, chat=False, progress=lambda m: None)
     sizes = {a.i for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"
              for a in n.attribute if a.name == "block_size"}
-    assert sizes == {16} and json.loads((out / "manifest.json").read_text())["quant_settings"]["block_size"] == 16
+    assert sizes == {16} and json.loads((out / "manifest.json").read_text())["graphs"]["target"]["block_size"] == 16
     # written under temporary names (private), then given the permissions a plain write gives
     umask = os.umask(0)
     os.umask(umask)

@@ -117,6 +117,24 @@ def _trace_step(fwd: _Forwarded, b: int, row: Row, path: list[int], bonus: int, 
             "finish_reason": row.finish_reason or None}
 
 
+def _fit(drafts: list[_Drafted], room: list[int], dedup: bool) -> None:
+    """Cut each row's chains (in draft order) so that its merged tree has at most ``room[b]``
+    nodes: a chain keeps the nodes the tree already has and as many new ones as fit."""
+    for b, left in enumerate(room):
+        tree = DraftTree(dedup=dedup)
+        for d in drafts:
+            kept = []
+            for chain in d.chains[b]:
+                at, i = -1, 0
+                while dedup and i < len(chain) and chain[i] in tree.children.get(at, {}):
+                    at, i = tree.children[at][chain[i]], i + 1
+                chain = chain[: i + max(0, left - len(tree))]
+                if chain:
+                    tree.add_chain(chain)
+                    kept.append(chain)
+            d.chains[b] = kept
+
+
 class Interpreter:
     """Runs one program for one batch of prompts on ``engine`` (a backend's step protocol)."""
 
@@ -216,6 +234,9 @@ class Interpreter:
         """Merge every draft's chains into one tree per row (a trie with ``dedup``) and run the
         forward the passes lowered (``op.mask``, ``op.layout``) on the backend."""
         n = len(state.active)
+        cap = getattr(self.engine, "max_query", None)
+        if cap:                                    # the backend's widest step: drafts cut to fit
+            _fit(drafts, [cap - len(r.pending) for r in state.active], bool(op.dedup))
         trees = [DraftTree(dedup=bool(op.dedup)) for _ in range(n)]
         nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(n)] for d in drafts]
         chains = [[c for d in drafts for c in d.chains[b]] for b in range(n)]

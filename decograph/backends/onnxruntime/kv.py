@@ -18,9 +18,10 @@ import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["KV", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
+__all__ = ["KV", "NEG", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
 
-_NEG = np.float32(np.finfo(np.float32).min)
+NEG = np.float32(np.finfo(np.float32).min)     # an additive mask's "never"
+_NEG = NEG
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -121,7 +122,7 @@ class KV:
 
     def replace(self, bufs: list[np.ndarray], length: int) -> None:
         """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity."""
-        cap = max(self.capacity, length + 1)
+        cap = max(self.capacity, length + 1, max((b.shape[2] for b in bufs), default=0))
         new = []
         for b in bufs:
             if b.shape[2] == cap and b.flags.c_contiguous:

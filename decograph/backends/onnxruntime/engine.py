@@ -1,0 +1,252 @@
+"""The ONNX Runtime backend's side of the step protocol (``decograph.runtime.protocol``),
+with onnxruntime and numpy only: the in-process ``onnxruntime*`` backends and the exported
+decoder run the runtime's interpreter on it.
+
+Each active row has a cache row of its own, dense from slot 0 (``lengths[b]`` valid slots):
+the step graph's ``cache_lengths`` input writes row ``b``'s new slots at ``lengths[b]`` and
+attends over its own slots only, so rows of one batch never pad each other. A step feeds each
+row its pending tokens then its draft tree's nodes, under an additive mask built from the
+tree's parent pointers (a node sees the context, the pending tokens, its ancestors and
+itself); positions are the root's plus depth. Commit keeps the pending slots and, with
+``keep_nodes``, moves the accepted path's slots down to follow them (a chain's accepted
+prefix is already in place); everything else is rolled back by the row's length alone. A
+fork copies each row's cache row once per branch; join restores the forked rows' cache.
+
+The lowering choices of ``forward`` (``mask``/``layout``) all run as one tree-masked forward
+of the whole batch here: their tokens are the same, and this graph has no cheaper form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from decograph.backends.onnxruntime.kv import KV, NEG, StepSession, causal_mask
+from decograph.runtime.protocol import Batch, Engine, StepOutput, StepPlan
+from decograph.runtime.rows import DraftTree, Row
+
+__all__ = ["OrtEngine", "OrtBatch", "OrtOutput", "tree_masks"]
+
+
+def tree_masks(lengths: np.ndarray, pending: list[int], trees: list[DraftTree], w: int, width: int) -> np.ndarray:
+    """Additive masks [B, 1, w, width + w]: row ``b``'s query ``i`` over its own slots (its
+    ``lengths[b]`` cached ones, then the step's at ``lengths[b] + j``): pending tokens causal,
+    tree nodes after all pending tokens and their ancestors, filler queries causal."""
+    cols = np.arange(width + w)
+    out = np.empty((len(trees), 1, w, width + w), np.float32)
+    for b, tree in enumerate(trees):
+        base, p = int(lengths[b]), pending[b]
+        see = cols[None, :] < (base + 1 + np.arange(w))[:, None]
+        n = len(tree)
+        if n and any(par != i - 1 for i, par in enumerate(tree.parent)):
+            see[p:p + n] = cols[None, :] < base + p
+            for i, par in enumerate(tree.parent):
+                see[p + i, base + p + i] = True
+                if par >= 0:
+                    see[p + i] |= see[p + par] & (cols >= base + p)
+        out[b, 0] = np.where(see, np.float32(0.0), NEG)
+    return out
+
+
+class OrtOutput(StepOutput):
+    """A step's logits [B, w, V] (the session's reused buffer: read before the next step);
+    a row whose root was computed by its prompt's forward (``roots[b]``) reads it there."""
+
+    def __init__(self, logits: np.ndarray | None, fed: list[int], sizes: list[int],
+                 roots: list[np.ndarray | None]) -> None:
+        self.raw, self.fed, self.sizes, self.roots = logits, fed, sizes, roots
+        self.best = logits.argmax(-1) if logits is not None else None
+
+    def argmax(self, b: int) -> list[int]:
+        n, root = self.sizes[b], self.roots[b]
+        if root is None:
+            return self.best[b, self.fed[b] - 1:self.fed[b] + n].tolist()
+        return [int(root.argmax())] + (self.best[b, :n].tolist() if n else [])
+
+    def logits(self, b: int) -> np.ndarray:
+        n, root = self.sizes[b], self.roots[b]
+        if root is None:
+            return np.array(self.raw[b, self.fed[b] - 1:self.fed[b] + n], np.float32)
+        return np.concatenate([root[None], self.raw[b, :n]]) if n else np.array(root[None], np.float32)
+
+
+@dataclass
+class _Level:
+    rows: list[Row]
+    active: list[Row]
+    kv: KV
+    lengths: np.ndarray
+    branches: list[list[Row]]
+    forwards: int
+
+
+@dataclass
+class OrtBatch(Batch):
+    step: StepSession
+    rows: list[Row]
+    active: list[Row] = field(default_factory=list)
+    kv: KV | None = None
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    forwards: int = 0
+    roots: list[np.ndarray | None] = field(default_factory=list)   # per row: its root's logits, when cached
+    _stack: list[_Level] = field(default_factory=list)
+    _fed: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.active = [r for r in self.rows if not r.done]
+        self.kv = self.step.new_kv(len(self.active), 64)
+        self.lengths = np.zeros(len(self.active), np.int64)
+        self.roots = [None] * len(self.active)
+
+    @property
+    def forked(self) -> bool:
+        return bool(self._stack)
+
+    def prefill(self) -> None:
+        """Each row's whole prompt in a forward of its own (bit-identical to the row decoded
+        alone, and to one-token greedy decoding's prompt forward), gathered into the batch's
+        cache. The last prompt token (the first root) is then cached with its logits kept: the
+        first step feeds only the row's draft nodes after it."""
+        rows = [r for r in self.active if len(r.tokens) > 1]
+        if not rows:
+            return
+        caches = []
+        for r in self.active:
+            n = len(r.tokens)
+            if n <= 1:
+                caches.append(None)
+                continue
+            kv = self.kv if len(self.active) == 1 else self.step.new_kv(1, n + 2)
+            logits = self.step.run(kv, np.array([r.tokens], np.int64), np.arange(n, dtype=np.int64)[None],
+                                   causal_mask(n, 0), 1)
+            self.roots[len(caches)] = np.array(logits[0, -1], np.float32)
+            r.cached, r.prefill_forwards, r.forwards = n - 1, 1, 1
+            caches.append(kv)
+        self.forwards += 1
+        self.lengths = np.array([kv.length if kv is not None else 0 for kv in caches], np.int64)
+        if len(self.active) == 1:
+            return
+        cap = int(self.lengths.max()) + 64
+        bufs = []
+        for j in range(2 * self.step.num_layers):
+            full = np.zeros((len(self.active), self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
+            for i, kv in enumerate(caches):
+                if kv is not None:
+                    v = kv.host()[j]
+                    full[i, :, :kv.length] = v[0, :, :kv.length]
+            bufs.append(full)
+        self.kv.replace(bufs, int(self.lengths.max()))
+
+    def forward(self, plan: StepPlan) -> OrtOutput:
+        kv = self.kv
+        assert kv is not None
+        trees = plan.trees
+        roots = list(self.roots)
+        fed = [0 if roots[b] is not None else len(r.pending) for b, r in enumerate(self.active)]
+        sizes = [len(t) for t in trees]
+        w = max(p + n for p, n in zip(fed, sizes))
+        self._fed = fed
+        for r in self.active:
+            r.forwards += 1
+        if w == 0:                                  # every root computed already, nothing drafted
+            self.roots = [None] * len(self.active)
+            return OrtOutput(None, fed, sizes, roots)
+        b_n = len(self.active)
+        ids = np.empty((b_n, w), np.int64)
+        pos = np.empty((b_n, w), np.int64)
+        chain_only = True
+        for b, (r, tree) in enumerate(zip(self.active, trees)):
+            base, p, n = int(self.lengths[b]), fed[b], sizes[b]
+            row = (r.pending if p else []) + tree.tokens
+            ids[b, :p + n] = row
+            ids[b, p + n:] = row[-1] if row else r.tokens[-1]
+            pos[b] = base + np.arange(w)
+            if n:
+                pos[b, p:p + n] = base + p - 1 + np.asarray(tree.depth)
+                chain_only = chain_only and all(par == i - 1 for i, par in enumerate(tree.parent))
+        if b_n == 1 and chain_only:
+            logits = self.step.run(kv, ids, pos, causal_mask(w, kv.length))
+        else:
+            logits = self.step.run(kv, ids, pos, tree_masks(self.lengths, fed, trees, w, kv.length),
+                                   lengths=self.lengths)
+        self.forwards += 1
+        for r in self.active:
+            r.query_tokens += w
+        self.roots = [None] * len(self.active)
+        return OrtOutput(logits, fed, sizes, roots)
+
+    def commit(self, out: StepOutput, paths: list[list[int]], keep_nodes: bool) -> None:
+        assert self.kv is not None
+        host = None
+        for b, path in enumerate(paths):
+            base = int(self.lengths[b]) + self._fed[b]
+            if keep_nodes and path:
+                if path != list(range(len(path))):       # a branch off the first chain: move its slots down
+                    host = host if host is not None else self.kv.host()
+                    src = base + np.asarray(path)
+                    dst = base + np.arange(len(path))
+                    for buf in host:
+                        buf[b, :, dst] = buf[b, :, src]
+                    self.active[b].kv_bytes_copied += len(path) * sum(buf[0, :, 0].nbytes for buf in host)
+                base += len(path)
+            self.lengths[b] = base
+        if host is not None and not self.kv.shared:
+            self.kv.replace(host, self.kv.length)
+        self.kv.length = int(self.lengths.max()) if len(self.lengths) else 0
+
+    def settle(self, copy: bool = False) -> None:
+        keep = [i for i, r in enumerate(self.active) if not r.done]
+        if len(keep) == len(self.active):
+            return
+        assert self.kv is not None
+        self.active = [self.active[i] for i in keep]
+        self.roots = [self.roots[i] for i in keep]
+        idx = np.array(keep, np.int64)
+        self.lengths = self.lengths[idx]
+        if keep:
+            self.kv.select(idx, int(self.lengths.max()))
+        else:
+            self.kv.length = 0
+
+    def fork(self, branches: list[list[Row]]) -> None:
+        assert self.kv is not None
+        for b, root in enumerate(self.roots):      # a cached root is fed again, as the runtime expects
+            if root is not None:
+                self.lengths[b] -= 1
+        self.roots = [None] * len(self.active)
+        self._stack.append(_Level(self.rows, self.active, self.kv, self.lengths, branches, self.forwards))
+        self.rows = [r for bs in branches for r in bs]
+        pick = [b for b, bs in enumerate(branches) for r in bs if not r.done]
+        self.active = [r for r in self.rows if not r.done]
+        self.lengths = self.lengths[np.array(pick, np.int64)] if pick else self.lengths[:0]
+        self.roots = [None] * len(self.active)
+        kv = self.step.new_kv(max(len(pick), 1), self.kv.capacity)
+        if pick:
+            host = self.kv.host()
+            kv.replace([buf[np.array(pick)] for buf in host], int(self.lengths.max()))
+            for b, r in zip(pick, self.active):
+                r.kv_bytes_copied += int(self.lengths.max()) * sum(buf[0, :, 0].nbytes for buf in host)
+        self.kv = kv
+
+    def join(self) -> list[list[Row]]:
+        level = self._stack.pop()
+        self.rows, self.active, self.kv, self.lengths = level.rows, level.active, level.kv, level.lengths
+        self.roots = [None] * len(self.active)
+        for row, branches in zip(self.active, level.branches):   # the row's cost includes its branches'
+            if branches:
+                row.forwards += self.forwards - level.forwards
+            row.query_tokens += sum(b.query_tokens for b in branches)
+        return level.branches
+
+
+class OrtEngine(Engine):
+    """Batches over a step graph's session (``kv.StepSession``); ``max_query``: the most query
+    tokens a row may feed in one step (the widths checked exact on this machine), or None."""
+
+    def __init__(self, step: StepSession, tokenizer: Any = None, cost_curve: Any = None,
+                 max_query: int | None = None) -> None:
+        self.step, self.tokenizer, self.cost_curve, self.max_query = step, tokenizer, cost_curve, max_query
+
+    def start(self, rows: list[Row]) -> OrtBatch:
+        return OrtBatch(self.step, rows)
