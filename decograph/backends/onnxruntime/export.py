@@ -34,7 +34,8 @@ from decograph.backends.onnxruntime.kv import io_names
 from decograph.errors import ModelError
 from decograph.files import plain_permissions
 
-__all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "export_step", "io_names", "quant_tag", "quantize_step"]
+__all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "export_step", "io_names", "quant_tag", "quantize_step",
+           "save_model"]
 
 # MatMulNBits settings: blocks of 32 weights per scale, symmetric. accuracy_level 4 computes with
 # int8 activations (quantized per row and block): ORT's fast CPU kernels for 4- and 8-bit
@@ -49,7 +50,7 @@ def quant_tag(bits: int, accuracy_level: int = QUANT["accuracy_level"]) -> str:
     return f"int{bits}-b{QUANT['block_size']}-a{accuracy_level}"
 
 
-def _save(proto: Any, out: Path, big: bool) -> None:
+def save_model(proto: Any, out: Path, big: bool) -> None:
     """Writes ``proto`` under a temporary name and renames it into place."""
     import onnx
 
@@ -77,7 +78,7 @@ def export_step(model: Any, path: str | Path, exact: bool = True, dtype: str = "
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     big = sum(p.numel() for p in model.parameters()) * 4 > 1_800_000_000
-    _save(proto, out, big)
+    save_model(proto, out, big)
     return out
 
 
@@ -98,5 +99,5 @@ def quantize_step(src: str | Path, dst: str | Path, bits: int = 4,
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True,
                              accuracy_level=accuracy_level)
     q.process()
-    _save(q.model.model, out, Path(str(src) + ".data").is_file())
+    save_model(q.model.model, out, Path(str(src) + ".data").is_file())
     return out

@@ -41,13 +41,13 @@ import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["GRAPH_VERSION", "build_step"]
+__all__ = ["GRAPH_VERSION", "GraphWriter", "build_step", "to_numpy"]
 
 GRAPH_VERSION = "fused-8"           # part of the export cache key: bump when the graph changes
 _MS = "com.microsoft"
 
 
-class _G:
+class GraphWriter:
     """A small ONNX graph writer: nodes, initializers, unique names."""
 
     def __init__(self) -> None:
@@ -81,16 +81,16 @@ class _G:
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
-def _np(t: Any, dtype: Any = np.float32) -> np.ndarray:
+def to_numpy(t: Any, dtype: Any = np.float32) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(dtype)
 
 
-def _linear(g: _G, x: str, layers: list[Any], name: str, dtype: Any) -> str:
+def _linear(g: GraphWriter, x: str, layers: list[Any], name: str, dtype: Any) -> str:
     """``x @ W.T (+ b)`` for one or more ``nn.Linear`` stacked along the output axis."""
-    w = np.concatenate([_np(m.weight, dtype) for m in layers], 0).T          # [in, out]
+    w = np.concatenate([to_numpy(m.weight, dtype) for m in layers], 0).T          # [in, out]
     y = g.op("MatMul", [x, g.init(f"{name}.weight", w)], outs=[f"{name}/out"])
     if any(m.bias is not None for m in layers):
-        b = np.concatenate([_np(m.bias, dtype) if m.bias is not None else np.zeros(m.out_features, dtype)
+        b = np.concatenate([to_numpy(m.bias, dtype) if m.bias is not None else np.zeros(m.out_features, dtype)
                             for m in layers])
         y = g.op("Add", [y, g.init(f"{name}.bias", b)])
     return y
@@ -125,16 +125,16 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     if rotary_in_attention is None:
         rotary_in_attention = hd % 16 == 0     # GQA's own rotary needs head sizes divisible by 16
     m = model.model
-    g = _G()
+    g = GraphWriter()
     ins, outs = io_names(n_layers)
     # cos / sin of every position, from the model's own rotary module (its scaling included)
     max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
     with torch.no_grad():
         pos = torch.arange(max_pos)[None]
         cos, sin = m.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    cos_c = g.init("rotary.cos", _np(cos[0, :, : hd // 2], ft))
-    sin_c = g.init("rotary.sin", _np(sin[0, :, : hd // 2], ft))
-    if not (np.allclose(_np(cos[0, :, : hd // 2]), _np(cos[0, :, hd // 2:])) or hd % 2):
+    cos_c = g.init("rotary.cos", to_numpy(cos[0, :, : hd // 2], ft))
+    sin_c = g.init("rotary.sin", to_numpy(sin[0, :, : hd // 2], ft))
+    if not (np.allclose(to_numpy(cos[0, :, : hd // 2]), to_numpy(cos[0, :, hd // 2:])) or hd % 2):
         raise ModelError("ONNX export supports rotary embeddings of the rotate-half form only")
     one, zero = g.init("c.1", np.array([1])), g.init("c.0", np.array([0]))
     ids, pos, mask = "input_ids", "position_ids", "attention_mask"
@@ -164,12 +164,12 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     seqlens = g.op("Sub", [g.op("Add", [g.op("Cast", ["cache_lengths"], to=TP.INT32), q32]),
                            g.init("c.1i", np.array([1], np.int32))])
     qlens = g.op("Expand", [q32, batch])
-    x = g.op("Gather", [g.init("embed.weight", _np(m.embed_tokens.weight, ft)), ids])
+    x = g.op("Gather", [g.init("embed.weight", to_numpy(m.embed_tokens.weight, ft)), ids])
     eps = float(cfg.rms_norm_eps)
     res, mlp_out = x, None
     for i, layer in enumerate(m.layers):
         att, mlp = layer.self_attn, layer.mlp
-        ln1 = g.init(f"l{i}.ln1", _np(layer.input_layernorm.weight, ft))
+        ln1 = g.init(f"l{i}.ln1", to_numpy(layer.input_layernorm.weight, ft))
         if mlp_out is None:
             h = g.op("RMSNormalization", [x, ln1], axis=-1, epsilon=eps)          # opset 23
         else:
@@ -190,14 +190,14 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
                  outs=[f"l{i}.attn", outs[1 + 2 * i], outs[2 + 2 * i]], domain=_MS, num_heads=heads,
                  kv_num_heads=kv_heads, causal=1, scale=scale, **rot)
         a = _linear(g, a[0], [att.o_proj], f"l{i}.o", ft)
-        ln2 = g.init(f"l{i}.ln2", _np(layer.post_attention_layernorm.weight, ft))
+        ln2 = g.init(f"l{i}.ln2", to_numpy(layer.post_attention_layernorm.weight, ft))
         h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [a, res, ln2], n_out=4, domain=_MS, epsilon=eps)
         gu = _linear(g, h, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", ft)
         gate, up = g.op("Split", [gu, g.init(f"l{i}.gsplit", np.array([mlp.gate_proj.out_features] * 2))],
                         n_out=2, axis=-1)
         act = g.op("QuickGelu", [gate], domain=_MS, alpha=1.0)          # x * sigmoid(x): SiLU
         mlp_out = _linear(g, g.op("Mul", [act, up]), [mlp.down_proj], f"l{i}.down", ft)
-    h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", _np(m.norm.weight, ft))], n_out=1,
+    h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", to_numpy(m.norm.weight, ft))], n_out=1,
              domain=_MS, epsilon=eps)
     # the last ``logits_keep`` rows only: start = T - keep, clamped to [0, T] by Slice
     start = g.op("Sub", [t_len, "logits_keep"])
@@ -205,9 +205,9 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     h = g.op("Slice", [h, start, t_len, one])
     head = model.lm_head
     if kv_t == TP.FLOAT:
-        g.op("MatMul", [h, g.init("lm_head.weight", _np(head.weight).T)], outs=["logits"])
+        g.op("MatMul", [h, g.init("lm_head.weight", to_numpy(head.weight).T)], outs=["logits"])
     else:
-        g.op("Cast", [g.op("MatMul", [h, g.init("lm_head.weight", _np(head.weight, ft).T)], outs=["lm_head/out"])],
+        g.op("Cast", [g.op("MatMul", [h, g.init("lm_head.weight", to_numpy(head.weight, ft).T)], outs=["lm_head/out"])],
              outs=["logits"], to=TP.FLOAT)
     f, i64 = TP.FLOAT, TP.INT64
     vi = onnx.helper.make_tensor_value_info

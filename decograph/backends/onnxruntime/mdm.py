@@ -47,7 +47,7 @@ def build_mdm(model: Any, opset: int = 23) -> Any:
     import onnx
     from onnx import TensorProto as TP
 
-    from decograph.backends.onnxruntime.graph import _G, _np
+    from decograph.backends.onnxruntime.graph import GraphWriter, to_numpy
     from decograph.models.mdm import MDMTransformer
 
     if not isinstance(model, MDMTransformer):
@@ -55,21 +55,21 @@ def build_mdm(model: Any, opset: int = 23) -> Any:
     cfg = model.config
     h, d = cfg.n_heads, cfg.d_model
     dh = d // h
-    g = _G()
+    g = GraphWriter()
     ins, outs = _names(cfg.n_layers)
     ang = torch.arange(cfg.max_len, dtype=torch.float32)[:, None] * model.inv_freq.float()
-    cos, sin = g.init("rotary.cos", _np(ang.cos())), g.init("rotary.sin", _np(ang.sin()))
+    cos, sin = g.init("rotary.cos", to_numpy(ang.cos())), g.init("rotary.sin", to_numpy(ang.sin()))
     shape_bthd = g.init("c.bthd", np.array([0, 0, h, dh], np.int64))
-    x = g.op("Gather", [g.init("embed.weight", _np(model.embed.weight)), "ids"])
+    x = g.op("Gather", [g.init("embed.weight", to_numpy(model.embed.weight)), "ids"])
     res, mlp_out = x, None
     for i, blk in enumerate(model.blocks):
-        w1 = g.init(f"l{i}.norm1", _np(blk.norm1.weight))
+        w1 = g.init(f"l{i}.norm1", to_numpy(blk.norm1.weight))
         if mlp_out is None:
             hn = g.op("RMSNormalization", [x, w1], axis=-1, epsilon=float(blk.norm1.eps))
         else:
             hn, _, _, res = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, w1], n_out=4, domain=_MS,
                                  epsilon=float(blk.norm1.eps))
-        qkv = g.op("MatMul", [hn, g.init(f"l{i}.qkv", _np(blk.qkv.weight).T)])
+        qkv = g.op("MatMul", [hn, g.init(f"l{i}.qkv", to_numpy(blk.qkv.weight).T)])
         q, k, v = g.op("Split", [qkv, g.init(f"l{i}.split", np.array([d, d, d], np.int64))], n_out=3, axis=-1)
         q = g.op("RotaryEmbedding", [q, "positions", cos, sin], domain=_MS, num_heads=h, interleaved=0)
         k = g.op("RotaryEmbedding", [k, "positions", cos, sin], domain=_MS, num_heads=h, interleaved=0)
@@ -78,19 +78,19 @@ def build_mdm(model: Any, opset: int = 23) -> Any:
         keys = g.op("Concat", [ins[3 + 2 * i], k4], axis=2)
         values = g.op("Concat", [ins[4 + 2 * i], v4], axis=2)
         a = g.op("MultiHeadAttention", [q, keys, values, "", "", "bias"], domain=_MS, num_heads=h)
-        a = g.op("MatMul", [a, g.init(f"l{i}.out", _np(blk.out.weight).T)])
-        w2 = g.init(f"l{i}.norm2", _np(blk.norm2.weight))
+        a = g.op("MatMul", [a, g.init(f"l{i}.out", to_numpy(blk.out.weight).T)])
+        w2 = g.init(f"l{i}.norm2", to_numpy(blk.norm2.weight))
         hn, _, _, res = g.op("SkipSimplifiedLayerNormalization", [a, res, w2], n_out=4, domain=_MS,
                              epsilon=float(blk.norm2.eps))
-        gu = g.op("MatMul", [hn, g.init(f"l{i}.gate_up", _np(blk.gate_up.weight).T)])
+        gu = g.op("MatMul", [hn, g.init(f"l{i}.gate_up", to_numpy(blk.gate_up.weight).T)])
         gate, up = g.op("Split", [gu, g.init(f"l{i}.gsplit", np.array([cfg.d_ff] * 2, np.int64))], n_out=2, axis=-1)
         act = g.op("QuickGelu", [gate], domain=_MS, alpha=1.0)            # x * sigmoid(x): SiLU
-        mlp_out = g.op("MatMul", [g.op("Mul", [act, up]), g.init(f"l{i}.down", _np(blk.down.weight).T)])
-    hn = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", _np(model.norm.weight))], n_out=1,
+        mlp_out = g.op("MatMul", [g.op("Mul", [act, up]), g.init(f"l{i}.down", to_numpy(blk.down.weight).T)])
+    hn = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", to_numpy(model.norm.weight))], n_out=1,
               domain=_MS, epsilon=float(model.norm.eps))
     picked = g.op("GatherND", [hn, g.op("Unsqueeze", ["logits_at", g.init("c.m1", np.array([-1], np.int64))])],
                   batch_dims=1)
-    g.op("MatMul", [picked, g.init("lm_head.weight", _np(model.embed.weight).T)], outs=["logits"])
+    g.op("MatMul", [picked, g.init("lm_head.weight", to_numpy(model.embed.weight).T)], outs=["logits"])
     f, i64 = TP.FLOAT, TP.INT64
     vi = onnx.helper.make_tensor_value_info
     inputs = [vi("ids", i64, ["batch", "seq"]), vi("positions", i64, ["batch", "seq"]),
@@ -107,14 +107,14 @@ def export_mdm(model: Any, path: str | Path) -> Path:
     shape inference."""
     import onnx
 
-    from decograph.backends.onnxruntime.export import _save
+    from decograph.backends.onnxruntime.export import save_model
 
     proto = build_mdm(model)
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _save(proto, out, False)
+    save_model(proto, out, False)
     return out
 
 
