@@ -182,11 +182,11 @@ class ExportedDecoder:
         length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if self._exact is None:
-            self._exact = bool(self._machine(f"exact-2-{self._check_width()}", self._check_exact))
+            self._exact = bool(self._machine(f"exact-2-{self.check_width()}", self._check_exact))
         return self._exact
 
     def _check_exact(self, context: int = 37) -> bool:
-        if not width_invariant(self.step, self._check_width(), context):
+        if not width_invariant(self.step, self.check_width(), context):
             return False
         rng = np.random.default_rng(1)
         vocab = self.step.vocab_size
@@ -255,7 +255,7 @@ class ExportedDecoder:
         """The most query tokens a step of this decoder's program takes."""
         return program_width(self.program)
 
-    def _check_width(self) -> int:
+    def check_width(self) -> int:
         """Widths the exactness check covers, and the widest step the decoder then takes: the
         program's, at least 9, at most 16 (CPU kernels switch to other blocking beyond 16 rows;
         seen on this project's CPUs: a 17-token step is not the arithmetic of 17 one-token ones)."""
@@ -320,5 +320,5 @@ class ExportedDecoder:
         curve = CostCurve({w + 1: c for w, c in enumerate(self.cost_curve())}) if drafting else DEFAULT_CURVE
         cfg = RunConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(self.eos), seed=seed, cost_curve=curve,
                         tokenizer=self.tokenizer, drafts=drafting)
-        engine = OrtEngine(self.step, self.tokenizer, curve, max_query=self._check_width() if drafting else None)
+        engine = OrtEngine(self.step, self.tokenizer, curve, max_query=self.check_width() if drafting else None)
         return Interpreter(self.program, engine, cfg)

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from decograph.backends.torch_ref.branches import Branch, BranchResult
+from decograph.runtime.branches import Branch, BranchResult, branch_result, register_join_rule
 from decograph.errors import InputError, StrategyFileError
+from decograph.text import check_utf8
 
-__all__ = ["NerTemplate", "Entity", "MentionJoin", "extract_entities", "dedupe_mentions", "parse_count",
+__all__ = ["NerTemplate", "Entity", "MentionJoin", "ner_dedup", "extract_entities", "dedupe_mentions", "parse_count",
            "clean_mention", "ner_request"]
 
 DEFAULT_NAMES = {"PER": "person names", "ORG": "organizations", "LOC": "places", "MISC": "other named things"}
@@ -122,6 +123,16 @@ class MentionJoin:
     entities: list[Entity]
 
 
+def ner_dedup(parent: Any, branches: list[Any], tokenizer: Any, ends: set[int]) -> list[int]:
+    """``join(rule=ner_dedup)``: collect the branches, then keep each mention once, under the
+    label whose branch gave it the highest probability (PaDeLLM-NER's de-duplication);
+    appends nothing to the row. Registered with the runtime (and as the entry point
+    ``decograph.join_rules: ner_dedup``, so a torch-free exported decoder finds it)."""
+    results = [branch_result(r, tokenizer, ends) for r in branches]
+    parent.results.append(MentionJoin(results, dedupe_mentions(results)))
+    return []
+
+
 _NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
 
@@ -181,6 +192,7 @@ def ner_request(texts: Sequence[str], labels: Sequence[str], tokenizer: Any,
         raise InputError(f"NER labels must be distinct, got {list(labels)!r}")
     prompts = []
     for i, text in enumerate(texts):
+        text = check_utf8(text, f"text {i}")
         if not text.strip():
             raise InputError(f"text {i} is empty")
         body = t.prefix.format(text=text)
@@ -251,3 +263,6 @@ def extract_entities(texts: Sequence[str] | str, labels: Sequence[str], model: A
         join = r.branches[-1]
         entities.append(dedupe_mentions(join.branches, text))
     return (entities, results) if details else entities
+
+
+register_join_rule("ner_dedup", ner_dedup)

@@ -95,6 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_ner(args: argparse.Namespace) -> int:
     from decograph.apps.loading import load_model
     from decograph.apps.ner import NerTemplate, extract_entities
+    from decograph.text import check_utf8
 
     labels = [lab.strip() for lab in args.labels.split(",")]
     template = NerTemplate.load(args.template) if args.template else NerTemplate()
@@ -102,7 +103,9 @@ def _cmd_ner(args: argparse.Namespace) -> int:
         template = dataclasses.replace(template, chat=args.chat)
     texts = list(args.text)
     if texts == ["-"]:
-        texts = [sys.stdin.read()]
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)     # bytes where there are: check_utf8 names a bad one
+        texts = [stdin.read()]
+    texts = [check_utf8(t, "stdin" if args.text == ["-"] else f"text {i + 1}") for i, t in enumerate(texts)]
     adapter, tok, model_name = load_model(args.model)
     if template.chat and not getattr(tok, "chat_template", None):
         raise InputError(f"the tokenizer of {model_name} has no chat template; use --no-chat or a template "

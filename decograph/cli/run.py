@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from decograph.errors import InputError
+from decograph.text import check_utf8
 
 __all__ = ["cmd_run"]
 
@@ -17,6 +18,7 @@ __all__ = ["cmd_run"]
 def cmd_run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    args.prompt = [check_utf8(p, f"prompt {i + 1}") for i, p in enumerate(args.prompt)]   # argv: surrogateescape'd
     if args.exported:
         return _run_exported(args)          # before any torch import
     if args.ort_device != "auto":
@@ -106,13 +108,13 @@ def _run_exported(args: argparse.Namespace) -> int:
     for prompt, (ids, s) in zip(args.prompt, rows):
         text = dec.decode(ids)
         if args.json:
-            print(json.dumps({"exported": args.exported, "strategy": m["strategy"], "quant": m["quant"],
+            print(json.dumps({"exported": args.exported, "strategy": m.strategy, "quant": m.target.quant,
                               "prompt": prompt, "new_token_ids": ids, "text": text, "new_tokens": s.new_tokens,
                               "forward_passes": s.forwards, "tokens_per_s": round(s.tokens_per_s, 3),
                               "wall_time_s": round(s.wall_time_s, 4), "finish_reason": s.finish_reason},
                              ensure_ascii=False))
             continue
         print(text)
-        print(f"[{m['strategy']}, exported, {m['quant']}] {s.new_tokens} tokens, {s.forwards} forward passes, "
+        print(f"[{m.strategy}, exported, {m.target.quant}] {s.new_tokens} tokens, {s.forwards} forward passes, "
               f"{s.tokens_per_s:.1f} tokens/s, finish: {s.finish_reason}", file=sys.stderr)
     return 0

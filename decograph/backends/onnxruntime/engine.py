@@ -147,8 +147,6 @@ class OrtBatch(Batch):
         sizes = [len(t) for t in trees]
         w = max(p + n for p, n in zip(fed, sizes))
         self._fed = fed
-        for r in self.active:
-            r.forwards += 1
         if w == 0:                                  # every root computed already, nothing drafted
             self.roots = [None] * len(self.active)
             return OrtOutput(None, fed, sizes, roots)
@@ -172,6 +170,7 @@ class OrtBatch(Batch):
                                    lengths=self.lengths)
         self.forwards += 1
         for r in self.active:
+            r.forwards += 1
             r.query_tokens += w
         self.roots = [None] * len(self.active)
         return OrtOutput(logits, fed, sizes, roots)
