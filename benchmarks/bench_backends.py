@@ -40,7 +40,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from decograph.api import generate, resolve_model  # noqa: E402
+from decograph.api import as_program, generate, resolve_model  # noqa: E402
 from decograph.backends import BackendFallbackWarning, get_backend  # noqa: E402
 from decograph.backends.torch_ref.cost import measure_cost_curve  # noqa: E402
 from decograph.models.default import load_default_model  # noqa: E402
@@ -131,14 +131,12 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
     return table, {str(k): round(curve[k - 1], 3) for k in (1, 2, 4, 8) if k <= len(curve)}
 
 
-PLANS = {"jacobi": {"draft": "jacobi", "window": 4, "init": "repeat"},
-         "lookahead": {"draft": "lookahead", "window": 4, "n": 4}}
 
 
 def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
     systems = {"greedy": lambda p: _exported(dec, p, n, False), "anpd": lambda p: _exported(dec, p, n, True)}
     for name in [x for x in args.exported_plans.split(",") if x]:
-        systems[name] = lambda p, d=dec.with_plan(PLANS[name]): _exported(d, p, n, True)
+        systems[name] = lambda p, d=dec.with_program(as_program(name)): _exported(d, p, n, True)
     if genai:
         systems = {f"ort_genai_{k}": (lambda p, g=g: _genai(g, p, n)) for k, g in genai.items()} | systems
     for run in systems.values():                  # warm-up

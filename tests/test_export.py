@@ -127,8 +127,8 @@ def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_pat
     table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
     assert sorted(json.loads(k)[0] for k in table) == ["curve-5", f"exact-2-{dec.check_width()}"]
     again = ExportedDecoder(out)
-    monkeypatch.setattr(again, "_measure_curve", lambda: pytest.fail("measured again"))
-    monkeypatch.setattr(again, "_check_exact", lambda: pytest.fail("checked again"))
+    monkeypatch.setattr(again.runner, "_measure_curve", lambda: pytest.fail("measured again"))
+    monkeypatch.setattr(again.runner, "_check_exact", lambda w: pytest.fail("checked again"))
     assert again.cost_curve() == curve and again.exact() == exact       # read back, not measured again
 
 
@@ -137,7 +137,7 @@ def test_a_machine_whose_kernels_are_not_exact_decodes_without_drafts(model_dir,
     out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
                          chat=False, progress=lambda m: None)
     dec = ExportedDecoder(out)
-    monkeypatch.setattr(dec, "_check_exact", lambda: False)
+    monkeypatch.setattr(dec.runner, "_check_exact", lambda w: False)
     ids = dec.encode(PROMPTS[0])
     with pytest.warns(RuntimeWarning, match="without drafts"):
         got, stats = dec.generate(ids, 16)

@@ -132,7 +132,7 @@ def test_float16_export_runs_on_the_cpu_here(tmp_path) -> None:
     out = export_decoder("anpd", tmp_path / "dec", model=adapter, quant="int4", dtype="float16", chat=False,
                          progress=lambda m: None)
     dec = ExportedDecoder(out)
-    assert dec.manifest["dtype"] == "float16" and dec.step.kv_dtype == np.float16
+    assert dec.manifest.target.dtype == "float16" and dec.step.kv_dtype == np.float16
     assert dec.device == pick_device("auto")          # auto: the CUDA EP for a float16 export where it is there
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)     # kernels not exact here: decodes without drafts

@@ -1,0 +1,187 @@
+"""One step graph on this machine: its session, whether its kernels keep drafting lossless,
+its forward-cost curve, and the runtime's interpreter over it. The exported decoder
+(``decograph.exported``) and the in-process ``onnxruntime*`` backends both run programs
+through a ``GraphRunner``: the same code at the same speed. numpy and onnxruntime only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from decograph.backends.onnxruntime.engine import OrtEngine, tree_masks
+from decograph.backends.onnxruntime.kv import StepSession, causal_mask
+from decograph.ir import ops as O
+from decograph.measure_cache import cached
+from decograph.passes.cost import DEFAULT_CURVE, CostCurve
+from decograph.runtime.interp import Interpreter, RunConfig
+from decograph.runtime.rows import DraftTree
+
+__all__ = ["GraphRunner", "width_invariant", "program_width", "exact_width"]
+
+_CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
+
+
+def width_invariant(step: StepSession, max_width: int = 9, context: int = 37) -> bool:
+    """Whether ``step``'s graph, on this machine's kernels, gives a k-token step bit-identical
+    logits and K/V to k one-token steps, for every k from 2 to ``max_width`` (in either order
+    after a ``context``-token prefill of random tokens). Exact graphs are built for it; on some
+    CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order than a
+    several-row one, and this is what finds out."""
+    widths = list(range(2, max_width + 1))
+    rng = np.random.default_rng(1)
+    vocab = step.vocab_size
+    prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
+    runs = []
+    for order in ([1] * len(toks), widths, widths[::-1]):
+        kv = step.new_kv(1, context + len(toks) + 2)
+        step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
+        logits, i = [], 0
+        for w in order:
+            pos = np.arange(context + i, context + i + w)[None]
+            logits.append(step.run(kv, toks[None, i:i + w], pos, causal_mask(w, context + i)).copy())
+            i += w
+        runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
+    (ref, ref_kv), others = runs[0], runs[1:]
+    return all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv)) for lg, kv in others)
+
+
+def program_width(program: O.Program) -> int:
+    """The most query tokens one step of ``program`` feeds a row: its pending token plus every
+    draft op's largest contribution to the tree (chains x candidates; at most 64 + 1)."""
+    nodes = 0
+    for op in program.walk():
+        if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
+            size = max(int(getattr(op, name, 0) or 0) for name in ("k", "window", "block", "n"))
+            nodes += size * max(1, int(getattr(op, "candidates", 1) or 1))
+    return 1 + min(nodes, O.MAX_DRAFT)
+
+
+def exact_width(program: O.Program) -> int:
+    """Widths the exactness check covers, and the widest step a runner then takes: the
+    program's, at least 9, at most 16 (CPU kernels switch to other blocking beyond 16 rows;
+    seen on this project's CPUs: a 17-token step is not the arithmetic of 17 one-token ones)."""
+    return min(max(program_width(program), 9), 16)
+
+
+class GraphRunner:
+    """``step`` (a ``StepSession``) on this machine; ``identity``: what names the graph in the
+    machine-measurement cache (its file's sha256 for an export)."""
+
+    def __init__(self, step: StepSession, identity: str) -> None:
+        self.step, self.identity = step, identity
+        self.device = step.device
+        opts = step.session.get_session_options()
+        self.threads = opts.intra_op_num_threads
+        self.spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        self._exact: dict[int, bool] = {}
+        self._curve: list[float] | None = None
+        self._warned = False
+
+    def interpreter(self, program: O.Program, cfg: RunConfig, *, draft: bool = True, tokenizer: Any = None) -> Interpreter:
+        """The runtime's interpreter for ``program`` on this graph. Drafts run where this
+        machine's kernels keep them lossless (else: none, with one warning), cut to the widths
+        checked exact, sized by this graph's measured cost curve."""
+        drafting = draft and cfg.drafts and any(isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches)
+                                                for op in program.walk())
+        width = exact_width(program)
+        if drafting and not self.exact(width):
+            drafting = False
+            if not self._warned:
+                self._warned = True
+                warnings.warn("this machine's ONNX Runtime kernels do not give a multi-token step the arithmetic of "
+                              "one-token steps on this graph: decoding greedily without drafts, to stay lossless",
+                              RuntimeWarning, stacklevel=3)
+        curve = CostCurve({w + 1: c for w, c in enumerate(self.cost_curve())}) if drafting else DEFAULT_CURVE
+        cfg.cost_curve, cfg.drafts = curve, drafting
+        engine = OrtEngine(self.step, tokenizer, curve, max_query=width if drafting else None)
+        return Interpreter(program, engine, cfg)
+
+    def _machine(self, kind: str, measure: Any) -> Any:
+        """``measure()``'s result for this graph, ORT version, machine and threads, cached in
+        ``$XDG_CACHE_HOME/decograph/exported_machine.json``."""
+        import onnxruntime as ort
+
+        key = json.dumps([kind, self.identity, ort.__version__,
+                          self.threads, self.spinning, platform.machine(), platform.processor(), os.cpu_count()]
+                         + ([self.device] if self.device != "cpu" else []))
+        return cached("exported_machine.json", key, measure)
+
+    def exact(self, width: int) -> bool:
+        """Whether a k-token forward gives bit-identical logits and K/V to k one-token forwards
+        here, for every width up to ``width``, and a row's step in a batch (its own cache
+        length) to the step alone (what makes drafting and batching lossless; see
+        ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
+        if width not in self._exact:
+            self._exact[width] = bool(self._machine(f"exact-2-{width}", lambda: self._check_exact(width)))
+        return self._exact[width]
+
+    def _check_exact(self, width: int, context: int = 37) -> bool:
+        if not width_invariant(self.step, width, context):
+            return False
+        rng = np.random.default_rng(1)
+        vocab = self.step.vocab_size
+        prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, 3)
+        # two rows of different lengths in one step (a 3-token step and a padded 1-token one)
+        short = context - 7
+        alone = []
+        for n, w in ((context, 3), (short, 1)):
+            kv = self.step.new_kv(1, context + 8)
+            self.step.run(kv, prompt[:, :n], np.arange(n)[None], causal_mask(n, 0), 1)
+            alone.append(self.step.run(kv, toks[None, :w], np.arange(n, n + w)[None], causal_mask(w, n)).copy())
+        kv = self.step.new_kv(2, context + 8)
+        self.step.run(kv, np.repeat(prompt, 2, 0), np.arange(context)[None].repeat(2, 0),
+                      causal_mask(context, 0).repeat(2, 0), 1)
+        lengths = np.array([context, short])
+        chain = DraftTree()
+        chain.add_chain([int(t) for t in toks[1:3]])
+        mask = tree_masks(lengths, [1, 1], [chain, DraftTree()], 3, context)
+        pos = lengths[:, None] + np.arange(3)
+        both = self.step.run(kv, np.stack([toks[:3], toks[:1].repeat(3)]), pos, mask, lengths=lengths)
+        return np.array_equal(both[0], alone[0][0]) and np.array_equal(both[1, :1], alone[1][0])
+
+    def cost_curve(self) -> list[float]:
+        """Time of a forward over w query tokens over one token's, for w = 1, 2, ...: measured
+        once per graph and machine (cached)."""
+        if self._curve is not None:
+            return self._curve
+        points = {int(w): float(c) for w, c in self._machine("curve-5", self._measure_curve).items()}
+        out, prev = [], 1.0
+        for w in range(1, max(points) + 1):   # interpolated, and never cheaper than a narrower width
+            lo = max(p for p in points if p <= w)
+            hi = min(p for p in points if p >= w)
+            c = points[lo] if lo == hi else points[lo] + (points[hi] - points[lo]) * (w - lo) / (hi - lo)
+            prev = max(prev, c)
+            out.append(prev)
+        self._curve = out
+        return out
+
+    def _measure_curve(self, context: int = 128, reps: int = 7) -> dict[str, float]:
+        rng = np.random.default_rng(0)
+        kv = self.step.new_kv(1, context + max(_CURVE_WIDTHS) + 2)
+        vocab = self.step.vocab_size
+        self.step.run(kv, rng.integers(0, vocab, (1, context)), np.arange(context)[None], causal_mask(context, 0), 1)
+        feeds = {w: (rng.integers(0, vocab, (1, w)), np.arange(context, context + w)[None], causal_mask(w, context))
+                 for w in _CURVE_WIDTHS}
+        times: dict[int, list[float]] = {w: [] for w in _CURVE_WIDTHS}
+        for rep in range(reps + 1):             # round robin, so a busy moment hits every width alike
+            for w in _CURVE_WIDTHS:
+                t0 = time.perf_counter()
+                self.step.run(kv, *feeds[w])
+                if rep:
+                    times[w].append(time.perf_counter() - t0)
+                kv.length = context
+        # A forward's time is close to linear in its matrix rows (w; 2 for one token, with the
+        # exact graph's padding row): a least-squares line through each width's least disturbed
+        # run keeps a busy machine's noise out of the curve.
+        rows = np.array([max(w, 2) for w in _CURVE_WIDTHS], float)
+        best = np.array([min(times[w]) for w in _CURVE_WIDTHS])
+        slope, base = np.polyfit(rows, best, 1)
+        fit = max(float(base), 0.05 * float(best.min())) + max(float(slope), 0.0) * rows
+        return {str(w): round(float(fit[i] / fit[0]), 4) for i, w in enumerate(_CURVE_WIDTHS)}
+
