@@ -7,8 +7,9 @@ column 0):
                    ``bash -e -o pipefail -x`` (every command must exit 0; the trace names the one
                    that failed) in the page's own temp dir, with this venv's ``bin`` first on PATH.
 - ```sh install    setup a reader runs once on a fresh machine. Not run; every line must be a
-                   ``pip install``, ``git clone``, ``cd``, ``python3 -m venv`` or venv ``source``
-                   line (or a comment), so the marker cannot hide any other command.
+                   ``pip install``, ``git clone``, ``cd``, ``python3 -m venv``, venv ``source``
+                   or ``bash scripts/NAME.sh`` line (or a comment), so the marker cannot hide
+                   any other command.
 - ```python        runs in a subprocess (this interpreter) in the page's temp dir.
 - ```yaml file=NAME / ```toml file=NAME
                    a file the page's later commands use ("save this as NAME"): written to the
@@ -71,7 +72,7 @@ TEXT = {page: (DOCS / page).read_text(encoding="utf-8") for page in PAGES}   # r
 BLOCK_TIMEOUT_S = 420
 REAL_MODEL = re.compile(r"decograph (run|bench|viz|export|ner)\b|load_default_model")
 INSTALL_LINE = re.compile(r"(#.*|pip install .+|python3? -m pip install .+|git clone .+|cd \S+|python3? -m venv \S+"
-                          r"|(source|\.) \S*bin/activate)")
+                          r"|(source|\.) \S*bin/activate|bash scripts/[\w-]+\.sh)")
 KNOWN_INFO = re.compile(r"(sh|sh install|python|text|text output|json|yaml|yaml body|yaml steps|toml"
                         r"|(yaml|toml) file=[\w.-]+( invalid)?)")
 
@@ -203,6 +204,50 @@ def test_output_blocks_hold_no_commands() -> None:
         if b.info == "text output":
             prev = _PARSED[b.page][_PARSED[b.page].index(b) - 1]
             assert prev.info == "sh", f"{b.page}:{b.line}: a `text output` block must follow a ```sh block"
+
+
+# ------------------------------------------------------------------ the README's two commands
+
+SETUP_SCRIPT = "bash scripts/setup.sh"
+
+
+def _readme_setup() -> tuple[str, list[str]]:
+    """The README's "Set up" section and its ```sh commands (one line each): set-up, tests."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Set up\n"):]
+    section = section[:section.index("\n## ", 1)]
+    commands = re.findall(r"^```sh\n(.*?)\n```$", section, re.M | re.S)
+    assert len(commands) == 2 and all("\n" not in c for c in commands), (
+        f"README.md's Set up section must hold two one-line ```sh blocks (set-up, tests); found {commands}")
+    return section, commands
+
+
+def test_ci_runs_the_readme_commands_verbatim() -> None:
+    _, (setup, tests) = _readme_setup()
+    assert setup.startswith(SETUP_SCRIPT + " && "), f"the README's set-up command must run {SETUP_SCRIPT} first"
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    where = {}
+    for name, cmd in (("set-up", setup), ("test", tests)):
+        found = [i for i, line in enumerate(lines) if line in (cmd, cmd + " || exit")]
+        assert found, f".ci/run does not run the README's {name} command verbatim on a line of its own: {cmd!r}"
+        where[name] = found[0]
+    venv = next(i for i, line in enumerate(lines) if line.startswith("python3 -m venv"))
+    assert venv < where["set-up"] < where["test"], ".ci/run: a fresh venv, then the set-up command, then the tests"
+
+
+def test_the_docs_name_every_install_the_setup_script_runs() -> None:
+    script = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    pips = [line.strip() for line in script.splitlines() if line.strip().startswith("pip install")]
+    assert len(pips) >= 4, pips
+    readme, (setup, _) = _readme_setup()
+    quickstart = TEXT["quickstart.md"]
+    install = quickstart[quickstart.index("## Install\n"):quickstart.index("\n## ", quickstart.index("## Install\n"))]
+    for where, text in (("README.md's Set up section", readme), ("docs/quickstart.md's Install section", install)):
+        missing = [cmd for cmd in pips if f"`{cmd}`" not in " ".join(text.split())]
+        assert not missing, f"{where} does not name what scripts/setup.sh runs: {missing}"
+        assert "chromium" in text, f"{where} does not say that scripts/setup.sh installs Chromium"
+    [block] = [b for b in _PARSED["quickstart.md"] if b.info == "sh install"]
+    assert setup.split(" && ")[0] in block.text.splitlines(), "the quickstart must install with the README's set-up script"
 
 
 # ------------------------------------------------------------------ running the pages

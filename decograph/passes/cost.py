@@ -4,12 +4,15 @@ Drafting pays only when the tokens a draft is expected to add outweigh the extra
 wider forward, and on a CPU that cost is far from linear (SmolLM2-135M, 2 cores: 1.0 for one
 token, ~1.5 for two, ~1.7 for four to eight, ~2.1 for sixteen). A backend measures the curve
 for its model and machine (the torch backend: ``decograph.backends.torch_ref.cost``); without a
-measurement the conservative ``DEFAULT_CURVE`` stands in. Pure Python: the passes, the runtime
+measurement the conservative ``DEFAULT_CURVE`` stands in; ``plausible_curve`` rejects a
+measurement that timing noise spoiled. Pure Python: the passes, the runtime
 and the torch-free exported decoder all use it.
 """
 from __future__ import annotations
 
-__all__ = ["CostCurve", "DEFAULT_CURVE", "POINTS"]
+import math
+
+__all__ = ["CostCurve", "DEFAULT_CURVE", "POINTS", "curve_defect", "plausible_curve"]
 
 POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
@@ -48,3 +51,51 @@ class CostCurve:
 
 
 DEFAULT_CURVE = CostCurve({1: 1.0, 2: 1.5, 3: 1.7, 4: 1.7, 8: 1.8, 16: 2.1, 32: 2.8})
+
+
+# A wider forward never costs much less than a narrower one: it does the same work and more.
+# Timing noise on a busy machine is what breaks that, so the tolerances only catch noise:
+# small GEMMs do vary (SmolLM2 on 2 threads: 3 tokens ~1.9, 4 tokens ~1.7, which passes),
+# whereas a width timed below one token's cost is noise for sure.
+FLOOR = 0.95          # no width below this fraction of one token's cost
+MONOTONE = 0.8        # no width below this fraction of any narrower width's cost
+
+
+def _shortfalls(points: dict[int, float]) -> list[tuple[float, str]]:
+    """Each width that falls short of a plausible curve, in order: (by how much, why)."""
+    if not points:
+        return [(1.0, "no points")]
+    out: list[tuple[float, str]] = []
+    if not abs(points.get(1, math.nan) - 1.0) <= 1e-6:           # NaN fails too
+        out.append((1.0, f"cost(1) is {points.get(1)}, not 1"))
+    peak, peak_cost = 1, 0.0
+    for w, c in sorted(points.items()):
+        if not math.isfinite(c):
+            out.append((1.0, f"cost({w}) is {c}"))
+            continue
+        found = [(FLOOR - c, f"{w} tokens cost {c:.2f} of one token (below {FLOOR})"),
+                 (MONOTONE * peak_cost - c, f"{w} tokens cost {c:.2f}, below {MONOTONE} of {peak} tokens' {peak_cost:.2f}")]
+        worst = max(found)
+        if worst[0] > 0:
+            out.append(worst)
+        if c > peak_cost:
+            peak, peak_cost = w, c
+    return out
+
+
+def plausible_curve(points: dict[int, float]) -> str | None:
+    """Why the measured relative costs ``points`` (width -> cost, ``points[1] == 1``) cannot
+    be a real cost curve, or ``None`` when they can: every width costs at least ``FLOOR`` of
+    one token, and none less than ``MONOTONE`` of a narrower one. A curve timed while other
+    jobs shared the machine fails this (8 tokens at 0.87 of one token); measure it again.
+    """
+    found = [why for _, why in _shortfalls(points)]
+    if len(found) > 2:
+        found = found[:2] + [f"{len(found) - 2} more"]
+    return "; ".join(found) or None
+
+
+def curve_defect(points: dict[int, float]) -> float:
+    """How far ``points`` is from plausible (0 when ``plausible_curve`` passes it): the sum of
+    its shortfalls, to keep the least bad of several implausible measurements."""
+    return sum(by for by, _ in _shortfalls(points))

@@ -23,25 +23,27 @@ __all__ = ["CostCurve", "DEFAULT_CURVE", "measure_cost_curve", "cached_cost_curv
 
 
 def measure_cost_curve(adapter: Any, context: int = 256, reps: int = 5) -> CostCurve:
-    """Median time of forwards over q query tokens after ``context`` cached ones, relative to q=1."""
+    """Time of a forward over q query tokens after ``context`` cached ones, relative to q=1: the
+    fastest of ``reps`` runs (after one warm-up). The widths take turns within each repetition,
+    so a change in the machine's load hits them all alike, and the fastest run is the one other
+    jobs disturbed least."""
     vocab = adapter.vocab_size
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         cache = adapter.new_cache(1)
         ids = torch.randint(0, vocab, (1, context), generator=gen)
         adapter.forward(cache, ids, torch.arange(context)[None], torch.ones(context, context, dtype=torch.bool).tril()[None])
-        times: dict[int, float] = {}
-        for q in POINTS:
-            attend = torch.cat([torch.ones(q, context, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)[None]
-            ids = torch.randint(0, vocab, (1, q), generator=gen)
-            pos = torch.arange(context, context + q)[None]
-            runs = []
-            for _ in range(reps + 1):
+        feeds = {q: (torch.randint(0, vocab, (1, q), generator=gen), torch.arange(context, context + q)[None],
+                     torch.cat([torch.ones(q, context, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)[None])
+                 for q in POINTS}
+        times = {q: float("inf") for q in POINTS}
+        for rep in range(reps + 1):
+            for q, (ids, pos, attend) in feeds.items():
                 t = time.perf_counter()
                 adapter.forward(cache, ids, pos, attend)
-                runs.append(time.perf_counter() - t)
+                if rep:
+                    times[q] = min(times[q], time.perf_counter() - t)
                 adapter.truncate(cache, context)
-            times[q] = sorted(runs[1:])[reps // 2]
     return CostCurve({q: times[q] / times[1] for q in POINTS})
 
 
