@@ -13,7 +13,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from decograph.backends.torch_ref import Event, Interpreter, RunConfig
+from decograph.backends.torch_ref.interp import draft_runners
+from decograph.runtime import Event, Interpreter, RunConfig
 from decograph.errors import InputError
 from decograph.frontends.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
@@ -189,7 +190,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
                              f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
     plan(engine, program)                   # one BackendFallbackWarning per op without a kernel
-    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, dict(draft_models or {}),
+    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, draft_runners(draft_models or {}),
                     _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels(),
                     trace=[] if trace else None)
     from decograph.frontends.diffusion import MaskedDiffusionAdapter
@@ -205,7 +206,9 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
         if do_sample:
             raise InputError("do_sample: unmask strategies decode by confidence; sampling is not supported for them")
         return DiffusionInterpreter(program, adapter, cfg), ids, tok  # type: ignore[return-value]
-    return Interpreter(program, adapter, cfg), ids, tok
+    interp = engine.interpreter(program, adapter, cfg)
+    interp.adapter = adapter                # whose acceptance profile the run feeds (``_observe``)
+    return interp, ids, tok
 
 
 def optimize(program: O.Program, adapter: CausalLMAdapter, passes: str | None = "default") -> O.Program:

@@ -1,16 +1,21 @@
 """The backend protocol: what a backend declares and how a program runs on it.
 
-A backend lowers a (pass-optimized) program onto kernels. Every backend runs on top of the
-torch reference interpreter, which owns the control flow (iterate, ragged rows, the slot
-cache); the backend supplies kernels for the *kernel slots* below, and the program's ops that
-its kernels do not cover fall back to the torch reference, each with one
-``BackendFallbackWarning`` naming the op.
+Every backend runs the runtime's one interpreter (``decograph.runtime``): the control flow,
+drafting, verification and fork/join rules are the runtime's; the backend executes the step
+protocol (``decograph.runtime.protocol``): a batch's forward (per row its query tokens,
+positions and a tree of parent pointers) and the cache operations (keep the accepted slots,
+roll back, fork, free), owning the KV storage. ``engine(adapter, config)`` returns the
+backend's ``Engine``; the default is the torch engine over the (prepared) adapter, with the
+backend's *kernel slots* as accelerations of its protocol calls:
 
     class MyBackend(Backend):
         name = "mine"
         description = "numpy greedy verification"
         devices = ("cpu",)
         def kernels(self): return {"verify.greedy": my_verify}
+
+A backend that runs the model on its own device overrides ``engine`` (see the ONNX Runtime
+backends, and ``tests/plugin_example`` for an out-of-tree one).
 
 Kernel slots (signatures; tensors on the model's device):
 
@@ -36,13 +41,13 @@ from typing import Any, Callable, ClassVar
 
 from decograph.ir import ops as O
 
-__all__ = ["Backend", "BackendFallbackWarning", "KERNEL_SLOTS", "SLOT_OPS", "plan"]
+__all__ = ["Backend", "BackendFallbackWarning", "KERNEL_SLOTS", "SLOT_OPS", "HOST_OPS", "plan"]
 
 KERNEL_SLOTS = ("attention", "verify.greedy", "unmask.confidence", "kv.compact")
 SLOT_OPS = {"attention": ("forward",), "verify.greedy": ("verify.greedy",),
             "unmask.confidence": ("unmask.threshold", "unmask.factor", "unmask.topk_per_step")}
 # host-side steps every backend runs itself: control flow, and drafting (n-gram lookups on the host)
-_HOST = ("prefill", "iterate", "yield", "emit", "commit", "fork", "join")
+HOST_OPS = ("prefill", "iterate", "yield", "emit", "commit", "fork", "join")
 
 
 class BackendFallbackWarning(UserWarning):
@@ -70,11 +75,26 @@ class Backend(ABC):
         Runtime, returns its own); default: ``adapter`` unchanged."""
         return adapter
 
+    def engine(self, adapter: Any, config: Any) -> Any:
+        """This backend's side of the step protocol (a ``decograph.runtime.protocol.Engine``)
+        for ``adapter`` (as ``prepare`` returned it) and the run's ``RunConfig``, which it may
+        adjust (its cost curve, whether drafts run). Default: the torch engine over the
+        adapter, this backend's kernels accelerating its calls."""
+        from decograph.backends.torch_ref.step import TorchEngine
+
+        return TorchEngine(adapter, self.kernels(), config.cost_curve, config.tokenizer)
+
+    def interpreter(self, program: Any, adapter: Any, config: Any) -> Any:
+        """The runtime's interpreter for ``program`` on this backend."""
+        from decograph.runtime.interp import Interpreter
+
+        return Interpreter(program, self.engine(adapter, config), config)
+
     @property
     def ops(self) -> frozenset[str]:
         """The IR ops this backend runs natively: the control ops plus those its kernels serve."""
         served = {name for slot in self.kernels() for name in SLOT_OPS.get(slot, ())}
-        return frozenset(_HOST) | served
+        return frozenset(HOST_OPS) | served
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "devices": list(self.devices),

@@ -159,6 +159,7 @@ class Interpreter:
         self.eos = set(config.eos_token_ids) if any("eos" in op.until for op in loops) else set()
         self.state: Batch | None = None
         self.wall = 0.0
+        self.adapter: Any = None            # the caller's model adapter, when it keeps statistics on it
 
     @property
     def tokenizer(self) -> Any:

@@ -16,7 +16,7 @@ import decograph
 from decograph.api import resolve_model
 from decograph.backends import get_backend
 from decograph.backends.onnxruntime.backend import export_dir
-from decograph.backends.onnxruntime.export import (INEXACT_ACCURACY_LEVEL, export_step, io_names, quant_tag,
+from decograph.backends.onnxruntime.export import (QUANT, export_step, io_names, quant_tag,
                                                    quantize_step)
 from decograph.backends.onnxruntime.kv import StepSession
 from decograph.backends.onnxruntime.session import ORTCausalLM
@@ -89,12 +89,12 @@ def test_every_lossless_strategy_equals_ort_greedy(ort_greedy, tiny, strategy, b
 def test_quantized_graphs_use_matmulnbits(tiny) -> None:
     for bits in (4, 8):
         a = get_backend(f"onnxruntime-int{bits}").prepare(resolve_model(tiny)[0])
-        assert a.path.name == f"model.{quant_tag(bits, INEXACT_ACCURACY_LEVEL)}.onnx"   # settings name the file
+        assert a.path.name == f"model.{quant_tag(bits)}.onnx"   # the exported decoder's settings name the file
         proto = onnx.load(str(a.path))
         nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
         assert len(nbits) == 2 * 4 + 1                  # q/k/v, o, gate/up, down per layer; the head
         attrs = [{x.name: x.i for x in n.attribute} for n in nbits]
-        assert {(a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(bits, INEXACT_ACCURACY_LEVEL)}
+        assert {(a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(bits, QUANT["accuracy_level"])}
 
 
 @pytest.mark.parametrize("exact", [True, False])

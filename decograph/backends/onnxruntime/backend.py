@@ -1,17 +1,20 @@
-"""The ``onnxruntime`` backend: the model's decoding step exported to ONNX once (cached per
-model and weights) and run by ONNX Runtime: the CUDA EP when this onnxruntime has it (a float16
-graph, the KV cache in GPU memory, I/O binding), else the CPU EP (float32); the strategy's
-control flow, drafting and verification run on the host (verification on the torch reference,
-with a fallback warning). ``DECOGRAPH_ORT_DEVICE`` (auto, cpu or cuda) overrides the choice."""
+"""The ``onnxruntime`` backends: the model's decoding step exported to ONNX once (cached per
+model and weights; the exported decoder's exact graph, int4/int8 with its quantizer settings)
+and run by ONNX Runtime: the CUDA EP when this onnxruntime has it (a float16 graph, the KV
+cache in GPU memory, I/O binding), else the CPU EP. Programs run on the runtime's interpreter
+over ONNX Runtime's side of the step protocol through a ``GraphRunner``, the very code of the
+exported decoder (``decograph.exported``). ``DECOGRAPH_ORT_DEVICE`` (auto, cpu or cuda)
+overrides the device."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from decograph.backends.base import _HOST, Backend
+from decograph.backends.base import HOST_OPS, Backend
 from decograph.errors import UnsupportedError
 from decograph.measure_cache import cache_path
 
@@ -50,7 +53,7 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def ops(self) -> frozenset[str]:
-        return frozenset(_HOST) | {"forward"}
+        return frozenset(HOST_OPS) | {"forward"}
 
     def prepare(self, adapter: Any) -> Any:
         from decograph.backends.onnxruntime.export import export_step
@@ -73,19 +76,32 @@ class OnnxRuntimeBackend(Backend):
         device = pick_device(os.environ.get("DECOGRAPH_ORT_DEVICE", "").strip() or "auto")
         stem = "model" if device == "cpu" else "model.fp16"     # the CUDA EP's attention takes float16
         path = export_dir(adapter.model) / f"{stem}.onnx"
-        if not path.is_file():                                  # batches and trees: see export's notes
-            export_step(adapter.model, path, exact=False, dtype="float32" if device == "cpu" else "float16")
+        if not path.is_file():                                  # the exported decoder's exact graph
+            export_step(adapter.model, path, dtype="float32" if device == "cpu" else "float16")
         if self.bits:
-            from decograph.backends.onnxruntime.export import INEXACT_ACCURACY_LEVEL, quant_tag, quantize_step
+            from decograph.backends.onnxruntime.export import QUANT, quant_tag, quantize_step
 
-            qpath = path.with_name(f"{stem}.{quant_tag(self.bits, INEXACT_ACCURACY_LEVEL)}.onnx")
+            qpath = path.with_name(f"{stem}.{quant_tag(self.bits)}.onnx")
             if not qpath.is_file():
-                quantize_step(path, qpath, self.bits, INEXACT_ACCURACY_LEVEL)
+                quantize_step(path, qpath, self.bits, QUANT["accuracy_level"], block_size=QUANT["block_size"])
             path = qpath
         ort_adapter = ORTCausalLM(path, vocab_size=adapter.vocab_size, eos_token_ids=adapter.eos_token_ids,
                                   max_positions=adapter.max_positions, tokenizer=adapter.tokenizer, device=device)
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
+
+    def interpreter(self, program: Any, adapter: Any, config: Any) -> Any:
+        """Causal LMs: the runtime over this graph's ``GraphRunner`` (the exported decoder's
+        code); the masked-diffusion model keeps the torch engine over its ONNX adapter."""
+        from decograph.backends.onnxruntime.runner import GraphRunner
+        from decograph.backends.onnxruntime.session import ORTCausalLM
+
+        if not isinstance(adapter, ORTCausalLM):
+            return super().interpreter(program, adapter, config)
+        runner = getattr(adapter, "runner", None)
+        if runner is None:
+            runner = adapter.runner = GraphRunner(adapter.step, json.dumps(adapter.cost_key))
+        return runner.interpreter(program, config, tokenizer=config.tokenizer)
 
     def _prepare_mdm(self, adapter: Any) -> Any:
         """decograph's masked-diffusion model, exported once (``mdm.export_mdm``), fp32 on the

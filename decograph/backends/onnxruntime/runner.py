@@ -84,13 +84,15 @@ class GraphRunner:
         self._warned = False
 
     def interpreter(self, program: O.Program, cfg: RunConfig, *, draft: bool = True, tokenizer: Any = None) -> Interpreter:
-        """The runtime's interpreter for ``program`` on this graph. Drafts run where this
-        machine's kernels keep them lossless (else: none, with one warning), cut to the widths
-        checked exact, sized by this graph's measured cost curve."""
+        """The runtime's interpreter for ``program`` on this graph. Drafts and batched steps run
+        where this machine's kernels keep them lossless (else: no drafts, with one warning, and
+        every row steps alone), drafts cut to the widths checked exact, sized by this graph's
+        measured cost curve."""
         drafting = draft and cfg.drafts and any(isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches)
                                                 for op in program.walk())
         width = exact_width(program)
-        if drafting and not self.exact(width):
+        exact = self.exact(width)
+        if drafting and not exact:
             drafting = False
             if not self._warned:
                 self._warned = True
@@ -99,7 +101,8 @@ class GraphRunner:
                               RuntimeWarning, stacklevel=3)
         curve = CostCurve({w + 1: c for w, c in enumerate(self.cost_curve())}) if drafting else DEFAULT_CURVE
         cfg.cost_curve, cfg.drafts = curve, drafting
-        engine = OrtEngine(self.step, tokenizer, curve, max_query=width if drafting else None)
+        # where the kernels are not exact, a row in a batch is not the row alone either: rows step alone
+        engine = OrtEngine(self.step, tokenizer, curve, max_query=width if drafting else None, solo=not exact)
         return Interpreter(program, engine, cfg)
 
     def _machine(self, kind: str, measure: Any) -> Any:
