@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from decograph.backends.torch_ref.branches import BranchResult
+from decograph.runtime.branches import BranchResult
 from decograph.errors import InputError, StrategyFileError
 from decograph.apps.ner import NerTemplate, clean_mention, dedupe_mentions, ner_request, parse_count
 
