@@ -316,7 +316,7 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     the tokens of greedy decoding; with ``do_sample`` their verification becomes lossless
     speculative sampling. ``streamer``: a transformers streamer (``put``/``end``), batch 1.
     ``branch_providers``: functions a fork strategy's ``draft.branches(provider=NAME)`` calls
-    with a row for its branch prompts (see ``decograph.ner``). What fork/join strategies left
+    with a row for its branch prompts (see ``decograph.apps.ner``). What fork/join strategies left
     on a row with ``join(rule=collect|ner_dedup)`` is in ``GenerationResult.branches``.
     ``backend``: a registered backend name (``decograph backends``) or a ``Backend``; ops it
     has no kernel for run on the torch reference, each with a ``BackendFallbackWarning``.

@@ -299,9 +299,8 @@ class Fork(Op):
 
 @dataclass(frozen=True, eq=False)
 class Join(Op):
-    """Merge a forked state's branches back into one row each: ``concat`` appends them to the
-    sequence, ``collect`` records them; any other name is a rule an application registers
-    with the runtime (``decograph.runtime.branches``), looked up when the program runs."""
+    """Merge a forked state's branches back into one row each: ``concat`` appends them, ``collect``
+    records them; other names: rules applications register (``decograph.runtime.branches``)."""
     NAME = "join"
     state: Value = operand()
     rule: str = "concat"

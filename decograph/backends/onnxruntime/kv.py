@@ -21,7 +21,7 @@ from decograph.errors import ModelError
 __all__ = ["KV", "NEG", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
 
 NEG = np.float32(np.finfo(np.float32).min)     # an additive mask's "never"
-_NEG = NEG
+
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -60,7 +60,7 @@ def causal_mask(t: int, past: int) -> np.ndarray:
     if t > 1:
         tri = _TRIANGLES.get(t)
         if tri is None:
-            tri = _TRIANGLES[t] = np.triu(np.full((t, t), _NEG, np.float32), 1)
+            tri = _TRIANGLES[t] = np.triu(np.full((t, t), NEG, np.float32), 1)
         mask[0, 0, :, past:] = tri
     return mask
 

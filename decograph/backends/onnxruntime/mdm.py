@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from decograph.backends.onnxruntime.kv import NEG
 from decograph.errors import ModelError
 from decograph.frontends.diffusion import MaskedDiffusionAdapter
 from decograph.models.mdm import KV
@@ -33,7 +34,7 @@ __all__ = ["MDM_GRAPH_VERSION", "ORTMDMAdapter", "build_mdm", "export_mdm"]
 
 MDM_GRAPH_VERSION = "mdm-1"
 _MS = "com.microsoft"
-_NEG = np.float32(np.finfo(np.float32).min)
+
 
 
 def _names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -163,7 +164,7 @@ class ORTMDMAdapter(MaskedDiffusionAdapter):
             valid[:, :c] = context_valid.numpy()
         if key_valid is not None:
             valid[:, c:] = key_valid.numpy()
-        bias = np.ascontiguousarray(np.broadcast_to(np.where(valid, np.float32(0.0), _NEG)[:, None, None, :],
+        bias = np.ascontiguousarray(np.broadcast_to(np.where(valid, np.float32(0.0), NEG)[:, None, None, :],
                                                     (b, 1, t, c + t)))
         at = (logits_at if logits_at is not None else torch.arange(t).expand(b, t)).numpy().astype(np.int64)
         feeds: dict[str, np.ndarray] = {"ids": ids.numpy().astype(np.int64),

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from decograph.backends.onnxruntime.kv import KV, StepSession
+from decograph.backends.onnxruntime.kv import KV, NEG, StepSession
 from decograph.errors import ModelError, UnsupportedError
 from decograph.frontends.adapters import CausalLMAdapter
 
 __all__ = ["ORTCausalLM"]
 
-_NEG = np.float32(np.finfo(np.float32).min)
+
 
 
 class ORTCausalLM(CausalLMAdapter):
@@ -57,7 +57,7 @@ class ORTCausalLM(CausalLMAdapter):
         if t > 1 and np.triu(a[:, :, past:], 1).any():
             raise UnsupportedError("the ONNX step graph attends causally in slot order: a query cannot see a later "
                                    "slot of its step")
-        mask = np.where(a, np.float32(0.0), _NEG)[:, None]
+        mask = np.where(a, np.float32(0.0), NEG)[:, None]
         logits = self.step.run(cache, input_ids.numpy().astype(np.int64), position_ids.numpy().astype(np.int64), mask)
         return torch.from_numpy(logits.copy())
 
