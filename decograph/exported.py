@@ -144,12 +144,14 @@ class ExportedDecoder:
         return out
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int = 128, *, draft: bool = True,
-                       seed: int | None = None) -> list[tuple[list[int], DecodeStats]]:
+                       seed: int | None = None, **options: Any) -> list[tuple[list[int], DecodeStats]]:
         """``generate`` for several prompts at once, each row's tokens exactly its own
         ``generate``'s: every row keeps its own cache length (dense from slot 0, as alone; the
         graph's ``cache_lengths``), its own drafts, and leaves the batch when it ends. The
-        prompts' forwards run one by one (a row's prompt forward is then the one it has alone)."""
-        interp = self._interpreter(prompts, max_new_tokens, draft, seed)
+        prompts' forwards run one by one (a row's prompt forward is then the one it has alone).
+        ``options``: ``stop_token_ids``, ``branch_providers`` (fork strategies' run-time
+        branches), ``trace`` (a list that gets the runtime's per-step records)."""
+        interp = self._interpreter(prompts, max_new_tokens, draft, seed, **options)
         start = time.perf_counter()
         ends = [0.0] * len(prompts)
         for event in interp.run([list(p) for p in prompts]):
@@ -165,12 +167,13 @@ class ExportedDecoder:
         return out
 
     def stream(self, prompts: list[list[int]], max_new_tokens: int = 128, *, draft: bool = True,
-               seed: int | None = None) -> Any:
+               seed: int | None = None, **options: Any) -> Any:
         """The runtime's events (``row``, ``tokens``, ``done``) as the program commits them."""
-        return self._interpreter(prompts, max_new_tokens, draft, seed).run([list(p) for p in prompts])
+        return self._interpreter(prompts, max_new_tokens, draft, seed, **options).run([list(p) for p in prompts])
 
-    def _interpreter(self, prompts: list[list[int]], max_new_tokens: int, draft: bool,
-                     seed: int | None) -> Interpreter:
+    def _interpreter(self, prompts: list[list[int]], max_new_tokens: int, draft: bool, seed: int | None, *,
+                     stop_token_ids: tuple[int, ...] = (), branch_providers: dict[str, Any] | None = None,
+                     trace: list | None = None) -> Interpreter:
         if not prompts:
             raise InputError("no prompts: give at least one")
         for i, p in enumerate(prompts):
@@ -184,5 +187,6 @@ class ExportedDecoder:
             raise InputError(f"a prompt has {longest} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                              f"the model's {limit} positions")
         cfg = RunConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(self.eos), seed=seed,
-                        tokenizer=self.tokenizer)
+                        tokenizer=self.tokenizer, stop_token_ids=tuple(stop_token_ids),
+                        branch_providers=dict(branch_providers or {}), trace=trace)
         return self.runner.interpreter(self.program, cfg, draft=draft, tokenizer=self.tokenizer)
