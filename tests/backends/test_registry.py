@@ -1,6 +1,7 @@
 """The backend registry and protocol: built-ins, entry-point plugins (the example package under
 tests/plugin_example, which CI installs), broken and duplicate plugins, fallback warnings, and
-whole runs through the Triton and plugin backends giving the reference's tokens."""
+whole runs through the Triton and plugin backends giving the reference's tokens (the plugin's
+own tests: test_plugin_example.py)."""
 from __future__ import annotations
 
 import json
@@ -80,16 +81,29 @@ def test_unknown_and_unavailable_backends(monkeypatch) -> None:
         decograph.generate(tiny_llama(), None, [[1, 2]], "greedy", 2, backend="cuda_magic")
 
 
+class KernelsOnly(Backend):
+    """Two kernel slots (the example plugin's numpy kernels) and the torch engine for the rest."""
+
+    name = "kernels_only"
+
+    def kernels(self) -> dict:
+        from decograph_example_backend import unmask_confidence, verify_greedy
+
+        return {"verify.greedy": verify_greedy, "unmask.confidence": unmask_confidence}
+
+
 def test_plan_and_fallback_warnings() -> None:
     program = load_strategy("anpd").program
     assert set(plan(get_backend("torch"), program, warn=False).values()) == {"native"}
-    with pytest.warns(BackendFallbackWarning, match="backend 'numpy_example' has no kernel for `forward`"):
-        p = plan(get_backend("numpy_example"), program)
+    with pytest.warns(BackendFallbackWarning, match="backend 'kernels_only' has no kernel for `forward`"):
+        p = plan(KernelsOnly(), program)
     assert p["verify.greedy"] == "native" and p["forward"] == "fallback" and p["draft.adaptive_ngram"] == "native"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan(get_backend("numpy_example"), load_strategy("fast_dllm").program)
+        plan(KernelsOnly(), load_strategy("fast_dllm").program)
     assert [str(w.message).split("`")[1] for w in caught] == ["forward"]       # unmask is native
+    # the example plugin forwards the model itself (tests/backends/test_plugin_example.py)
+    assert set(plan(get_backend("numpy_example"), program).values()) == {"native"}
 
 
 @pytest.mark.parametrize("backend", ["numpy_example", "triton"])
@@ -103,8 +117,8 @@ def test_causal_strategies_through_backends_give_the_reference_tokens(backend: s
         out = decograph.generate(model, None, prompts, strategy, 12, eos_token_id=[], backend=backend)
     assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]
     fallbacks = {str(w.message).split("`")[1] for w in caught if issubclass(w.category, BackendFallbackWarning)}
-    # triton runs every op of these (attention through transformers' registry); the plugin only verifies
-    assert fallbacks == (set() if backend == "triton" else {"forward"})
+    # triton runs every op of these (attention through transformers' registry); the plugin runs the model
+    assert fallbacks == set()
 
 
 @pytest.mark.parametrize("backend", ["numpy_example", "triton"])
