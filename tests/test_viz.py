@@ -412,7 +412,7 @@ def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.fail("headless Chromium is required for the viz tests and was not found on PATH: install it with "
-                    "`sudo apt-get install -y chromium` (Debian/Ubuntu; .ci/run installs it)")
+                    "`sudo apt-get install -y chromium` (Debian/Ubuntu; the README's set-up command, scripts/setup.sh, installs it)")
     return exe
 
 
