@@ -117,15 +117,15 @@ def test_tree_forward_matches_causal_forward_per_node(case, seed, garbage) -> No
     row = Row(0, list(prompt[:cached]), len(prompt), 32)
     state = BatchState(adapter, [row])
     if cached:                                      # prefill the cached prefix
-        state.forward(StepLayout([row], [DraftTree()], cached), PAD)
+        state.run_layout(StepLayout([row], [DraftTree()], cached), PAD)
         state.keep_slots(0, list(range(cached)))
     row.cached, row.tokens = cached, list(prompt)
     if garbage:                                     # a rejected draft: its slots stay, invalid
         junk = DraftTree()
         junk.add_chain(garbage)
-        state.forward(StepLayout([row], [junk], len(row.pending) + len(junk)), PAD)
+        state.run_layout(StepLayout([row], [junk], len(row.pending) + len(junk)), PAD)
     r, n = len(row.pending), len(tree)
-    logits = state.forward(StepLayout([row], [tree], r + n + pad), PAD)[0]
+    logits = state.run_layout(StepLayout([row], [tree], r + n + pad), PAD)[0]
 
     torch.testing.assert_close(logits[r - 1], causal_last_logits(seed, tuple(prompt)), atol=1e-5, rtol=0)
     for i in range(n):
