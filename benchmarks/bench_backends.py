@@ -115,7 +115,7 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
     once per generation length in ``--max-new-tokens``, from one export."""
     from decograph.export import export_decoder
     from decograph.exported import ExportedDecoder
-    from decograph.frontends.adapters import HFCausalLM
+    from decograph.models.adapters import HFCausalLM
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-exported-"))
     try:

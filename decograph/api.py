@@ -16,7 +16,7 @@ import torch
 from decograph.backends.torch_ref.interp import draft_runners
 from decograph.runtime import Event, Interpreter, RunConfig
 from decograph.errors import InputError
-from decograph.frontends.adapters import CausalLMAdapter, HFCausalLM, as_adapter
+from decograph.models.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
 from decograph.text import check_utf8
 
@@ -103,11 +103,11 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, A
         model, default_tok = load_default_model()
         tokenizer = tokenizer if tokenizer is not None else default_tok
     elif isinstance(model, (str, Path)):
-        from decograph.frontends.diffusion import is_diffusion_dir, load_diffusion_model
+        from decograph.models.diffusion import is_diffusion_dir, load_diffusion_model
 
         adapter = load_diffusion_model(model) if is_diffusion_dir(model) else HFCausalLM.from_pretrained(str(model))
         return adapter, tokenizer if tokenizer is not None else adapter.tokenizer
-    from decograph.frontends.diffusion import as_diffusion_adapter, is_diffusion_model
+    from decograph.models.diffusion import as_diffusion_adapter, is_diffusion_model
 
     adapter = as_diffusion_adapter(model, tokenizer) if is_diffusion_model(model) else as_adapter(model, tokenizer)
     return adapter, tokenizer if tokenizer is not None else getattr(adapter, "tokenizer", None)
@@ -193,19 +193,15 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, draft_runners(draft_models or {}),
                     _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels(),
                     trace=[] if trace else None)
-    from decograph.frontends.diffusion import MaskedDiffusionAdapter
+    from decograph.models.diffusion import MaskedDiffusionAdapter
 
     if suffixes is not None:
         if not isinstance(adapter, MaskedDiffusionAdapter):
             raise InputError("suffixes (infilling) need a masked-diffusion model; a causal LM decodes left to right")
         cfg.suffixes = [list(tok(x, add_special_tokens=False)["input_ids"]) if isinstance(x, str) else [int(t) for t in x]
                         for x in suffixes]
-    if isinstance(adapter, MaskedDiffusionAdapter):
-        from decograph.backends.torch_ref.diffusion import DiffusionInterpreter
-
-        if do_sample:
-            raise InputError("do_sample: unmask strategies decode by confidence; sampling is not supported for them")
-        return DiffusionInterpreter(program, adapter, cfg), ids, tok  # type: ignore[return-value]
+    if isinstance(adapter, MaskedDiffusionAdapter) and do_sample:
+        raise InputError("do_sample: unmask strategies decode by confidence; sampling is not supported for them")
     interp = engine.interpreter(program, adapter, cfg)
     interp.adapter = adapter                # whose acceptance profile the run feeds (``_observe``)
     return interp, ids, tok

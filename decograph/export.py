@@ -44,7 +44,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
                    dtype: str = "float32", progress: Any = print) -> Path:
     from decograph.api import as_program, optimize, resolve_model
     from decograph.backends.onnxruntime.export import GRAPH_VERSION, export_step, quantize_step
-    from decograph.frontends.adapters import HFCausalLM
+    from decograph.models.adapters import HFCausalLM
     from decograph.ir.jsonform import to_json
 
     if quant not in ("none", "int4", "int8"):

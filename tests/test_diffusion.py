@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decograph
-from decograph.backends.torch_ref.diffusion import select_unmask
+from decograph.runtime.unmask import select_unmask
 from decograph.errors import InputError, ModelError, UnsupportedError
-from decograph.frontends.diffusion import MDMAdapter, as_diffusion_adapter, load_diffusion_model
+from decograph.models.diffusion import MDMAdapter, as_diffusion_adapter, load_diffusion_model
 from decograph.frontends.strategies import load_strategy
 from decograph.ir import ops as O
 from decograph.ir import parse_program, print_program

@@ -19,7 +19,7 @@ from decograph.cli import main
 from decograph.errors import InputError, ModelError, UnsupportedError
 from decograph.export import export_decoder
 from decograph.exported import ExportedDecoder
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models.tiny import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

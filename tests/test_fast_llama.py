@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models.tiny import tiny_llama
 
 

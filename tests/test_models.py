@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decograph.errors import ModelError
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models import default
 from decograph.models.default import default_gguf_path, default_model_path, load_default_model
 from decograph.models.oracle import OracleLM

@@ -23,7 +23,7 @@ import decograph.api as api
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.export import export_decoder
 from decograph.exported import ExportedDecoder
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.frontends.strategies import list_strategies, load_strategy
 from decograph.frontends.strategy_file import load_strategy_text
 from decograph.ir.jsonform import to_json

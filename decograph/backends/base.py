@@ -79,8 +79,15 @@ class Backend(ABC):
         """This backend's side of the step protocol (a ``decograph.runtime.protocol.Engine``)
         for ``adapter`` (as ``prepare`` returned it) and the run's ``RunConfig``, which it may
         adjust (its cost curve, whether drafts run). Default: the torch engine over the
-        adapter, this backend's kernels accelerating its calls."""
+        adapter (its canvas engine for a masked-diffusion model), this backend's kernels
+        accelerating its calls."""
         from decograph.backends.torch_ref.step import TorchEngine
+        from decograph.models.diffusion import MaskedDiffusionAdapter
+
+        if isinstance(adapter, MaskedDiffusionAdapter):
+            from decograph.backends.torch_ref.canvas import TorchCanvasEngine
+
+            return TorchCanvasEngine(adapter, self.kernels(), config.pad_token_id)
 
         return TorchEngine(adapter, self.kernels(), config.cost_curve, config.tokenizer)
 

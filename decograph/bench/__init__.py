@@ -103,14 +103,14 @@ def _load(model_dir: str | None) -> tuple[Any, Any, str]:
 
         model, tok = load_default_model()
         return model, tok, DEFAULT_MODEL_NAME
-    from decograph.frontends.diffusion import is_diffusion_dir
+    from decograph.models.diffusion import is_diffusion_dir
 
     if not os.path.isdir(model_dir):
         raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
     if is_diffusion_dir(model_dir):
         raise InputError(f"--model {model_dir}: a masked-diffusion model; bench compares against Hugging Face "
                          "generate on causal LMs (masked-diffusion: benchmarks/bench_diffusion.py)")
-    from decograph.frontends.adapters import HFCausalLM
+    from decograph.models.adapters import HFCausalLM
 
     adapter = HFCausalLM.from_pretrained(model_dir)
     return adapter.model, adapter.tokenizer, model_dir

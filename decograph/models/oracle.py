@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from decograph.errors import ModelError
-from decograph.frontends.adapters import CausalLMAdapter
+from decograph.models.adapters import CausalLMAdapter
 
 __all__ = ["OracleCache", "OracleLM"]
 

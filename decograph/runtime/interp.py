@@ -24,8 +24,10 @@ from decograph.ir import ops as O
 from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.branches import Branch, find_branches, join_rule
 from decograph.runtime.drafts import DraftSource, make_source
-from decograph.runtime.protocol import Batch, Engine, StepOutput, StepPlan
+from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
 from decograph.runtime.rows import DraftTree, Row
+from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
+                                      start_canvases, unmask_loop)
 from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
 
 __all__ = ["Event", "RunConfig", "Interpreter"]
@@ -141,7 +143,10 @@ class Interpreter:
     def __init__(self, program: O.Program, engine: Engine, config: RunConfig) -> None:
         self.program, self.engine, self.cfg = program, engine, config
         self.sources: dict[int, DraftSource] = {}
-        for op in program.walk():
+        self.unmask: UnmaskLoop | None = None
+        if getattr(engine, "canvas", False):          # a masked-diffusion model: the unmask loop
+            self.unmask = unmask_loop(program, engine.supports_kv, engine.name)
+        for op in (() if self.unmask else program.walk()):
             if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
                 self.sources[id(op)] = make_source(op, config.draft_models)
                 self.sources[id(op)].cost = config.cost_curve
@@ -199,7 +204,19 @@ class Interpreter:
 
     def _eval(self, op: O.Op, env: dict[Any, Any]) -> Any:
         if isinstance(op, O.Prefill):
+            if self.unmask is not None:
+                return self._canvas(env[id(op.prompt)])
             return self._prefill(env[id(op.prompt)])
+        if isinstance(op, O.DraftMask):
+            state = env[id(op.state)]
+            return Blocks([r.block(op.k, state.mask_id) for r in state.active])
+        if isinstance(op, O.Forward) and self.unmask is not None:
+            state = env[id(op.state)]
+            [blocks] = [env[id(d)] for d in op.drafts]
+            rows = list(state.active)
+            return BlockForward(rows, blocks.blocks, state.forward(blocks.blocks))
+        if isinstance(op, O.UNMASK_OPS):
+            return pick_unmask(op, env[id(op.logits)], env[id(op.state)].mask_id)
         if isinstance(op, O.DraftBranches):
             state = env[id(op.state)]
             found = [find_branches(op, r, self.tokenizer, self.cfg.branch_providers) for r in state.active]
@@ -260,6 +277,8 @@ class Interpreter:
         return _Accepted(fwd, paths)
 
     def _commit(self, op: O.Commit, env: dict[Any, Any]) -> Iterator[Event]:
+        if self.unmask is not None:
+            return (yield from self._commit_canvas(env[id(op.state)], env[id(op.accepted)]))
         state: Batch = env[id(op.state)]
         acc: _Accepted = env[id(op.accepted)]
         fwd = acc.forwarded
@@ -284,6 +303,19 @@ class Interpreter:
         state.settle(copy=op.rollback == "copy")
         for e in events:
             yield e
+        return state
+
+    # -- unmask programs (masked-diffusion models): ``decograph.runtime.unmask`` ----------------
+
+    def _canvas(self, prompts: list[list[int]]) -> CanvasBatch:
+        assert self.unmask is not None
+        self.state = start_canvases(self.engine, self.unmask, prompts, self.cfg.max_new_tokens, self.cfg.suffixes,
+                                    self.cfg.trace)
+        return self.state
+
+    def _commit_canvas(self, state: CanvasBatch, acc: Unmasked) -> Iterator[Event]:
+        for row, tokens, done in commit_canvases(state, acc, self.eos, self.cfg.trace):
+            yield Event(row, tokens, done)
         return state
 
     def _logprobs(self, fwd: _Forwarded, b: int, row: Row, path: list[int], committed: list[int]) -> None:

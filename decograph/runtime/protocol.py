@@ -22,6 +22,12 @@ batch owns the KV storage (in the spirit of llama.cpp's ``llama_batch`` with its
   start from its cache; ``join`` restores the forked rows and returns each one's branch rows.
 
 ``rows`` / ``active`` are the current level's rows, and its unfinished ones, in order.
+
+A masked-diffusion model's batch is a ``CanvasBatch`` (``Engine.start_canvas``): per row a
+canvas of prompt, masked generation and suffix; ``forward(blocks)`` runs the model over each
+active row's canvas (bidirectional, with the KV reuse the commit's ``kv`` mode allows) and
+returns, for every position of the row's block, the confidence (max softmax probability, the
+mask token excluded) and the argmax token; ``write`` puts committed tokens on the canvas.
 """
 from __future__ import annotations
 
@@ -31,9 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from decograph.errors import UnsupportedError
 from decograph.runtime.rows import DraftTree, Row
+from decograph.runtime.unmask import CanvasRow
 
-__all__ = ["StepPlan", "StepOutput", "Batch", "Engine"]
+__all__ = ["StepPlan", "StepOutput", "Batch", "CanvasStep", "CanvasBatch", "Engine"]
 
 
 @dataclass
@@ -89,12 +97,55 @@ class Batch(ABC):
     def join(self) -> list[list[Row]]: ...
 
 
+@dataclass
+class CanvasStep:
+    """A block forward's result, per active row: for each position of its block, the
+    confidence and the argmax token (host arrays), and the query tokens the forward ran."""
+
+    confidence: list[np.ndarray]
+    tokens: list[np.ndarray]
+    query_tokens: list[int]
+
+
+class CanvasBatch(ABC):
+    """A backend's batch of canvases (masked-diffusion decoding) and their KV."""
+
+    rows: list[CanvasRow]
+    mask_id: int
+
+    @property
+    def active(self) -> list[CanvasRow]:
+        return [r for r in self.rows if r.finish_reason is None]
+
+    @abstractmethod
+    def forward(self, blocks: list[tuple[int, int]]) -> CanvasStep:
+        """Each active row's block ``[s, e)`` (generation positions): its confidences and tokens."""
+
+    @abstractmethod
+    def write(self, row: CanvasRow, positions: list[int], tokens: list[int]) -> None:
+        """Committed ``tokens`` at the generation ``positions`` of ``row``'s canvas."""
+
+
 class Engine(ABC):
     """A backend's model runner: starts batches; ``tokenizer`` for text branch prompts;
-    ``cost_curve`` the measured forward cost (``decograph.passes.cost.CostCurve``) or None."""
+    ``cost_curve`` the measured forward cost (``decograph.passes.cost.CostCurve``) or None.
+
+    A masked-diffusion model's engine sets ``canvas`` and implements ``start_canvas``, with
+    ``mask_token_id``, ``max_positions`` (0: unbounded) and ``supports_kv`` (whether the
+    block-wise caches can run)."""
 
     tokenizer: Any = None
     cost_curve: Any = None
+    canvas: bool = False
+    mask_token_id: int = -1
+    max_positions: int = 0
+    supports_kv: bool = False
+    name: str = "the model"
 
     @abstractmethod
     def start(self, rows: list[Row]) -> Batch: ...
+
+    def start_canvas(self, rows: list[CanvasRow], mask_id: int, kv: str) -> CanvasBatch:
+        """A batch of canvases (``rows``' prompts, masked generations and suffixes) whose forwards
+        keep the KV ``kv`` (the commit's mode) asks for."""
+        raise UnsupportedError(f"{self.name} is a causal LM: unmask strategies need a masked-diffusion model")

@@ -17,7 +17,7 @@ from test_fork_join import branches_of, fork_program, provider  # noqa: E402
 import decograph  # noqa: E402
 from decograph.export import export_decoder  # noqa: E402
 from decograph.exported import ExportedDecoder  # noqa: E402
-from decograph.frontends.adapters import HFCausalLM  # noqa: E402
+from decograph.models.adapters import HFCausalLM  # noqa: E402
 from decograph.ir.builder import Builder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("private_cache")

@@ -205,7 +205,7 @@ def test_errors(tmp_path, exported) -> None:
         export_step(gpt2, tmp_path / "g.onnx")
     from transformers import BertConfig, BertForMaskedLM
 
-    from decograph.frontends.diffusion import HFMaskedDiffusion
+    from decograph.models.diffusion import HFMaskedDiffusion
 
     bert = HFMaskedDiffusion(BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
                                                         num_attention_heads=2, intermediate_size=32)), mask_token_id=3)

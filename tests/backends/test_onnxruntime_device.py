@@ -22,7 +22,7 @@ from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.errors import InputError, ModelError
 from decograph.export import export_decoder
 from decograph.exported import ExportedDecoder
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models.tiny import tiny_llama, tiny_model_dir
 
 PROMPTS = [[1, 5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3], [7, 8, 9, 10, 11, 12, 7, 8]]

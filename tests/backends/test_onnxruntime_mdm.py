@@ -13,7 +13,7 @@ import decograph
 from decograph.backends import get_backend
 from decograph.backends.onnxruntime.mdm import ORTMDMAdapter, export_mdm
 from decograph.errors import ModelError, UnsupportedError
-from decograph.frontends.diffusion import MDMAdapter
+from decograph.models.diffusion import MDMAdapter
 from decograph.models.mdm import tiny_mdm
 from decograph.models.tiny import tiny_llama
 

@@ -25,7 +25,7 @@ import decograph
 from decograph.backends import BackendFallbackWarning, get_backend, registry
 from decograph.cli import main
 from decograph.errors import UnsupportedError
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.ir.builder import Builder
 from decograph.models.oracle import OracleLM
 from decograph.models.tiny import tiny_llama, word_tokenizer

@@ -11,7 +11,7 @@ import torch
 
 import decograph
 from decograph.backends.torch_ref import kernels as R
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models.tiny import tiny_llama
 
 

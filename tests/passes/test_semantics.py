@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from decograph.api import generate
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.frontends.strategies import load_strategy
 from decograph.ir import ops as O
 from decograph.models.oracle import OracleLM

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from decograph.backends.torch_ref.batch import BatchState, DraftTree, Row, StepLayout
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models.tiny import tiny_llama
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from decograph.frontends.adapters import CausalLMAdapter
+from decograph.models.adapters import CausalLMAdapter
 from decograph.ir.builder import Builder
 from decograph.models.oracle import OracleLM
 from decograph.models.tiny import tiny_llama

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decograph.backends.torch_ref import Interpreter, RunConfig
 from decograph.passes.cost import CostCurve
-from decograph.frontends.adapters import as_adapter
+from decograph.models.adapters import as_adapter
 from decograph.frontends.strategies import load_strategy
 from decograph.models.oracle import OracleLM
 

@@ -23,7 +23,7 @@ from runtime_helpers import (
 
 from decograph.api import generate
 from decograph.backends.torch_ref.batch import DraftTree, Row, StepLayout
-from decograph.frontends.adapters import HFCausalLM
+from decograph.models.adapters import HFCausalLM
 from decograph.models.oracle import OracleLM
 
 ORACLE_PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [7, 3, 7, 3, 7, 3, 7, 3, 7, 3, 7, 3, 9]]

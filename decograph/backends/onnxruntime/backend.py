@@ -58,8 +58,8 @@ class OnnxRuntimeBackend(Backend):
     def prepare(self, adapter: Any) -> Any:
         from decograph.backends.onnxruntime.export import export_step
         from decograph.backends.onnxruntime.session import ORTCausalLM
-        from decograph.frontends.adapters import HFCausalLM
-        from decograph.frontends.diffusion import MDMAdapter
+        from decograph.models.adapters import HFCausalLM
+        from decograph.models.diffusion import MDMAdapter
 
         hit = self._adapters.get(id(adapter))
         if hit is not None and hit[0] is adapter:
@@ -91,11 +91,20 @@ class OnnxRuntimeBackend(Backend):
         return ort_adapter
 
     def interpreter(self, program: Any, adapter: Any, config: Any) -> Any:
-        """Causal LMs: the runtime over this graph's ``GraphRunner`` (the exported decoder's
-        code); the masked-diffusion model keeps the torch engine over its ONNX adapter."""
+        """The runtime over the exported decoder's code: a causal LM's ``GraphRunner``, the
+        masked-diffusion model's ``OrtCanvasEngine``."""
+        from decograph.backends.onnxruntime.mdm import ORTMDMAdapter
         from decograph.backends.onnxruntime.runner import GraphRunner
         from decograph.backends.onnxruntime.session import ORTCausalLM
 
+        if isinstance(adapter, ORTMDMAdapter):
+            from decograph.backends.onnxruntime.canvas import OrtCanvasEngine
+            from decograph.runtime.interp import Interpreter
+
+            engine = OrtCanvasEngine(adapter.mdm, mask_token_id=adapter.mask_token_id,
+                                     shift_logits=adapter.shift_logits, pad_id=config.pad_token_id,
+                                     tokenizer=config.tokenizer)
+            return Interpreter(program, engine, config)
         if not isinstance(adapter, ORTCausalLM):
             return super().interpreter(program, adapter, config)
         runner = getattr(adapter, "runner", None)

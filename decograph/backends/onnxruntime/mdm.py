@@ -16,6 +16,9 @@ dispatches, which is most of what a small block's step costs.
     outputs  logits [B, K, V] float32, present.{i}.key / .value [B, H, T, D] float32
 
     export_mdm(model, "mdm.onnx"); adapter = ORTMDMAdapter("mdm.onnx", tokenizer=tok)
+
+The runtime runs the graph through ``canvas.OrtCanvasEngine`` (torch-free, as the exported
+decoder does); ``ORTMDMAdapter`` gives torch callers the ``MaskedDiffusionAdapter`` interface.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from decograph.backends.onnxruntime.kv import NEG
+from decograph.backends.onnxruntime.canvas import MDMSession, mdm_io_names
 from decograph.errors import ModelError
-from decograph.frontends.diffusion import MaskedDiffusionAdapter
+from decograph.models.diffusion import MaskedDiffusionAdapter
 from decograph.models.mdm import KV
 
 __all__ = ["MDM_GRAPH_VERSION", "ORTMDMAdapter", "build_mdm", "export_mdm"]
@@ -35,12 +38,6 @@ __all__ = ["MDM_GRAPH_VERSION", "ORTMDMAdapter", "build_mdm", "export_mdm"]
 MDM_GRAPH_VERSION = "mdm-1"
 _MS = "com.microsoft"
 
-
-
-def _names(n_layers: int) -> tuple[list[str], list[str]]:
-    ctx = [f"context.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["ids", "positions", "bias", *ctx, "logits_at"], ["logits", *present]
 
 
 def build_mdm(model: Any, opset: int = 23) -> Any:
@@ -57,7 +54,7 @@ def build_mdm(model: Any, opset: int = 23) -> Any:
     h, d = cfg.n_heads, cfg.d_model
     dh = d // h
     g = GraphWriter()
-    ins, outs = _names(cfg.n_layers)
+    ins, outs = mdm_io_names(cfg.n_layers)
     ang = torch.arange(cfg.max_len, dtype=torch.float32)[:, None] * model.inv_freq.float()
     cos, sin = g.init("rotary.cos", to_numpy(ang.cos())), g.init("rotary.sin", to_numpy(ang.sin()))
     shape_bthd = g.init("c.bthd", np.array([0, 0, h, dh], np.int64))
@@ -120,62 +117,29 @@ def export_mdm(model: Any, path: str | Path) -> Path:
 
 
 class ORTMDMAdapter(MaskedDiffusionAdapter):
-    """The exported masked-diffusion forward run by ONNX Runtime's CPU EP, behind
-    ``MDMAdapter``'s interface (both block-wise caches work). ORT's idle threads do not spin
-    by default (``spinning``; ``DECOGRAPH_ORT_SPINNING`` overrides): between forwards the
-    runtime's unmask and commit run on torch, whose threads spinning ORT ones would slow
-    down (2.3x slower on 2 cores, measured)."""
+    """The exported masked-diffusion forward (``canvas.MDMSession``) behind ``MDMAdapter``'s
+    torch interface (both block-wise caches work). The runtime runs the graph through
+    ``canvas.OrtCanvasEngine`` directly; this adapter is for torch callers."""
 
     supports_kv = True
 
     def __init__(self, path: str | Path, *, mask_token_id: int, eos_token_ids: tuple[int, ...], max_positions: int,
                  tokenizer: Any = None, shift_logits: bool = False, threads: int | None = None,
                  spinning: bool | None = None) -> None:
-        import os
-
-        from decograph.backends.onnxruntime.kv import open_session, session_options
-
-        p = Path(path)
-        if spinning is None and not os.environ.get("DECOGRAPH_ORT_SPINNING", "").strip():
-            spinning = False
-        self.session = open_session(p, session_options(threads, spinning))
-        names = [i.name for i in self.session.get_inputs()]
-        self.num_layers = (len(names) - 4) // 2
-        if names != _names(self.num_layers)[0]:
-            raise ModelError(f"{p}: inputs {names[:3]}... are not a decograph masked-diffusion graph (mdm.build_mdm)")
-        ctx = self.session.get_inputs()[3].shape
-        self.heads, self.head_dim = int(ctx[1]), int(ctx[3])
-        vocab = int(self.session.get_outputs()[0].shape[2])
-        self.path = p
-        super().__init__(None, mask_token_id, eos_token_ids, vocab, max_positions, shift_logits, tokenizer,
-                         f"{p.name} on ONNX Runtime")
+        self.mdm = MDMSession(path, max_positions=max_positions, threads=threads, spinning=spinning)
+        self.session, self.num_layers, self.path = self.mdm.session, self.mdm.num_layers, self.mdm.path
+        super().__init__(None, mask_token_id, eos_token_ids, self.mdm.vocab_size, max_positions, shift_logits,
+                         tokenizer, f"{self.path.name} on ONNX Runtime")
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
                 return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
-        if ids.shape != positions.shape or ids.dim() != 2:
-            raise ModelError(f"MDM forward: ids {tuple(ids.shape)} and positions {tuple(positions.shape)} must be equal [B, T]")
-        if positions.numel() and int(positions.max()) >= self.max_positions:
-            raise ModelError(f"MDM forward: position {int(positions.max())} is past the model's max_len {self.max_positions}")
-        b, t = ids.shape
-        c = context[0][0].shape[2] if context is not None else 0
-        valid = np.ones((b, c + t), bool)
-        if context is not None and context_valid is not None:
-            valid[:, :c] = context_valid.numpy()
-        if key_valid is not None:
-            valid[:, c:] = key_valid.numpy()
-        bias = np.ascontiguousarray(np.broadcast_to(np.where(valid, np.float32(0.0), NEG)[:, None, None, :],
-                                                    (b, 1, t, c + t)))
-        at = (logits_at if logits_at is not None else torch.arange(t).expand(b, t)).numpy().astype(np.int64)
-        feeds: dict[str, np.ndarray] = {"ids": ids.numpy().astype(np.int64),
-                                        "positions": positions.numpy().astype(np.int64), "bias": bias, "logits_at": at}
-        empty = np.zeros((b, self.heads, 0, self.head_dim), np.float32) if context is None else None
-        for i in range(self.num_layers):
-            k, v = (context[i][0].numpy(), context[i][1].numpy()) if context is not None else (empty, empty)
-            feeds[f"context.{i}.key"], feeds[f"context.{i}.value"] = k, v
-        out = self.session.run(None, feeds)
-        logits = torch.from_numpy(out[0])
-        if not return_kv:
-            return logits, None
-        return logits, [(torch.from_numpy(out[1 + 2 * i]), torch.from_numpy(out[2 + 2 * i]))
-                        for i in range(self.num_layers)]
+        def np_(x: torch.Tensor | None) -> np.ndarray | None:
+            return None if x is None else x.numpy()
+
+        ctx = None if context is None else [(k.numpy(), v.numpy()) for k, v in context]
+        logits, kv = self.mdm.forward(ids.numpy(), positions.numpy(), np_(key_valid), ctx, np_(context_valid),
+                                      return_kv, np_(logits_at))
+        if kv is None:
+            return torch.from_numpy(logits), None
+        return torch.from_numpy(logits), [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in kv]

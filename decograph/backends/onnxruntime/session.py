@@ -19,7 +19,7 @@ import torch
 
 from decograph.backends.onnxruntime.kv import KV, NEG, StepSession
 from decograph.errors import ModelError, UnsupportedError
-from decograph.frontends.adapters import CausalLMAdapter
+from decograph.models.adapters import CausalLMAdapter
 
 __all__ = ["ORTCausalLM"]
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from decograph.backends.torch_ref.kernels import StructuredMask
-from decograph.frontends.adapters import CausalLMAdapter
+from decograph.models.adapters import CausalLMAdapter
 from decograph.runtime.rows import DraftTree, Row
 
 __all__ = ["Row", "BatchState", "DraftTree", "StepLayout"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from decograph.frontends.adapters import as_adapter
+from decograph.models.adapters import as_adapter
 
 __all__ = ["TorchDraftRunner"]
 

@@ -227,7 +227,7 @@ class HFCausalLM(CausalLMAdapter):
         # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 5.40).
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        from decograph.frontends.fast_llama import LlamaFastPath, supports_fast_path
+        from decograph.models.fast_llama import LlamaFastPath, supports_fast_path
 
         # Llama-architecture models skip transformers' per-module overhead (same ops, same order).
         self.fast = LlamaFastPath(model) if fast and supports_fast_path(model) and self.device.type == "cpu" else None
@@ -261,7 +261,7 @@ class HFCausalLM(CausalLMAdapter):
         if attend.shape != (input_ids.shape[0], t, past + t):
             raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
         if attention is not None:
-            from decograph.frontends.hf_attention import structured_attention
+            from decograph.models.hf_attention import structured_attention
 
             # A 4D mask counts as prepared: transformers passes it through untouched, and the
             # kernel ignores it (a [B, 1, 1, 1] placeholder, not the dense pattern).

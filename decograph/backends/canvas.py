@@ -1,0 +1,134 @@
+"""A masked-diffusion batch (``runtime.protocol.CanvasBatch``) shared by the backends: the
+canvases and Fast-dLLM's block-wise approximate KV caches, kept in host arrays (numpy); the
+model's forward, the confidence and the KV storage are the backend's (``BlockCanvas``'s three
+abstract methods). torch-free, so the exported decoder runs it too.
+
+The canvas of row ``b`` is ``ids[b]``: its prompt right-aligned to ``width``, then its
+``max_new_tokens`` generation positions, then its suffix; ``valid`` marks real tokens and
+``pos`` their positions. ``commit(kv=...)``:
+
+- ``recompute``: every step is a forward over the whole canvas;
+- ``block_approx`` (prefix cache): the first step of a block runs the whole canvas and keeps
+  every position's KV; the block's later steps run the block and everything after it,
+  attending to the kept KV of the positions before the block;
+- ``block_approx_dual`` (dual cache): the later steps run only the block, attending to the
+  kept KV of the positions before and after it.
+
+The kept KV is refreshed when the block completes (the next block's first step).
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import numpy as np
+
+from decograph.runtime.protocol import CanvasBatch, CanvasStep
+from decograph.runtime.unmask import CanvasRow
+
+__all__ = ["BlockCanvas"]
+
+
+class BlockCanvas(CanvasBatch):
+    """Canvases and block caches; a backend supplies ``run`` (the forward plus confidence),
+    ``keep`` (store the fresh KV of some rows) and ``context`` (the kept KV of some rows)."""
+
+    def __init__(self, rows: list[CanvasRow], mask_id: int, kv: str, pad_id: int, shift_logits: bool) -> None:
+        self.rows, self.mask_id, self.kv, self.shift = rows, mask_id, kv, int(shift_logits)
+        n = len(rows[0].gen) if rows else 0
+        width = max((len(r.prompt) for r in rows), default=0)
+        tail = max((len(r.suffix) for r in rows), default=0)
+        self.width = width
+        self.ids = np.full((len(rows), width + n + tail), pad_id, dtype=np.int64)
+        self.valid = np.zeros((len(rows), width + n + tail), dtype=bool)
+        for b, r in enumerate(rows):
+            self.ids[b, width - len(r.prompt):width] = r.prompt
+            self.valid[b, width - len(r.prompt):width + n + len(r.suffix)] = True
+            self.ids[b, width:width + n] = mask_id
+            if r.suffix:                                    # infilling: the text after the masked span
+                self.ids[b, width + n:width + n + len(r.suffix)] = r.suffix
+        self.pos = np.maximum(np.cumsum(self.valid, 1) - 1, 0).astype(np.int64)
+        self._kept_block: dict[int, int] = {}                # row -> the block start its kept KV is for
+        self._plans: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    # -- the backend's part ----------------------------------------------------------------
+
+    @abstractmethod
+    def run(self, ids: np.ndarray, pos: np.ndarray, valid: np.ndarray, logits_at: np.ndarray, *,
+            context_rows: np.ndarray | None = None, every: bool = False, context_valid: np.ndarray | None = None,
+            keep_kv: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+        """The model over query ``ids`` [B, T] at ``pos`` (``valid``: real keys), attending also
+        to the kept KV of canvas rows ``context_rows`` (all of them, in order, when ``every``)
+        where ``context_valid``; the confidence and argmax [B, K] of the logits at
+        ``logits_at`` [B, K], and the queries' KV when ``keep_kv`` (else None)."""
+
+    @abstractmethod
+    def keep(self, rows: np.ndarray, kv: Any) -> None:
+        """Keep ``kv`` (as ``run`` returned it) as the context of canvas rows ``rows``."""
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    def write(self, row: CanvasRow, positions: list[int], tokens: list[int]) -> None:
+        if positions:
+            self.ids[row.index, [self.width + g for g in positions]] = tokens
+
+    def forward(self, blocks: list[tuple[int, int]]) -> CanvasStep:
+        active = self.active
+        conf: dict[int, np.ndarray] = {}
+        tok: dict[int, np.ndarray] = {}
+        queried: dict[int, int] = {}
+        fresh = [(r, blk) for r, blk in zip(active, blocks)
+                 if self.kv == "recompute" or self._kept_block.get(r.index) != blk[0]]
+        cached = [(r, blk) for r, blk in zip(active, blocks) if self.kv != "recompute"
+                  and self._kept_block.get(r.index) == blk[0]]
+        if fresh:
+            idx = np.array([r.index for r, _ in fresh])
+            w = max(e - s for _, (s, e) in fresh)
+            at = np.stack([np.minimum(np.arange(s, s + w), e - 1) + self.width - self.shift for _, (s, e) in fresh])
+            c, t, kv = self.run(self.ids[idx], self.pos[idx], self.valid[idx], at, keep_kv=self.kv != "recompute")
+            if kv is not None:
+                self.keep(idx, kv)
+            for j, (r, (s, e)) in enumerate(fresh):
+                conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
+                queried[r.index] = int(self.valid[r.index].sum())
+                self._kept_block[r.index] = s
+        if cached:
+            self._cached(cached, conf, tok, queried)
+        return CanvasStep([conf[r.index] for r in active], [tok[r.index] for r in active],
+                          [queried[r.index] for r in active])
+
+    def _cached(self, rows: list[tuple[CanvasRow, tuple[int, int]]], conf: dict[int, np.ndarray],
+                tok: dict[int, np.ndarray], queried: dict[int, int]) -> None:
+        key = tuple((r.index, blk) for r, blk in rows)
+        plan = self._plans.get(key)
+        if plan is None:                   # the same for every step of these rows' blocks: built once
+            plan = self._plans[key] = self._cached_plan(rows)
+        idx, cols, pos, qvalid, cvalid, at, every = plan
+        c, t, _ = self.run(np.take_along_axis(self.ids[idx], cols, 1), pos, qvalid, at, context_rows=idx, every=every,
+                           context_valid=cvalid)
+        for j, (r, (s, e)) in enumerate(rows):
+            conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
+            queried[r.index] = int(qvalid[j].sum())
+
+    def _cached_plan(self, rows: list[tuple[CanvasRow, tuple[int, int]]]) -> tuple[Any, ...]:
+        """What a cached step of ``rows`` at their blocks reads: the rows, the query columns,
+        their positions and validity, the context's validity (the query's own columns
+        excluded), the block's logit columns, and whether every row runs (the kept KV is then
+        used as is)."""
+        total = self.ids.shape[1]
+        dual = self.kv == "block_approx_dual"
+        starts = np.array([self.width + s - self.shift for _, (s, _e) in rows])
+        ends = np.array([self.width + e if dual else total for _, (_s, e) in rows])
+        w = int((ends - starts).max())
+        cols = starts[:, None] + np.arange(w)[None, :]
+        inside = cols < ends[:, None]
+        cols = np.minimum(cols, total - 1)
+        idx = np.array([r.index for r, _ in rows])
+        pos = np.take_along_axis(self.pos[idx], cols, 1)
+        qvalid = inside & np.take_along_axis(self.valid[idx], cols, 1)
+        span = np.arange(total)[None, :]
+        in_query = (span >= starts[:, None]) & (span < ends[:, None])
+        cvalid = self.valid[idx] & ~in_query
+        every = len(rows) == self.ids.shape[0] and idx.tolist() == list(range(len(rows)))
+        at = np.stack([np.minimum(np.arange(w), e - s - 1) for _, (s, e) in rows])
+        return idx, cols, pos, qvalid, cvalid, at, every
