@@ -7,10 +7,12 @@ Export writes artifacts, not code: the strategy's program after the pass pipelin
 JSON form, what the decoder runs on the runtime's interpreter), the step graph, the tokenizer
 and its chat template, and a manifest (``decograph.backends.onnxruntime.manifest``) that
 lists and hashes them. Any program the runtime runs on a causal LM exports: every built-in
-strategy and any strategy file, drafts, trees, sampling and fork/join included. Not yet:
-``draft.model`` (the draft model's own graph) and the unmask strategies (the masked-diffusion
-model's graph), refused with a named error. Written into a staging directory beside ``out``
-and renamed when complete, so a failed export leaves nothing half-written.
+strategy and any strategy file, drafts, trees, sampling and fork/join included. The unmask
+strategies export with decograph's masked-diffusion model (``model=`` its directory or an
+``MDMTransformer``): its forward graph (``mdm.build_mdm``, fp32) runs them, both block-wise
+caches included. Not yet: ``draft.model`` (the draft model's own graph), refused with a named
+error. Written into a staging directory beside ``out`` and renamed when complete, so a failed
+export leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -28,15 +30,21 @@ __all__ = ["export_decoder", "check_exportable"]
 _SENTINEL = "\u2063PROMPT\u2063"
 
 
-def check_exportable(program: O.Program) -> None:
-    """``UnsupportedError`` naming the step when ``program`` needs what an export lacks."""
+def check_exportable(program: O.Program, diffusion: bool = False) -> None:
+    """``UnsupportedError`` naming the step when ``program`` needs what an export lacks
+    (``diffusion``: the model is a masked-diffusion one, which runs unmask programs only)."""
+    if diffusion:
+        from decograph.runtime.unmask import unmask_loop
+
+        unmask_loop(program)
+        return
     for op in program.walk():
         if isinstance(op, O.DraftModel):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`: exporting the draft model's own "
                                    f"graph beside the target's is not supported yet")
         if isinstance(op, O.UNMASK_OPS) or isinstance(op, O.DraftMask):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` needs a masked-diffusion model; "
-                                   f"export takes a Hugging Face causal LM")
+                                   f"export it with decograph's own (model= a train-mdm directory)")
 
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,
@@ -45,7 +53,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     from decograph.api import as_program, optimize, resolve_model
     from decograph.backends.onnxruntime.export import GRAPH_VERSION, export_step, quantize_step
     from decograph.models.adapters import HFCausalLM
-    from decograph.ir.jsonform import to_json
+    from decograph.models.diffusion import MDMAdapter
 
     if quant not in ("none", "int4", "int8"):
         raise InputError(f"--quant must be none, int4 or int8, got {quant!r}")
@@ -56,8 +64,11 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     target = Path(out)
     check_output_dir(target, "the exported decoder")      # a file, a used or unwritable place: before any work
     adapter, tok = resolve_model(model)
+    if isinstance(adapter, MDMAdapter):
+        return _export_mdm(adapter, tok, strategy, target, quant, dtype, overrides, passes, chat, progress)
     if not isinstance(adapter, HFCausalLM):
-        raise UnsupportedError(f"export needs a Hugging Face causal LM, got {type(adapter).__name__}")
+        raise UnsupportedError(f"export needs a Hugging Face causal LM or decograph's masked-diffusion model, got "
+                               f"{type(adapter).__name__}")
     program = optimize(as_program(strategy, overrides), adapter, passes)
     check_exportable(program)
     with staging_dir(target, "the exported decoder") as tmp:     # renamed onto target when complete
@@ -70,12 +81,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
             progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
             quantize_step(step, tmp / model_file, bits=int(quant[3:]), block_size=block_size)
             step.unlink()
-        tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "strategy.json").write_text(json.dumps(to_json(program), indent=1), encoding="utf-8")
-        chat_prompt = None
-        if getattr(tok, "chat_template", None):
-            chat_prompt = tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
-                                                  tokenize=False).replace(_SENTINEL, "{prompt}")
+        chat_prompt = _write_text_files(tmp, tok, program)
         m = adapter.model
         text = m.config.get_text_config(decoder=True)
         heads = text.num_attention_heads
@@ -91,5 +97,53 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
             "chat_template": template if isinstance(template, str) else None, "chat_prompt": chat_prompt,
             "chat_default": bool(chat and chat_prompt),
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
+        })
+    return target
+
+
+def _write_text_files(tmp: Path, tok: Any, program: O.Program) -> str | None:
+    """The tokenizer and the program into ``tmp``; the chat template rendered around a
+    placeholder (None without one)."""
+    from decograph.ir.jsonform import to_json
+
+    tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / "strategy.json").write_text(json.dumps(to_json(program), indent=1), encoding="utf-8")
+    if not getattr(tok, "chat_template", None):
+        return None
+    return tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+                                   tokenize=False).replace(_SENTINEL, "{prompt}")
+
+
+def _export_mdm(adapter: Any, tok: Any, strategy: Any, target: Path, quant: str, dtype: str,
+                overrides: dict[str, Any] | None, passes: str, chat: bool, progress: Any) -> Path:
+    """An unmask strategy with decograph's masked-diffusion model: its forward graph (fp32)."""
+    from decograph.api import as_program, optimize
+    from decograph.backends.onnxruntime.mdm import MDM_GRAPH_VERSION, export_mdm
+
+    if quant != "none" or dtype != "float32":
+        raise UnsupportedError(f"the masked-diffusion model exports in float32 without quantization only (got "
+                               f"--quant {quant}, --dtype {dtype})")
+    if tok is None or not hasattr(tok, "backend_tokenizer"):
+        raise InputError("exporting needs the model's (fast) tokenizer: the masked-diffusion model has none; save "
+                         "one in its directory (train-mdm does)")
+    program = optimize(as_program(strategy, overrides), adapter, passes)
+    check_exportable(program, diffusion=True)
+    m = adapter.model
+    cfg = m.config
+    with staging_dir(target, "the exported decoder") as tmp:
+        progress(f"exporting the masked-diffusion forward ({cfg.n_layers} layers, d={cfg.d_model}) to ONNX ...")
+        export_mdm(m, tmp / "model.onnx")
+        chat_prompt = _write_text_files(tmp, tok, program)
+        graph = {"file": "model.onnx", "quant": "none", "dtype": "float32", "graph": MDM_GRAPH_VERSION,
+                 "block_size": None, "num_layers": cfg.n_layers, "kv_heads": cfg.n_heads,
+                 "head_dim": cfg.d_model // cfg.n_heads, "vocab_size": adapter.vocab_size,
+                 "max_positions": adapter.max_positions, "mask_token_id": adapter.mask_token_id,
+                 "shift_logits": adapter.shift_logits}
+        template = getattr(tok, "chat_template", None)
+        write_manifest(tmp, {
+            "strategy": program.name, "passes": passes, "program": "strategy.json", "tokenizer": "tokenizer.json",
+            "graphs": {"target": graph}, "eos_token_ids": list(adapter.eos_token_ids),
+            "chat_template": template if isinstance(template, str) else None, "chat_prompt": chat_prompt,
+            "chat_default": bool(chat and chat_prompt), "model": adapter.name,
         })
     return target

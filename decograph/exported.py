@@ -8,6 +8,10 @@ This module imports neither torch nor transformers (a test checks). The decoder 
     model.onnx       the decoding step (``decograph.backends.onnxruntime.graph``), maybe int4/int8
     tokenizer.json   the tokenizer (``tokenizers``)
 
+A masked-diffusion decoder (an unmask strategy exported with decograph's masked-diffusion
+model) has that model's forward graph (``mdm.build_mdm``) as its target: the same interpreter
+runs the unmask loop over ``canvas.OrtCanvasEngine``; ``suffixes=`` fills in between.
+
 The program runs on the runtime's one interpreter (``decograph.runtime``) over the ONNX Runtime
 step protocol (``decograph.backends.onnxruntime.engine``), exactly as the in-process
 ``onnxruntime*`` backends run it: every draft source, verification rule and fork/join rule of
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 
+from decograph.backends.onnxruntime.canvas import MDMSession, OrtCanvasEngine
 from decograph.backends.onnxruntime.kv import StepSession, pick_device
 from decograph.backends.onnxruntime.manifest import MANIFEST_VERSION, load_manifest
 from decograph.errors import InputError
@@ -76,14 +81,27 @@ class ExportedDecoder:
         (schema, bounds, paths inside it, hashes) before anything is allocated."""
         m = self.manifest = load_manifest(directory, check_hashes=check_hashes)
         target = m.target
-        if device == "auto":
-            device = pick_device("auto") if target.dtype == "float16" else "cpu"
-        self.step = StepSession(m.path(target.file), threads, spinning, device=device)
-        self.runner = GraphRunner(self.step, m.files[target.file])
-        self.device = self.step.device
-        self.session = self.step.session
-        self.threads, self.spinning = self.runner.threads, self.runner.spinning
         self.tokenizer = m.tokenizer
+        self.canvas: OrtCanvasEngine | None = None
+        self.runner: GraphRunner | None = None
+        if target.diffusion:                # an unmask strategy on the masked-diffusion forward
+            if device not in ("auto", "cpu"):
+                raise InputError(f"device {device!r}: a masked-diffusion decoder runs on the CPU EP only")
+            assert target.mask_token_id is not None
+            mdm = MDMSession(m.path(target.file), max_positions=target.max_positions, threads=threads,
+                             spinning=spinning)
+            self.canvas = OrtCanvasEngine(mdm, mask_token_id=target.mask_token_id, shift_logits=target.shift_logits,
+                                          pad_id=m.eos_token_ids[0] if m.eos_token_ids else 0,
+                                          tokenizer=self.tokenizer)
+            self.device, self.session, self.threads, self.spinning = "cpu", mdm.session, threads, spinning
+        else:
+            if device == "auto":
+                device = pick_device("auto") if target.dtype == "float16" else "cpu"
+            self.step = StepSession(m.path(target.file), threads, spinning, device=device)
+            self.runner = GraphRunner(self.step, m.files[target.file])
+            self.device = self.step.device
+            self.session = self.step.session
+            self.threads, self.spinning = self.runner.threads, self.runner.spinning
         self.n_layers, self.kv_heads, self.head_dim = target.num_layers, target.kv_heads, target.head_dim
         self.eos = set(m.eos_token_ids)
         self.program: O.Program = m.program
@@ -118,13 +136,18 @@ class ExportedDecoder:
 
     # -- measured on this machine (the runner's, shared with the in-process backends) --------
 
+    def _causal(self) -> GraphRunner:
+        if self.runner is None:
+            raise InputError("this is a masked-diffusion decoder: it has no causal step graph")
+        return self.runner
+
     def exact(self) -> bool:
         """Whether this machine's kernels keep drafting and batching lossless on this graph
         (``GraphRunner.exact``; checked once per machine, cached)."""
-        return self.runner.exact(self.check_width())
+        return self._causal().exact(self.check_width())
 
     def cost_curve(self) -> list[float]:
-        return self.runner.cost_curve()
+        return self._causal().cost_curve()
 
     # -- decoding --------------------------------------------------------------------------
 
@@ -173,7 +196,7 @@ class ExportedDecoder:
 
     def _interpreter(self, prompts: list[list[int]], max_new_tokens: int, draft: bool, seed: int | None, *,
                      stop_token_ids: tuple[int, ...] = (), branch_providers: dict[str, Any] | None = None,
-                     trace: list | None = None) -> Interpreter:
+                     trace: list | None = None, suffixes: list[list[int]] | None = None) -> Interpreter:
         if not prompts:
             raise InputError("no prompts: give at least one")
         for i, p in enumerate(prompts):
@@ -189,4 +212,10 @@ class ExportedDecoder:
         cfg = RunConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(self.eos), seed=seed,
                         tokenizer=self.tokenizer, stop_token_ids=tuple(stop_token_ids),
                         branch_providers=dict(branch_providers or {}), trace=trace)
-        return self.runner.interpreter(self.program, cfg, draft=draft, tokenizer=self.tokenizer)
+        if self.canvas is not None:
+            cfg.suffixes = [list(x) for x in suffixes] if suffixes is not None else None
+            cfg.pad_token_id = self.canvas.pad_id
+            return Interpreter(self.program, self.canvas, cfg)
+        if suffixes is not None:
+            raise InputError("suffixes (infilling) need a masked-diffusion decoder; a causal LM decodes left to right")
+        return self._causal().interpreter(self.program, cfg, draft=draft, tokenizer=self.tokenizer)

@@ -6,6 +6,7 @@ directory as untrusted input. It imports neither torch nor transformers.
      "graphs": {"target": {"file": "model.onnx", "quant": "int4", "dtype": "float32", "graph": "5",
                            "block_size": 32, "num_layers": 30, "kv_heads": 3, "head_dim": 64,
                            "vocab_size": 49152, "max_positions": 8192}},
+     # a masked-diffusion decoder's target: "graph": "mdm-1", "mask_token_id": 63, "shift_logits": false
      "eos_token_ids": [2], "chat_template": null, "chat_prompt": "...{prompt}...", "chat_default": true,
      "model": "SmolLM2-135M-Instruct", "files": {"model.onnx": "<sha256>", ...}}
 
@@ -51,7 +52,9 @@ DTYPES = ("float32", "float16")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 _SHAPE_FIELDS = {"num_layers": (1, 512), "kv_heads": (1, 1024), "head_dim": (1, 1024),
                  "vocab_size": (1, 4_194_304), "max_positions": (1, 4_194_304)}
-_GRAPH_KEYS = {"file", "quant", "dtype", "graph", "block_size", *_SHAPE_FIELDS, "external_data"}
+_GRAPH_KEYS = {"file", "quant", "dtype", "graph", "block_size", *_SHAPE_FIELDS, "external_data", "mask_token_id",
+               "shift_logits"}
+_OPTIONAL_GRAPH_KEYS = {"external_data", "mask_token_id", "shift_logits"}
 _TOP_KEYS = {"format", "version", "strategy", "passes", "program", "tokenizer", "graphs", "eos_token_ids",
              "chat_template", "chat_prompt", "chat_default", "model", "files"}
 _GRAPH_NAME = re.compile(r"^(target|draft:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$")
@@ -77,6 +80,13 @@ class GraphSpec:
     vocab_size: int
     max_positions: int
     external_data: tuple[str, ...] = ()
+    mask_token_id: int | None = None        # a masked-diffusion graph's (graph "mdm-*")
+    shift_logits: bool = False              # ... whose logits at i predict the token at i + 1
+
+    @property
+    def diffusion(self) -> bool:
+        """Whether this is a masked-diffusion forward (``mdm.build_mdm``), not a causal step."""
+        return self.graph.startswith("mdm-")
 
 
 @dataclass(frozen=True)
@@ -184,8 +194,18 @@ def _file_name(f: _Fields, v: Any, path: str) -> str:
 
 def _graph(f: _Fields, d: Any, role: str) -> GraphSpec:
     path = f"graphs.{role}"
-    f.obj(d, path, _GRAPH_KEYS - {"external_data"}, _GRAPH_KEYS)
+    f.obj(d, path, _GRAPH_KEYS - _OPTIONAL_GRAPH_KEYS, _GRAPH_KEYS)
     shape = {k: f.int_(d[k], f"{path}.{k}", lo, hi) for k, (lo, hi) in _SHAPE_FIELDS.items()}
+    kind = str(f.str_(d["graph"], f"{path}.graph", 1, 100))
+    mask = None
+    if kind.startswith("mdm-"):              # a masked-diffusion graph: its mask token is required
+        if "mask_token_id" not in d:
+            raise f.fail(f"{path}.mask_token_id", "is missing (a masked-diffusion graph needs its mask token)")
+        mask = f.int_(d["mask_token_id"], f"{path}.mask_token_id", 0, shape["vocab_size"] - 1)
+    elif "mask_token_id" in d or "shift_logits" in d:
+        raise f.fail(f"{path}.mask_token_id" if "mask_token_id" in d else f"{path}.shift_logits",
+                     f"belongs to a masked-diffusion graph only (graph 'mdm-*'), this one is {kind!r}")
+    shift = f.bool_(d.get("shift_logits", False), f"{path}.shift_logits")
     quant = f.choice(d["quant"], f"{path}.quant", QUANTS)
     block = f.choice(d["block_size"], f"{path}.block_size", (None, *BLOCK_SIZES))
     if (block is None) != (quant == "none"):
@@ -193,8 +213,9 @@ def _graph(f: _Fields, d: Any, role: str) -> GraphSpec:
     extra = f.list_(d.get("external_data", []), f"{path}.external_data", 16)
     return GraphSpec(role, _file_name(f, d["file"], f"{path}.file"), quant,
                      f.choice(d["dtype"], f"{path}.dtype", DTYPES),
-                     str(f.str_(d["graph"], f"{path}.graph", 1, 100)), block, **shape,
-                     external_data=tuple(_file_name(f, x, f"{path}.external_data[{i}]") for i, x in enumerate(extra)))
+                     kind, block, **shape,
+                     external_data=tuple(_file_name(f, x, f"{path}.external_data[{i}]") for i, x in enumerate(extra)),
+                     mask_token_id=mask, shift_logits=shift)
 
 
 def _files(f: _Fields, d: Any) -> dict[str, str]:
