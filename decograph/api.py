@@ -13,7 +13,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from decograph.backends.torch_ref.interp import draft_runners
 from decograph.runtime import Event, Interpreter, RunConfig
 from decograph.errors import InputError
 from decograph.models.adapters import CausalLMAdapter, HFCausalLM, as_adapter
@@ -183,14 +182,17 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
         eos = adapter.eos_token_ids
     else:
         eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
-    for name, draft in (draft_models or {}).items():
+    draft_models = {name: resolve_model(m)[0] if isinstance(m, (str, Path)) else m      # a directory: loaded
+                    for name, m in (draft_models or {}).items()}
+    for name, draft in draft_models.items():
         dv = as_adapter(draft).vocab_size
         if dv != adapter.vocab_size:     # ids of one model would index past the other's embedding
             raise InputError(f"draft model {name!r} has a vocabulary of {dv} tokens, the target model "
                              f"{adapter.vocab_size}: they must share one vocabulary")
     pad = eos[0] if eos else 0
     plan(engine, program)                   # one BackendFallbackWarning per op without a kernel
-    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, draft_runners(draft_models or {}),
+    runners = {name: engine.draft_runner(m) for name, m in (draft_models or {}).items()}
+    cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, runners,
                     _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels(),
                     trace=[] if trace else None)
     from decograph.models.diffusion import MaskedDiffusionAdapter

@@ -10,13 +10,16 @@ lists and hashes them. Any program the runtime runs on a causal LM exports: ever
 strategy and any strategy file, drafts, trees, sampling and fork/join included. The unmask
 strategies export with decograph's masked-diffusion model (``model=`` its directory or an
 ``MDMTransformer``): its forward graph (``mdm.build_mdm``, fp32) runs them, both block-wise
-caches included. Not yet: ``draft.model`` (the draft model's own graph), refused with a named
-error. Written into a staging directory beside ``out`` and renamed when complete, so a failed
-export leaves nothing half-written.
+caches included. ``draft.model`` strategies export with their draft models
+(``draft_models={"small": model_or_dir}``, ``--draft-model small=DIR``): each draft model's own
+step graph, in the target's precision, is written beside the target's (manifest role
+``draft:<name>``) and drafts on ONNX Runtime. Written into a staging directory beside ``out``
+and renamed when complete, so a failed export leaves nothing half-written.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +33,20 @@ __all__ = ["export_decoder", "check_exportable"]
 _SENTINEL = "\u2063PROMPT\u2063"
 
 
-def check_exportable(program: O.Program, diffusion: bool = False) -> None:
+def check_exportable(program: O.Program, diffusion: bool = False, draft_models: tuple[str, ...] = ()) -> None:
     """``UnsupportedError`` naming the step when ``program`` needs what an export lacks
-    (``diffusion``: the model is a masked-diffusion one, which runs unmask programs only)."""
+    (``diffusion``: the model is a masked-diffusion one, which runs unmask programs only;
+    ``draft_models``: the names of the draft models exported with it)."""
     if diffusion:
         from decograph.runtime.unmask import unmask_loop
 
         unmask_loop(program)
         return
     for op in program.walk():
-        if isinstance(op, O.DraftModel):
-            raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}`: exporting the draft model's own "
-                                   f"graph beside the target's is not supported yet")
+        if isinstance(op, O.DraftModel) and op.model not in draft_models:
+            raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}(model={op.model})` needs its draft "
+                                   f"model: pass draft_models={{'{op.model}': model}} (--draft-model "
+                                   f"{op.model}=DIR)")
         if isinstance(op, O.UNMASK_OPS) or isinstance(op, O.DraftMask):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` needs a masked-diffusion model; "
                                    f"export it with decograph's own (model= a train-mdm directory)")
@@ -49,9 +54,8 @@ def check_exportable(program: O.Program, diffusion: bool = False) -> None:
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,
                    overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
-                   dtype: str = "float32", progress: Any = print) -> Path:
+                   dtype: str = "float32", draft_models: dict[str, Any] | None = None, progress: Any = print) -> Path:
     from decograph.api import as_program, optimize, resolve_model
-    from decograph.backends.onnxruntime.export import GRAPH_VERSION, export_step, quantize_step
     from decograph.models.adapters import HFCausalLM
     from decograph.models.diffusion import MDMAdapter
 
@@ -70,35 +74,72 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         raise UnsupportedError(f"export needs a Hugging Face causal LM or decograph's masked-diffusion model, got "
                                f"{type(adapter).__name__}")
     program = optimize(as_program(strategy, overrides), adapter, passes)
-    check_exportable(program)
+    drafts = _draft_adapters(draft_models or {}, adapter, program)
+    check_exportable(program, draft_models=tuple(drafts))
     with staging_dir(target, "the exported decoder") as tmp:     # renamed onto target when complete
-        progress(f"exporting the decoding step of {type(adapter.model).__name__} to ONNX ...")
-        step = export_step(adapter.model, tmp / "model.step.onnx", dtype=dtype)
-        model_file = "model.onnx"
-        if quant == "none":
-            step.rename(tmp / model_file)
-        else:
-            progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
-            quantize_step(step, tmp / model_file, bits=int(quant[3:]), block_size=block_size)
-            step.unlink()
+        graphs = {"target": _export_causal(adapter, tmp, "model.onnx", quant, dtype, block_size, progress)}
+        for name, draft in drafts.items():
+            graphs[f"draft:{name}"] = _export_causal(draft, tmp, f"draft.{name}.onnx", quant, dtype, block_size,
+                                                     progress, f"draft model {name!r}")
         chat_prompt = _write_text_files(tmp, tok, program)
         m = adapter.model
-        text = m.config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        graph = {"file": model_file, "quant": quant, "dtype": dtype, "graph": GRAPH_VERSION,
-                 "block_size": block_size if quant != "none" else None, "num_layers": text.num_hidden_layers,
-                 "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-                 "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
-                 "vocab_size": adapter.vocab_size, "max_positions": adapter.max_positions}
         template = getattr(tok, "chat_template", None)
         write_manifest(tmp, {
             "strategy": program.name, "passes": passes, "program": "strategy.json", "tokenizer": "tokenizer.json",
-            "graphs": {"target": graph}, "eos_token_ids": list(adapter.eos_token_ids),
+            "graphs": graphs, "eos_token_ids": list(adapter.eos_token_ids),
             "chat_template": template if isinstance(template, str) else None, "chat_prompt": chat_prompt,
             "chat_default": bool(chat and chat_prompt),
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
         })
     return target
+
+
+def _draft_adapters(models: dict[str, Any], target: Any, program: O.Program) -> dict[str, Any]:
+    """The draft models the program names, as Hugging Face causal-LM adapters (a directory or a
+    model each), checked to share the target's vocabulary; a model the program does not use is
+    an error."""
+    from decograph.api import resolve_model
+    from decograph.models.adapters import HFCausalLM
+
+    used = {op.model for op in program.walk() if isinstance(op, O.DraftModel)}
+    out = {}
+    for name, m in models.items():
+        if name not in used:
+            raise InputError(f"draft model {name!r}: strategy {program.name!r} has no draft.model(model={name})")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
+            raise InputError(f"draft model name {name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+        a, _ = resolve_model(m)
+        if not isinstance(a, HFCausalLM):
+            raise UnsupportedError(f"draft model {name!r}: export needs a Hugging Face causal LM, got "
+                                   f"{type(a).__name__}")
+        if a.vocab_size != target.vocab_size:
+            raise InputError(f"draft model {name!r} has a vocabulary of {a.vocab_size} tokens, the target model "
+                             f"{target.vocab_size}: they must share one vocabulary")
+        out[name] = a
+    return out
+
+
+def _export_causal(adapter: Any, tmp: Path, model_file: str, quant: str, dtype: str, block_size: int, progress: Any,
+                   what: str = "") -> dict[str, Any]:
+    """A causal LM's decoding step as ``tmp / model_file`` (quantized), and its manifest entry."""
+    from decograph.backends.onnxruntime.export import GRAPH_VERSION, export_step, quantize_step
+
+    m = adapter.model
+    progress(f"exporting the decoding step of {what or type(m).__name__} to ONNX ...")
+    step = export_step(m, tmp / f"{model_file}.step.onnx", dtype=dtype)
+    if quant == "none":
+        step.rename(tmp / model_file)
+    else:
+        progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
+        quantize_step(step, tmp / model_file, bits=int(quant[3:]), block_size=block_size)
+        step.unlink()
+    text = m.config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    return {"file": model_file, "quant": quant, "dtype": dtype, "graph": GRAPH_VERSION,
+            "block_size": block_size if quant != "none" else None, "num_layers": text.num_hidden_layers,
+            "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+            "vocab_size": adapter.vocab_size, "max_positions": adapter.max_positions}
 
 
 def _write_text_files(tmp: Path, tok: Any, program: O.Program) -> str | None:

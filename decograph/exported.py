@@ -6,6 +6,7 @@ This module imports neither torch nor transformers (a test checks). The decoder 
     manifest.json    what the rest is: the graphs' shapes, EOS ids, the chat template, file hashes
     strategy.json    the optimized strategy program (the IR's JSON form): what the decoder runs
     model.onnx       the decoding step (``decograph.backends.onnxruntime.graph``), maybe int4/int8
+    draft.NAME.onnx  a ``draft.model(model=NAME)`` strategy's draft model's step, same precision
     tokenizer.json   the tokenizer (``tokenizers``)
 
 A masked-diffusion decoder (an unmask strategy exported with decograph's masked-diffusion
@@ -37,6 +38,7 @@ from typing import Any
 
 
 from decograph.backends.onnxruntime.canvas import MDMSession, OrtCanvasEngine
+from decograph.backends.onnxruntime.draft import OrtDraftRunner
 from decograph.backends.onnxruntime.kv import StepSession, pick_device
 from decograph.backends.onnxruntime.manifest import MANIFEST_VERSION, load_manifest
 from decograph.errors import InputError
@@ -84,6 +86,7 @@ class ExportedDecoder:
         self.tokenizer = m.tokenizer
         self.canvas: OrtCanvasEngine | None = None
         self.runner: GraphRunner | None = None
+        self.draft_runners: dict[str, OrtDraftRunner] = {}       # draft.model(model=NAME)
         if target.diffusion:                # an unmask strategy on the masked-diffusion forward
             if device not in ("auto", "cpu"):
                 raise InputError(f"device {device!r}: a masked-diffusion decoder runs on the CPU EP only")
@@ -99,6 +102,9 @@ class ExportedDecoder:
                 device = pick_device("auto") if target.dtype == "float16" else "cpu"
             self.step = StepSession(m.path(target.file), threads, spinning, device=device)
             self.runner = GraphRunner(self.step, m.files[target.file])
+            self.draft_runners = {role.removeprefix("draft:"): OrtDraftRunner(
+                StepSession(m.path(g.file), threads, spinning, device=device))
+                for role, g in m.graphs.items() if role.startswith("draft:")}
             self.device = self.step.device
             self.session = self.step.session
             self.threads, self.spinning = self.runner.threads, self.runner.spinning
@@ -211,7 +217,8 @@ class ExportedDecoder:
                              f"the model's {limit} positions")
         cfg = RunConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(self.eos), seed=seed,
                         tokenizer=self.tokenizer, stop_token_ids=tuple(stop_token_ids),
-                        branch_providers=dict(branch_providers or {}), trace=trace)
+                        branch_providers=dict(branch_providers or {}), trace=trace,
+                        draft_models=dict(self.draft_runners))
         if self.canvas is not None:
             cfg.suffixes = [list(x) for x in suffixes] if suffixes is not None else None
             cfg.pad_token_id = self.canvas.pad_id

@@ -91,6 +91,13 @@ class Backend(ABC):
 
         return TorchEngine(adapter, self.kernels(), config.cost_curve, config.tokenizer)
 
+    def draft_runner(self, model: Any) -> Any:
+        """The runner of ``draft.model`` for ``model`` (a causal LM, or a runner already):
+        default, the torch draft runner."""
+        from decograph.backends.torch_ref.interp import draft_runners
+
+        return draft_runners({"draft": model})["draft"]
+
     def interpreter(self, program: Any, adapter: Any, config: Any) -> Any:
         """The runtime's interpreter for ``program`` on this backend."""
         from decograph.runtime.interp import Interpreter

@@ -78,8 +78,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from decograph.export import export_decoder
 
     with quiet_loading():
+        drafts = {}
+        for item in args.draft_model or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise InputError(f"--draft-model {item!r}: expected NAME=DIR (the name the strategy's "
+                                 f"draft.model uses)")
+            drafts[name] = path
         out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, dtype=args.dtype,
-                             overrides=parse_overrides(args.set),
+                             overrides=parse_overrides(args.set), draft_models=drafts,
                              passes=args.passes, chat=args.chat if args.chat is not None else args.model is None,
                              progress=lambda m: print(m, file=sys.stderr))
     print(out)
@@ -247,6 +254,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quant", choices=("none", "int4", "int8"), default="none", help="weight-only quantization")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="activations and KV cache; float16 for ONNX Runtime's CUDA EP (default: float32)")
+    e.add_argument("--draft-model", action="append", metavar="NAME=DIR",
+                   help="a draft model for the strategy's draft.model(model=NAME): a local causal LM sharing the "
+                        "target's vocabulary, exported beside it")
     e.add_argument("--passes", default="default", metavar="PIPELINE", help="default: the torch pipeline")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     e.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,

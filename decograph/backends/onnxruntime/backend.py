@@ -90,6 +90,15 @@ class OnnxRuntimeBackend(Backend):
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
 
+    def draft_runner(self, model: Any) -> Any:
+        """The draft model exported and run like the target (this backend's precision)."""
+        from decograph.backends.onnxruntime.draft import OrtDraftRunner
+        from decograph.models.adapters import as_adapter
+
+        if hasattr(model, "greedy"):
+            return model
+        return OrtDraftRunner(self.prepare(as_adapter(model)).step)
+
     def interpreter(self, program: Any, adapter: Any, config: Any) -> Any:
         """The runtime over the exported decoder's code: a causal LM's ``GraphRunner``, the
         masked-diffusion model's ``OrtCanvasEngine``."""
