@@ -48,3 +48,43 @@ def ort_greedy():
     decoding, plain causal steps (no drafts, no runtime): the reference of losslessness on an
     ONNX Runtime graph (``ORTCausalLM``)."""
     return _ort_greedy
+
+
+_BLOCK_TORCH = """import builtins, json, sys
+_real_import = builtins.__import__
+def _guard(name, *a, **k):
+    if name == "torch" or name.startswith("torch.") or name.startswith("transformers"):
+        raise ImportError("torch is blocked in this process")
+    return _real_import(name, *a, **k)
+builtins.__import__ = _guard
+job = json.load(open(sys.argv[1]))
+out = {}
+"""
+_CHECK_AND_SAVE = """
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.fixture(scope="session")
+def run_without_torch():
+    """``run_without_torch(body, job, tmp_path) -> out``: runs ``body`` (Python) in a fresh
+    process where importing torch or transformers fails, with ``job`` (JSON-ready) bound to
+    ``job``; the dict ``out`` it fills comes back. Fails the test on a non-zero exit, or if
+    torch got imported anyway."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(body: str, job: dict, tmp_path: Path) -> dict:
+        src, dst = tmp_path / "job.json", tmp_path / "out.json"
+        src.write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-c", _BLOCK_TORCH + body + _CHECK_AND_SAVE, str(src), str(dst)],
+                              capture_output=True, text=True, cwd=root, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(dst.read_text())
+
+    return run

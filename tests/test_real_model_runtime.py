@@ -12,8 +12,6 @@ through ``ExportedDecoder.with_program``, the same interpreter that runs ``strat
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -103,38 +101,23 @@ def test_torch_backend_equals_hf_greedy_batch_1_and_4(setup) -> None:
         assert [r.new_token_ids for r in batch] == refs, f"{name}, batch 4"
 
 
-_RUN_WITHOUT_TORCH = """
-import builtins, json, sys
-real = builtins.__import__
-def guard(name, *a, **k):
-    if name == "torch" or name.startswith("torch.") or name.startswith("transformers"):
-        raise ImportError("torch is blocked in this process")
-    return real(name, *a, **k)
-builtins.__import__ = guard
+_RUN = """
 from decograph.exported import ExportedDecoder
 from decograph.ir.jsonform import from_json
-job = json.load(open(sys.argv[1]))
 dec = ExportedDecoder(job["dir"])
-out = {}
 for name, program in job["programs"].items():
     d = dec.with_program(from_json(program))
     one = [d.generate(p, job["n"])[0] for p in job["prompts"][:1]]
     four = [ids for ids, _ in d.generate_batch(job["prompts"], job["n"])]
     out[name] = {"one": one, "four": four}
-assert "torch" not in sys.modules and "transformers" not in sys.modules
-json.dump(out, open(sys.argv[2], "w"))
 """
 
 
-def test_fp32_export_without_torch_equals_the_torch_backend(setup, tmp_path) -> None:
+def test_fp32_export_without_torch_equals_the_torch_backend(setup, tmp_path, run_without_torch) -> None:
     model, tok, prompts, refs = setup
     out = export_decoder("anpd", tmp_path / "fp32", model=HFCausalLM(model, tok), chat=False, progress=lambda m: None)
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"dir": str(out), "programs": _optimized(model, tok), "prompts": prompts, "n": N_NEW}))
-    proc = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_TORCH, str(job), str(tmp_path / "got.json")],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((tmp_path / "got.json").read_text())
+    got = run_without_torch(_RUN, {"dir": str(out), "programs": _optimized(model, tok), "prompts": prompts,
+                                   "n": N_NEW}, tmp_path)
     # the torch backend's tokens are HF's (test_torch_backend_equals_hf_greedy_batch_1_and_4)
     for name, runs in got.items():
         assert runs["one"] == refs[:1], f"{name}, batch 1"

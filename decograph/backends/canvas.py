@@ -19,6 +19,7 @@ The kept KV is refreshed when the block completes (the next block's first step).
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,24 @@ import numpy as np
 from decograph.runtime.protocol import CanvasBatch, CanvasStep
 from decograph.runtime.unmask import CanvasRow
 
-__all__ = ["BlockCanvas"]
+__all__ = ["BlockCanvas", "BlockQuery"]
+
+
+@dataclass
+class BlockQuery:
+    """One forward of a block step: query ``ids`` [B, T] at ``pos`` (``valid``: real keys),
+    attending also to the kept KV of canvas rows ``context_rows`` (all rows, in order, when
+    ``every``) where ``context_valid``; logits wanted at ``logits_at`` [B, K]; ``keep_kv``:
+    return the queries' KV."""
+
+    ids: np.ndarray
+    pos: np.ndarray
+    valid: np.ndarray
+    logits_at: np.ndarray
+    context_rows: np.ndarray | None = None
+    every: bool = False
+    context_valid: np.ndarray | None = None
+    keep_kv: bool = False
 
 
 class BlockCanvas(CanvasBatch):
@@ -54,13 +72,9 @@ class BlockCanvas(CanvasBatch):
     # -- the backend's part ----------------------------------------------------------------
 
     @abstractmethod
-    def run(self, ids: np.ndarray, pos: np.ndarray, valid: np.ndarray, logits_at: np.ndarray, *,
-            context_rows: np.ndarray | None = None, every: bool = False, context_valid: np.ndarray | None = None,
-            keep_kv: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
-        """The model over query ``ids`` [B, T] at ``pos`` (``valid``: real keys), attending also
-        to the kept KV of canvas rows ``context_rows`` (all of them, in order, when ``every``)
-        where ``context_valid``; the confidence and argmax [B, K] of the logits at
-        ``logits_at`` [B, K], and the queries' KV when ``keep_kv`` (else None)."""
+    def run(self, q: BlockQuery) -> tuple[np.ndarray, np.ndarray, Any]:
+        """The model over ``q``: the confidence and argmax [B, K] of the logits at
+        ``q.logits_at``, and the queries' KV when ``q.keep_kv`` (else None)."""
 
     @abstractmethod
     def keep(self, rows: np.ndarray, kv: Any) -> None:
@@ -85,7 +99,8 @@ class BlockCanvas(CanvasBatch):
             idx = np.array([r.index for r, _ in fresh])
             w = max(e - s for _, (s, e) in fresh)
             at = np.stack([np.minimum(np.arange(s, s + w), e - 1) + self.width - self.shift for _, (s, e) in fresh])
-            c, t, kv = self.run(self.ids[idx], self.pos[idx], self.valid[idx], at, keep_kv=self.kv != "recompute")
+            c, t, kv = self.run(BlockQuery(self.ids[idx], self.pos[idx], self.valid[idx], at,
+                                           keep_kv=self.kv != "recompute"))
             if kv is not None:
                 self.keep(idx, kv)
             for j, (r, (s, e)) in enumerate(fresh):
@@ -104,8 +119,8 @@ class BlockCanvas(CanvasBatch):
         if plan is None:                   # the same for every step of these rows' blocks: built once
             plan = self._plans[key] = self._cached_plan(rows)
         idx, cols, pos, qvalid, cvalid, at, every = plan
-        c, t, _ = self.run(np.take_along_axis(self.ids[idx], cols, 1), pos, qvalid, at, context_rows=idx, every=every,
-                           context_valid=cvalid)
+        c, t, _ = self.run(BlockQuery(np.take_along_axis(self.ids[idx], cols, 1), pos, qvalid, at, context_rows=idx,
+                                      every=every, context_valid=cvalid))
         for j, (r, (s, e)) in enumerate(rows):
             conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
             queried[r.index] = int(qvalid[j].sum())

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.canvas import BlockCanvas
+from decograph.backends.canvas import BlockCanvas, BlockQuery
 from decograph.backends.onnxruntime.kv import NEG, open_session, session_options
 from decograph.errors import ModelError, UnsupportedError
 from decograph.runtime.protocol import Engine
@@ -102,14 +102,12 @@ class OrtCanvas(BlockCanvas):
         self.model = engine.model
         self._kv: NpKV | None = None
 
-    def run(self, ids: np.ndarray, pos: np.ndarray, valid: np.ndarray, logits_at: np.ndarray, *,
-            context_rows: np.ndarray | None = None, every: bool = False, context_valid: np.ndarray | None = None,
-            keep_kv: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+    def run(self, q: BlockQuery) -> tuple[np.ndarray, np.ndarray, Any]:
         ctx = None
-        if context_rows is not None:
+        if q.context_rows is not None:
             assert self._kv is not None
-            ctx = self._kv if every else [(k[context_rows], v[context_rows]) for k, v in self._kv]
-        lg, kv = self.model.forward(ids, pos, valid, ctx, context_valid, keep_kv, logits_at)
+            ctx = self._kv if q.every else [(k[q.context_rows], v[q.context_rows]) for k, v in self._kv]
+        lg, kv = self.model.forward(q.ids, q.pos, q.valid, ctx, q.context_valid, q.keep_kv, q.logits_at)
         conf, tok = confidence(lg, self.mask_id)
         return conf, tok, kv
 

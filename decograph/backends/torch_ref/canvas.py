@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from decograph.backends.canvas import BlockCanvas
+from decograph.backends.canvas import BlockCanvas, BlockQuery
 from decograph.backends.torch_ref.kernels import unmask_confidence
 from decograph.runtime.protocol import Engine
 from decograph.runtime.unmask import CanvasRow
@@ -25,19 +25,17 @@ class TorchCanvas(BlockCanvas):
         self.adapter, self.confidence = a, engine.confidence
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def run(self, ids: np.ndarray, pos: np.ndarray, valid: np.ndarray, logits_at: np.ndarray, *,
-            context_rows: np.ndarray | None = None, every: bool = False, context_valid: np.ndarray | None = None,
-            keep_kv: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
+    def run(self, q: BlockQuery) -> tuple[np.ndarray, np.ndarray, Any]:
         ctx = None
-        if context_rows is not None:
+        if q.context_rows is not None:
             assert self._kv is not None
-            rows = torch.from_numpy(context_rows)
-            ctx = self._kv if every else [(k[rows], v[rows]) for k, v in self._kv]    # no copy when all rows run
+            rows = torch.from_numpy(q.context_rows)
+            ctx = self._kv if q.every else [(k[rows], v[rows]) for k, v in self._kv]   # no copy when all rows run
+        cvalid = None if q.context_valid is None else torch.from_numpy(q.context_valid)
         with torch.inference_mode():
-            lg, kv = self.adapter.forward(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(valid),
-                                          context=ctx,
-                                          context_valid=None if context_valid is None else torch.from_numpy(context_valid),
-                                          return_kv=keep_kv, logits_at=torch.from_numpy(logits_at))
+            lg, kv = self.adapter.forward(torch.from_numpy(q.ids), torch.from_numpy(q.pos), torch.from_numpy(q.valid),
+                                          context=ctx, context_valid=cvalid, return_kv=q.keep_kv,
+                                          logits_at=torch.from_numpy(q.logits_at))
             b, k = lg.shape[:2]
             conf, tok = self.confidence(lg.reshape(b * k, -1), self.mask_id)
         return (conf.float().reshape(b, k).cpu().numpy(), tok.reshape(b, k).cpu().numpy(), kv)
