@@ -33,8 +33,13 @@ def _ort_greedy(adapter, prompt: list[int], n: int, eos=()) -> list[int]:
     cache, out, feed = adapter.new_cache(1), [], list(prompt)
     for _ in range(n):
         past, t = adapter.cache_len(cache), len(feed)
-        attend = torch.cat([torch.ones(t, past, dtype=torch.bool), torch.ones(t, t, dtype=torch.bool).tril()], 1)[None]
-        tok = int(adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + t)[None], attend)[0, -1].argmax())
+        fill = 1 if t == 1 else 0          # a one-token step multiplies two rows (engine.MIN_ROWS)
+        q = t + fill
+        attend = torch.cat([torch.ones(q, past, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)[None]
+        logits = adapter.forward(cache, torch.tensor([feed + feed[-1:] * fill]), torch.arange(past, past + q)[None],
+                                 attend)
+        adapter.truncate(cache, past + t)
+        tok = int(logits[0, t - 1].argmax())
         out.append(tok)
         if tok in eos:
             break
@@ -45,8 +50,9 @@ def _ort_greedy(adapter, prompt: list[int], n: int, eos=()) -> list[int]:
 @pytest.fixture(scope="session")
 def ort_greedy():
     """``ort_greedy(adapter, prompt, n, eos=())``: an adapter's own one-token-at-a-time greedy
-    decoding, plain causal steps (no drafts, no runtime): the reference of losslessness on an
-    ONNX Runtime graph (``ORTCausalLM``)."""
+    decoding, plain causal steps (no drafts, no runtime; a one-token step with a filler query
+    row after its token, as the ONNX Runtime engine runs it, so that no kernel multiplies a
+    lone row): the reference of losslessness on an ONNX Runtime graph (``ORTCausalLM``)."""
     return _ort_greedy
 
 

@@ -129,15 +129,19 @@ def test_graph_uses_fused_ops(exported) -> None:
 
 
 def _steps(adapter, prompt, toks, widths):
-    """Logits and KV of ``toks`` fed after ``prompt`` in steps of the given widths."""
+    """Logits and KV of ``toks`` fed after ``prompt`` in steps of the given widths (a one-token
+    step with a filler query row after it, as the engine runs it: ``engine.MIN_ROWS``)."""
     cache = adapter.new_cache(1)
     n = len(prompt)
     adapter.forward(cache, torch.tensor([prompt]), torch.arange(n)[None], torch.ones(n, n, dtype=torch.bool).tril()[None])
     out, i = [], 0
     for w in widths:
         past = adapter.cache_len(cache)
-        attend = torch.cat([torch.ones(w, past, dtype=torch.bool), torch.ones(w, w, dtype=torch.bool).tril()], 1)[None]
-        out.append(adapter.forward(cache, torch.tensor([toks[i:i + w]]), torch.arange(past, past + w)[None], attend)[0])
+        q = max(w, 2)
+        attend = torch.cat([torch.ones(q, past, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)[None]
+        feed = toks[i:i + w] + toks[i + w - 1:i + w] * (q - w)
+        out.append(adapter.forward(cache, torch.tensor([feed]), torch.arange(past, past + q)[None], attend)[0, :w])
+        adapter.truncate(cache, past + w)
         i += w
     return torch.cat(out), [torch.cat(kv, 0) for kv in adapter.slot_tensors(cache)]
 
@@ -147,10 +151,10 @@ def test_an_exact_graphs_k_token_step_is_bit_identical_to_k_one_token_steps(tiny
     """What makes verification lossless on the exported decoder's graphs: a row's logits and KV
     do not depend on how many query tokens its step has (with int8 activations, the smallest
     difference would become a different token now and then). The float and int8 graphs are
-    exact on every CPU; the int4 graph's MatMulNBits kernels are on some (seen: with AVX-512)
-    and not on others (seen: an AMD EPYC without it). Where they are not, the differences are
-    rounding's, and ``width_invariant`` (the exported decoder's check, which then decodes
-    without drafts) must see what this test sees."""
+    exact on every CPU; the int4 graph's MatMulNBits kernels are on some (seen: with AVX-512,
+    and on an AMD EPYC without it once no step multiplies a lone row). Where they are not, the
+    differences are rounding's, and ``width_invariant`` (the exported decoder's check, which
+    then decodes without drafts) must see what this test sees."""
     path = quantize_step(exported, tmp_path / "q.onnx", bits) if bits else exported
     a = ORTCausalLM(path)
     prompt, toks = [1, 5, 9, 5, 9, 5, 9, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]

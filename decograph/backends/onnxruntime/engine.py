@@ -26,7 +26,15 @@ from decograph.backends.onnxruntime.kv import KV, NEG, StepSession, causal_mask
 from decograph.runtime.protocol import Batch, Engine, StepOutput, StepPlan
 from decograph.runtime.rows import DraftTree, Row
 
-__all__ = ["OrtEngine", "OrtBatch", "OrtOutput", "SoloBatch", "tree_masks"]
+__all__ = ["OrtEngine", "OrtBatch", "OrtOutput", "SoloBatch", "tree_masks", "MIN_ROWS"]
+
+# Every step multiplies at least two query rows (a one-token step gets a filler row after its
+# token, at the next position, whose K/V land past the row's length and are overwritten): ORT's
+# CPU kernels compute a row of a product of 2 to 16 rows one way and a lone row another (its
+# matrix-vector routines sum in another order; measured on this project's AMD EPYC with int4
+# weights and int8 activations, where even the graph's own one-token padding row did not keep
+# it), so with this every step of 1 to 16 tokens gives each row the same arithmetic.
+MIN_ROWS = 2
 
 
 def tree_masks(lengths: np.ndarray, pending: list[int], trees: list[DraftTree], w: int, width: int) -> np.ndarray:
@@ -150,6 +158,7 @@ class OrtBatch(Batch):
         if w == 0:                                  # every root computed already, nothing drafted
             self.roots = [None] * len(self.active)
             return OrtOutput(None, fed, sizes, roots)
+        w = max(w, MIN_ROWS)                        # a filler query row: never a one-row product
         b_n = len(self.active)
         ids = np.empty((b_n, w), np.int64)
         pos = np.empty((b_n, w), np.int64)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.onnxruntime.engine import OrtEngine, tree_masks
+from decograph.backends.onnxruntime.engine import MIN_ROWS, OrtEngine, tree_masks
 from decograph.backends.onnxruntime.kv import StepSession, causal_mask
 from decograph.ir import ops as O
 from decograph.measure_cache import cached
@@ -27,9 +27,22 @@ __all__ = ["GraphRunner", "width_invariant", "program_width", "exact_width"]
 _CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
 
 
+def padded_step(step: StepSession, kv: Any, ids: np.ndarray, pos: np.ndarray, past: int) -> np.ndarray:
+    """One causal step of ``ids`` [1, T] after ``past`` slots, as ``OrtBatch`` runs it: a
+    one-token step with its filler query row (``engine.MIN_ROWS``); the logits of ``ids``."""
+    t = ids.shape[1]
+    if t >= MIN_ROWS:
+        return step.run(kv, ids, pos, causal_mask(t, past)).copy()
+    fill = MIN_ROWS - t
+    logits = step.run(kv, np.concatenate([ids, np.repeat(ids[:, -1:], fill, 1)], 1),
+                      np.concatenate([pos, pos[:, -1:] + 1 + np.arange(fill)[None]], 1), causal_mask(MIN_ROWS, past))
+    kv.length -= fill
+    return logits[:, :t].copy()
+
+
 def width_invariant(step: StepSession, max_width: int = 9, context: int = 37) -> bool:
     """Whether ``step``'s graph, on this machine's kernels, gives a k-token step bit-identical
-    logits and K/V to k one-token steps, for every k from 2 to ``max_width`` (in either order
+    logits and K/V to k one-token steps (each with its filler row, ``padded_step``), for every k from 2 to ``max_width`` (in either order
     after a ``context``-token prefill of random tokens). Exact graphs are built for it; on some
     CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order than a
     several-row one, and this is what finds out."""
@@ -44,7 +57,7 @@ def width_invariant(step: StepSession, max_width: int = 9, context: int = 37) ->
         logits, i = [], 0
         for w in order:
             pos = np.arange(context + i, context + i + w)[None]
-            logits.append(step.run(kv, toks[None, i:i + w], pos, causal_mask(w, context + i)).copy())
+            logits.append(padded_step(step, kv, toks[None, i:i + w], pos, context + i))
             i += w
         runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
     (ref, ref_kv), others = runs[0], runs[1:]
@@ -121,7 +134,7 @@ class GraphRunner:
         length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if width not in self._exact:
-            self._exact[width] = bool(self._machine(f"exact-2-{width}", lambda: self._check_exact(width)))
+            self._exact[width] = bool(self._machine(f"exact-3-{width}", lambda: self._check_exact(width)))
         return self._exact[width]
 
     def _check_exact(self, width: int, context: int = 37) -> bool:
@@ -136,7 +149,7 @@ class GraphRunner:
         for n, w in ((context, 3), (short, 1)):
             kv = self.step.new_kv(1, context + 8)
             self.step.run(kv, prompt[:, :n], np.arange(n)[None], causal_mask(n, 0), 1)
-            alone.append(self.step.run(kv, toks[None, :w], np.arange(n, n + w)[None], causal_mask(w, n)).copy())
+            alone.append(padded_step(self.step, kv, toks[None, :w], np.arange(n, n + w)[None], n))
         kv = self.step.new_kv(2, context + 8)
         self.step.run(kv, np.repeat(prompt, 2, 0), np.arange(context)[None].repeat(2, 0),
                       causal_mask(context, 0).repeat(2, 0), 1)
