@@ -17,6 +17,27 @@ def default_model():
     return load_default_model(progress=False)
 
 
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """``hf_greedy(model, prompts, n, ends=None) -> refs``: Hugging Face
+    ``generate(do_sample=False)``'s new tokens for each prompt alone (the reference of every
+    lossless test on a torch model); ``ends``: end tokens other than the model's EOS."""
+
+    def run(model, prompts: list[list[int]], n: int, ends: list[int] | None = None) -> list[list[int]]:
+        refs = []
+        eos = {} if ends is None else {"eos_token_id": ends}
+        pad = model.generation_config.eos_token_id if ends is None else ends[0]
+        with torch.inference_mode():
+            for ids in prompts:
+                x = torch.tensor([ids])
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                     pad_token_id=pad, **eos)
+                refs.append(out[0, len(ids):].tolist())
+        return refs
+
+    return run
+
+
 @pytest.fixture
 def private_cache(tmp_path_factory, monkeypatch):
     """decograph's caches (ONNX exports, measured cost curves) under this session's temporary

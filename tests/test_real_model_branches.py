@@ -5,7 +5,6 @@ continues exactly as greedy decoding of the joined text)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from decograph.api import generate
 from decograph.apps.ner import dedupe_mentions, extract_entities, ner_request, newline_ids
@@ -19,16 +18,8 @@ REASONING = ["Work through these steps one by one.\n1. Add 17 and 25.\n2. Name t
              "Plan a short trip.\n- Pick a city.\n- Choose a hotel.\n- List two sights.\n- Pack a bag."]
 
 
-def hf_greedy(model, ids: list[int], n: int, ends: list[int]) -> list[int]:
-    with torch.inference_mode():
-        x = torch.tensor([ids])
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             eos_token_id=ends, pad_token_id=ends[0])
-    return out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("passes", ["default", "none"])
-def test_ner_branches_equal_greedy_alone(default_model, passes: str) -> None:
+def test_ner_branches_equal_greedy_alone(default_model, hf_greedy, passes: str) -> None:
     model, tok = default_model
     labels = ["PER", "ORG", "LOC"]
     _, results = extract_entities(NER_TEXTS, labels, model, tok, passes=passes, details=True)
@@ -40,13 +31,13 @@ def test_ner_branches_equal_greedy_alone(default_model, passes: str) -> None:
         assert [c.meta["label"] for c in counts] == labels
         for c in list(counts) + list(mentions.branches):
             budget = 16 if "index" in c.meta else 4
-            assert list(c.tokens) == hf_greedy(model, prompt + list(c.prompt_ids), budget, ends), c
+            assert list(c.tokens) == hf_greedy(model, [prompt + list(c.prompt_ids)], budget, ends)[0], c
             checked += 1
         assert mentions.entities == dedupe_mentions(mentions.branches)
     assert checked > len(labels) * len(NER_TEXTS)     # some mention branches were decoded
 
 
-def test_parallel_reasoning_branches_and_continuation_equal_greedy(default_model) -> None:
+def test_parallel_reasoning_branches_and_continuation_equal_greedy(default_model, hf_greedy) -> None:
     model, tok = default_model
     eos = model.generation_config.eos_token_id
     results = generate(model, tok, REASONING, "parallel_reasoning", 400, chat=True,
@@ -58,11 +49,11 @@ def test_parallel_reasoning_branches_and_continuation_equal_greedy(default_model
         assert len(branches) >= 3
         joined: list[int] = []
         for b in branches:
-            assert list(b.tokens) == hf_greedy(model, prompt + list(b.prompt_ids), 24, [eos])
+            assert list(b.tokens) == hf_greedy(model, [prompt + list(b.prompt_ids)], 24, [eos])[0]
             body = list(b.tokens[:-1]) if b.tokens and b.tokens[-1] == eos else list(b.tokens)
             joined += list(b.prompt_ids) + body
         assert r.new_token_ids[: len(joined)] == joined
         rest = r.new_token_ids[len(joined):]
         # 16 steps of the conclusion (ANPD drafts: 16 or more tokens), or fewer ending at EOS
         assert len(rest) >= 16 or rest[-1:] == [eos]
-        assert rest == hf_greedy(model, prompt + joined, len(rest), [eos])
+        assert rest == hf_greedy(model, [prompt + joined], len(rest), [eos])[0]

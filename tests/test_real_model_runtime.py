@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import decograph.api as api
 from decograph.backends.onnxruntime.session import ORTCausalLM
@@ -71,20 +70,13 @@ STRATEGIES = _strategies()
 
 
 @pytest.fixture(scope="module")
-def setup(default_model):
+def setup(default_model, hf_greedy):
     model, tok = default_model
     qs = [json.loads(line)["turns"][0] for line in DATA.read_text().splitlines()[5::20][:4]]
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                             tokenize=True)["input_ids"])[-96:] for q in qs]
     prompts[1] = prompts[1] + prompts[1][-32:]       # a repeat inside the prompt: n-gram drafts fire
-    refs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False,
-                                 pad_token_id=model.generation_config.eos_token_id)
-            refs.append(out[0, len(ids):].tolist())
-    return model, tok, prompts, refs
+    return model, tok, prompts, hf_greedy(model, prompts, N_NEW)
 
 
 def _optimized(model, tok) -> dict[str, dict]:
