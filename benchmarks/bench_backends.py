@@ -239,7 +239,8 @@ def main() -> None:
     ap.add_argument("--exported", default="int4", help="quantizations of the exported decoder (int4,int8,none); "
                                                        "empty for none")
     ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
-    ap.add_argument("--exported-plans", default="", help=f"also these plans on the exported graph ({','.join(PLANS)})")
+    ap.add_argument("--exported-plans", default="", help="also these built-in strategies on the exported graph "
+                                                         "(e.g. jacobi,lookahead)")
     ap.add_argument("--batch", type=int, nargs="*", default=[], help="also ANPD in batches of these sizes "
                                                                      "(generate_batch; throughput, run once)")
     ap.add_argument("--genai", action=argparse.BooleanOptionalAction, default=True,

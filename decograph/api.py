@@ -159,14 +159,17 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     from decograph.backends.registry import get_backend
 
     engine = get_backend(backend)           # before any model work: an unknown backend fails fast
-    adapter, tok = resolve_model(model, tokenizer)
-    adapter = engine.prepare(adapter)       # e.g. the model exported to and run by ONNX Runtime
+    source, tok = resolve_model(model, tokenizer)
+    adapter = engine.prepare(source)        # e.g. the model exported to and run by ONNX Runtime
     program = as_program(strategy, overrides)
     if do_sample:
         from decograph.passes.sampling import to_sampling
 
         program = to_sampling(program, temperature, top_k, top_p)
-    program = optimize(program, adapter, passes)
+    # Optimized as `export` does (the pipeline tuned on the source model), so an in-process
+    # backend runs the program an exported decoder of the same model would; the runtime then
+    # sizes drafts with the backend's own measured cost curve.
+    program = optimize(program, source, passes)
     ids = _encode(prompts, tok, chat)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -205,7 +208,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     if isinstance(adapter, MaskedDiffusionAdapter) and do_sample:
         raise InputError("do_sample: unmask strategies decode by confidence; sampling is not supported for them")
     interp = engine.interpreter(program, adapter, cfg)
-    interp.adapter = adapter                # whose acceptance profile the run feeds (``_observe``)
+    interp.adapter = source                 # whose acceptance profile the run feeds (``_observe``)
     return interp, ids, tok
 
 

@@ -197,3 +197,17 @@ def test_bench_refuses_a_diffusion_model(tmp_path: Path, capsys: pytest.CaptureF
     save_mdm(tiny_mdm(), tmp_path / "mdm")
     rc = main(["bench", "--model", str(tmp_path / "mdm"), "--quiet", "--out", str(tmp_path / "o")])
     assert rc == 2 and "masked-diffusion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py")))
+def test_benchmark_scripts_parse_their_options(script) -> None:
+    """Every benchmark script builds its command line (``--help`` exits 0): a script whose
+    options name something gone fails here, not at the start of a long run."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"], capture_output=True, text=True,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
