@@ -139,6 +139,10 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
         systems[name] = lambda p, d=dec.with_program(as_program(name)): _exported(d, p, n, True)
     if genai:
         systems = {f"ort_genai_{k}": (lambda p, g=g: _genai(g, p, n)) for k, g in genai.items()} | systems
+    if args.inprocess and quant in ("int4", "int8"):
+        model, tok = args.inprocess
+        for k in ("greedy", "anpd"):
+            systems[f"inprocess_{k}"] = lambda p, k=k: _inprocess(model, tok, p, n, k, f"onnxruntime-{quant}")
     for run in systems.values():                  # warm-up
         run(ps[0])
     stats = {m: {"e2e": [], "decode": [], "ids": [], "forwards": 0, "drafted": 0, "accepted": 0} for m in systems}
@@ -169,8 +173,9 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
     for m, st in stats.items():
         tokens = sum(map(len, st["ids"]))
         name = f"exported-{quant}" + (f"-b{args.block_size}" if args.block_size != 32 and quant != "none" else "")
-        row = {"backend": "onnxruntime-genai int4" if m.startswith("ort_genai") else name,
-               "strategy": m.removeprefix("ort_genai_"), "max_new_tokens": n,
+        backend = ("onnxruntime-genai int4" if m.startswith("ort_genai") else
+                   f"in-process onnxruntime-{quant}" if m.startswith("inprocess_") else name)
+        row = {"backend": backend, "strategy": m.removeprefix("ort_genai_").removeprefix("inprocess_"), "max_new_tokens": n,
                "tokens_per_s": round(statistics.mean(st["e2e"]), 1),
                "speedup_vs_exported_greedy": round(statistics.mean(st["e2e"]) / statistics.mean(greedy["e2e"]), 3)}
         if genai:
@@ -181,6 +186,10 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
                     "identical_to_own_greedy": f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}",
                     "tokens_per_forward": round(tokens / st["forwards"], 3),
                     "drafted": st["drafted"], "accepted": st["accepted"]}
+        elif m.startswith("inprocess_"):        # the same graph's tokens: the exported greedy's
+            row["identical_to_own_greedy"] = f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}"
+            row["speedup_vs_same_exported"] = round(statistics.mean(st["e2e"]) / statistics.mean(
+                stats[m.removeprefix("inprocess_")]["e2e"]), 3)
         elif m == "ort_genai_ngram":
             own = stats["ort_genai_greedy"]["ids"]
             row["identical_to_own_greedy"] = f"{sum(a == g for a, g in zip(st['ids'], own))}/{len(ps)}"
@@ -206,6 +215,14 @@ def _batch_row(dec, ps, quant: str, n: int, b: int, greedy: dict) -> dict:
 def _exported(dec, p: list[int], n: int, draft: bool):
     ids, s = dec.generate(p, n, draft=draft)
     return ids, s.wall_time_s, s.prefill_s, s
+
+
+def _inprocess(model, tok, p: list[int], n: int, strategy: str, backend: str):
+    """The in-process backend through the public API, per call as a user would (program set-up
+    included: ~70 ms here)."""
+    t0 = time.perf_counter()
+    r = generate(model, tok, [p], strategy, n, backend=backend)[0]
+    return r.new_token_ids, time.perf_counter() - t0, 0.0, None
 
 
 def _genai(system, p: list[int], n: int):
@@ -249,6 +266,9 @@ def main() -> None:
     ap.add_argument("--spinning", choices=("on", "off"), default="on",
                     help="ONNX Runtime idle-thread spinning for the exported decoder and genai (2 threads each): "
                          "on is ORT's default; off is much faster while other work keeps the cores busy")
+    ap.add_argument("--inprocess", action="store_true",
+                    help="also the in-process onnxruntime-int4/int8 backend's greedy and anpd (api.generate), in the "
+                         "exported decoder's rotation: the same code, to be within a few percent of it")
     ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
     args = ap.parse_args()
     warnings.simplefilter("ignore", BackendFallbackWarning)
@@ -257,6 +277,7 @@ def main() -> None:
     ps = prompts(tok, args.per_category)
     backends = [b for b in args.backends.split(",") if b]
     table, curves = bench_backends(model, tok, ps, backends, args) if backends else ([], {})
+    args.inprocess = (model, tok) if args.inprocess else None
     genai = _genai_systems(args.spinning == "on") if args.genai and args.exported else {}
     for quant in [q for q in args.exported.split(",") if q]:
         rows, curve = bench_exported(model, tok, ps, quant, args, genai)
@@ -274,7 +295,7 @@ def main() -> None:
           f"the exported runner's own measurement at context 128)")
     for b, c in curves.items():
         print(f"{b}: {c}")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": table, "cost_curves": curves}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args) | {"inprocess": bool(args.inprocess)}, "rows": table, "cost_curves": curves}, indent=1))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from decograph.models.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
 from decograph.text import check_utf8
 
-__all__ = ["Stats", "GenerationResult", "StreamChunk", "generate", "generate_stream", "list_strategies", "resolve_model"]
+__all__ = ["Stats", "GenerationResult", "StreamChunk", "Decoder", "generate", "generate_stream", "list_strategies",
+           "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,54 @@ def optimize(program: O.Program, adapter: CausalLMAdapter, passes: str | None = 
         cache.clear()
     cache[key] = (program, out)
     return out
+
+
+class Decoder:
+    """A model, its tokenizer, a backend and a strategy made ready once (program optimized,
+    kernels planned, draft models loaded), for callers that start many runs: a server's
+    lanes (``decograph.runtime.scheduler``). ``interpreter(config)`` is the runtime over it;
+    ``sampling_program(temperature, top_p)`` the strategy's lossless sampling form."""
+
+    def __init__(self, model: Any = None, tokenizer: Any = None, strategy: Any = "greedy", *, backend: Any = "torch",
+                 passes: str | None = "default", overrides: dict[str, Any] | None = None,
+                 draft_models: dict[str, Any] | None = None) -> None:
+        from decograph.backends.base import plan
+        from decograph.backends.registry import get_backend
+
+        self.backend = get_backend(backend)
+        self.source, self.tokenizer = resolve_model(model, tokenizer)
+        self.adapter = self.backend.prepare(self.source)
+        self.passes = passes
+        self.base = as_program(strategy, overrides)
+        self.program = optimize(self.base, self.source, passes)
+        plan(self.backend, self.program)
+        self.runners = {name: self.backend.draft_runner(resolve_model(m)[0] if isinstance(m, (str, Path)) else m)
+                        for name, m in (draft_models or {}).items()}
+        self.eos_token_ids = tuple(self.adapter.eos_token_ids)
+        self.max_positions = int(self.adapter.max_positions or 0)
+        self.vocab_size = int(self.adapter.vocab_size)
+        self._sampling: dict[tuple[float, float], O.Program] = {}
+
+    def sampling_program(self, temperature: float, top_p: float = 1.0) -> O.Program:
+        key = (float(temperature), float(top_p))
+        if key not in self._sampling:
+            from decograph.passes.sampling import to_sampling
+
+            self._sampling[key] = optimize(to_sampling(self.base, temperature, 0, top_p), self.source, self.passes)
+        return self._sampling[key]
+
+    def interpreter(self, config: RunConfig, program: O.Program | None = None) -> Interpreter:
+        """The runtime for ``program`` (default: the strategy's) with ``config``, its model
+        fields (EOS, padding, draft runners, cost curve, tokenizer, kernels) filled in here."""
+        config.eos_token_ids = config.eos_token_ids or self.eos_token_ids
+        config.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        config.draft_models = dict(self.runners)
+        config.cost_curve = _cost_curve(self.adapter)
+        config.tokenizer = self.tokenizer
+        config.kernels = self.backend.kernels()
+        interp = self.backend.interpreter(program or self.program, self.adapter, config)
+        interp.adapter = self.source
+        return interp
 
 
 def _observe(interp: Interpreter, adapter: CausalLMAdapter) -> None:

@@ -195,6 +195,27 @@ class ExportedDecoder:
             out.append((list(row.new_tokens), st))
         return out
 
+    def interpreter(self, config: RunConfig, program: O.Program | None = None) -> Interpreter:
+        """The runtime for ``program`` (default: the decoder's) with ``config``, its model fields
+        (EOS, draft runners, tokenizer) filled in here: what a server's lanes run
+        (``decograph.runtime.scheduler``)."""
+        config.eos_token_ids = config.eos_token_ids or tuple(sorted(self.eos))
+        config.tokenizer = self.tokenizer
+        config.draft_models = dict(self.draft_runners)
+        program = program or self.program
+        if self.canvas is not None:
+            config.pad_token_id = self.canvas.pad_id
+            return Interpreter(program, self.canvas, config)
+        config.pad_token_id = config.eos_token_ids[0] if config.eos_token_ids else 0
+        return self._causal().interpreter(program, config, tokenizer=self.tokenizer)
+
+    def sampling_program(self, temperature: float, top_p: float = 1.0) -> O.Program:
+        """The decoder's program with every greedy verification sampling (lossless speculative
+        sampling: the tokens follow the model's tempered, top-p distribution)."""
+        from decograph.passes.sampling import to_sampling
+
+        return to_sampling(self.program, temperature, 0, top_p)
+
     def stream(self, prompts: list[list[int]], max_new_tokens: int = 128, *, draft: bool = True,
                seed: int | None = None, **options: Any) -> Any:
         """The runtime's events (``row``, ``tokens``, ``done``) as the program commits them."""

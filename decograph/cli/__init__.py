@@ -289,9 +289,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train_mdm)
 
+    from decograph.apps.serve.cli import add_parser as add_serve
     from decograph.bench import add_parser as add_bench     # stdlib-only modules: the parser stays light
     from decograph.viz import add_parser as add_viz
 
+    add_serve(sub)
     add_bench(sub)
     add_viz(sub)
     return p

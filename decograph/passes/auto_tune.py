@@ -9,7 +9,8 @@ tokens per unit of forward time,
 and sets it (``window``, ``block`` or ``k``). When no size pays (``s* = 0``) the draft is
 dropped from its forward, so the strategy falls back to plain decoding (``canonicalize``
 then removes the dead draft). Adaptive n-gram drafts size each step themselves; for them
-``k`` becomes the longest draft with a real chance (cumulative acceptance >= ``floor``).
+``k`` becomes the longest draft with a real chance (cumulative acceptance >= ``floor``), and
+they are never dropped (they draft nothing, per step, where nothing pays).
 Candidate counts are left to the runtime: the adaptive n-gram source adds alternative
 continuations only where they fit in the forward's cheapest width.
 
@@ -79,7 +80,13 @@ class AutoTune(Pass):
                 if chance < self.floor:
                     break
                 longest += 1
-            size = max(size, longest) if size else 0
+            if not size:
+                # Never dropped: the source sizes each draft itself from its own row's acceptance
+                # per match level (a 16-token repeat is accepted ~90% of the time where the mean
+                # first-token rate over all drafts is ~10%) and from the backend's cost, and it
+                # drafts nothing where nothing pays. A mean that says "never" would cost those.
+                return {}
+            size = max(size, longest)
         if size == 0:
             stats[f"{op.NAME}.dropped"] = stats.get(f"{op.NAME}.dropped", 0) + 1
             return None

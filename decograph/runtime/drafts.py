@@ -50,6 +50,14 @@ class DraftSource(ABC):
     def __init__(self, op: O.Op) -> None:
         self.op = op
         self.cost: CostCurve = DEFAULT_CURVE      # the interpreter sets the model's measured curve
+        self.rows = 1                             # rows in this step's forward (the interpreter sets it)
+
+    def step_cost(self, width: int) -> float:
+        """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
+        query tokens: the batch's query tokens on the one-row curve (which includes the padding
+        to the cheapest width). A batch already fills the matrix units, so a wider step costs
+        nearly in proportion there: load-aware drafting drafts less, or not at all."""
+        return self.cost(self.rows * width)
 
     def memory(self, row: Row) -> Any:
         key = id(self.op)
@@ -231,7 +239,7 @@ class AdaptiveNgram(DraftSource):
         found = matches(toks, mem.index, int(self.op.max_n), int(self.op.min_n), int(self.op.candidates), k) \
             if k > 0 else []
         if not found:
-            if self.op.adaptive and k > 0 and self.cost.raw(2) <= 1.02 * self.cost.raw(1):
+            if self.op.adaptive and k > 0 and self.step_cost(2) <= 1.02 * self.step_cost(1):
                 mem.count(toks)
                 guess = mem.guess if mem.guess is not None else mem.top
                 return [[guess]] if guess >= 0 else []
@@ -271,12 +279,12 @@ class AdaptiveNgram(DraftSource):
         """The draft length with the most expected tokens per unit of forward cost."""
         first = mem.rate(mem.first, level, FIRST_PRIOR[level])
         later = mem.rate(mem.later, level, LATER_PRIOR[level])
-        best, best_ratio = 0, 1.0 / self.cost(pending)
+        best, best_ratio = 0, 1.0 / self.step_cost(pending)
         expected, chance = 1.0, 1.0
         for i in range(longest):
             chance *= first if i == 0 else later
             expected += chance
-            ratio = expected / self.cost(pending + i + 1)
+            ratio = expected / self.step_cost(pending + i + 1)
             if ratio > best_ratio:
                 best, best_ratio = i + 1, ratio
         return best

@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked
                                       start_canvases, unmask_loop)
 from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
 
-__all__ = ["Event", "RunConfig", "Interpreter"]
+__all__ = ["Admission", "Event", "RunConfig", "Interpreter"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,20 @@ class RunConfig:
     suffixes: list[list[int]] | None = None     # diffusion infilling: text after the masked span
     trace: list | None = None           # a list: one JSON-ready record per top-level row per step
     drafts: bool = True                 # False: every draft source proposes nothing (plain decoding)
+    # Continuous batching: called between two steps of the top-level loop with ``idle`` (no
+    # row left); returns ``Admission``: rows to take in, row indices to cancel. Returning
+    # nothing while idle ends the run.
+    admit: Callable[[bool], "Admission"] | None = None
+
+
+@dataclass
+class Admission:
+    """What joins and what leaves a running batch at a step boundary: ``new`` rows as
+    ``(index, prompt ids, max_new_tokens)`` (``index`` is the row's id in the events; unique
+    among rows alive), ``cancel`` the indices of rows to drop now (their cache rows freed)."""
+
+    new: list[tuple[int, list[int], int]] = field(default_factory=list)
+    cancel: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +170,9 @@ class Interpreter:
                 raise UnsupportedError(f"commit(kv={op.kv}) applies to masked-diffusion models only")
             elif isinstance(op, O.Join):
                 join_rule(op.rule)
+        if config.admit is not None and (self.unmask or any(isinstance(op, O.Fork) for op in program.walk())):
+            raise UnsupportedError("continuous batching runs causal programs without fork/join; this program "
+                                   f"{'unmasks' if self.unmask else 'forks'}: run its requests in batches of their own")
         # No seed: a fresh one per run, so unseeded sampling really varies between calls.
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         self.gen = np.random.default_rng(seed)
@@ -195,12 +212,39 @@ class Interpreter:
     def _iterate(self, op: O.Iterate, env: dict[Any, Any]) -> Iterator[Event]:
         state: Batch = env[id(op.init)]
         steps = 0
-        while state.active and (op.max_steps == 0 or steps < op.max_steps):
+        admit = self.cfg.admit if any(o is op for o in self.program.body.ops) else None
+        while True:
+            if admit is not None:
+                yield from self._admit(state, admit)
+            if not state.active or (op.max_steps and steps >= op.max_steps):
+                break
             env[id(op.body.params[0])] = state
             yield from self._block(op.body.ops, env)
             state = env["yield"]
             steps += 1
         return state
+
+    def _admit(self, state: Batch, admit: Callable[[bool], Admission]) -> Iterator[Event]:
+        """One step boundary of continuous batching: cancelled rows leave (cache rows freed),
+        new rows join (their prompts prefilled by the backend). Finished rows are forgotten, so
+        a long-running batch keeps only its live rows."""
+        got = admit(not state.active)
+        if got.cancel:
+            gone = set(got.cancel)
+            for r in state.active:
+                if r.index in gone:
+                    r.done, r.finish_reason = True, "cancelled"
+            state.settle()
+        state.rows[:] = [r for r in state.rows if not r.done]
+        if got.new:
+            rows = [Row(i, list(p), len(p), n) for i, p, n in got.new]
+            if self.cfg.trace is not None:
+                self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": r.n_prompt} for r in rows)
+            state.admit([r for r in rows if r.max_new > 0])
+            for r in rows:
+                if r.max_new <= 0:
+                    r.done, r.finish_reason = True, "max_new_tokens"
+                    yield Event(r.index, (), True)
 
     def _eval(self, op: O.Op, env: dict[Any, Any]) -> Any:
         if isinstance(op, O.Prefill):
@@ -228,6 +272,7 @@ class Interpreter:
             src = self.sources[id(op)]
             if not self.cfg.drafts:
                 return _Drafted(src, [[] for _ in state.active])
+            src.rows = len(state.active)
             return _Drafted(src, [src.propose(r, r.remaining - 1) for r in state.active])
         if isinstance(op, O.Forward):
             return self._forward(op, env[id(op.state)], [env[id(d)] for d in op.drafts])

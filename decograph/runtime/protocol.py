@@ -19,7 +19,10 @@ batch owns the KV storage (in the spirit of llama.cpp's ``llama_batch`` with its
   recomputed as pending tokens next step; every other slot of the step is rolled back;
 - ``settle(copy)``: drop finished rows (their cache rows freed); ``copy``: compact now;
 - ``fork(branches)`` / ``join()``: active row ``b`` becomes the rows ``branches[b]``, which
-  start from its cache; ``join`` restores the forked rows and returns each one's branch rows.
+  start from its cache; ``join`` restores the forked rows and returns each one's branch rows;
+- ``admit(rows)``: new rows join the running batch between two steps (continuous batching);
+  each is decoded exactly as it would be alone (its prompt's forward of its own where the
+  backend can, then its own cache row).
 
 ``rows`` / ``active`` are the current level's rows, and its unfinished ones, in order.
 
@@ -95,6 +98,10 @@ class Batch(ABC):
 
     @abstractmethod
     def join(self) -> list[list[Row]]: ...
+
+    def admit(self, rows: list[Row]) -> None:
+        """``rows`` (prompts not yet cached) join the batch before the next step."""
+        raise UnsupportedError(f"{type(self).__name__} cannot take rows into a running batch")
 
 
 @dataclass

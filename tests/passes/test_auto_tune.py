@@ -159,6 +159,18 @@ def test_adaptive_ngram_k_is_the_longest_draft_with_a_chance(floor: float, k: in
     assert pm.report[0].stats == {"draft.adaptive_ngram.k": f"8->{k}"}
 
 
+def test_adaptive_ngram_is_kept_when_the_mean_acceptance_says_drafting_never_pays() -> None:
+    """A profile of rejected drafts makes s* = 0: a plain n-gram draft would be dropped, the
+    adaptive one stays as written (it drafts per row and match level, and only what pays)."""
+    from decograph.passes.profile import AcceptanceProfile
+
+    profile = AcceptanceProfile()
+    profile.observe("draft.adaptive_ngram", [0] * 500, [4] * 500)
+    ctx = PassContext(cost_curve=LINEAR, acceptance=profile)
+    pm = check_pass(AutoTune(), adaptive(8), adaptive(8), ctx)
+    assert pm.report[0].stats == {}
+
+
 GREEDY = """
 strategy greedy {
   %0 = prefill(%prompt) : State

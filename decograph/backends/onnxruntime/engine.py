@@ -116,35 +116,65 @@ class OrtBatch(Batch):
         alone, and to one-token greedy decoding's prompt forward), gathered into the batch's
         cache. The last prompt token (the first root) is then cached with its logits kept: the
         first step feeds only the row's draft nodes after it."""
-        rows = [r for r in self.active if len(r.tokens) > 1]
-        if not rows:
+        if not any(len(r.tokens) > 1 for r in self.active):
             return
-        caches = []
-        for r in self.active:
-            n = len(r.tokens)
-            if n <= 1:
-                caches.append(None)
-                continue
-            kv = self.kv if len(self.active) == 1 else self.step.new_kv(1, n + 2)
-            logits = self.step.run(kv, np.array([r.tokens], np.int64), np.arange(n, dtype=np.int64)[None],
-                                   causal_mask(n, 0), 1)
-            self.roots[len(caches)] = np.array(logits[0, -1], np.float32)
-            r.cached, r.prefill_forwards, r.forwards = n - 1, 1, 1
-            caches.append(kv)
+        if len(self.active) == 1:
+            self.roots[0] = self._prompt(self.active[0], self.kv)
+            self.lengths = np.array([self.kv.length], np.int64)
+            self.forwards += 1
+            return
+        caches = [self.step.new_kv(1, len(r.tokens) + 2) if len(r.tokens) > 1 else None for r in self.active]
+        self.roots = [self._prompt(r, kv) if kv is not None else None for r, kv in zip(self.active, caches)]
         self.forwards += 1
         self.lengths = np.array([kv.length if kv is not None else 0 for kv in caches], np.int64)
-        if len(self.active) == 1:
-            return
-        cap = int(self.lengths.max()) + 64
+        self._gather([], caches)
+
+    def _prompt(self, r: Row, kv: KV) -> np.ndarray:
+        """Row ``r``'s prompt forward into ``kv`` (a cache of its own); its root's logits."""
+        n = len(r.tokens)
+        logits = self.step.run(kv, np.array([r.tokens], np.int64), np.arange(n, dtype=np.int64)[None],
+                               causal_mask(n, 0), 1)
+        r.cached, r.prefill_forwards, r.forwards = n - 1, 1, 1
+        return np.array(logits[0, -1], np.float32)
+
+    def _gather(self, old: list[np.ndarray], caches: list[KV | None]) -> None:
+        """The batch's cache: ``old``'s rows (host buffers of the rows already in the batch,
+        or none) then one row per cache in ``caches`` (None: an empty row), ``self.lengths``
+        slots valid per row."""
+        cap = int(self.lengths.max(initial=0)) + 64
+        if old:
+            cap = max(cap, old[0].shape[2])
+        n_old = old[0].shape[0] if old else 0
         bufs = []
         for j in range(2 * self.step.num_layers):
-            full = np.zeros((len(self.active), self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
+            full = np.zeros((n_old + len(caches), self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
+            if old:
+                full[:n_old, :, :old[j].shape[2]] = old[j]
             for i, kv in enumerate(caches):
                 if kv is not None:
-                    v = kv.host()[j]
-                    full[i, :, :kv.length] = v[0, :, :kv.length]
+                    full[n_old + i, :, :kv.length] = kv.host()[j][0, :, :kv.length]
             bufs.append(full)
-        self.kv.replace(bufs, int(self.lengths.max()))
+        self.kv.replace(bufs, int(self.lengths.max(initial=0)))
+
+    def admit(self, rows: list[Row]) -> None:
+        """New rows join between two steps: each prompt's forward runs alone (as ``prefill``),
+        then its cache row is appended to the batch's."""
+        self.rows += rows
+        new = [r for r in rows if not r.done]
+        if not new:
+            return
+        assert not self._stack, "rows admitted into a forked batch"
+        caches = [self.step.new_kv(1, len(r.tokens) + 2) if len(r.tokens) > 1 else None for r in new]
+        roots = [self._prompt(r, kv) if kv is not None else None for r, kv in zip(new, caches)]
+        self.forwards += 1
+        old = self.kv.host() if self.active else []
+        if self.active and not self.kv.shared:
+            old = [np.array(b) for b in old]
+        self.active += new
+        self.roots += roots
+        self.lengths = np.concatenate([self.lengths, [kv.length if kv is not None else 0 for kv in caches]]
+                                      ).astype(np.int64)
+        self._gather(old, caches)
 
     def forward(self, plan: StepPlan) -> OrtOutput:
         kv = self.kv
@@ -329,3 +359,11 @@ class SoloBatch(Batch):
     def join(self) -> list[list[Row]]:
         self.rows, self.active, self.subs, branches = self._stack.pop()
         return branches
+
+    def admit(self, rows: list[Row]) -> None:
+        self.rows += rows
+        for r in rows:
+            if not r.done:
+                self.subs[id(r)] = sub = OrtBatch(self.step, [r])
+                sub.prefill()
+                self.active.append(r)

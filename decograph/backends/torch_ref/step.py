@@ -71,6 +71,29 @@ class TorchBatch(BatchState, Batch):
             r.forwards = r.prefill_forwards      # rows with nothing to prefill took no part
         self.settle()
 
+    def admit(self, rows: list[Row]) -> None:
+        """New rows join between two steps. Into an empty batch: a fresh cache and their
+        prompts' forward (as ``prefill``). Into a running one: each gets a cache row of its own
+        (no valid slot) and its prompt leads its next forward as pending tokens."""
+        self.rows += rows
+        new = [r for r in rows if not r.done]
+        if not new:
+            return
+        assert not self._stack, "rows admitted into a forked batch"
+        if not self.active:
+            self.cache = self.adapter.new_cache(len(new))
+            self.valid = torch.zeros((len(new), 0), dtype=torch.bool)
+            self.active, self._owners = list(new), list(new)
+            self.phys, self.n_phys = list(range(len(new))), len(new)
+            self.prefill()
+            return
+        n = self.n_phys
+        self._select_phys(list(range(n)) + [0] * len(new), [])      # rows to overwrite: no slot valid
+        self.valid = torch.cat([self.valid, torch.zeros((len(new), self.valid.shape[1]), dtype=torch.bool)])
+        self.phys += list(range(n, n + len(new)))
+        self.active += new
+        self._owners += new
+
     def forward(self, plan: StepPlan) -> TorchOutput:
         return TorchOutput(run_forward(plan, self, self.curve), self.kernels.get("verify.greedy"))
 

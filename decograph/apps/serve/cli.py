@@ -1,0 +1,67 @@
+"""``decograph serve``: the parser (standard library only, so ``decograph --help`` stays light)
+and the command (uvicorn; SIGTERM or Ctrl-C stop taking requests and let the ones in flight
+finish within ``--grace`` seconds)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from decograph.errors import InputError
+
+__all__ = ["add_parser", "serve"]
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve a model with a decoding strategy over an OpenAI-compatible API "
+                                   "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics). "
+                                   "Requests join the running batch at the next step; greedy requests get exactly "
+                                   "the tokens they would get alone. Without --model or --exported: the embedded "
+                                   "default model (SmolLM2-135M-Instruct) with anpd. A request's temperature "
+                                   "omitted or 0 decodes with the strategy as written (greedy for the lossless "
+                                   "built-ins); above 0, its lossless speculative sampling.")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR_OR_ID", help="a Hugging Face causal-LM directory or Hub id (local cache)")
+    src.add_argument("--exported", metavar="DIR", help="a decoder written by `decograph export` (no torch is loaded)")
+    s.add_argument("--strategy", metavar="NAME_OR_FILE",
+                   help="a built-in name or a strategy file (default: anpd; with --exported: the exported one)")
+    s.add_argument("--backend", default="torch", metavar="NAME", help="with --model or the default model: the "
+                   "backend (default: torch; e.g. onnxruntime-int4)")
+    s.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: the model's)")
+    s.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port, printed)")
+    s.add_argument("--max-batch", type=int, default=16, metavar="N", help="most rows decoded at once (default: 16)")
+    s.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads (default: the backend's)")
+    s.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests get to finish (default: 30)")
+    s.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from decograph.apps.serve.app import create_app
+    except ImportError as e:
+        raise InputError(f"decograph serve needs the serving extra ({e.name} is missing): "
+                         "pip install 'decograph[serve]'") from None
+    from decograph.apps.serve.models import load_served
+
+    if args.max_batch < 1:
+        raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be in 0..65535, got {args.port}")
+    print(f"decograph serve: loading {args.exported or args.model or 'the embedded default model'} ...",
+          file=sys.stderr, flush=True)
+    served = load_served(model=args.model, exported=args.exported, strategy=args.strategy, backend=args.backend,
+                         name=args.served_model_name, threads=args.threads)
+    app = create_app(served, max_batch=args.max_batch, grace_s=args.grace)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=max(1, int(args.grace)))
+    server = uvicorn.Server(config)
+    print(f"decograph serve: model {served.name!r}, continuous batching "
+          f"{'on' if served.continuous else 'off (this strategy forks or unmasks: one request at a time)'}",
+          file=sys.stderr, flush=True)
+    server.run()
+    return 0
