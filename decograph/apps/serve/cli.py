@@ -4,6 +4,7 @@ finish within ``--grace`` seconds)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -63,5 +64,11 @@ def serve(args: argparse.Namespace) -> int:
     print(f"decograph serve: model {served.name!r}, continuous batching "
           f"{'on' if served.continuous else 'off (this strategy forks or unmasks: one request at a time)'}",
           file=sys.stderr, flush=True)
-    server.run()
+    # uvicorn handles SIGTERM (stop taking requests, finish the ones in flight), then raises it
+    # again under the handler it found: this one, so a drained server exits with status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    finally:
+        print("decograph serve: stopped", file=sys.stderr, flush=True)
     return 0
