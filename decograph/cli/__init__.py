@@ -205,8 +205,18 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ort-device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="with --exported: ONNX Runtime's CUDA EP or CPU EP (auto: cuda for a float16 export where "
                         "onnxruntime-gpu has the CUDA EP, else cpu)")
-    r.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+    r.add_argument("--prompt", action="append", metavar="TEXT",
                    help="repeat for several prompts, decoded as one batch (each its own output)")
+    j = r.add_argument_group("batch job over a prompt file (resumable; continuous batching)")
+    j.add_argument("--prompts-file", metavar="IN.jsonl",
+                   help="one JSON object per line: {\"prompt\": TEXT} or {\"messages\": [...]}, optional \"id\" and "
+                        "\"max_tokens\"; the outputs go to --out, one line per prompt as it finishes")
+    j.add_argument("--out", metavar="OUT.jsonl", help="with --prompts-file: where outputs go (prompts already there "
+                   "are skipped: a rerun resumes)")
+    j.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="with --prompts-file: shard the prompts over Ray Data workers (ADDRESS of a cluster; "
+                        "none: a local Ray instance)")
+    j.add_argument("--workers", type=int, default=2, metavar="N", help="with --ray: decoder workers (default: 2)")
     r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model directory, "
                    "or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
     r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")

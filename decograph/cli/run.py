@@ -18,6 +18,12 @@ __all__ = ["cmd_run"]
 def cmd_run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.prompts_file:
+        return _run_prompt_file(args)
+    if args.out or args.ray is not None:
+        raise InputError("--out and --ray go with --prompts-file")
+    if not args.prompt:
+        raise InputError("run needs --prompt TEXT (or --prompts-file IN.jsonl --out OUT.jsonl)")
     args.prompt = [check_utf8(p, f"prompt {i + 1}") for i, p in enumerate(args.prompt)]   # argv: surrogateescape'd
     if args.exported:
         return _run_exported(args)          # before any torch import
@@ -91,6 +97,28 @@ class _TextPrinter:
         sys.stdout.write(text[len(self.shown):])
         sys.stdout.flush()
         self.shown = text
+
+
+def _run_prompt_file(args: argparse.Namespace) -> int:
+    """``--prompts-file IN --out OUT [--ray [ADDRESS]]``: every prompt of IN not yet in OUT."""
+    from decograph.apps.serve.scale import run_prompt_file
+
+    if args.prompt:
+        raise InputError("give --prompt or --prompts-file, not both")
+    if not args.out:
+        raise InputError("--prompts-file needs --out OUT.jsonl")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1 with --prompts-file, got {args.max_new_tokens}")
+    if args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
+    model = {"model": args.model, "exported": args.exported, "strategy": args.strategy,
+             "backend": args.backend}
+    chat = args.chat if args.chat is not None else args.model is None
+    report = run_prompt_file(args.prompts_file, args.out, model, max_tokens=args.max_new_tokens, chat=chat,
+                             ray_address=args.ray or None, use_ray=args.ray is not None, workers=args.workers)
+    print(f"{report['written']} prompts decoded, {report['skipped']} already in {args.out}, "
+          f"{report['seconds']} s", file=sys.stderr)
+    return 0
 
 
 def _run_exported(args: argparse.Namespace) -> int:

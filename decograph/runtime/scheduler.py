@@ -242,7 +242,9 @@ class Scheduler:
                         ln.cancels.discard(rid)
                     return Admission()
             new = []
-            while ln.pending and len(ln.live) < self.max_batch:
+            engine_rows = getattr(ln.interp.engine, "max_rows", 0) if ln.interp is not None else 0
+            limit = min(self.max_batch, engine_rows) if engine_rows else self.max_batch
+            while ln.pending and len(ln.live) < limit:
                 req = ln.pending.popleft()
                 req.stats.queued_s = time.perf_counter() - req.submitted
                 ln.live[req.id] = req

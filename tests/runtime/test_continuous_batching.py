@@ -176,3 +176,15 @@ def test_load_aware_drafting_drafts_less_in_a_wide_batch() -> None:
     sixteen = src.propose(row16, 20)
     assert one and len(one[0]) >= 3
     assert sum(map(len, sixteen)) < len(one[0])
+
+
+def test_onnxruntime_batches_hold_no_more_rows_than_stay_exact(model) -> None:
+    """The graph's measured batch shape caps a batch (wider ones step row by row), so 8 prompts
+    in one call still get their tokens alone (this tiny fp32 graph keeps 4 rows exact here)."""
+    dec = Decoder(model, None, "anpd", backend="onnxruntime")
+    engine = dec.interpreter(RunConfig()).engine
+    assert engine.max_rows in (1, 2, 4, 8, 16)
+    out = decograph.generate(model, None, PROMPTS, "anpd", 10, eos_token_id=[], backend="onnxruntime")
+    assert [r.new_token_ids for r in out] == [
+        decograph.generate(model, None, [p], "anpd", 10, eos_token_id=[], backend="onnxruntime")[0].new_token_ids
+        for p in PROMPTS]

@@ -34,6 +34,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port, printed)")
     s.add_argument("--max-batch", type=int, default=16, metavar="N", help="most rows decoded at once (default: 16)")
     s.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads (default: the backend's)")
+    s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="serve as a Ray Serve deployment (Ray's HTTP proxy in front) on the cluster at ADDRESS "
+                        "(none: a local Ray instance)")
+    s.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: replicas, one decoder each")
     s.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests get to finish (default: 30)")
     s.set_defaults(func=serve)
@@ -53,6 +57,17 @@ def serve(args: argparse.Namespace) -> int:
         raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
+    if args.ray is not None:
+        from decograph.apps.serve.scale import serve_on_ray
+
+        if args.port == 0:
+            raise InputError("--ray needs a fixed --port (Ray's HTTP proxy binds it)")
+        options = {"model": {"model": args.model, "exported": args.exported, "strategy": args.strategy,
+                             "backend": args.backend, "name": args.served_model_name, "threads": args.threads},
+                   "max_batch": args.max_batch, "grace": args.grace}
+        return serve_on_ray(args.ray or None, args.replicas, options, args.host, args.port)
+    if args.replicas != 1:
+        raise InputError("--replicas needs --ray (one process serves one decoder)")
     print(f"decograph serve: loading {args.exported or args.model or 'the embedded default model'} ...",
           file=sys.stderr, flush=True)
     served = load_served(model=args.model, exported=args.exported, strategy=args.strategy, backend=args.backend,

@@ -28,8 +28,9 @@ from decograph.runtime.rows import DraftTree, Row
 
 __all__ = ["OrtEngine", "OrtBatch", "OrtOutput", "SoloBatch", "tree_masks", "MIN_ROWS"]
 
-# Every step multiplies at least two query rows (a one-token step gets a filler row after its
-# token, at the next position, whose K/V land past the row's length and are overwritten): ORT's
+# Every step multiplies at least two query rows (a lone row's one-token step gets a filler row
+# after its token, at the next position, whose K/V land past the row's length and are
+# overwritten; a batch of rows, where the graph allows, none: ``GraphRunner.batch_filler``): ORT's
 # CPU kernels compute a row of a product of 2 to 16 rows one way and a lone row another (its
 # matrix-vector routines sum in another order; measured on this project's AMD EPYC with int4
 # weights and int8 activations, where even the graph's own one-token padding row did not keep
@@ -100,6 +101,7 @@ class OrtBatch(Batch):
     roots: list[np.ndarray | None] = field(default_factory=list)   # per row: its root's logits, when cached
     _stack: list[_Level] = field(default_factory=list)
     _fed: list[int] = field(default_factory=list)
+    filler: bool = True                 # a batch's one-token steps get the filler row too
 
     def __post_init__(self) -> None:
         self.active = [r for r in self.rows if not r.done]
@@ -188,8 +190,9 @@ class OrtBatch(Batch):
         if w == 0:                                  # every root computed already, nothing drafted
             self.roots = [None] * len(self.active)
             return OrtOutput(None, fed, sizes, roots)
-        w = max(w, MIN_ROWS)                        # a filler query row: never a one-row product
         b_n = len(self.active)
+        if b_n == 1 or self.filler:
+            w = max(w, MIN_ROWS)                    # a filler query row: never a one-row product
         ids = np.empty((b_n, w), np.int64)
         pos = np.empty((b_n, w), np.int64)
         chain_only = True
@@ -283,12 +286,17 @@ class OrtEngine(Engine):
     tokens a row may feed in one step (the widths checked exact on this machine), or None."""
 
     def __init__(self, step: StepSession, tokenizer: Any = None, cost_curve: Any = None,
-                 max_query: int | None = None, solo: bool = False) -> None:
+                 max_query: int | None = None, solo: bool = False, batch_filler: bool = True,
+                 max_rows: int = 16) -> None:
         self.step, self.tokenizer, self.cost_curve, self.max_query = step, tokenizer, cost_curve, max_query
         self.solo = solo            # every row in a batch of its own (kernels not batch-invariant here)
+        self.batch_filler = batch_filler    # see GraphRunner.batch_shape
+        self.max_rows = 1 if solo else max_rows     # the most rows one product keeps exact
 
     def start(self, rows: list[Row]) -> Batch:
-        return SoloBatch(self.step, rows) if self.solo and len(rows) > 1 else OrtBatch(self.step, rows)
+        if (self.solo or len(rows) > self.max_rows) and len(rows) != 1:
+            return SoloBatch(self.step, rows)
+        return OrtBatch(self.step, rows, filler=self.batch_filler)
 
 
 class SoloOutput(StepOutput):

@@ -94,6 +94,7 @@ class GraphRunner:
         self.spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
         self._exact: dict[int, bool] = {}
         self._curve: list[float] | None = None
+        self._shape: tuple[int, bool] | None = None
         self._warned = False
 
     def interpreter(self, program: O.Program, cfg: RunConfig, *, draft: bool = True, tokenizer: Any = None) -> Interpreter:
@@ -115,7 +116,9 @@ class GraphRunner:
         curve = CostCurve({w + 1: c for w, c in enumerate(self.cost_curve())}) if drafting else DEFAULT_CURVE
         cfg.cost_curve, cfg.drafts = curve, drafting
         # where the kernels are not exact, a row in a batch is not the row alone either: rows step alone
-        engine = OrtEngine(self.step, tokenizer, curve, max_query=width if drafting else None, solo=not exact)
+        rows, filler = self.batch_shape() if exact else (1, True)
+        engine = OrtEngine(self.step, tokenizer, curve, max_query=width if drafting else None, solo=not exact,
+                           batch_filler=filler, max_rows=rows)
         return Interpreter(program, engine, cfg)
 
     def _machine(self, kind: str, measure: Any) -> Any:
@@ -134,7 +137,7 @@ class GraphRunner:
         length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if width not in self._exact:
-            self._exact[width] = bool(self._machine(f"exact-3-{width}", lambda: self._check_exact(width)))
+            self._exact[width] = bool(self._machine(f"exact-4-{width}", lambda: self._check_exact(width)))
         return self._exact[width]
 
     def _check_exact(self, width: int, context: int = 37) -> bool:
@@ -159,7 +162,49 @@ class GraphRunner:
         mask = tree_masks(lengths, [1, 1], [chain, DraftTree()], 3, context)
         pos = lengths[:, None] + np.arange(3)
         both = self.step.run(kv, np.stack([toks[:3], toks[:1].repeat(3)]), pos, mask, lengths=lengths)
-        return np.array_equal(both[0], alone[0][0]) and np.array_equal(both[1, :1], alone[1][0])
+        if not (np.array_equal(both[0], alone[0][0]) and np.array_equal(both[1, :1], alone[1][0])):
+            return False
+        return True
+
+    def batch_shape(self) -> tuple[int, bool]:
+        """``(rows, filler)``: the most rows one product may hold with each row's tokens exactly
+        its own alone (1, 2, 4, 8 or 16), and whether their one-token steps need the filler
+        row as a lone row's do (measured once per graph and machine, rows of different lengths
+        stepping one token each: here int4 graphs keep 16 rows exact without the filler; the
+        default model's fp32 graph 16 rows with it only; the tests' tiny fp32 graph 4)."""
+        if self._shape is None:
+            def measure() -> list:
+                rows, filler = 1, True
+                for n in (2, 4, 8, 16):
+                    if not self._batch_exact(n, filler=True):
+                        break
+                    rows = n
+                nofill = rows > 1 and all(self._batch_exact(n, filler=False) for n in (2, 4, 8, 16) if n <= rows)
+                return [rows, not nofill]
+            got = self._machine("batch-shape-1", measure)
+            self._shape = (int(got[0]), bool(got[1]))
+        return self._shape
+
+    def _batch_exact(self, rows: int, filler: bool, context: int = 37) -> bool:
+        """``rows`` rows of different lengths stepping one token in one product (with or
+        without a filler row each) give each row's logits alone."""
+        rng = np.random.default_rng(1)
+        vocab = self.step.vocab_size
+        prompt, tok = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, 1)
+        kv = self.step.new_kv(rows, context + 8)
+        self.step.run(kv, np.repeat(prompt, rows, 0), np.arange(context)[None].repeat(rows, 0),
+                      causal_mask(context, 0).repeat(rows, 0), 1)
+        lengths = np.array([context - (i % 7) for i in range(rows)])
+        w = MIN_ROWS if filler else 1
+        got = self.step.run(kv, np.repeat(tok[None], rows, 0).repeat(w, 1), lengths[:, None] + np.arange(w),
+                            tree_masks(lengths, [1] * rows, [DraftTree()] * rows, w, context), lengths=lengths)
+        for i in range(rows):
+            n = int(lengths[i])
+            one = self.step.new_kv(1, context + 8)
+            self.step.run(one, prompt[:, :n], np.arange(n)[None], causal_mask(n, 0), 1)
+            if not np.array_equal(got[i, :1], padded_step(self.step, one, tok[None], np.array([[n]]), n)[0]):
+                return False
+        return True
 
     def cost_curve(self) -> list[float]:
         """Time of a forward over w query tokens over one token's, for w = 1, 2, ...: measured
