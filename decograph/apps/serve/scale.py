@@ -6,7 +6,6 @@ error. Without ``--ray`` the batch job runs in this process, through the same sc
 """
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
@@ -55,7 +54,10 @@ def deployment(options: dict[str, Any], replicas: int) -> Any:
     """The Ray Serve application: ``replicas`` replicas of the decograph app."""
     from ray import serve
 
-    ingress = serve.ingress(functools.partial(build_app, options))(type("DecographReplica", (), {}))
+    def build_decograph_app() -> Any:       # a plain function: Ray calls it on each replica
+        return build_app(options)
+
+    ingress = serve.ingress(build_decograph_app)(type("DecographReplica", (), {}))
     return serve.deployment(name="decograph", num_replicas=replicas,
                             ray_actor_options={"num_cpus": options.get("num_cpus", 1)})(ingress).bind()
 
