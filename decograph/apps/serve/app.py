@@ -15,19 +15,18 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import threading
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decograph.apps.serve.metrics import Metrics
 from decograph.apps.serve.models import ServedModel, lane_key
-from decograph.errors import DecographError, InputError
+from decograph.errors import InputError
 from decograph.runtime.scheduler import Request, Scheduler, SchedulerClosed
 
 __all__ = ["create_app", "MAX_TOKENS_LIMIT"]
@@ -178,7 +177,7 @@ def create_app(served: ServedModel, *, max_batch: int = 16, grace_s: float = 30.
     metrics = Metrics()
     sched = scheduler or Scheduler(served.interpreter, max_batch=max_batch if served.continuous else 1,
                                    on_step=lambda lane, rows: metrics.batch_size.set(rows),
-                                   lane_context=_lane_context(served))
+                                   lane_context=served.lane_context())
     metrics.watch(sched)
 
     from contextlib import asynccontextmanager
@@ -442,12 +441,3 @@ def _prompts(served: ServedModel, prompt: Any) -> list[list[int]]:
             raise ApiError(400, f"prompt {i} has a token id outside the vocabulary of {vocab}", "prompt")
         out.append(ids)
     return out
-
-
-def _lane_context(served: ServedModel) -> Any:
-    """What a lane thread runs its interpreter under: torch's inference mode in process."""
-    if served.exported:
-        return None
-    import torch
-
-    return torch.inference_mode

@@ -68,6 +68,14 @@ class ServedModel:
             self._programs[key] = self.decoder.sampling_program(temperature, top_p)
         return self._programs[key]
 
+    def lane_context(self) -> Any:
+        """What a lane thread runs its interpreter under: torch's inference mode in process."""
+        if self.exported:
+            return None
+        import torch
+
+        return torch.inference_mode
+
     def interpreter(self, lane: Hashable, config: RunConfig) -> Interpreter:
         if isinstance(lane, tuple) and lane[0] == "seeded":
             config.seed = lane[3]

@@ -148,13 +148,12 @@ class Worker:
 
     def __init__(self, model: dict[str, Any], max_tokens: int, chat: bool, max_batch: int = 16) -> None:
         from decograph.apps.serve.models import load_served
-        from decograph.apps.serve.app import _lane_context
         from decograph.runtime.scheduler import Scheduler
 
         self.served = load_served(**model)
         self.max_tokens, self.chat = max_tokens, chat
         self.sched = Scheduler(self.served.interpreter, max_batch=max_batch if self.served.continuous else 1,
-                               lane_context=_lane_context(self.served))
+                               lane_context=self.served.lane_context())
 
     def decode(self, records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         reqs = []
