@@ -125,7 +125,7 @@ def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_pat
     assert curve[0] == curve[1] == 1.0 and curve == sorted(curve) and len(curve) >= 9   # 1 token: a padding row
     exact = dec.exact()                 # True or False by this machine's kernels; cached either way
     table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
-    assert sorted(json.loads(k)[0] for k in table) == ["curve-5", f"exact-4-{dec.check_width()}"]
+    assert sorted(json.loads(k)[0] for k in table) == ["curve-5", f"exact-5-{dec.check_width()}"]
     again = ExportedDecoder(out)
     monkeypatch.setattr(again.runner, "_measure_curve", lambda: pytest.fail("measured again"))
     monkeypatch.setattr(again.runner, "_check_exact", lambda w: pytest.fail("checked again"))

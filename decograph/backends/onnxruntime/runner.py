@@ -137,7 +137,7 @@ class GraphRunner:
         length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if width not in self._exact:
-            self._exact[width] = bool(self._machine(f"exact-4-{width}", lambda: self._check_exact(width)))
+            self._exact[width] = bool(self._machine(f"exact-5-{width}", lambda: self._check_exact(width)))
         return self._exact[width]
 
     def _check_exact(self, width: int, context: int = 37) -> bool:
