@@ -48,6 +48,12 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+def _token_limit(v: int | None) -> int | None:
+    if v is not None and not 1 <= v <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"must be between 1 and {MAX_TOKENS_LIMIT}")
+    return v
+
+
 class _Params(BaseModel):
     """The sampling and length parameters both routes take. Unknown fields are refused."""
 
@@ -64,12 +70,7 @@ class _Params(BaseModel):
     user: str | None = None
     stream_options: dict[str, Any] | None = None
 
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= MAX_TOKENS_LIMIT:
-            raise ValueError(f"must be between 1 and {MAX_TOKENS_LIMIT}")
-        return v
+    _max_tokens = field_validator("max_tokens")(classmethod(lambda cls, v: _token_limit(v)))
 
     @field_validator("temperature")
     @classmethod
@@ -110,24 +111,12 @@ class CompletionBody(_Params):
     echo: bool = False
     max_tokens: int | None = 16
 
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= MAX_TOKENS_LIMIT:
-            raise ValueError(f"must be between 1 and {MAX_TOKENS_LIMIT}")
-        return v
-
 
 class ChatBody(_Params):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
 
-    @field_validator("max_completion_tokens")
-    @classmethod
-    def _max_completion(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= MAX_TOKENS_LIMIT:
-            raise ValueError(f"must be between 1 and {MAX_TOKENS_LIMIT}")
-        return v
+    _max_completion = field_validator("max_completion_tokens")(classmethod(lambda cls, v: _token_limit(v)))
 
 
 class _Choice:
