@@ -157,15 +157,19 @@ class Scheduler:
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
             req = Request(self, next(self._ids), list(prompt), int(max_new), lane, listener)
-            ln = self._lanes.get(lane)
-            if ln is None or ln.closed:
-                ln = self._lanes[lane] = _Lane(lane)
-                ln.thread = threading.Thread(target=self._run_lane, args=(ln,), daemon=True,
-                                             name=f"decograph-lane-{lane}")
-                ln.thread.start()
-            ln.pending.append(req)
-            self._lock.notify_all()
+            self._enqueue(req)
         return req
+
+    def _enqueue(self, req: Request) -> None:
+        """Queue ``req`` in its lane, starting the lane when none runs (the lock held)."""
+        ln = self._lanes.get(req.lane)
+        if ln is None or ln.closed:
+            ln = self._lanes[req.lane] = _Lane(req.lane)
+            ln.thread = threading.Thread(target=self._run_lane, args=(ln,), daemon=True,
+                                         name=f"decograph-lane-{req.lane}")
+            ln.thread.start()
+        ln.pending.append(req)
+        self._lock.notify_all()
 
     def queued(self) -> int:
         """Requests waiting to join a batch."""
@@ -284,19 +288,8 @@ class Scheduler:
                     del self._lanes[ln.key]
                 orphans = list(ln.pending)      # came in as the lane closed: start them again
                 ln.pending.clear()
-            for req in orphans:
-                self._resubmit(req)
-
-    def _resubmit(self, req: Request) -> None:
-        with self._lock:
-            ln = self._lanes.get(req.lane)
-            if ln is None or ln.closed:
-                ln = self._lanes[req.lane] = _Lane(req.lane)
-                ln.thread = threading.Thread(target=self._run_lane, args=(ln,), daemon=True,
-                                             name=f"decograph-lane-{req.lane}")
-                ln.thread.start()
-            ln.pending.append(req)
-            self._lock.notify_all()
+                for req in orphans:
+                    self._enqueue(req)
 
     def _dispatch(self, ln: _Lane, interp: Interpreter, event: Event) -> None:
         req = ln.live.get(event.row)

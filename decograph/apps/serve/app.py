@@ -137,8 +137,8 @@ class _Choice:
             return ""
         if tokens is None:
             self.text = self.served.decode(self.ids)
-            self.finish = {"eos": "stop", "stop": "stop", "max_new_tokens": "length"}.get(
-                self.req.stats.finish_reason, "stop" if self.req.stats.finish_reason == "cancelled" else "length")
+            # EOS, a stop token or a cancellation (a stop string, a client gone) end as "stop"
+            self.finish = "length" if self.req.stats.finish_reason in ("max_new_tokens", "error") else "stop"
             return self._cut(final=True)
         self.ids.extend(tokens)
         text = self.served.decode(self.ids)

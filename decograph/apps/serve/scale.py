@@ -172,14 +172,6 @@ class Worker:
                    "finish_reason": st.finish_reason, "prompt_tokens": st.prompt_tokens, "forwards": st.forwards,
                    "tokens_per_forward": round(st.tokens_per_forward, 4), "accepted_draft_tokens": st.accepted}
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Ray Data's ``map_batches`` form: columns in, columns out."""
-        keys = list(batch)
-        n = len(batch[keys[0]]) if keys else 0
-        records = [{k: _plain(batch[k][i]) for k in keys} for i in range(n)]
-        rows = list(self.decode(records))
-        return {k: [row[k] for row in rows] for k in rows[0]} if rows else {}
-
 
 def _plain(v: Any) -> Any:
     """A numpy scalar or array from Ray Data back to plain Python."""
