@@ -1,8 +1,10 @@
 """The lossless promise on the real default model (SmolLM2-135M-Instruct, fp32).
 
-For every built-in lossless strategy, on 12 Spec-Bench prompts covering all six tasks (two
-each, spread over the task), batch 1 and batch 4, with and without the pass pipeline: the new
-tokens equal Hugging Face ``generate(do_sample=False)`` token for token.
+For every built-in lossless strategy, on Spec-Bench prompts covering all six tasks: batch 1 on
+one prompt per task, batch 4 in two batches with the pass pipeline (every task) and in one batch of the
+four other prompts without it: the new tokens equal Hugging Face ``generate(do_sample=False)`` token for token.
+(Fewer prompts than a benchmark: the suite must fit CI's time on a busy 2-core machine; the
+benchmarks compare every output on 26 prompts.)
 EOS inside an accepted draft ends the output exactly there; nothing exceeds max_new_tokens.
 A mismatch reports the step and HF's top-2 logit margin there, so a genuine fp32 near-tie can
 be told apart from a bug.
@@ -61,17 +63,22 @@ def test_twelve_prompts_all_tasks(setup):
     assert len(prompts) == 12 and len(set(map(tuple, prompts))) == 12 and all(len(r) >= 1 for r in refs)
 
 
+def _one_per_task(items: list) -> list:
+    """Every other item of the task-ordered list: one prompt of each of the six tasks."""
+    return items[::2]
+
+
 @pytest.mark.parametrize("name", LOSSLESS)
 def test_batch1_equals_hf_greedy(setup, name):
     model, tok, prompts, refs = setup
     program = load_strategy(name).program
     bad = []
-    for ids, ref in zip(prompts, refs):
+    for ids, ref in zip(_one_per_task(prompts), _one_per_task(refs)):
         [r] = api.generate(model, tok, [ids], strategy=program, max_new_tokens=N_NEW)
         assert len(r.new_token_ids) <= N_NEW
         if r.new_token_ids != ref:
             bad.append(_explain(model, ids, ref, r.new_token_ids))
-    assert not bad, f"{name}: {len(bad)} of {len(prompts)} prompts differ: " + "; ".join(bad)
+    assert not bad, f"{name}: {len(bad)} of 6 prompts differ: " + "; ".join(bad)
 
 
 @pytest.mark.parametrize("passes", ["default", "none"])
@@ -81,11 +88,14 @@ def test_batch4_equals_hf_greedy(setup, name, passes):
     model, tok, prompts, refs = setup
     program = load_strategy(name).program
     bad = []
-    for i in range(0, len(prompts), 4):
-        results = api.generate(model, tok, prompts[i : i + 4], strategy=program, max_new_tokens=N_NEW, passes=passes)
-        for j, r in enumerate(results):
-            if r.new_token_ids != refs[i + j]:
-                bad.append(f"prompt {i + j}: " + _explain(model, prompts[i + j], refs[i + j], r.new_token_ids))
+    # with the pipeline: two batches, every task; as written: the four prompts batch 1 leaves out
+    groups = [[0, 2, 4, 6], [8, 10, 1, 3]] if passes == "default" else [[5, 7, 9, 11]]
+    for group in groups:
+        results = api.generate(model, tok, [prompts[i] for i in group], strategy=program, max_new_tokens=N_NEW,
+                               passes=passes)
+        for i, r in zip(group, results):
+            if r.new_token_ids != refs[i]:
+                bad.append(f"prompt {i}: " + _explain(model, prompts[i], refs[i], r.new_token_ids))
     assert not bad, f"{name} batch 4: " + "; ".join(bad)
 
 
