@@ -96,7 +96,8 @@ def list_strategies() -> list[str]:
 
 
 def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, Any]:
-    """An adapter and tokenizer from a model, an adapter, a local directory, or None (default model)."""
+    """An adapter and tokenizer from a model, an adapter, a local directory, a packaged model's
+    name (``decograph.models.packaged``), or None (the default model)."""
     if model is None or (isinstance(model, str) and model == "default"):
         from decograph.models.default import load_default_model
 
@@ -104,7 +105,9 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, A
         tokenizer = tokenizer if tokenizer is not None else default_tok
     elif isinstance(model, (str, Path)):
         from decograph.models.diffusion import is_diffusion_dir, load_diffusion_model
+        from decograph.models.packaged import packaged_model_path
 
+        model = packaged_model_path(str(model)) or model      # a packaged model's name: its directory
         adapter = load_diffusion_model(model) if is_diffusion_dir(model) else HFCausalLM.from_pretrained(str(model))
         return adapter, tokenizer if tokenizer is not None else adapter.tokenizer
     from decograph.models.diffusion import as_diffusion_adapter, is_diffusion_model

@@ -53,6 +53,13 @@ def load_model(model_dir: str | None) -> tuple[Any, Any, str]:
         if not (path / "train.json").is_file():
             raise ModelError(f"--model mdm: no trained model at {path}; run `decograph train-mdm` first")
         model_dir = str(path)
+    from decograph.models.packaged import packaged_model_path
+
+    packaged = None if os.path.isdir(model_dir) else packaged_model_path(model_dir)  # converts once, noted on stderr
+    if packaged is not None:
+        with quiet_loading():
+            adapter, tok = resolve_model(str(packaged))
+        return adapter, tok, model_dir
     if not os.path.isdir(model_dir):
         raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
     with quiet_loading():
