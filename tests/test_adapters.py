@@ -187,19 +187,26 @@ def _tiny_config(cls_name: str, **kw: object) -> object:
 
 
 @pytest.mark.parametrize(
-    ("config_cls", "model_cls", "kw"),
+    ("config_cls", "model_cls", "kw", "window"),
     [
-        ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}),
-        ("Qwen2Config", "Qwen2ForCausalLM", {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}),
-        ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+        ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, 8),
+        ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}, 16),
+        # sliding layers, but use_sliding_window=False leaves no window size (transformers fails too)
+        ("Qwen2Config", "Qwen2ForCausalLM", {"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 8}, None),
     ],
 )
-def test_sliding_window_models_are_refused(config_cls: str, model_cls: str, kw: dict[str, object]) -> None:
+def test_sliding_window_models_are_masked_or_refused(config_cls: str, model_cls: str, kw: dict[str, object],
+                                                     window: int | None) -> None:
+    """Sliding windows are supported (tests/test_model_families.py checks the tokens); a
+    config that names sliding layers without a window is refused, never decoded unwindowed."""
     import transformers
 
     model = getattr(transformers, model_cls)(_tiny_config(config_cls, **kw))
-    with pytest.raises(ModelError, match="full attention"):
-        HFCausalLM(model)
+    if window is None:
+        with pytest.raises(ModelError, match="no sliding_window size"):
+            HFCausalLM(model)
+    else:
+        assert HFCausalLM(model).layout.window == window
 
 
 def test_full_attention_qwen2_and_mistral_are_accepted() -> None:

@@ -11,6 +11,9 @@ Guarantees of every adapter:
 - ``forward`` appends exactly ``T`` slots to the cache, in query order;
 - a query may attend only to slots where ``attend`` is True (including itself);
 - ``truncate``/``select_rows``/``gather_slots`` edit the cache in place.
+
+``HFCausalLM`` also keeps each slot's position (``SlotCache.positions``), so that
+sliding-window layers (``decograph.models.sliding``) can hide slots too old for a query.
 """
 from __future__ import annotations
 
@@ -164,7 +167,12 @@ def _cache_base() -> type:
 
 
 class SlotCache:
-    """A Hugging Face ``Cache`` whose layers are ``_SlotLayer``s (built lazily: transformers is heavy)."""
+    """A Hugging Face ``Cache`` whose layers are ``_SlotLayer``s (built lazily: transformers is heavy).
+
+    ``positions`` (LongTensor [B, S] on the CPU, or None while empty) is each slot's position,
+    kept in step with the layers by ``HFCausalLM``: appended from ``position_ids`` by every
+    forward, cut, row-selected and gathered with the slots.
+    """
 
     def __new__(cls, num_layers: int):  # noqa: D102 - factory
         base = _cache_base()
@@ -172,6 +180,7 @@ class SlotCache:
         class _Slot(base):  # type: ignore[misc, valid-type]
             def __init__(self, n: int) -> None:
                 self.layers = [_SlotLayer() for _ in range(n)]
+                self.positions: torch.Tensor | None = None
                 self.offloading = False
                 self.layer_class_to_replicate = None
 
@@ -182,35 +191,34 @@ class SlotCache:
         return _Slot(num_layers)
 
 
-def _unsupported_cache_reason(config: Any) -> str | None:
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    types = getattr(text, "layer_types", None) or []
-    if any(t != "full_attention" for t in types):
-        return f"layer types {sorted(set(types))} (only full attention is supported)"
-    # Mistral-style configs have a window but no use_sliding_window switch: a window set is a window used.
-    if getattr(text, "use_sliding_window", True) and getattr(text, "sliding_window", None):
-        return f"a sliding attention window of {text.sliding_window} tokens"
-    if getattr(text, "is_encoder_decoder", False):
-        return "an encoder-decoder architecture"
-    return None
-
-
 class HFCausalLM(CausalLMAdapter):
-    """Any Hugging Face ``AutoModelForCausalLM`` with full attention, driven through explicit 4D masks.
+    """Any Hugging Face ``AutoModelForCausalLM`` with full or sliding-window attention, driven
+    through explicit 4D masks.
 
-    Assumes the model accepts a prepared 4D additive ``attention_mask`` and explicit
-    ``position_ids`` (all decoder-only models in transformers >= 4.56 do). Models with sliding
-    window or hybrid (recurrent) layers are refused with ``ModelError`` rather than silently
-    decoded with a wrong mask.
+    Assumes the model accepts a prepared 4D additive ``attention_mask`` (or, with
+    ``layer_types``, a dict of them keyed by layer type) and explicit ``position_ids`` (all
+    decoder-only models in transformers >= 5 do). Sliding-window layers (Gemma 3, Mistral,
+    Qwen2's ``use_sliding_window``) get ``attend`` cut to their window by slot position
+    (``decograph.models.sliding``); their cache keeps *every* slot, like a full layer's, so a
+    rejected draft or a truncation rolls them back exactly as any other layer (exactness first:
+    memory grows with the context, not with the window). Models whose cache cannot be rolled
+    back this way (recurrent, linear-attention or mamba-style layers, encoder-decoders) are
+    refused with ``ModelError`` rather than silently decoded wrong. Windowed models never take
+    the Llama fast path nor a backend's attention kernel (neither applies a window).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, fast: bool = True) -> None:
-        reason = _unsupported_cache_reason(model.config)
-        if reason is not None:
+        from decograph.models.sliding import attention_layout
+
+        try:
+            self.layout = attention_layout(model.config)
+        except ModelError as exc:
             raise ModelError(
-                f"model {type(model).__name__} has {reason}; decograph's slot cache needs full "
-                "attention. Decode it with plain transformers generate instead."
-            )
+                f"model {type(model).__name__} has {exc}; decograph's slot cache needs full or "
+                "sliding-window attention. Decode it with plain transformers generate instead."
+            ) from None
+        if self.layout.slides:
+            self.supports_attention_kernel = False       # the kernels take no window
         self.model = model.eval()
         self.tokenizer = tokenizer
         out = model.get_output_embeddings()
@@ -229,8 +237,10 @@ class HFCausalLM(CausalLMAdapter):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         from decograph.models.fast_llama import LlamaFastPath, supports_fast_path
 
-        # Llama-architecture models skip transformers' per-module overhead (same ops, same order).
-        self.fast = LlamaFastPath(model) if fast and supports_fast_path(model) and self.device.type == "cpu" else None
+        # Llama-architecture models skip transformers' per-module overhead (same ops, same order);
+        # the fast path applies no window.
+        fast = fast and not self.layout.slides and supports_fast_path(model) and self.device.type == "cpu"
+        self.fast = LlamaFastPath(model) if fast else None
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> HFCausalLM:
@@ -260,34 +270,42 @@ class HFCausalLM(CausalLMAdapter):
         t = input_ids.shape[1]
         if attend.shape != (input_ids.shape[0], t, past + t):
             raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
-        if attention is not None:
-            from decograph.models.hf_attention import structured_attention
-
-            # A 4D mask counts as prepared: transformers passes it through untouched, and the
-            # kernel ignores it (a [B, 1, 1, 1] placeholder, not the dense pattern).
-            placeholder = torch.zeros((input_ids.shape[0], 1, 1, 1), dtype=self.dtype, device=self.device)
-            with torch.no_grad(), structured_attention(self.model, structure, attention):
-                out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
-                                 attention_mask=placeholder, use_cache=True,
-                                 cache_position=torch.arange(past, past + t, device=self.device),
-                                 **{self._cache_kwarg: cache})
-            return out.logits.float()
-        if self.fast is not None:
-            with torch.no_grad():
-                return self.fast.forward(cache, input_ids, position_ids, attend)
-        mask = torch.zeros(attend.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~attend.to(self.device), torch.finfo(self.dtype).min)
+        slot_pos = _with_positions(cache, position_ids)
         # No autograd: the cache buffers are written in place every step, so a graph would chain
         # through every step of a generation and keep all activations alive.
         with torch.no_grad():
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                position_ids=position_ids.to(self.device),
-                attention_mask=mask[:, None],
-                use_cache=True,
-                cache_position=torch.arange(past, past + t, device=self.device),
-                **{self._cache_kwarg: cache},
-            )
+            if attention is not None and not self.layout.slides:
+                logits = self._kernel_forward(cache, input_ids, position_ids, structure, attention)
+            elif self.fast is not None:
+                logits = self.fast.forward(cache, input_ids, position_ids, attend)
+            else:
+                from decograph.models.sliding import model_mask
+
+                mask = model_mask(self.layout, attend, position_ids, slot_pos, self.dtype, self.device)
+                out = self.model(
+                    input_ids=input_ids.to(self.device),
+                    position_ids=position_ids.to(self.device),
+                    attention_mask=mask,
+                    use_cache=True,
+                    cache_position=torch.arange(past, past + t, device=self.device),
+                    **{self._cache_kwarg: cache},
+                )
+                logits = out.logits.float()
+        cache.positions = slot_pos
+        return logits
+
+    def _kernel_forward(self, cache, input_ids, position_ids, structure, attention):
+        from decograph.models.hf_attention import structured_attention
+
+        past, t = self.cache_len(cache), input_ids.shape[1]
+        # A 4D mask counts as prepared: transformers passes it through untouched, and the
+        # kernel ignores it (a [B, 1, 1, 1] placeholder, not the dense pattern).
+        placeholder = torch.zeros((input_ids.shape[0], 1, 1, 1), dtype=self.dtype, device=self.device)
+        with structured_attention(self.model, structure, attention):
+            out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
+                             attention_mask=placeholder, use_cache=True,
+                             cache_position=torch.arange(past, past + t, device=self.device),
+                             **{self._cache_kwarg: cache})
         return out.logits.float()
 
     def cache_len(self, cache) -> int:
@@ -296,14 +314,20 @@ class HFCausalLM(CausalLMAdapter):
     def truncate(self, cache, length: int) -> None:
         for layer in cache.layers:
             layer.crop(length)
+        if cache.positions is not None:
+            cache.positions = cache.positions[:, : self.cache_len(cache)]
 
     def select_rows(self, cache, rows: torch.Tensor) -> None:
         for layer in cache.layers:
             layer.batch_select_indices(rows.to(self.device))
+        if cache.positions is not None:
+            cache.positions = cache.positions.index_select(0, rows.to(cache.positions.device))
 
     def gather_slots(self, cache, slots: torch.Tensor, kernel: Any = None) -> None:
         """``kernel``: a backend's ``kv.compact``, which moves the kept slots in place (used when
         every row's slots ascend; otherwise the slots are gathered into new buffers)."""
+        if cache.positions is not None:
+            cache.positions = torch.gather(cache.positions, 1, slots.to(cache.positions.device))
         slots = slots.to(self.device)
         if kernel is not None and not bool((slots[:, 1:] > slots[:, :-1]).all()):
             kernel = None
@@ -312,6 +336,15 @@ class HFCausalLM(CausalLMAdapter):
 
     def slot_tensors(self, cache):
         return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _with_positions(cache: Any, position_ids: torch.Tensor) -> torch.Tensor:
+    """The cache's slot positions followed by the new tokens' ([B, S + T], CPU)."""
+    new = position_ids.detach().to("cpu", torch.long)
+    old = cache.positions
+    if old is None or old.shape[1] == 0:
+        return new
+    return torch.cat([old, new], 1)
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary[Any, tuple[HFCausalLM, tuple[int, ...]]]" = weakref.WeakKeyDictionary()

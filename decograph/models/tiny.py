@@ -1,10 +1,12 @@
-"""Tiny random-weight Llama models for tests: real transformer code paths, millisecond forwards.
+"""Tiny random-weight models for tests: real transformer code paths, millisecond forwards.
 
 ``tiny_llama`` builds the same ``LlamaForCausalLM`` class the default model uses (rotary
 positions, grouped-query attention, RMSNorm), so adapter and runtime tests exercise the real
-attention and cache code, only smaller. Weights are random but a pure function of the
-arguments: two calls with the same arguments give bit-identical models, and the global torch
-RNG is left untouched.
+attention and cache code, only smaller. ``tiny_causal_lm`` does the same for other families
+(``TINY_FAMILIES``: Qwen2, Gemma 3, Phi-3, Mistral, Gemma 2, and LFM2's hybrid convolution
+cache), with small sliding windows where the family has them. Weights are random but a pure
+function of the arguments: two calls with the same arguments give bit-identical models, and
+the global torch RNG is left untouched.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from decograph.errors import ModelError
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
 
-__all__ = ["tiny_llama", "tiny_model_dir", "word_tokenizer"]
+__all__ = ["TINY_FAMILIES", "tiny_causal_lm", "tiny_llama", "tiny_model_dir", "word_tokenizer"]
 
 
 def tiny_llama(
@@ -67,6 +69,54 @@ def tiny_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=eos_token_id)
+    return model.eval()
+
+
+# family -> (transformers config class, model class, config fields beyond the shared shape).
+# Windows are small (8 tokens) so short prompts already cross them.
+TINY_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # layer 0 full, layer 1 sliding: Qwen2 slides from max_window_layers on
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    # Gemma 3's hybrid cache: sliding and global layers, local and global rotary bases
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {"sliding_window": 8, "head_dim": 16, "query_pre_attn_scalar": 16, "tie_word_embeddings": True,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    # soft-capped attention and logits on top of alternating windows
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"sliding_window": 8, "head_dim": 16, "query_pre_attn_scalar": 16,
+                "layer_types": ["sliding_attention", "full_attention"]}),
+    # a hybrid with a recurrent (short-convolution) state: the slot cache cannot roll it back
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"]}),
+}
+
+
+def tiny_causal_lm(family: str, vocab_size: int = 64, hidden: int = 32, layers: int | None = None,
+                   heads: int = 4, kv_heads: int = 2, seed: int = 0, eos_token_id: int | None = None,
+                   init_std: float = 0.2, **config: Any) -> Any:
+    """A random causal LM of ``family`` (a key of ``TINY_FAMILIES``) in float32 and eval mode,
+    deterministic for its arguments, like ``tiny_llama``. ``layers`` defaults to the family's
+    layer-type list (else 2); ``config`` overrides the family's config fields. Raises
+    ``ModelError`` for an unknown family."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ModelError(f"unknown tiny model family {family!r}; choose from {', '.join(sorted(TINY_FAMILIES))}")
+    config_cls, model_cls, extra = TINY_FAMILIES[family]
+    fields = {**extra, **config}
+    n = layers if layers is not None else len(fields.get("layer_types") or [0, 0])
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        initializer_range=init_std, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_cls)(cfg).to(torch.float32)
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(eos_token_id=eos_token_id)
     return model.eval()
 
