@@ -121,25 +121,30 @@ def _draft_adapters(models: dict[str, Any], target: Any, program: O.Program) -> 
 
 def _export_causal(adapter: Any, tmp: Path, model_file: str, quant: str, dtype: str, block_size: int, progress: Any,
                    what: str = "") -> dict[str, Any]:
-    """A causal LM's decoding step as ``tmp / model_file`` (quantized), and its manifest entry."""
-    from decograph.backends.onnxruntime.export import GRAPH_VERSION, export_step, quantize_step
+    """A causal LM's decoding step as ``tmp / model_file`` (quantized), and its manifest entry
+    (with the ONNX external-data file, ``<model_file>.data``, when the weights needed one)."""
+    from decograph.backends.onnxruntime.export import export_step, graph_version, quantize_step
 
     m = adapter.model
     progress(f"exporting the decoding step of {what or type(m).__name__} to ONNX ...")
-    step = export_step(m, tmp / f"{model_file}.step.onnx", dtype=dtype)
     if quant == "none":
-        step.rename(tmp / model_file)
+        export_step(m, tmp / model_file, dtype=dtype)
     else:
+        step = export_step(m, tmp / f"{model_file}.step.onnx", dtype=dtype)
         progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
         quantize_step(step, tmp / model_file, bits=int(quant[3:]), block_size=block_size)
         step.unlink()
+        step.with_name(step.name + ".data").unlink(missing_ok=True)
     text = m.config.get_text_config(decoder=True)
     heads = text.num_attention_heads
-    return {"file": model_file, "quant": quant, "dtype": dtype, "graph": GRAPH_VERSION,
-            "block_size": block_size if quant != "none" else None, "num_layers": text.num_hidden_layers,
-            "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
-            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
-            "vocab_size": adapter.vocab_size, "max_positions": adapter.max_positions}
+    entry = {"file": model_file, "quant": quant, "dtype": dtype, "graph": graph_version(m),
+             "block_size": block_size if quant != "none" else None, "num_layers": text.num_hidden_layers,
+             "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+             "vocab_size": adapter.vocab_size, "max_positions": adapter.max_positions}
+    if (tmp / f"{model_file}.data").is_file():
+        entry["external_data"] = [f"{model_file}.data"]
+    return entry
 
 
 def _write_text_files(tmp: Path, tok: Any, program: O.Program) -> str | None:

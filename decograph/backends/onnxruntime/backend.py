@@ -31,9 +31,9 @@ def _fingerprint(model: Any, header: str) -> str:
 
 
 def export_dir(model: Any) -> Path:
-    from decograph.backends.onnxruntime.graph import GRAPH_VERSION
+    from decograph.backends.onnxruntime.export import graph_version
 
-    digest = _fingerprint(model, f"{GRAPH_VERSION}\n{model.config.to_json_string(use_diff=False)}")
+    digest = _fingerprint(model, f"{graph_version(model)}\n{model.config.to_json_string(use_diff=False)}")
     return cache_path("onnx") / f"{model.config.model_type}-{digest}"
 
 

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from decograph.backends.onnxruntime.graph import GRAPH_VERSION, build_step
+from decograph.backends.onnxruntime.graph_gemma3 import GEMMA3_GRAPH_VERSION, build_gemma3_step, is_gemma3
 from decograph.backends.onnxruntime.kv import io_names
 from decograph.errors import ModelError
 from decograph.files import plain_permissions
 
-__all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "export_step", "io_names", "quant_tag", "quantize_step",
-           "save_model"]
+__all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "export_step", "graph_version", "io_names", "quant_tag",
+           "quantize_step", "save_model"]
 
 # MatMulNBits settings: blocks of 32 weights per scale, symmetric. accuracy_level 4 computes with
 # int8 activations (quantized per row and block): ORT's fast CPU kernels for 4- and 8-bit
@@ -66,19 +67,35 @@ def save_model(proto: Any, out: Path, big: bool) -> None:
             os.remove(tmp)
 
 
+def graph_version(model: Any) -> str:
+    """The layout version of ``model``'s step graph: Gemma 3's (``graph_gemma3``) or Llama's."""
+    from decograph.backends.onnxruntime import graph
+
+    return GEMMA3_GRAPH_VERSION if is_gemma3(model) else graph.GRAPH_VERSION
+
+
 def export_step(model: Any, path: str | Path, exact: bool = True, dtype: str = "float32") -> Path:
-    """Writes the step graph (``graph.build_step``; ``dtype`` float32, or float16 for the CUDA
-    EP) to ``path`` (weights in ``<name>.data`` beside it when the model is over 2 GB's
-    protobuf limit); checks it with ``onnx.checker`` and shape inference."""
+    """Writes the step graph (``graph.build_step``, or ``graph_gemma3.build_gemma3_step`` for
+    Gemma 3; ``dtype`` float32, or float16 for the CUDA EP) to ``path`` (weights in
+    ``<name>.data`` beside it when they are near 2 GB's protobuf limit); checks it with
+    ``onnx.checker`` and shape inference."""
     import onnx
 
-    proto = build_step(model, exact=exact, dtype=dtype)
-    onnx.checker.check_model(proto)
-    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     out = Path(path)
+    if is_gemma3(model):
+        proto = build_gemma3_step(model, exact=exact, dtype=dtype)
+        size = proto.ByteSize()         # its tied embedding is written twice: table and LM head
+        big = size > 1_800_000_000
+    else:
+        proto = build_step(model, exact=exact, dtype=dtype)
+        size, big = 0, sum(p.numel() for p in model.parameters()) * 4 > 1_800_000_000
+    if size < 2_000_000_000:            # over protobuf's limit, the saved file is checked instead
+        onnx.checker.check_model(proto)
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(p.numel() for p in model.parameters()) * 4 > 1_800_000_000
     save_model(proto, out, big)
+    if size >= 2_000_000_000:
+        onnx.checker.check_model(str(out))
     return out
 
 

@@ -35,13 +35,15 @@ length) it writes them in place and nothing is copied per step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["GRAPH_VERSION", "GraphWriter", "build_step", "to_numpy"]
+__all__ = ["DTYPES", "GRAPH_VERSION", "GraphWriter", "StepFrame", "build_step", "linear", "logits_head", "step_frame",
+           "step_model", "to_numpy"]
 
 GRAPH_VERSION = "fused-8"           # part of the export cache key: bump when the graph changes
 _MS = "com.microsoft"
@@ -85,7 +87,7 @@ def to_numpy(t: Any, dtype: Any = np.float32) -> np.ndarray:
     return t.detach().float().cpu().numpy().astype(dtype)
 
 
-def _linear(g: GraphWriter, x: str, layers: list[Any], name: str, dtype: Any) -> str:
+def linear(g: GraphWriter, x: str, layers: list[Any], name: str, dtype: Any) -> str:
     """``x @ W.T (+ b)`` for one or more ``nn.Linear`` stacked along the output axis."""
     w = np.concatenate([to_numpy(m.weight, dtype) for m in layers], 0).T          # [in, out]
     y = g.op("MatMul", [x, g.init(f"{name}.weight", w)], outs=[f"{name}/out"])
@@ -96,46 +98,28 @@ def _linear(g: GraphWriter, x: str, layers: list[Any], name: str, dtype: Any) ->
     return y
 
 
-def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None = None, opset: int = 23,
-               dtype: str = "float32") -> Any:
-    """The step graph (an ``onnx.ModelProto``) of a ``LlamaForCausalLM``; with ``exact``, the
-    padding query row that makes every query row's result independent of the step's width (see
-    the module's docstring). ``rotary_in_attention``: GQA applies the rotary embedding (default
-    where it can: head sizes divisible by 16). ``dtype``: of the weights, activations and KV
-    cache, ``float32`` or ``float16`` (what ``GroupQueryAttention``'s CUDA kernel takes); the
-    mask input and the logits output are float32 either way."""
-    import onnx
-    import torch
+
+@dataclass(frozen=True)
+class StepFrame:
+    """The names every step graph computes before its layers (``step_frame``): the (padded)
+    ids, positions and mask, GQA's per-row ``seqlens`` and ``total``, the queries per row
+    ``qlens``, the step's token count ``t_len`` and the constants 1 and 0 (int64 [1])."""
+    ids: str
+    pos: str
+    mask: str
+    t_len: str
+    seqlens: str
+    total: str
+    qlens: str
+    one: str
+    zero: str
+
+
+def step_frame(g: GraphWriter, exact: bool, kv_t: int) -> StepFrame:
+    """The step's inputs as its layers take them: with ``exact``, a one-token step's padding
+    query row (see the module's docstring); the mask in the KV cache's type (``kv_t``)."""
     from onnx import TensorProto as TP
 
-    from decograph.backends.onnxruntime.kv import io_names
-
-    if dtype not in DTYPES:
-        raise ModelError(f"ONNX export: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ft, kv_t = DTYPES[dtype], (TP.FLOAT if dtype == "float32" else TP.FLOAT16)
-
-    if type(model).__name__ != "LlamaForCausalLM":
-        raise ModelError(f"ONNX export supports Llama-architecture models, not {type(model).__name__}")
-    cfg = model.config
-    n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ModelError(f"ONNX export supports SiLU MLPs, not {cfg.hidden_act!r}")
-    if rotary_in_attention is None:
-        rotary_in_attention = hd % 16 == 0     # GQA's own rotary needs head sizes divisible by 16
-    m = model.model
-    g = GraphWriter()
-    ins, outs = io_names(n_layers)
-    # cos / sin of every position, from the model's own rotary module (its scaling included)
-    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
-    with torch.no_grad():
-        pos = torch.arange(max_pos)[None]
-        cos, sin = m.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-    cos_c = g.init("rotary.cos", to_numpy(cos[0, :, : hd // 2], ft))
-    sin_c = g.init("rotary.sin", to_numpy(sin[0, :, : hd // 2], ft))
-    if not (np.allclose(to_numpy(cos[0, :, : hd // 2]), to_numpy(cos[0, :, hd // 2:])) or hd % 2):
-        raise ModelError("ONNX export supports rotary embeddings of the rotate-half form only")
     one, zero = g.init("c.1", np.array([1])), g.init("c.0", np.array([0]))
     ids, pos, mask = "input_ids", "position_ids", "attention_mask"
     t_len = g.op("Slice", [g.op("Shape", [ids]), one, g.init("c.2", np.array([2]))])
@@ -164,6 +148,92 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     seqlens = g.op("Sub", [g.op("Add", [g.op("Cast", ["cache_lengths"], to=TP.INT32), q32]),
                            g.init("c.1i", np.array([1], np.int32))])
     qlens = g.op("Expand", [q32, batch])
+    return StepFrame(ids, pos, mask, t_len, seqlens, total_scalar, qlens, one, zero)
+
+
+def logits_head(g: GraphWriter, f: StepFrame, h: str, weight: Any, dtype: str, softcap: float | None = None) -> None:
+    """``logits`` (float32) of the last ``logits_keep`` rows of ``h``: ``h @ weight.T``,
+    optionally soft-capped (``cap * tanh(x / cap)``, computed in float32)."""
+    from onnx import TensorProto as TP
+
+    t_len, one, zero = f.t_len, f.one, f.zero
+    # the last ``logits_keep`` rows only: start = T - keep, clamped to [0, T] by Slice
+    start = g.op("Sub", [t_len, "logits_keep"])
+    start = g.op("Where", [g.op("Greater", ["logits_keep", zero]), start, zero])
+    h = g.op("Slice", [h, start, t_len, one])
+    name = "logits" if softcap is None else "logits/raw"
+    if dtype == "float32":
+        y = g.op("MatMul", [h, g.init("lm_head.weight", to_numpy(weight).T)], outs=[name])
+    else:
+        y = g.op("Cast", [g.op("MatMul", [h, g.init("lm_head.weight", to_numpy(weight, DTYPES[dtype]).T)],
+                               outs=["lm_head/out"])], outs=[name], to=TP.FLOAT)
+    if softcap is not None:
+        cap = g.init("logits.softcap", np.array(softcap, np.float32))
+        g.op("Mul", [g.op("Tanh", [g.op("Div", [y, cap])]), cap], outs=["logits"])
+
+
+def step_model(g: GraphWriter, n_layers: int, kv_heads: int, hd: int, vocab: int, dtype: str, opset: int) -> Any:
+    """The ``onnx.ModelProto`` of a step graph written into ``g``, with ``kv.io_names``'s
+    inputs and outputs (the KV cache in ``dtype``; mask and logits float32)."""
+    import onnx
+    from onnx import TensorProto as TP
+
+    from decograph.backends.onnxruntime.kv import io_names
+
+    ins, outs = io_names(n_layers)
+    kv_t = TP.FLOAT if dtype == "float32" else TP.FLOAT16
+    f, i64 = TP.FLOAT, TP.INT64
+    vi = onnx.helper.make_tensor_value_info
+    inputs = [vi("input_ids", i64, ["batch", "seq"]), vi("position_ids", i64, ["batch", "seq"]),
+              vi("attention_mask", f, ["batch", 1, "seq", "total"])]
+    inputs += [vi(n, kv_t, ["batch", kv_heads, "past", hd]) for n in ins[3:-2]]
+    inputs += [vi("logits_keep", i64, [1]), vi("cache_lengths", i64, ["batch"])]
+    outputs = [vi("logits", f, ["batch", "keep", vocab])]
+    outputs += [vi(n, kv_t, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
+    return g.model("decograph_step", inputs, outputs, opset)
+
+
+def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None = None, opset: int = 23,
+               dtype: str = "float32") -> Any:
+    """The step graph (an ``onnx.ModelProto``) of a ``LlamaForCausalLM``; with ``exact``, the
+    padding query row that makes every query row's result independent of the step's width (see
+    the module's docstring). ``rotary_in_attention``: GQA applies the rotary embedding (default
+    where it can: head sizes divisible by 16). ``dtype``: of the weights, activations and KV
+    cache, ``float32`` or ``float16`` (what ``GroupQueryAttention``'s CUDA kernel takes); the
+    mask input and the logits output are float32 either way."""
+    import torch
+    from onnx import TensorProto as TP
+
+    from decograph.backends.onnxruntime.kv import io_names
+
+    if dtype not in DTYPES:
+        raise ModelError(f"ONNX export: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ft, kv_t = DTYPES[dtype], (TP.FLOAT if dtype == "float32" else TP.FLOAT16)
+
+    if type(model).__name__ != "LlamaForCausalLM":
+        raise ModelError(f"ONNX export supports Llama-architecture and Gemma 3 models, not {type(model).__name__}")
+    cfg = model.config
+    n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ModelError(f"ONNX export supports SiLU MLPs, not {cfg.hidden_act!r}")
+    if rotary_in_attention is None:
+        rotary_in_attention = hd % 16 == 0     # GQA's own rotary needs head sizes divisible by 16
+    m = model.model
+    g = GraphWriter()
+    ins, outs = io_names(n_layers)
+    # cos / sin of every position, from the model's own rotary module (its scaling included)
+    max_pos = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+    with torch.no_grad():
+        pos = torch.arange(max_pos)[None]
+        cos, sin = m.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    cos_c = g.init("rotary.cos", to_numpy(cos[0, :, : hd // 2], ft))
+    sin_c = g.init("rotary.sin", to_numpy(sin[0, :, : hd // 2], ft))
+    if not (np.allclose(to_numpy(cos[0, :, : hd // 2]), to_numpy(cos[0, :, hd // 2:])) or hd % 2):
+        raise ModelError("ONNX export supports rotary embeddings of the rotate-half form only")
+    f = step_frame(g, exact, kv_t)
+    ids, pos, mask, seqlens, total_scalar, qlens = f.ids, f.pos, f.mask, f.seqlens, f.total, f.qlens
     x = g.op("Gather", [g.init("embed.weight", to_numpy(m.embed_tokens.weight, ft)), ids])
     eps = float(cfg.rms_norm_eps)
     res, mlp_out = x, None
@@ -175,7 +245,7 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
         else:
             h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, ln1], n_out=4, domain=_MS,
                                 epsilon=eps)
-        qkv = _linear(g, h, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv", ft)
+        qkv = linear(g, h, [att.q_proj, att.k_proj, att.v_proj], f"l{i}.qkv", ft)
         scale = float(getattr(att, "scaling", hd ** -0.5))
         kv_io = [ins[3 + 2 * i], ins[4 + 2 * i], seqlens, total_scalar]
         if rotary_in_attention:                 # packed Q/K/V, GQA rotates Q and K itself
@@ -189,32 +259,15 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
         a = g.op("GroupQueryAttention", attn_in + ["", "", "", "", "", qlens], n_out=3,
                  outs=[f"l{i}.attn", outs[1 + 2 * i], outs[2 + 2 * i]], domain=_MS, num_heads=heads,
                  kv_num_heads=kv_heads, causal=1, scale=scale, **rot)
-        a = _linear(g, a[0], [att.o_proj], f"l{i}.o", ft)
+        a = linear(g, a[0], [att.o_proj], f"l{i}.o", ft)
         ln2 = g.init(f"l{i}.ln2", to_numpy(layer.post_attention_layernorm.weight, ft))
         h, _, _, res = g.op("SkipSimplifiedLayerNormalization", [a, res, ln2], n_out=4, domain=_MS, epsilon=eps)
-        gu = _linear(g, h, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", ft)
+        gu = linear(g, h, [mlp.gate_proj, mlp.up_proj], f"l{i}.gate_up", ft)
         gate, up = g.op("Split", [gu, g.init(f"l{i}.gsplit", np.array([mlp.gate_proj.out_features] * 2))],
                         n_out=2, axis=-1)
         act = g.op("QuickGelu", [gate], domain=_MS, alpha=1.0)          # x * sigmoid(x): SiLU
-        mlp_out = _linear(g, g.op("Mul", [act, up]), [mlp.down_proj], f"l{i}.down", ft)
+        mlp_out = linear(g, g.op("Mul", [act, up]), [mlp.down_proj], f"l{i}.down", ft)
     h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", to_numpy(m.norm.weight, ft))], n_out=1,
              domain=_MS, epsilon=eps)
-    # the last ``logits_keep`` rows only: start = T - keep, clamped to [0, T] by Slice
-    start = g.op("Sub", [t_len, "logits_keep"])
-    start = g.op("Where", [g.op("Greater", ["logits_keep", zero]), start, zero])
-    h = g.op("Slice", [h, start, t_len, one])
-    head = model.lm_head
-    if kv_t == TP.FLOAT:
-        g.op("MatMul", [h, g.init("lm_head.weight", to_numpy(head.weight).T)], outs=["logits"])
-    else:
-        g.op("Cast", [g.op("MatMul", [h, g.init("lm_head.weight", to_numpy(head.weight, ft).T)], outs=["lm_head/out"])],
-             outs=["logits"], to=TP.FLOAT)
-    f, i64 = TP.FLOAT, TP.INT64
-    vi = onnx.helper.make_tensor_value_info
-    inputs = [vi("input_ids", i64, ["batch", "seq"]), vi("position_ids", i64, ["batch", "seq"]),
-              vi("attention_mask", f, ["batch", 1, "seq", "total"])]
-    inputs += [vi(n, kv_t, ["batch", kv_heads, "past", hd]) for n in ins[3:-2]]
-    inputs += [vi("logits_keep", i64, [1]), vi("cache_lengths", i64, ["batch"])]
-    outputs = [vi("logits", f, ["batch", "keep", cfg.vocab_size])]
-    outputs += [vi(n, kv_t, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
-    return g.model("decograph_step", inputs, outputs, opset)
+    logits_head(g, f, h, model.lm_head.weight, dtype)
+    return step_model(g, n_layers, kv_heads, hd, cfg.vocab_size, dtype, opset)
