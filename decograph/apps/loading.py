@@ -3,6 +3,7 @@
     adapter, tok, name = load_model(None)        # the embedded default model
     adapter, tok, name = load_model("mdm")       # the model `decograph train-mdm` trained
     adapter, tok, name = load_model("path/to/hf-model-dir")
+    adapter, tok, name = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")   # a Hub id (local HF cache first)
 
 It sits with the apps because ``"mdm"`` is the training app's checkpoint; the tools above
 (bench, viz, cli) share it instead of importing one another's helpers. transformers and torch
@@ -33,35 +34,31 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(model_dir: str | None) -> tuple[Any, Any, str]:
+def load_model(model: str | None) -> tuple[Any, Any, str]:
     """The adapter, tokenizer and display name of ``--model``: the embedded default when None,
-    ``"mdm"`` for the model ``decograph train-mdm`` trained, else a local Hugging Face causal-LM
-    or masked-diffusion model directory. ``ModelError`` names what is missing."""
+    ``"mdm"`` for the model ``decograph train-mdm`` trained, else what ``resolve_model`` takes
+    (``decograph.models.hub.model_dir``): a local directory, a packaged model's name, or a
+    Hugging Face Hub id ``org/name[@revision]`` (the local Hugging Face cache first; downloaded
+    unless the Hub is offline). ``ModelError`` names what is missing."""
     from decograph.api import resolve_model
 
-    if model_dir is None:
+    if model is None:
         from decograph.models.default import DEFAULT_MODEL_NAME, default_model_path
 
         default_model_path()  # converts the wheel's GGUF once, with a note on stderr
         with quiet_loading():
             adapter, tok = resolve_model(None)
         return adapter, tok, DEFAULT_MODEL_NAME
-    if model_dir == "mdm":              # the masked-diffusion model `decograph train-mdm` trained
+    path: str | os.PathLike[str] = model
+    if model == "mdm":                  # the masked-diffusion model `decograph train-mdm` trained
         from decograph.apps.train_mdm import trained_mdm_dir
 
         path = trained_mdm_dir()
         if not (path / "train.json").is_file():
             raise ModelError(f"--model mdm: no trained model at {path}; run `decograph train-mdm` first")
-        model_dir = str(path)
-    from decograph.models.packaged import packaged_model_path
+    from decograph.models.hub import model_dir
 
-    packaged = None if os.path.isdir(model_dir) else packaged_model_path(model_dir)  # converts once, noted on stderr
-    if packaged is not None:
-        with quiet_loading():
-            adapter, tok = resolve_model(str(packaged))
-        return adapter, tok, model_dir
-    if not os.path.isdir(model_dir):
-        raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
+    path = model_dir(path)      # a packaged model converts once (noted on stderr); a Hub id may download
     with quiet_loading():
-        adapter, tok = resolve_model(model_dir)
-    return adapter, tok, model_dir
+        adapter, tok = resolve_model(str(path))
+    return adapter, tok, model

@@ -46,7 +46,8 @@ def add_parser(sub: Any) -> None:
                    help="besides hf_greedy (always run: the speedup reference): hf_prompt_lookup, ort_genai_greedy, "
                         "ort_genai_ngram, llamacpp_greedy; 'auto' (default): hf_prompt_lookup and every installed "
                         "external one (default model only)")
-    b.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM directory (default: embedded model)")
+    b.add_argument("--model", metavar="MODEL", help="a local Hugging Face causal-LM directory, a packaged model's "
+                   "name or a Hugging Face Hub id org/name[@revision] (default: embedded model)")
     b.add_argument("--backend", default="torch", metavar="NAME", help="backend of the decograph strategies (see "
                    "`decograph backends`); off torch the lossless reference is decograph's greedy on that backend")
     b.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
@@ -96,7 +97,7 @@ def _external(names: list[str], explicit: bool, log: Any) -> tuple[list[Any], di
 
 def _load(model_dir: str | None) -> tuple[Any, Any, str]:
     """The Hugging Face model (for HF's ``generate``), its tokenizer and a display name."""
-    from decograph.errors import InputError, ModelError
+    from decograph.errors import InputError
 
     if model_dir is None:
         from decograph.models.default import DEFAULT_MODEL_NAME, load_default_model
@@ -104,15 +105,15 @@ def _load(model_dir: str | None) -> tuple[Any, Any, str]:
         model, tok = load_default_model()
         return model, tok, DEFAULT_MODEL_NAME
     from decograph.models.diffusion import is_diffusion_dir
+    from decograph.models.hub import model_dir as resolve_dir
 
-    if not os.path.isdir(model_dir):
-        raise ModelError(f"--model {model_dir}: no such directory; give a local Hugging Face model directory")
-    if is_diffusion_dir(model_dir):
+    path = resolve_dir(model_dir)       # a directory, a packaged model's name or a Hub id
+    if is_diffusion_dir(path):
         raise InputError(f"--model {model_dir}: a masked-diffusion model; bench compares against Hugging Face "
                          "generate on causal LMs (masked-diffusion: benchmarks/bench_diffusion.py)")
     from decograph.models.adapters import HFCausalLM
 
-    adapter = HFCausalLM.from_pretrained(model_dir)
+    adapter = HFCausalLM.from_pretrained(str(path))
     return adapter.model, adapter.tokenizer, model_dir
 
 

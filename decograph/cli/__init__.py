@@ -32,6 +32,10 @@ from decograph.frontends.overrides import parse_overrides, parse_value
 __all__ = ["main", "parse_value"]
 
 _EXIT_ERROR = 2
+# What --model takes (decograph.models.hub.model_dir, through decograph.apps.loading).
+MODEL_HELP = ("a local Hugging Face model directory, a packaged model's name (see decograph.models.packaged) or a "
+              "Hugging Face Hub id org/name[@revision] (from the local Hugging Face cache, else downloaded unless "
+              "HF_HUB_OFFLINE=1)")
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
@@ -87,7 +91,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             drafts[name] = path
         out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, dtype=args.dtype,
                              overrides=parse_overrides(args.set), draft_models=drafts,
-                             passes=args.passes, chat=args.chat if args.chat is not None else args.model is None,
+                             passes=args.passes, chat=args.chat if args.chat is not None else True,
                              progress=lambda m: print(m, file=sys.stderr))
     print(out)
     return 0
@@ -217,12 +221,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --prompts-file: shard the prompts over Ray Data workers (ADDRESS of a cluster; "
                         "none: a local Ray instance)")
     j.add_argument("--workers", type=int, default=2, metavar="N", help="with --ray: decoder workers (default: 2)")
-    r.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model directory, "
-                   "or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
+    r.add_argument("--model", metavar="MODEL", help=f"{MODEL_HELP}; a causal LM or a masked-diffusion model, or "
+                   "'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
     r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
     r.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap the prompt in the tokenizer's chat template; default: on for the embedded "
-                        "(instruct) default model, off with --model")
+                   help="wrap the prompt in the tokenizer's chat template; default: on when the tokenizer "
+                        "has one (an instruct model), off for a base model")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     r.add_argument("--backend", default="torch", metavar="NAME",
                    help="the backend to run on (see `decograph backends`; default: torch)")
@@ -245,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "duplicates across labels kept once under the most probable label.")
     n.add_argument("text", nargs="+", metavar="TEXT", help="the text(s) to tag; '-' reads one from stdin")
     n.add_argument("--labels", required=True, metavar="L1,L2,...", help="entity labels, e.g. PER,ORG,LOC")
-    n.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM directory (default: embedded model)")
+    n.add_argument("--model", metavar="MODEL", help=f"a causal LM: {MODEL_HELP} (default: embedded model)")
     n.add_argument("--template", metavar="FILE",
                    help="a TOML or JSON prompt template (fields of decograph.apps.ner.NerTemplate: prefix, "
                         "count_prompt, mention_prompt, chat, names, max_count, count_tokens, mention_tokens)")
@@ -260,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "`decograph run --exported OUT` (onnxruntime, numpy and tokenizers only).")
     e.add_argument("strategy", metavar="STRATEGY", help="a built-in name or a strategy file")
     e.add_argument("out", metavar="OUT", help="a new (or empty) directory")
-    e.add_argument("--model", metavar="DIR", help="a local Hugging Face Llama-architecture causal LM (default: embedded)")
+    e.add_argument("--model", metavar="MODEL", help=f"a causal LM: {MODEL_HELP} (default: embedded)")
     e.add_argument("--quant", choices=("none", "int4", "int8"), default="none", help="weight-only quantization")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="activations and KV cache; float16 for ONNX Runtime's CUDA EP (default: float32)")
@@ -270,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--passes", default="default", metavar="PIPELINE", help="default: the torch pipeline")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     e.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="prompts go through the chat template by default (default: on for the embedded model)")
+                   help="prompts go through the chat template by default (default: on when the tokenizer has one)")
     e.set_defaults(func=_cmd_export)
 
     b = sub.add_parser("backends", help="list the backends (built-in and plugins) and broken plugins")

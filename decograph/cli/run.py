@@ -41,8 +41,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InputError(f"--stream prints one prompt's text as it is decoded; got {len(args.prompt)} --prompt")
     strategy = load_strategy(args.strategy, overrides=parse_overrides(args.set))
     adapter, tok, model_name = load_model(args.model)
-    # The default model is an instruct model: without its chat template it rambles.
-    chat = args.chat if args.chat is not None else args.model is None
+    # An instruct model (its tokenizer has a chat template) rambles without its template; a base
+    # model has none and continues raw text.
+    chat = args.chat if args.chat is not None else bool(getattr(tok, "chat_template", None))
     if chat and not getattr(tok, "chat_template", None):
         raise InputError(f"--chat: the tokenizer of {model_name} has no chat template; use --no-chat")
     printer = _TextPrinter(tok) if args.stream else None
@@ -113,7 +114,7 @@ def _run_prompt_file(args: argparse.Namespace) -> int:
         raise InputError(f"--workers must be >= 1, got {args.workers}")
     model = {"model": args.model, "exported": args.exported, "strategy": args.strategy,
              "backend": args.backend}
-    chat = args.chat if args.chat is not None else args.model is None
+    chat = args.chat if args.chat is not None else True    # on where the tokenizer has a chat template
     report = run_prompt_file(args.prompts_file, args.out, model, max_tokens=args.max_new_tokens, chat=chat,
                              ray_address=args.ray or None, use_ray=args.ray is not None, workers=args.workers)
     print(f"{report['written']} prompts decoded, {report['skipped']} already in {args.out}, "

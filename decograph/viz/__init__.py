@@ -158,8 +158,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     v.add_argument("--strategy", required=True, metavar="NAME_OR_FILE",
                    help="a built-in name (see `decograph strategies`) or a strategy file")
     v.add_argument("--prompt", required=True, metavar="TEXT")
-    v.add_argument("--model", metavar="DIR", help="a local Hugging Face causal-LM or masked-diffusion model "
-                   "directory, or 'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
+    v.add_argument("--model", metavar="MODEL", help="a local Hugging Face causal-LM or masked-diffusion model "
+                   "directory, a packaged model's name, a Hugging Face Hub id org/name[@revision], or 'mdm' for "
+                   "the model `decograph train-mdm` trained (default: embedded model)")
     v.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
     v.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the chat template; default: on for the embedded default model")

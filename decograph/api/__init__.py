@@ -17,7 +17,7 @@ from decograph.runtime import Event, Interpreter, RunConfig
 from decograph.errors import InputError
 from decograph.models.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
-from decograph.text import check_utf8
+from decograph.api.inputs import Stopper, StopStrings, encode_prompts
 
 __all__ = ["Stats", "GenerationResult", "StreamChunk", "Decoder", "generate", "generate_stream", "list_strategies",
            "resolve_model"]
@@ -95,9 +95,12 @@ def list_strategies() -> list[str]:
     return [name for name, _ in _list()]
 
 
-def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, Any]:
-    """An adapter and tokenizer from a model, an adapter, a local directory, a packaged model's
-    name (``decograph.models.packaged``), or None (the default model)."""
+def resolve_model(model: Any, tokenizer: Any = None, revision: str | None = None) -> tuple[CausalLMAdapter, Any]:
+    """An adapter and tokenizer from a model, an adapter, None (the default model), or a name
+    resolved as ``from_pretrained`` resolves it (``decograph.models.hub.model_dir``): a local
+    directory, a packaged model's name (``decograph.models.packaged``), or a Hugging Face Hub
+    id ``org/name`` (``org/name@revision``, or ``revision=``) from the local Hugging Face cache,
+    downloaded unless the Hub is offline. ``ModelError`` names a model that is none of them."""
     if model is None or (isinstance(model, str) and model == "default"):
         from decograph.models.default import load_default_model
 
@@ -105,10 +108,10 @@ def resolve_model(model: Any, tokenizer: Any = None) -> tuple[CausalLMAdapter, A
         tokenizer = tokenizer if tokenizer is not None else default_tok
     elif isinstance(model, (str, Path)):
         from decograph.models.diffusion import is_diffusion_dir, load_diffusion_model
-        from decograph.models.packaged import packaged_model_path
+        from decograph.models.hub import model_dir
 
-        model = packaged_model_path(str(model)) or model      # a packaged model's name: its directory
-        adapter = load_diffusion_model(model) if is_diffusion_dir(model) else HFCausalLM.from_pretrained(str(model))
+        path = model_dir(model, revision)
+        adapter = load_diffusion_model(path) if is_diffusion_dir(path) else HFCausalLM.from_pretrained(str(path))
         return adapter, tokenizer if tokenizer is not None else adapter.tokenizer
     from decograph.models.diffusion import as_diffusion_adapter, is_diffusion_model
 
@@ -127,38 +130,13 @@ def as_program(strategy: Any, overrides: dict[str, Any] | None = None) -> O.Prog
     return load_strategy(str(strategy), overrides=overrides).program
 
 
-def _encode(prompts: Any, tokenizer: Any, chat: bool) -> list[list[int]]:
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()      # first: a 1-D tensor is one prompt, a 2-D tensor a batch
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    out: list[list[int]] = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            p = check_utf8(p, f"prompt {i}")        # a lone surrogate would fail inside the tokenizer
-            if tokenizer is None:
-                raise InputError(f"prompt {i} is text but no tokenizer was given; pass tokenizer= or token ids")
-            if chat:
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = tokenizer(p)["input_ids"]
-            p = list(ids)
-        p = [int(t) for t in p]
-        if not p:
-            raise InputError(f"prompt {i} is empty: give at least one token")
-        out.append(p)
-    if not out:
-        raise InputError("no prompts given")
-    return out
-
-
 def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_tokens: int, chat: bool,
            do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None,
            eos_token_id: Any, stop_token_ids: Sequence[int], draft_models: dict[str, Any] | None,
            overrides: dict[str, Any] | None, passes: str | None = "default",
            branch_providers: dict[str, Any] | None = None, backend: Any = "torch",
-           suffixes: Any = None, trace: bool = False) -> tuple[Interpreter, list[list[int]], Any]:
+           suffixes: Any = None, trace: bool = False,
+           attention_mask: Any = None) -> tuple[Interpreter, list[list[int]], Any]:
     from decograph.backends.base import plan
     from decograph.backends.registry import get_backend
 
@@ -174,7 +152,7 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     # backend runs the program an exported decoder of the same model would; the runtime then
     # sizes drafts with the backend's own measured cost curve.
     program = optimize(program, source, passes)
-    ids = _encode(prompts, tok, chat)
+    ids = encode_prompts(prompts, tok, chat, attention_mask)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     limit = adapter.max_positions
@@ -291,7 +269,7 @@ class Decoder:
         return interp
 
 
-def _observe(interp: Interpreter, adapter: CausalLMAdapter) -> None:
+def _observe(interp: Interpreter, adapter: CausalLMAdapter, rows: list[Any] | None = None) -> None:
     """Feed the acceptance of single-draft strategies into the adapter's profile."""
     profile = getattr(adapter, "_acceptance", None)
     drafts = [op for op in interp.program.walk() if isinstance(op, O.DRAFT_OPS)]
@@ -299,7 +277,7 @@ def _observe(interp: Interpreter, adapter: CausalLMAdapter) -> None:
         return
     if profile is None or len(drafts) != 1 or interp.state is None:
         return
-    for row in interp.state.rows:
+    for row in rows if rows is not None else interp.state.rows:
         profile.observe(drafts[0].NAME, row.accepted, row.drafted)
 
 
@@ -324,15 +302,19 @@ def _decode(tok: Any, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True) if tok is not None else ""
 
 
-def _results(interp: Interpreter, ids: list[list[int]], tok: Any) -> list[GenerationResult]:
+def _results(interp: Interpreter, ids: list[list[int]], tok: Any, rows: list[Any] | None = None,
+             cut: dict[int, int] | None = None) -> list[GenerationResult]:
+    """One result per row (``rows``: default the final state's); ``cut``: rows a stop string
+    ended, with the number of new tokens each keeps."""
     assert interp.state is not None
     out = []
     records = interp.cfg.trace or []
-    for row in interp.state.rows:
-        new = row.new_tokens
+    for row in rows if rows is not None else interp.state.rows:
+        new, reason = row.new_tokens, row.finish_reason or "max_steps"     # unfinished: the loop's step cap
+        if cut and row.index in cut:
+            new, reason = new[: cut[row.index]], "stop"
         stats = Stats(len(new), row.forwards, row.steps, tuple(row.accepted), tuple(row.drafted),
-                      interp.wall, row.finish_reason or "max_steps",    # unfinished: the loop's step cap
-                      row.query_tokens, row.kv_bytes_copied)
+                      interp.wall, reason, row.query_tokens, row.kv_bytes_copied)
         out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats, list(row.results),
                                     [r for r in records if r["row"] == row.index]))
     return out
@@ -359,7 +341,8 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              stop_token_ids: Sequence[int] = (), draft_models: dict[str, Any] | None = None,
              streamer: Any = None, overrides: dict[str, Any] | None = None,
              passes: str | None = "default", branch_providers: dict[str, Any] | None = None,
-             backend: Any = "torch", suffixes: Any = None, trace: bool = False) -> list[GenerationResult]:
+             backend: Any = "torch", suffixes: Any = None, trace: bool = False, attention_mask: Any = None,
+             stop_strings: str | Sequence[str] | None = None) -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
@@ -377,23 +360,31 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     the ``max_new_tokens`` positions between prompt and suffix are infilled.
     ``trace``: record each step (drafted, accepted, committed tokens; unmasked positions) in
     ``GenerationResult.trace`` (see ``decograph viz``).
+    ``attention_mask`` (with ``prompts`` as ``input_ids``, a 2-D tensor or list of rows): the
+    positions marked 0 are padding, left or right, and are dropped, so each row decodes as if
+    alone. ``stop_strings``: a row ends after the token that completes one of them (exactly
+    where transformers' ``generate(stop_strings=..., tokenizer=...)`` ends it; finish reason
+    ``"stop"``); needs the tokenizer.
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
                               top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes,
-                              branch_providers, backend, suffixes, trace)
+                              branch_providers, backend, suffixes, trace, attention_mask)
+    stopper = Stopper(interp, StopStrings(tok, stop_strings, ids)) if stop_strings else None
     if streamer is not None:
         if len(ids) != 1:
             raise InputError("a transformers streamer supports one prompt at a time")
         streamer.put(torch.tensor([ids[0]]))
     try:
         for event in _events(interp, ids):
-            if streamer is not None and event.tokens:
-                streamer.put(torch.tensor(list(event.tokens)))
+            tokens = stopper.filter(event) if stopper is not None else event.tokens
+            if streamer is not None and tokens:
+                streamer.put(torch.tensor(list(tokens)))
     finally:
         if streamer is not None:
             streamer.end()
-    _observe(interp, interp.adapter)
-    return _results(interp, ids, tok)
+    rows = stopper.rows if stopper is not None else None
+    _observe(interp, interp.adapter, rows)
+    return _results(interp, ids, tok, rows, stopper.stops.cut if stopper is not None else None)
 
 
 def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",

@@ -1,0 +1,1 @@
+"""The directory form of decograph's transformers ``custom_generate`` (see ``decograph.hf_generate``)."""
