@@ -128,14 +128,16 @@ class ExportedDecoder:
 
     def encode(self, text: str, chat: bool | None = None) -> list[int]:
         """Token ids of ``text``; with ``chat`` (default: the manifest's), through the chat
-        template saved at export (rendered at export time around a placeholder)."""
+        template saved at export (rendered at export time around a placeholder, its special
+        tokens in the text). Plain text gets the tokenizer's own special tokens (Gemma's
+        ``<bos>``), as the torch path's ``tokenizer(text)`` does."""
         use_chat = self.manifest.chat_default if chat is None else chat
         if use_chat:
             tpl = self.manifest.chat_prompt
             if not tpl:
                 raise InputError("this decoder was exported without a chat template; use chat=False")
             text = tpl.replace("{prompt}", text)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=not use_chat).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -159,3 +159,67 @@ def test_unsupported_configs_are_refused(tmp_path) -> None:
     with pytest.raises(ModelError, match="tanh-GELU"):
         export_step(model, tmp_path / "b.onnx")
     assert Gemma3ForCausalLM is type(model)
+
+
+# -- export and the onnxruntime backends -------------------------------------------------------
+
+TEXTS = ["t1 t5 t9 t5 t9 t5 t9 t5 t9 t5 t9 t5 t3", "t3 t4 t3 t4 t3 t4 t3 t4 t3 t4 t3 t4", "t7 t2"]
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(gemma, tmp_path_factory):
+    from decograph.models.tiny import word_tokenizer
+
+    out = tmp_path_factory.mktemp("g3dir") / "tiny-gemma3"
+    gemma.save_pretrained(out)
+    word_tokenizer(VOCAB).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gemma_export(gemma_dir, tmp_path_factory):
+    from decograph.export import export_decoder
+
+    return export_decoder("anpd", tmp_path_factory.mktemp("g3exp") / "dec", model=str(gemma_dir), chat=False,
+                          progress=lambda m: None)
+
+
+def test_the_exported_decoder_without_torch_equals_the_torch_backend(gemma_export, gemma_dir, run_without_torch,
+                                                                     tmp_path) -> None:
+    import json
+
+    import decograph
+    from decograph.models.adapters import HFCausalLM
+
+    manifest = json.loads((gemma_export / "manifest.json").read_text())
+    assert manifest["graphs"]["target"]["graph"] == GEMMA3_GRAPH_VERSION
+    body = """
+from decograph.exported import ExportedDecoder
+dec = ExportedDecoder(job["dir"])
+prompts = [dec.encode(t) for t in job["texts"]]
+out["alone"] = [dec.generate(p, 24)[0] for p in prompts]
+out["plain"] = [dec.generate(p, 24, draft=False)[0] for p in prompts]
+out["batch"] = [ids for ids, _ in dec.generate_batch(prompts, 24)]
+out["drafted"] = sum(dec.generate(p, 24)[1].drafted for p in prompts)
+"""
+    got = run_without_torch(body, {"dir": str(gemma_export), "texts": TEXTS}, tmp_path)
+    adapter = HFCausalLM.from_pretrained(str(gemma_dir))
+    torch_out = decograph.generate(adapter.model, adapter.tokenizer, TEXTS, "anpd", 24, eos_token_id=[])
+    want = [r.new_token_ids for r in torch_out]
+    assert got["alone"] == got["plain"] == got["batch"] == want
+    assert got["drafted"] > 0                       # the drafts ran (and changed nothing)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-int4"])
+def test_the_onnxruntime_backends_equal_their_graphs_own_greedy(ort_greedy, gemma, backend) -> None:
+    import decograph
+    from decograph.api import resolve_model
+    from decograph.backends import get_backend
+
+    graph = get_backend(backend).prepare(resolve_model(gemma)[0])
+    prompts = [[1, 5, 9, 5, 9, 5, 9, 5, 9, 5, 9, 5, 3], [3, 4, 3, 4, 3, 4, 3, 4, 3, 4], [7, 2]]
+    want = [ort_greedy(graph, p, 20) for p in prompts]
+    for strategy in ("anpd", "greedy"):
+        for batch in (prompts[:1], prompts):
+            out = decograph.generate(gemma, None, batch, strategy, 20, eos_token_id=[], backend=backend)
+            assert [r.new_token_ids for r in out] == want[: len(batch)], (strategy, len(batch))
