@@ -77,15 +77,21 @@ def ort_greedy():
     return _ort_greedy
 
 
-_BLOCK_TORCH = """import builtins, json, sys
+_GUARD = """import builtins, json, sys
 _real_import = builtins.__import__
 def _guard(name, *a, **k):
     if name == "torch" or name.startswith("torch.") or name.startswith("transformers"):
         raise ImportError("torch is blocked in this process")
     return _real_import(name, *a, **k)
 builtins.__import__ = _guard
-job = json.load(open(sys.argv[1]))
+"""
+_BLOCK_TORCH = _GUARD + """job = json.load(open(sys.argv[1]))
 out = {}
+"""
+_CLI_WITHOUT_TORCH = _GUARD + """from decograph.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+sys.exit(code)
 """
 _CHECK_AND_SAVE = """
 assert "torch" not in sys.modules and "transformers" not in sys.modules
@@ -115,3 +121,25 @@ def run_without_torch():
         return json.loads(dst.read_text())
 
     return run
+
+
+@pytest.fixture(scope="session")
+def cli_without_torch():
+    """The argv prefix of ``decograph`` in a fresh process where importing torch or
+    transformers fails (and that fails if either got imported anyway)."""
+    import sys
+
+    return [sys.executable, "-c", _CLI_WITHOUT_TORCH]
+
+
+@pytest.fixture(scope="session")
+def tiny_anpd_export(tmp_path_factory):
+    """A tiny random Llama exported with anpd (fp32, no chat template): an exported decoder
+    directory for the tests of the torch-free serving paths."""
+    from decograph.export import export_decoder
+    from decograph.models.adapters import HFCausalLM
+    from decograph.models.tiny import tiny_model_dir
+
+    d = tmp_path_factory.mktemp("tiny-anpd-export")
+    model = HFCausalLM.from_pretrained(str(tiny_model_dir(d / "m")))
+    return export_decoder("anpd", d / "dec", model=model, chat=False, progress=lambda m: None)

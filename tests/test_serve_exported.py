@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,39 +16,22 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from decograph.export import export_decoder  # noqa: E402
 from decograph.exported import ExportedDecoder  # noqa: E402
-from decograph.models.adapters import HFCausalLM  # noqa: E402
-from decograph.models.tiny import tiny_model_dir  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
 ROOT = Path(__file__).resolve().parents[1]
-GUARD = """import builtins, sys
-_real = builtins.__import__
-def _guard(name, *a, **k):
-    if name == "torch" or name.startswith("torch.") or name.startswith("transformers"):
-        raise ImportError("torch is blocked in this process")
-    return _real(name, *a, **k)
-builtins.__import__ = _guard
-from decograph.cli import main
-code = main(sys.argv[1:])
-assert "torch" not in sys.modules and "transformers" not in sys.modules
-sys.exit(code)
-"""
 PROMPTS = [[5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3], [7], [11, 12, 13, 11, 12, 13, 11], [2, 2, 2, 2], [8, 1, 8, 1]]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    model = HFCausalLM.from_pretrained(str(tiny_model_dir(d / "m")))
-    return export_decoder("anpd", d / "dec", model=model, chat=False, progress=lambda m: None)
+def exported(tiny_anpd_export):
+    return tiny_anpd_export
 
 
 @pytest.fixture(scope="module")
-def server(exported):
-    proc = subprocess.Popen([sys.executable, "-c", GUARD, "serve", "--exported", str(exported), "--port", "0",
+def server(exported, cli_without_torch):
+    proc = subprocess.Popen([*cli_without_torch, "serve", "--exported", str(exported), "--port", "0",
                              "--max-batch", "4", "--served-model-name", "tiny"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
     url, seen = None, []

@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 
 from decograph.cli import main
-from decograph.export import export_decoder
 from decograph.exported import ExportedDecoder
-from decograph.models.adapters import HFCausalLM
-from decograph.models.tiny import tiny_model_dir
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -22,10 +19,8 @@ TEXTS = ["t1 t5 t9 t5 t9 t5 t9 t5", "t3 t4 t3 t4 t3", "t7", "t2 t2 t8 t2 t2 t8",
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ray")
-    model = HFCausalLM.from_pretrained(str(tiny_model_dir(d / "m")))
-    return export_decoder("anpd", d / "dec", model=model, chat=False, progress=lambda m: None)
+def exported(tiny_anpd_export):
+    return tiny_anpd_export
 
 
 @pytest.fixture(scope="module")
