@@ -223,3 +223,85 @@ def test_the_onnxruntime_backends_equal_their_graphs_own_greedy(ort_greedy, gemm
         for batch in (prompts[:1], prompts):
             out = decograph.generate(gemma, None, batch, strategy, 20, eos_token_id=[], backend=backend)
             assert [r.new_token_ids for r in out] == want[: len(batch)], (strategy, len(batch))
+
+
+# -- the real Gemma 3 270M (real_model) ----------------------------------------------------------
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "spec_bench_questions.jsonl"
+N_NEW = 20
+CODE = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
+
+
+@pytest.fixture(scope="module")
+def real_gemma():
+    from decograph.models.gemma3 import load_gemma3
+
+    torch.set_num_threads(2)
+    return load_gemma3(progress=False)
+
+
+def _real_prompts(tok) -> list[list[int]]:
+    """Raw text: a Spec-Bench article cut to 680 tokens (past the 512-token window), the code
+    completion and two Spec-Bench questions."""
+    import json
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    article = next(ids for r in rows if r["category"] == "summarization"
+                   and len(ids := tok(r["turns"][0])["input_ids"]) >= 700)
+    questions = [next(r["turns"][0] for r in rows if r["category"] == c) for c in ("writing", "qa")]
+    return [article[:680], tok(CODE)["input_ids"]] + [tok(q)["input_ids"] for q in questions]
+
+
+@pytest.mark.real_model
+def test_real_gemma3_fp32_graph_matches_transformers_past_the_window(real_gemma, tmp_path) -> None:
+    model, tok = real_gemma
+    ids = _real_prompts(tok)[0]
+    path = export_step(model, tmp_path / "model.onnx")
+    step = StepSession(path)
+    kv = step.new_kv(1, len(ids) + 8)
+    n = len(ids) - 4
+    got = [step.run(kv, np.array([ids[:n]]), np.arange(n)[None], causal_mask(n, 0), 1)[0, -1].copy()]
+    for i in range(n, len(ids)):                    # one-token steps, each with its padding row
+        got.append(step.run(kv, np.array([ids[i:i + 1]]), np.array([[i]]), causal_mask(1, i))[0, -1].copy())
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), logits_to_keep=5).logits[0].numpy()
+    err = np.abs(np.stack(got) - ref).max()
+    assert err < 1e-3 * np.abs(ref).max(), err
+    assert [int(g.argmax()) for g in got] == ref.argmax(-1).tolist()
+
+
+@pytest.mark.real_model
+def test_real_gemma3_int4_export_equals_its_own_greedy_without_torch(real_gemma, run_without_torch, tmp_path) -> None:
+    """The exported int4 decoder (anpd) against its own one-token greedy decoding, with torch
+    blocked: batch 1 (the 680-token article, the code) and batch 4 (article and the others).
+    Where this CPU's int4 kernels are not exact the decoder must decode without drafts (and
+    say so), never differ."""
+    from decograph.export import export_decoder
+
+    model, tok = real_gemma
+    prompts = _real_prompts(tok)
+    out = export_decoder("anpd", tmp_path / "dec", model="gemma3-270m", quant="int4", chat=False,
+                         progress=lambda m: None)
+    body = """
+import warnings
+from decograph.exported import ExportedDecoder
+dec = ExportedDecoder(job["dir"])
+out["encoded"] = dec.encode(job["code"])
+prompts = job["prompts"]
+out["exact"] = dec.exact()
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    runs = [dec.generate(p, job["n"]) for p in prompts[:2]]
+    out["batch"] = [ids for ids, _ in dec.generate_batch(prompts, job["n"])]
+out["warned"] = any("without drafts" in str(w.message) for w in seen)
+out["alone"] = [ids for ids, _ in runs]
+out["drafted"] = sum(s.drafted for _, s in runs)
+out["plain"] = [dec.generate(p, job["n"], draft=False)[0] for p in prompts]
+"""
+    got = run_without_torch(body, {"dir": str(out), "prompts": prompts, "n": N_NEW, "code": CODE}, tmp_path)
+    assert got["encoded"] == prompts[1]                     # <bos> and all, as transformers' tokenizer
+    assert got["alone"] == got["plain"][:2] and got["batch"] == got["plain"]
+    if got["exact"]:
+        assert got["drafted"] > 0 and not got["warned"]
+    else:
+        assert got["drafted"] == 0 and got["warned"]

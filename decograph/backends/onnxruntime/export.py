@@ -1,4 +1,4 @@
-"""Export a Llama-architecture causal LM's decoding step to ONNX, and quantize it.
+"""Export a Llama-architecture or Gemma 3 causal LM's decoding step to ONNX, and quantize it.
 
 The step takes what decograph's runtime hands any adapter and returns the logits of the
 queries plus the cache grown by the new slots; names as optimum uses them (``kv.io_names``):
@@ -13,7 +13,8 @@ queries plus the cache grown by the new slots; names as optimum uses them (``kv.
 
 Attention is causal in slot order (``GroupQueryAttention``); the mask can only take slots away
 (trees, packed rows, padding), never let a token see a later slot. The graph is written
-directly from the weights with ONNX Runtime's fused CPU operators (``graph.build_step``);
+directly from the weights with ONNX Runtime's fused CPU operators (``graph.build_step``;
+Gemma 3's ``graph_gemma3.build_gemma3_step``, its sliding window inside the graph);
 ``exact`` graphs (the exported decoder's) add the padding row that makes a row's result
 independent of the step's width; the backends' graphs (batches, trees) are not exact and keep
 fp32 activations.
