@@ -68,12 +68,14 @@ def test_family_layouts(family: str) -> None:
 def test_every_lossless_strategy_equals_hf_greedy(family: str, strategy: str) -> None:
     model, refs = _model(family), _refs(family)
     program = load_strategy(strategy).program
-    for ids, ref in zip(PROMPTS[:2], refs):
-        [r] = generate(model, None, [ids], strategy=program, max_new_tokens=N_NEW)
-        assert tuple(r.new_token_ids) == ref, (family, strategy, "batch 1", ids)
-    batch = generate(model, None, PROMPTS, strategy=program, max_new_tokens=N_NEW)
-    for ids, ref, r in zip(PROMPTS, refs, batch):
-        assert tuple(r.new_token_ids) == ref, (family, strategy, "batch 4", ids)
+    # "none" as well: on tiny models the auto-tuner drops some strategies' drafts (lookahead's)
+    for passes in ("default", "none"):
+        for ids, ref in zip(PROMPTS[:2], refs):
+            [r] = generate(model, None, [ids], strategy=program, max_new_tokens=N_NEW, passes=passes)
+            assert tuple(r.new_token_ids) == ref, (family, strategy, passes, "batch 1", ids)
+        batch = generate(model, None, PROMPTS, strategy=program, max_new_tokens=N_NEW, passes=passes)
+        for ids, ref, r in zip(PROMPTS, refs, batch):
+            assert tuple(r.new_token_ids) == ref, (family, strategy, passes, "batch 4", ids)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "mistral"])
@@ -83,7 +85,7 @@ def test_drafts_are_accepted_and_rejected_past_the_window(family: str) -> None:
     model = _model(family)
     accepted = rejected = 0
     for strategy in ("ngram", "jacobi", "lookahead"):
-        for r in generate(model, None, PROMPTS, strategy=strategy, max_new_tokens=N_NEW):
+        for r in generate(model, None, PROMPTS, strategy=strategy, max_new_tokens=N_NEW, passes="none"):
             accepted += sum(r.stats.accepted_per_step)
             rejected += sum(d - a for a, d in zip(r.stats.accepted_per_step, r.stats.drafted_per_step))
     assert accepted > 0 and rejected > 0

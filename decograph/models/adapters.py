@@ -171,7 +171,8 @@ class SlotCache:
 
     ``positions`` (LongTensor [B, S] on the CPU, or None while empty) is each slot's position,
     kept in step with the layers by ``HFCausalLM``: appended from ``position_ids`` by every
-    forward, cut, row-selected and gathered with the slots.
+    forward (already during it: a forward's model code sees the new slots' positions too), cut,
+    row-selected and gathered with the slots.
     """
 
     def __new__(cls, num_layers: int):  # noqa: D102 - factory
@@ -270,7 +271,8 @@ class HFCausalLM(CausalLMAdapter):
         t = input_ids.shape[1]
         if attend.shape != (input_ids.shape[0], t, past + t):
             raise ModelError(f"attend has shape {tuple(attend.shape)}, expected {(input_ids.shape[0], t, past + t)}")
-        slot_pos = _with_positions(cache, position_ids)
+        # From here on the positions include the T new slots (a fast path reads them for its windows).
+        slot_pos = cache.positions = _with_positions(cache, position_ids)
         # No autograd: the cache buffers are written in place every step, so a graph would chain
         # through every step of a generation and keep all activations alive.
         with torch.no_grad():
@@ -291,7 +293,6 @@ class HFCausalLM(CausalLMAdapter):
                     **{self._cache_kwarg: cache},
                 )
                 logits = out.logits.float()
-        cache.positions = slot_pos
         return logits
 
     def _kernel_forward(self, cache, input_ids, position_ids, structure, attention):
