@@ -147,6 +147,16 @@ def test_k_token_steps_are_bit_identical_to_one_token_steps(step_path, bits, tmp
         width_invariant(step, 9, context=23)        # either answer is lawful; it must not fail
 
 
+def test_the_float16_graph_runs_on_the_cpu_near_transformers(gemma, tmp_path) -> None:
+    """The CUDA EP's float16 graph (``export --dtype float16``), checked on the CPU EP."""
+    step = StepSession(export_step(gemma, tmp_path / "f16.onnx", dtype="float16"))
+    ids = np.random.default_rng(0).integers(0, VOCAB, 30).tolist()
+    kv = step.new_kv(1, 40)
+    got = step.run(kv, np.array([ids]), np.arange(30)[None], causal_mask(30, 0))[0]
+    ref = _hf(gemma, ids)
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
 def test_unsupported_configs_are_refused(tmp_path) -> None:
     from transformers import Gemma3ForCausalLM
 
