@@ -287,10 +287,12 @@ def test_real_gemma3_int4_export_equals_its_own_greedy_without_torch(real_gemma,
     Where this CPU's int4 kernels are not exact the decoder must decode without drafts (and
     say so), never differ."""
     from decograph.export import export_decoder
+    from decograph.models.adapters import HFCausalLM
 
     model, tok = real_gemma
     prompts = _real_prompts(tok)
-    out = export_decoder("anpd", tmp_path / "dec", model="gemma3-270m", quant="int4", chat=False,
+    # the loaded model (the module's fixture reads the real cache; this test's cache is private)
+    out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM(model, tok), quant="int4", chat=False,
                          progress=lambda m: None)
     body = """
 import warnings
