@@ -146,3 +146,13 @@ def test_stop_strings_need_a_tokenizer_and_real_strings(model, tok) -> None:
         generate(tiny_llama(seed=3), None, [ROWS[0]], "greedy", 4, stop_strings=["ab"])   # a model never given one
     with pytest.raises(InputError, match="stop_strings must be non-empty strings"):
         generate(model, tok, [ROWS[0]], "greedy", 4, stop_strings=[""])
+
+
+def test_generate_stream_takes_the_mask_too(model, tok) -> None:
+    from decograph.api import generate_stream
+
+    ids, mask = padded(ROWS, "left")
+    texts = ["", "", ""]
+    for chunk in generate_stream(model, tok, ids, "anpd", 10, attention_mask=mask):
+        texts[chunk.row] += chunk.text
+    assert texts == [r.text for r in generate(model, tok, ids, "anpd", 10, attention_mask=mask)]

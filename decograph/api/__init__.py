@@ -394,7 +394,7 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
     kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
           ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
           ("draft_models", None), ("overrides", None), ("passes", "default"), ("branch_providers", None),
-          ("backend", "torch"), ("suffixes", None))}
+          ("backend", "torch"), ("suffixes", None), ("attention_mask", None))}
     if kwargs:
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)

@@ -146,9 +146,14 @@ def _check(config: Any, model_kwargs: dict[str, Any]) -> None:
     if (config.num_return_sequences or 1) > 1 and not config.do_sample:
         raise UnsupportedError("custom_generate (decograph): num_return_sequences > 1 needs do_sample=True "
                                "(greedy rows would be identical)")
-    for key in ("output_attentions", "output_hidden_states"):
-        if model_kwargs.get(key):
+    for key in ("output_attentions", "output_hidden_states", "inputs_embeds"):
+        if model_kwargs.get(key) is not None and model_kwargs.get(key) is not False:
             raise UnsupportedError(f"custom_generate (decograph): {key} is not supported")
+    for key in ("cache", "past_key_values"):        # transformers' fresh cache is empty; a given one is not
+        cache = model_kwargs.get(key)
+        if cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+            raise UnsupportedError(f"custom_generate (decograph): continuing from a filled {key} is not "
+                                   "supported; pass the whole sequence as input_ids")
 
 
 def _run(model: Any, input_ids: torch.Tensor, mask: Any, config: Any, tokenizer: Any, streamer: Any,
