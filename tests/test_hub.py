@@ -222,3 +222,10 @@ def test_the_command_honours_hf_home_and_offline_mode(tmp_path: Path, tiny_dirs:
     assert json.loads(ok.stdout)["new_tokens"] == 3
     bad = subprocess.run([*cmd, "org/missing@v2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "'org/missing@v2'" in bad.stderr and "offline" in bad.stderr
+
+
+def test_export_takes_a_hub_id(hf_cache: Path, no_network: list, tmp_path: Path, private_cache) -> None:
+    from decograph.export import export_decoder
+
+    out = export_decoder("greedy", tmp_path / "dec", model="org/tiny", chat=False, progress=lambda m: None)
+    assert out.is_dir() and any(out.glob("*.onnx")) and no_network == []
