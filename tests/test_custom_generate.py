@@ -202,24 +202,37 @@ def as_hf_batch(inputs: dict[str, torch.Tensor], news: list[list[int]], pad: int
     return out
 
 
+@pytest.fixture(scope="module")
+def real(default_model):
+    """The default model, the chat batch, and transformers' greedy new ids for each row alone."""
+    model, tok = default_model
+    rows, inputs = chat_batch(tok)
+    return model, tok, rows, inputs, hf_rows(model, rows, 24, pad_token_id=2)
+
+
+def upto(new: list[int], ends: list[int]) -> list[int]:
+    """Greedy ids under an EOS list: the free run, cut after its first end token."""
+    for i, t in enumerate(new):
+        if t in ends:
+            return new[: i + 1]
+    return new
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("form", FORMS)
-def test_real_model_left_padded_batch_with_an_eos_list(default_model, form: str) -> None:
-    model, tok = default_model
-    rows, inputs = chat_batch(tok)
-    free = hf_rows(model, rows, 20, pad_token_id=tok.pad_token_id)
-    eos = [2, free[0][5], free[1][9]]                         # <|im_end|> and two tokens greedy really emits
-    want = as_hf_batch(inputs, hf_rows(model, rows, 20, eos_token_id=eos, pad_token_id=2), 2)
+def test_real_model_left_padded_batch_with_an_eos_list(real, form: str) -> None:
+    model, tok, rows, inputs, free = real
+    eos = [2] + [f[len(f) // 2] for f in free[:2]]       # <|im_end|> and two tokens greedy really emits
+    want = as_hf_batch(inputs, [upto(f[:20], eos) for f in free], 2)
     got = model.generate(**inputs, max_new_tokens=20, eos_token_id=eos, strategy="anpd", **FORMS[form])
     assert torch.equal(got, want)
+    assert (want[:, inputs["input_ids"].shape[1]:] == 2).any()      # a row ended before the others
 
 
 @pytest.mark.real_model
-def test_real_model_stop_strings_equal_transformers(default_model) -> None:
-    model, tok = default_model
-    rows, inputs = chat_batch(tok)
-    free = hf_rows(model, rows, 24, pad_token_id=2)
-    stops = [tok.decode(free[0][3:6]).strip(), tok.decode(free[2][8:11]).strip()]
+def test_real_model_stop_strings_equal_transformers(real) -> None:
+    model, tok, rows, inputs, free = real
+    stops = [s for s in (tok.decode(free[0][3:6]).strip(), tok.decode(free[2][8:11]).strip()) if s]
     want = as_hf_batch(inputs, hf_rows(model, rows, 24, stop_strings=stops, tokenizer=tok, pad_token_id=2), 2)
     out = model.generate(**inputs, max_new_tokens=24, stop_strings=stops, tokenizer=tok, strategy="anpd",
                          return_dict_in_generate=True, **FORMS["directory"])
