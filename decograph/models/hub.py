@@ -68,7 +68,10 @@ def model_dir(name: str | os.PathLike[str], revision: str | None = None, progres
     if not is_hub_id(text):
         raise ModelError(f"model {text!r}: no such directory, packaged model ({', '.join(packaged_names())}) "
                          "or Hugging Face Hub id (org/name or org/name@revision)")
-    return hub_model_dir(text, revision)
+    try:
+        return hub_model_dir(text, revision)
+    except ModelError as exc:         # say so, since a mistyped relative path looks like a Hub id
+        raise ModelError(f"no local directory or packaged model {text!r}; as a Hub id: {exc}") from exc
 
 
 def hub_model_dir(repo_id: str, revision: str | None = None, *, cache_dir: str | None = None,
