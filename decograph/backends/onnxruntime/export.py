@@ -62,6 +62,8 @@ def save_model(proto: Any, out: Path, big: bool) -> None:
         # external data lands at its final name (a location relative to the model's folder)
         onnx.save_model(proto, tmp, save_as_external_data=big, location=out.name + ".data" if big else None)
         plain_permissions(tmp)
+        if big:
+            plain_permissions(out.with_name(out.name + ".data"))
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
