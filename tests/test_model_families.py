@@ -198,3 +198,25 @@ def test_the_cost_curve_times_the_lm_head_and_is_keyed_per_model() -> None:
     keys = {cost._key(HFCausalLM(m)) for m in (tiny_causal_lm("gemma3"), tiny_causal_lm("gemma3", vocab_size=512),
                                                tiny_llama(), tiny_causal_lm("qwen2"))}
     assert len(keys) == 4 and None not in keys
+
+
+def test_a_superlinear_cost_curve_is_implausible_and_remeasured(tmp_path, monkeypatch) -> None:
+    """Two tokens timed at 2.38 one-token forwards (Gemma 3 270M under load) cannot be right:
+    two one-token forwards would do. Such a cached curve is measured again."""
+    import json
+
+    from decograph.backends.torch_ref import cost
+    from decograph.passes.cost import CostCurve
+
+    loaded = {1: 1.0, 2: 2.38, 3: 2.45, 4: 2.36, 6: 2.85, 8: 3.74, 12: 3.85, 16: 4.11, 24: 4.85, 32: 5.16}
+    idle = {1: 1.0, 2: 1.3, 3: 1.4, 4: 1.5, 6: 1.7, 8: 1.9, 12: 2.4, 16: 2.9, 24: 3.9, 32: 4.8}
+    assert "2 tokens cost 2.38 of one token (more than 2 one-token forwards)" in cost._why_implausible(loaded)
+    assert cost._why_implausible(idle) is None and cost._defect(loaded) > cost._defect(idle) == 0
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ad = HFCausalLM(tiny_causal_lm("gemma3"))
+    path = tmp_path / "decograph" / "cost_curves.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({cost._key(ad): {str(q): c for q, c in loaded.items()}}))
+    monkeypatch.setattr(cost, "measure_cost_curve", lambda adapter: CostCurve(idle))
+    assert cost.cached_cost_curve(ad).points == idle
+    assert json.loads(path.read_text())[cost._key(ad)] == {str(q): c for q, c in idle.items()}

@@ -66,10 +66,35 @@ def _points(stored: dict[str, float]) -> dict[int, float]:
     return {int(q): float(c) for q, c in stored.items()}
 
 
+# A forward over q query tokens never costs more than q one-token forwards (running the tokens
+# one at a time would do): a curve above that was timed while other jobs shared the machine.
+# Such a curve is worse than noisy: Gemma 3 270M timed under load at 2.38 for two tokens made
+# the auto-tuner drop every draft (its 262k-row LM head already makes the curve steep).
+SUPERLINEAR = 1.1
+
+
+def _superlinear(points: dict[int, float]) -> list[tuple[float, str]]:
+    """Each width timed above ``SUPERLINEAR`` times its token count: (by how much, why)."""
+    return [(c / q - SUPERLINEAR, f"{q} tokens cost {c:.2f} of one token (more than {q} one-token forwards)")
+            for q, c in sorted(points.items()) if q > 1 and c > SUPERLINEAR * q]
+
+
+def _why_implausible(points: dict[int, float]) -> str | None:
+    """``plausible_curve``'s verdict, and the super-linear rule above."""
+    found = [why for _, why in _superlinear(points)]
+    base = plausible_curve(points)
+    return "; ".join(([base] if base else []) + found) or None
+
+
+def _defect(points: dict[int, float]) -> float:
+    return curve_defect(points) + sum(excess for excess, _ in _superlinear(points))
+
+
 def cached_cost_curve(adapter: Any) -> CostCurve:
     """The adapter's measured curve, measuring and caching it on first use (announced on
-    stderr; seconds on an idle machine). A curve that cannot be right (``plausible_curve``:
-    timing noise from other jobs) is measured again, cached or not."""
+    stderr; seconds on an idle machine). A curve that cannot be right (``plausible_curve``, or
+    a width dearer than its token count of one-token forwards: timing noise from other jobs)
+    is measured again, cached or not."""
     from decograph.measure_cache import cached
 
     key = _key(adapter)
@@ -79,6 +104,6 @@ def cached_cost_curve(adapter: Any) -> CostCurve:
                     lambda: {str(q): c for q, c in measure_cost_curve(adapter).points.items()},
                     what="the forward-cost curve of this model",
                     eta="a few seconds, a minute or two on a busy machine",
-                    check=lambda stored: plausible_curve(_points(stored)),
-                    rank=lambda stored: curve_defect(_points(stored)))
+                    check=lambda stored: _why_implausible(_points(stored)),
+                    rank=lambda stored: _defect(_points(stored)))
     return CostCurve(_points(points))
