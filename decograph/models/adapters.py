@@ -262,11 +262,14 @@ class HFCausalLM(CausalLMAdapter):
 
     supports_attention_kernel = True
     supports_compact_kernel = True              # gather_slots takes a backend's kv.compact
+    supports_logits_to_keep = True              # forward(..., logits_to_keep=k): the last k rows' logits
 
-    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None):
+    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None, logits_to_keep=0):
         """As ``CausalLMAdapter.forward``; with ``attention`` (a backend's kernel, see
         ``decograph.backends.base``), the model's attention layers run it under ``structure``
-        (a ``StructuredMask`` equal to ``attend``) through transformers' attention registry."""
+        (a ``StructuredMask`` equal to ``attend``) through transformers' attention registry.
+        ``logits_to_keep`` > 0: logits of the last that many query positions only (a prompt's
+        forward, whose logits nobody reads, skips the vocabulary projection of every row)."""
         past = self.cache_len(cache)
         t = input_ids.shape[1]
         if attend.shape != (input_ids.shape[0], t, past + t):
@@ -277,9 +280,9 @@ class HFCausalLM(CausalLMAdapter):
         # through every step of a generation and keep all activations alive.
         with torch.no_grad():
             if attention is not None and not self.layout.slides:
-                logits = self._kernel_forward(cache, input_ids, position_ids, structure, attention)
+                logits = self._kernel_forward(cache, input_ids, position_ids, structure, attention, logits_to_keep)
             elif self.fast is not None:
-                logits = self.fast.forward(cache, input_ids, position_ids, attend)
+                logits = self.fast.forward(cache, input_ids, position_ids, attend, logits_to_keep)
             else:
                 from decograph.models.sliding import model_mask
 
@@ -290,12 +293,13 @@ class HFCausalLM(CausalLMAdapter):
                     attention_mask=mask,
                     use_cache=True,
                     cache_position=torch.arange(past, past + t, device=self.device),
+                    logits_to_keep=logits_to_keep,
                     **{self._cache_kwarg: cache},
                 )
                 logits = out.logits.float()
         return logits
 
-    def _kernel_forward(self, cache, input_ids, position_ids, structure, attention):
+    def _kernel_forward(self, cache, input_ids, position_ids, structure, attention, logits_to_keep=0):
         from decograph.models.hf_attention import structured_attention
 
         past, t = self.cache_len(cache), input_ids.shape[1]
@@ -306,7 +310,7 @@ class HFCausalLM(CausalLMAdapter):
             out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
                              attention_mask=placeholder, use_cache=True,
                              cache_position=torch.arange(past, past + t, device=self.device),
-                             **{self._cache_kwarg: cache})
+                             logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache})
         return out.logits.float()
 
     def cache_len(self, cache) -> int:

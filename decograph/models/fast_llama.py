@@ -110,7 +110,8 @@ class LlamaFastPath:
                 _Proj(kernels, mlp.gate_proj, mlp.up_proj), _Proj(kernels, mlp.down_proj),
             ))
 
-    def forward(self, cache: Any, ids: torch.Tensor, pos: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    def forward(self, cache: Any, ids: torch.Tensor, pos: torch.Tensor, attend: torch.Tensor,
+                logits_to_keep: int = 0) -> torch.Tensor:
         b, t = ids.shape
         past = cache.layers[0].length
         mask, causal = self._mask(attend, past, self.embed.dtype)
@@ -134,6 +135,8 @@ class LlamaFastPath:
             x = _rms(h, w2, e2)
             gate, up = gu_p(x).split(gu_p.sizes, dim=-1)
             h = h + d_p(F.silu(gate) * up)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         h = _rms(h, self.norm_w, self.norm_eps)
         return self.lm_head(h).float()
 

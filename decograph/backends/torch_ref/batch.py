@@ -229,16 +229,19 @@ class BatchState:
         if owners:
             self._select_phys(index, owners)
 
-    def run_layout(self, layout: StepLayout, pad_id: int, index: list[int] | None = None) -> torch.Tensor:
+    def run_layout(self, layout: StepLayout, pad_id: int, index: list[int] | None = None,
+                   logits: bool = True) -> torch.Tensor:
         """Run one forward for ``layout`` (its rows are valid rows ``index``, default all);
-        the new slots start out invalid."""
+        the new slots start out invalid. ``logits=False`` (a prompt's forward): the caller
+        reads no logits, so an adapter that can skips the vocabulary projection."""
         valid = self.valid if index is None else self.valid[torch.tensor(index, dtype=torch.long)]
         ids, pos, attend = layout.inputs(valid, pad_id)
+        kw = {} if logits or not getattr(self.adapter, "supports_logits_to_keep", False) else {"logits_to_keep": 1}
         if self.attention is not None:
-            logits = self.adapter.forward(self.cache, ids, pos, attend, structure=layout.structure(valid),
-                                          attention=self.attention)
+            out = self.adapter.forward(self.cache, ids, pos, attend, structure=layout.structure(valid),
+                                       attention=self.attention, **kw)
         else:
-            logits = self.adapter.forward(self.cache, ids, pos, attend)
+            out = self.adapter.forward(self.cache, ids, pos, attend, **kw)
         t = ids.shape[1]
         self.valid = torch.cat([self.valid, torch.zeros((self.valid.shape[0], t), dtype=torch.bool)], dim=1)
         for lv in self._stack:
@@ -249,7 +252,7 @@ class BatchState:
         assert layout.phys is not None
         for b, r in enumerate(layout.rows):       # a packed physical row's width is shared
             r.query_tokens += layout.pending[b] + len(layout.trees[b]) if self.packed else t
-        return logits
+        return out
 
     def keep_slots(self, b: int, slots: list[int]) -> None:
         """Mark the given physical slots of active row ``b`` valid."""

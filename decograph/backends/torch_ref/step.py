@@ -61,7 +61,7 @@ class TorchBatch(BatchState, Batch):
         for r in self.active:
             r.tokens = r.tokens[:-1]      # the last prompt token is the first root
         width = max(len(r.pending) for r in self.active)
-        self.run_layout(StepLayout(self.active, [DraftTree() for _ in self.active], width), 0)
+        self.run_layout(StepLayout(self.active, [DraftTree() for _ in self.active], width), 0, logits=False)
         for b, r in enumerate(self.active):
             self.keep_slots(b, list(range(len(r.tokens))))
             r.cached = len(r.tokens)
