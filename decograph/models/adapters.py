@@ -236,12 +236,15 @@ class HFCausalLM(CausalLMAdapter):
         # transformers 5 renamed past_key_values to cache (the old name warns, and goes in 5.40).
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        from decograph.models.fast_gemma3 import Gemma3FastPath, supports_gemma3_fast_path
         from decograph.models.fast_llama import LlamaFastPath, supports_fast_path
 
         # Llama-architecture models skip transformers' per-module overhead (same ops, same order);
-        # the fast path applies no window.
-        fast = fast and not self.layout.slides and supports_fast_path(model) and self.device.type == "cpu"
-        self.fast = LlamaFastPath(model) if fast else None
+        # that fast path applies no window. Gemma 3's takes the masks the model would (windows
+        # included): ``fast_masked``.
+        cpu = fast and self.device.type == "cpu"
+        self.fast = LlamaFastPath(model) if cpu and not self.layout.slides and supports_fast_path(model) else None
+        self.fast_masked = Gemma3FastPath(model) if cpu and supports_gemma3_fast_path(model) else None
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> HFCausalLM:
@@ -287,6 +290,9 @@ class HFCausalLM(CausalLMAdapter):
                 from decograph.models.sliding import model_mask
 
                 mask = model_mask(self.layout, attend, position_ids, slot_pos, self.dtype, self.device)
+                if self.fast_masked is not None:
+                    return self.fast_masked.forward(cache, input_ids.to(self.device), position_ids.to(self.device),
+                                                    mask, logits_to_keep)
                 out = self.model(
                     input_ids=input_ids.to(self.device),
                     position_ids=position_ids.to(self.device),
