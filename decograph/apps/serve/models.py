@@ -43,10 +43,13 @@ class ServedModel:
 
     # -- text -----------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """A completion prompt's ids, with the tokenizer's own special tokens (Gemma's ``<bos>``)
+        as ``tokenizer(text)`` gives them; ``special=False`` for a rendered chat template,
+        which writes its special tokens itself."""
         if self.exported:
-            return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -55,7 +58,7 @@ class ServedModel:
         msgs = check_messages(messages)
         if not self.template:
             raise InputError(f"model {self.name!r} has no chat template: use /v1/completions with a prompt")
-        return self.encode(render_chat(self.template, msgs, bos_token=self.bos, eos_token=self.eos))
+        return self.encode(render_chat(self.template, msgs, bos_token=self.bos, eos_token=self.eos), special=False)
 
     # -- decoding -------------------------------------------------------------------------
 
