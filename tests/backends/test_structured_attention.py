@@ -22,10 +22,10 @@ class _Check(HFCausalLM):
         super().__init__(model, fast=False)
         self.checked = 0
 
-    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None):
+    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None, logits_to_keep=0):
         assert structure is not None and torch.equal(structure.dense(), attend)
         self.checked += 1
-        return super().forward(cache, input_ids, position_ids, attend, structure, attention)
+        return super().forward(cache, input_ids, position_ids, attend, structure, attention, logits_to_keep)
 
 
 class _RefBackend(decograph.backends.Backend):
