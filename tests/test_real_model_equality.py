@@ -105,7 +105,7 @@ def test_eos_inside_accepted_draft_ends_there(setup, name):
     model, tok, prompts, refs = setup
     program = load_strategy(name).program
     checked = 0
-    for ids, ref in zip(prompts[:8], refs[:8]):
+    for ids, ref in zip(prompts[:6], refs[:6]):
         if len(ref) < 12:
             continue
         eos = ref[len(ref) // 2]
@@ -114,11 +114,11 @@ def test_eos_inside_accepted_draft_ends_there(setup, name):
         assert r.new_token_ids == want, f"{name}: EOS {eos} not honoured exactly"
         assert r.stats.finish_reason == "eos"
         checked += 1
-    assert checked >= 4
+    assert checked >= 3
 
 
 @pytest.mark.parametrize("name", LOSSLESS)
-@pytest.mark.parametrize("budget", [0, 1, 2, 7, 9])
+@pytest.mark.parametrize("budget", [0, 1, 9])     # none, the prefill's token only, a cut inside drafts
 def test_max_new_tokens_exact(setup, name, budget):
     model, tok, prompts, refs = setup
     program = load_strategy(name).program

@@ -85,8 +85,9 @@ def test_structure_equals_the_dense_pattern(strategy: str, passes: str) -> None:
 @pytest.mark.real_model
 def test_triton_backend_on_the_default_model_gives_the_reference_tokens() -> None:
     model, tok = decograph.load_default_model()
-    prompts = ["Repeat exactly: red, green, blue, red, green, blue.", "What is 2 + 2? Answer briefly."]
-    # the interpreter is slow (30 layers of interpreted attention per forward): a few tokens
+    prompts = ["Repeat exactly: red, green, blue, red, green, blue."]
+    # the interpreter is slow (30 layers of interpreted attention per forward): one prompt, a
+    # few tokens (batches are covered on the tiny model above)
     ref = decograph.generate(model, tok, prompts, "anpd", 5, chat=True)
     out = decograph.generate(model, tok, prompts, "anpd", 5, chat=True, backend="triton")
     assert [r.new_token_ids for r in out] == [r.new_token_ids for r in ref]
