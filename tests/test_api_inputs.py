@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from decograph.api import generate
 from decograph.errors import InputError
@@ -119,20 +120,24 @@ def test_stop_strings_end_rows_where_transformers_ends_them(model, tok, strategy
     assert got[0].text.endswith(stops[0]) and stops[1] in got[1].text
 
 
+
+class Collect(BaseStreamer):
+    """A transformers streamer that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.puts: list[list[int]] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended += 1
+
+
 def test_a_stopped_row_decodes_no_further_and_streams_up_to_its_stop(model, tok) -> None:
     [free] = generate(model, tok, [ROWS[0]], "greedy", 24)
     stop = free.text[3:5]
-
-    class Collect:
-        def __init__(self) -> None:
-            self.puts: list[list[int]] = []
-            self.ended = 0
-
-        def put(self, value: torch.Tensor) -> None:
-            self.puts.append(value.reshape(-1).tolist())
-
-        def end(self) -> None:
-            self.ended += 1
 
     seen = Collect()
     [r] = generate(model, tok, [ROWS[0]], "greedy", 24, stop_strings=stop, streamer=seen)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from decograph.errors import InputError, UnsupportedError
 from decograph.hf_generate import CUSTOM_GENERATE_DIR, custom_generate, install_custom_generate
 from decograph.models.tiny import tiny_llama
 
-from tests.test_api_inputs import PAD, char_tokenizer, padded
+from tests.test_api_inputs import PAD, Collect, char_tokenizer, padded
 
 DIRECTORY = str(CUSTOM_GENERATE_DIR)
 FORMS = {"callable": {"custom_generate": custom_generate},
@@ -91,17 +90,6 @@ def test_the_callable_form_cannot_see_a_tokenizer_so_stop_strings_fail_in_transf
         model.generate(ids, attention_mask=mask, max_new_tokens=4, stop_strings=["ab"], tokenizer=tok,
                        custom_generate=custom_generate)
 
-
-class Collect(BaseStreamer):
-    def __init__(self) -> None:
-        self.puts: list[list[int]] = []
-        self.ended = 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts.append(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.ended += 1
 
 
 @pytest.mark.parametrize("form", FORMS)
