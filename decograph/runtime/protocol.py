@@ -57,6 +57,7 @@ class StepPlan:
     chains: list[list[list[int]]]       # the token chains the trees hold, in draft order
     chain_nodes: list[list[list[int]]]  # each chain's node ids in its tree
     pad_id: int = 0
+    hidden: bool = False                # a draft source needs the final hidden states (``StepOutput.hidden``)
 
 
 class StepOutput(ABC):
@@ -70,16 +71,31 @@ class StepOutput(ABC):
     def logits(self, b: int) -> np.ndarray:
         """Row ``b``'s logits [1 + nodes, V] (root first), as floats on the host."""
 
+    def hidden(self, b: int) -> np.ndarray:
+        """Only when the plan asked (``StepPlan.hidden``): row ``b``'s final hidden states (after
+        the final norm: the LM head's input), float32 [pending + nodes, H]: every pending token
+        in order (the root last), then each node of its tree."""
+        raise UnsupportedError(f"{type(self).__name__} does not return hidden states (draft heads need them)")
+
 
 class Batch(ABC):
     """A backend's batch of rows and their KV cache (see the module docstring)."""
 
     rows: list[Row]
     active: list[Row]
+    # Set by the runtime before ``prefill`` / ``admit`` when a draft source needs hidden states:
+    # keep, per row, the final hidden states of the last ``hidden_tail`` prefilled positions.
+    hidden_tail: int = 0
 
     @property
     @abstractmethod
     def forked(self) -> bool: ...
+
+    def prefill_hidden(self, row: Row) -> np.ndarray:
+        """After ``prefill`` / ``admit`` with ``hidden_tail`` > 0: ``row``'s final hidden states
+        (float32 [k, H]) of its last k = min(hidden_tail, cached) prefilled positions, in order
+        (the last one is the position just before the root); the batch may drop them after."""
+        raise UnsupportedError(f"{type(self).__name__} does not return hidden states (draft heads need them)")
 
     @abstractmethod
     def prefill(self) -> None: ...

@@ -1,0 +1,56 @@
+"""Where draft heads live: shipped with the package, or trained here and cached per model.
+
+A head belongs to one target model, named by ``model_fingerprint`` (its architecture and a
+sample of its embedding table: a fine-tuned copy is another model). ``resolve_head`` finds a
+head for a model: a path, or ``default`` (or empty): the head shipped in
+``decograph/heads/shipped/`` for that model, else the one ``decograph train-draft`` cached in
+``$XDG_CACHE_HOME/decograph/heads/<fingerprint>/head.npz``.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decograph.errors import ModelError
+from decograph.heads.spec import HeadWeights, load_head
+from decograph.measure_cache import cache_path
+
+__all__ = ["SHIPPED", "cached_head_path", "model_fingerprint", "resolve_head"]
+
+SHIPPED = Path(__file__).parent / "shipped"
+
+
+def model_fingerprint(config: Any, embed: np.ndarray) -> str:
+    """12 hex digits over the model's architecture and every 97th row of its input embedding."""
+    h = hashlib.sha256()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        h.update(f"{key}={getattr(config, key, None)};".encode())
+    h.update(np.ascontiguousarray(embed[::97], dtype=np.float32).tobytes())
+    return h.hexdigest()[:12]
+
+
+def cached_head_path(fingerprint: str) -> Path:
+    return cache_path("heads") / fingerprint / "head.npz"
+
+
+def resolve_head(spec: str, fingerprint: str, model_name: str = "the model") -> HeadWeights:
+    """The head ``spec`` names for the model ``fingerprint``: a file path, or ``default``/``""``
+    (shipped, else trained here). Errors say how to get one."""
+    if spec and spec != "default":
+        head = load_head(spec)
+        if head.config.model and head.config.model != fingerprint:
+            raise ModelError(f"{spec}: this draft head was trained for {head.config.model_name or 'another model'} "
+                             f"(fingerprint {head.config.model}), not {model_name} ({fingerprint})")
+        return head
+    for p in sorted(SHIPPED.glob("*.npz")):
+        head = load_head(p)
+        if head.config.model == fingerprint:
+            return head
+    p = cached_head_path(fingerprint)
+    if p.is_file():
+        return load_head(p)
+    raise ModelError(f"no draft head for {model_name} (fingerprint {fingerprint}): train one with "
+                     f"`decograph train-draft --model <the model>`, or name a head file with head=PATH")
