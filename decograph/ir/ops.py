@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, Iterator
 
+from decograph.ir.base import Block, Op, Value, operand
 from decograph.ir.types import Dim, Sym, Type, dim_add, dim_mul
 
 __all__ = [
     "Value", "Block", "Op", "OpDef", "OPS", "op_class", "Program",
     "Prefill", "DraftJacobi", "DraftGaussSeidelJacobi", "DraftNgram", "DraftNgramPool",
-    "DraftAdaptiveNgram", "DraftMask", "DraftModel", "DraftBranches", "Forward",
+    "DraftAdaptiveNgram", "DraftMask", "DraftModel", "DraftHead", "DraftBranches", "Forward",
     "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
     "UnmaskTopkPerStep", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
-    "MAX_DRAFT", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASKS", "KV_POLICIES", "UNTIL",
+    "MAX_DRAFT", "MAX_TREE", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASKS", "KV_POLICIES", "UNTIL",
     "LAYOUTS", "ROLLBACKS", "JOIN_RULES", "draft_chains",
 ]
 
 MAX_DRAFT = 64
+MAX_TREE = 256         # the most nodes one draft tree may hold (draft.head's ``nodes``)
 MASKS = ("causal", "tree", "block", "packed")
 JOIN_RULES = ("concat", "collect")        # built in; applications register more by name (NER: ner_dedup)
 KV_POLICIES = ("keep_accepted", "recompute", "block_approx", "block_approx_dual")
@@ -34,65 +36,6 @@ LAYOUTS = ("sequence", "batch")
 ROLLBACKS = ("copy", "in_place")
 UNTIL = ("eos", "max_new_tokens", "stop")
 B, V = Sym("B"), Sym("V")
-
-
-class Value:
-    """An SSA value: defined once, immutable, compared by identity."""
-
-    __slots__ = ("type",)
-
-    def __init__(self, type: Type) -> None:
-        self.type = type
-
-    def __repr__(self) -> str:
-        return f"<Value {self.type} @{id(self):x}>"
-
-
-@dataclass(frozen=True, eq=False)
-class Block:
-    """A region body: block parameters, then ops; the last op is a terminator (``yield``)."""
-
-    params: tuple[Value, ...]
-    ops: tuple[Op, ...]
-
-
-@dataclass(frozen=True, eq=False)
-class Op:
-    """Base of all ops. ``results`` are the values this op defines."""
-
-    results: tuple[Value, ...]
-    NAME: ClassVar[str] = ""
-
-    @classmethod
-    def operand_fields(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("operand"))
-
-    @classmethod
-    def attr_fields(cls) -> tuple[dataclasses.Field[Any], ...]:
-        return tuple(
-            f for f in dataclasses.fields(cls)
-            if f.name not in ("results", "body") and not f.metadata.get("operand")
-        )
-
-    @property
-    def operands(self) -> tuple[Value, ...]:
-        out: list[Value] = []
-        for name in self.operand_fields():
-            v = getattr(self, name)
-            out.extend(v if isinstance(v, tuple) else (v,))
-        return tuple(out)
-
-    def attrs(self) -> dict[str, Any]:
-        """Attributes by name, sorted (so printing is deterministic)."""
-        return {f.name: getattr(self, f.name) for f in sorted(self.attr_fields(), key=lambda f: f.name)}
-
-    @property
-    def result(self) -> Value:
-        return self.results[0]
-
-
-def operand(variadic: bool = False) -> Any:
-    return field(default=() if variadic else None, metadata={"operand": True, "variadic": variadic})
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,6 +122,21 @@ class DraftModel(Op):
     state: Value = operand()
     k: int = 4
     model: str = "draft"
+
+
+@dataclass(frozen=True, eq=False)
+class DraftHead(Op):
+    """A trained draft head (EAGLE) fed the model's hidden states drafts a token tree of at
+    most ``depth`` levels, expanding the ``topk`` most probable nodes per level into ``topk``
+    children each (EAGLE-2's dynamic tree), and keeps the best ``nodes`` nodes (0: as many as
+    pay, by the cost curve and the acceptance measured). ``head``: a head file, or ``default``."""
+
+    NAME = "draft.head"
+    state: Value = operand()
+    head: str = "default"
+    nodes: int = 0
+    depth: int = 6
+    topk: int = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,6 +298,13 @@ def _candidates_type(candidates: int, k: int) -> Type:
     return Type("Tokens", (B, k)) if candidates == 1 else Type("Tokens", (B, candidates, k))
 
 
+def _head_type(op: DraftHead) -> Type:
+    """``Tokens[B, C, depth]``: at most C chains (the tree's leaves: ``nodes``, ``N`` when the
+    runtime sizes it) of at most ``depth`` tokens; one chain when a level keeps one node."""
+    chains: Dim = 1 if op.topk == 1 or op.nodes == 1 else (op.nodes or Sym("N"))
+    return Type("Tokens", (B, chains, op.depth))
+
+
 def draft_chains(t: Type) -> Dim:
     """How many candidate chains a draft of type ``t`` holds (``Tokens[B, C, K]``: C)."""
     return t.shape[1] if t.rank > 2 else 1
@@ -379,6 +344,7 @@ _reg(DraftNgramPool, lambda op: (Type("Tokens", (B, op.candidates, op.n - 1)),))
 _reg(DraftAdaptiveNgram, lambda op: (_candidates_type(op.candidates, op.k),))
 _reg(DraftMask, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftModel, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftHead, lambda op: (_head_type(op),))
 _reg(DraftBranches, lambda op: (Type("Tokens", (B, len(op.prompts) or op.max_branches, Sym("L"))),))
 _reg(Forward, _forward_type)
 for _cls in (VerifyGreedy, VerifySampling, VerifyThreshold, UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep):

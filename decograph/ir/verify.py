@@ -31,6 +31,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "candidates": (1, O.MAX_DRAFT), "n": (2, 16), "max_n": (1, 16), "min_n": (1, 16),
     "max_branches": (1, O.MAX_DRAFT), "max_tokens": (0, 1 << 20), "threshold": (0.0, 1.0), "top_p": (1e-9, 1.0),
     "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "max_steps": (0, 1 << 30),
+    "nodes": (0, O.MAX_TREE), "depth": (1, O.MAX_DRAFT), "topk": (1, O.MAX_DRAFT),
 }
 _RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16)}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -167,6 +168,9 @@ class _Checker:
                 raise self.fail(op, field, f"{value!r} is not one of {', '.join(choices)}", f"use one of {', '.join(choices)}")
         if isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)) and op.min_n > op.max_n:
             raise self.fail(op, "field 'min_n'", f"min_n={op.min_n} exceeds max_n={op.max_n}", "make min_n <= max_n")
+        if isinstance(op, O.DraftHead) and not op.head.strip():
+            raise self.fail(op, "field 'head'", "names no head", "use head=default (the model's shipped or trained "
+                            "head) or the path of a head file")
         if isinstance(op, O.Iterate):
             bad = [u for u in op.until if u not in O.UNTIL]
             if not op.until:

@@ -38,6 +38,12 @@ def draft_size(op: O.Op) -> tuple[sympy.Expr, sympy.Expr, dict[sympy.Symbol, int
         return C, N - 1, {C: op.candidates, N: op.n}
     if isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)):
         return C, K, {C: op.candidates, K: op.k}
+    if isinstance(op, O.DraftHead):
+        # A tree, not C chains of K: its node count (``nodes``, or the runtime's choice, about
+        # a full level per depth) spread over its leaves, so chains * tokens counts its nodes.
+        chains = 1 if op.topk == 1 or op.nodes == 1 else min(op.topk, op.nodes or op.topk)
+        total = op.nodes or op.topk * op.depth
+        return sympy.Integer(chains), sympy.Rational(total, chains), {}
     k = getattr(op, "k", 1)
     return sympy.Integer(1), K, {K: k}
 

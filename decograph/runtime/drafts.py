@@ -9,14 +9,14 @@ lives in ``row.scratch[id(op)]``.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 from decograph.errors import UnsupportedError
 from decograph.ir import ops as O
-from decograph.passes.cost import DEFAULT_CURVE, CostCurve
+from decograph.runtime.heads import HeadDraft
 from decograph.runtime.rows import Row
+from decograph.runtime.source import DraftSource
 
 __all__ = ["make_source", "ModelDraft", "DraftSource", "SOURCES", "BUCKETS", "FIRST_PRIOR", "LATER_PRIOR",
            "match_level", "pool_add"]
@@ -40,41 +40,6 @@ def pool_add(pool: dict[int, list[tuple[int, ...]]], gram: tuple[int, ...]) -> N
         lst.remove(gram[1:])
     lst.append(gram[1:])
     del lst[:-POOL_CAP]
-
-
-class DraftSource(ABC):
-    """Base of the draft sources. ``observes_all``: ``observe`` sees every draft of the forward."""
-
-    observes_all = False
-
-    def __init__(self, op: O.Op) -> None:
-        self.op = op
-        self.cost: CostCurve = DEFAULT_CURVE      # the interpreter sets the model's measured curve
-        self.rows = 1                             # rows in this step's forward (the interpreter sets it)
-
-    def step_cost(self, width: int) -> float:
-        """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
-        query tokens: the batch's query tokens on the one-row curve (which includes the padding
-        to the cheapest width). A batch already fills the matrix units, so a wider step costs
-        nearly in proportion there: load-aware drafting drafts less, or not at all."""
-        return self.cost(self.rows * width)
-
-    def memory(self, row: Row) -> Any:
-        key = id(self.op)
-        if key not in row.scratch:
-            row.scratch[key] = self.fresh(row)
-        return row.scratch[key]
-
-    def fresh(self, row: Row) -> Any:
-        return None
-
-    @abstractmethod
-    def propose(self, row: Row, limit: int) -> list[list[int]]:
-        """Chains of guessed tokens following the row's last token, each at most ``limit`` long."""
-
-    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
-        """``preds[c]``: the model's argmax at the root, then after each node of chain ``c``;
-        ``committed``: how many tokens the row committed this step (accepted drafts + bonus)."""
 
 
 class Jacobi(DraftSource):
@@ -367,15 +332,23 @@ class ModelDraft(DraftSource):
         return [list(self.runner.greedy(self.memory(row), row.tokens, k))]
 
 
-def make_source(op: O.Op, draft_models: dict[str, Any]) -> DraftSource:
+def make_source(op: O.Op, draft_models: dict[str, Any], draft_heads: dict[str, Any] | None = None) -> DraftSource:
     """The runtime source for a draft op (raises ``UnsupportedError`` naming the op);
-    ``draft_models``: name -> the backend's draft runner for ``draft.model(model=NAME)``."""
+    ``draft_models``: name -> the backend's draft runner for ``draft.model(model=NAME)``;
+    ``draft_heads``: head name -> a head runner for ``draft.head(head=NAME)``."""
     if isinstance(op, O.DraftModel):
         if op.model not in draft_models:
             raise UnsupportedError(
                 f"draft.model(model={op.model}) needs a draft model: pass draft_models={{'{op.model}': model}}"
             )
         return ModelDraft(op, draft_models[op.model])
+    if isinstance(op, O.DraftHead):
+        if op.head not in (draft_heads or {}):
+            raise UnsupportedError(
+                f"draft.head(head={op.head}) has no head runner: decograph.generate binds the model's head "
+                f"(train one with `decograph train-draft`), or pass draft_heads={{'{op.head}': runner}}"
+            )
+        return HeadDraft(op, (draft_heads or {})[op.head])
     cls = SOURCES.get(type(op))
     if cls is None:
         raise UnsupportedError(

@@ -26,6 +26,7 @@ from decograph.runtime.branches import Branch, find_branches, join_rule
 from decograph.runtime.drafts import DraftSource, make_source
 from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
 from decograph.runtime.rows import DraftTree, Row
+from decograph.runtime.trace import trace_step
 from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
                                       start_canvases, unmask_loop)
 from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
@@ -52,6 +53,7 @@ class RunConfig:
     pad_token_id: int = 0
     seed: int | None = None
     draft_models: dict[str, Any] = field(default_factory=dict)   # name -> a backend's draft runner
+    draft_heads: dict[str, Any] = field(default_factory=dict)    # draft.head(head=NAME) -> a head runner
     cost_curve: CostCurve = DEFAULT_CURVE
     tokenizer: Any = None               # for text branch prompts (draft.branches)
     branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
@@ -109,30 +111,6 @@ class _Accepted:
     paths: list[tuple[list[int], int]]   # per active row: accepted node ids, bonus token
 
 
-def _trace_step(fwd: _Forwarded, b: int, row: Row, path: list[int], bonus: int, committed: list[int],
-                start: int) -> dict[str, Any]:
-    """The trace record of row ``b``'s step (before its counters move): the draft tree (tokens,
-    parent pointers, and per node the draft op and chain that first proposed it), the accepted
-    node ids and tokens, the bonus token, what was committed after EOS/budget clipping and the
-    position in the generated sequence where it starts. Ints, strings and lists only."""
-    tree = fwd.plan.trees[b]
-    source, chain = [-1] * len(tree), [-1] * len(tree)
-    k = 0
-    for d, per_draft in enumerate(fwd.nodes):
-        for ids in per_draft[b]:
-            for node in ids:
-                if source[node] < 0:
-                    source[node], chain[node] = d, k
-            k += 1
-    return {"kind": "step", "row": row.index, "step": row.steps, "start": start,
-            "draft": {"tokens": [int(t) for t in tree.tokens], "parent": list(tree.parent), "source": source,
-                      "chain": chain},
-            "sources": [d.source.op.NAME for d in fwd.drafts],
-            "accepted": {"nodes": list(path), "tokens": [int(tree.tokens[i]) for i in path]},
-            "bonus": int(bonus), "committed": [int(t) for t in committed], "done": row.done,
-            "finish_reason": row.finish_reason or None}
-
-
 def _fit(drafts: list[_Drafted], room: list[int], dedup: bool) -> None:
     """Cut each row's chains (in draft order) so that its merged tree has at most ``room[b]``
     nodes: a chain keeps the nodes the tree already has and as many new ones as fit."""
@@ -162,8 +140,8 @@ class Interpreter:
             self.unmask = unmask_loop(program, engine.supports_kv, engine.name)
         for op in (() if self.unmask else program.walk()):
             if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
-                self.sources[id(op)] = make_source(op, config.draft_models)
-                self.sources[id(op)].cost = config.cost_curve
+                src = self.sources[id(op)] = make_source(op, config.draft_models, config.draft_heads)
+                src.cost, src.max_query = config.cost_curve, getattr(engine, "max_query", None) or 0
             elif isinstance(op, O.UNMASK_OPS):
                 raise UnsupportedError(f"{op.NAME} needs a masked-diffusion model, the model is a causal LM")
             elif isinstance(op, O.Commit) and op.kv in ("block_approx", "block_approx_dual"):
@@ -182,6 +160,7 @@ class Interpreter:
         self.state: Batch | None = None
         self.wall = 0.0
         self.adapter: Any = None            # the caller's model adapter, when it keeps statistics on it
+        self.hidden = [s for s in self.sources.values() if s.hidden_tail]    # sources fed hidden states
 
     @property
     def tokenizer(self) -> Any:
@@ -240,7 +219,9 @@ class Interpreter:
             rows = [Row(i, list(p), len(p), n) for i, p, n in got.new]
             if self.cfg.trace is not None:
                 self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": r.n_prompt} for r in rows)
+            state.hidden_tail = max((s.hidden_tail for s in self.hidden), default=0)
             state.admit([r for r in rows if r.max_new > 0])
+            self._prefilled(state, [r for r in rows if r.max_new > 0 and not r.done])
             for r in rows:
                 if r.max_new <= 0:
                     r.done, r.finish_reason = True, "max_new_tokens"
@@ -290,8 +271,17 @@ class Interpreter:
         if self.cfg.trace is not None:
             self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": r.n_prompt} for r in rows)
         state = self.state = self.engine.start(rows)
+        state.hidden_tail = max((s.hidden_tail for s in self.hidden), default=0)
         state.prefill()
+        self._prefilled(state, state.active)
         return state
+
+    def _prefilled(self, state: Batch, rows: list[Row]) -> None:
+        """The hidden-state sources take the prompts' last hidden states."""
+        for r in rows if self.hidden else ():
+            h = state.prefill_hidden(r)
+            for s in self.hidden:
+                s.take_hidden(r, h, r.cached - len(h))
 
     def _forward(self, op: O.Forward, state: Batch, drafts: list[_Drafted]) -> _Forwarded:
         """Merge every draft's chains into one tree per row (a trie with ``dedup``) and run the
@@ -304,7 +294,8 @@ class Interpreter:
         nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(n)] for d in drafts]
         chains = [[c for d in drafts for c in d.chains[b]] for b in range(n)]
         chain_nodes = [[ids for per_draft in nodes for ids in per_draft[b]] for b in range(n)]
-        plan = StepPlan(op.mask, op.layout, trees, chains, chain_nodes, self.cfg.pad_token_id)
+        plan = StepPlan(op.mask, op.layout, trees, chains, chain_nodes, self.cfg.pad_token_id,
+                        hidden=bool(self.hidden) and self.cfg.drafts)
         pending = [len(r.pending) for r in state.active]
         rows = list(state.active)
         return _Forwarded(rows, plan, drafts, nodes, pending, state.forward(plan))
@@ -328,6 +319,8 @@ class Interpreter:
         acc: _Accepted = env[id(op.accepted)]
         fwd = acc.forwarded
         keep = op.kv == "keep_accepted"
+        hidden = [fwd.out.hidden(b) for b in range(len(fwd.rows))] if fwd.plan.hidden else None
+        first = [row.cached for row in fwd.rows]
         state.commit(fwd.out, [p for p, _ in acc.paths], keep)
         events = []
         for b, (row, (path, bonus)) in enumerate(zip(fwd.rows, acc.paths)):
@@ -336,12 +329,16 @@ class Interpreter:
             start = len(row.tokens) - row.n_prompt
             committed = self._append(row, [tree.tokens[i] for i in path] + [bonus])
             if self.cfg.trace is not None and row.branch < 0:
-                self.cfg.trace.append(_trace_step(fwd, b, row, path, bonus, committed, start))
+                self.cfg.trace.append(trace_step(fwd, b, row, path, bonus, committed, start))
             if row.branch >= 0 and committed:
                 self._logprobs(fwd, b, row, path, committed)
             row.accepted.append(len(path))
             row.drafted.append(len(tree))
             row.steps += 1
+            if hidden is not None and not row.done:   # the pending tokens', then the accepted nodes'
+                h = hidden[b][list(range(fwd.pending[b])) + [fwd.pending[b] + i for i in path]]
+                for s in self.hidden:
+                    s.take_hidden(row, h, first[b])
             self._observe(fwd, b, row, len(committed))
             if row.branch < 0:
                 events.append(Event(row.index, tuple(committed), row.done))

@@ -283,6 +283,22 @@ strategy parallel "branches with \\"quotes\\", \\\\ and \\u00fcn\\u00efcode" {
 ''',
 }
 
+PROGRAMS["eagle"] = '''\
+strategy eagle {
+  %0 = prefill(%prompt) : State
+  %1 = iterate(%0, max_steps=0, until=[eos, max_new_tokens]) : State {
+  ^(%2: State):
+    %3 = draft.head(%2, depth=5, head="heads/my head.npz", nodes=0, topk=4) : Tokens[B, N, 5]
+    %4 = draft.head(%2, depth=3, head=default, nodes=10, topk=8) : Tokens[B, 10, 3]
+    %5 = forward(%2, %3, %4, dedup=true, layout=sequence, mask=tree) : Logits[B, 5*N + 31, V]
+    %6 = verify.greedy(%2, %5, %3, %4) : Tokens[B, A]
+    %7 = commit(%2, %6, kv=keep_accepted, rollback=in_place) : State
+    yield(%7)
+  }
+  %8 = emit(%1) : Tokens[B, G]
+}
+'''
+
 OP_PROGRAM = {
     "prefill": "jacobi", "iterate": "jacobi", "yield": "jacobi", "emit": "jacobi", "commit": "jacobi",
     "forward": "jacobi", "draft.jacobi": "jacobi", "draft.gauss_seidel_jacobi": "jacobi",
@@ -291,7 +307,7 @@ OP_PROGRAM = {
     "verify.sampling": "tree_spec",
     "draft.mask": "diffusion", "unmask.threshold": "diffusion", "unmask.factor": "diffusion",
     "unmask.topk_per_step": "diffusion",
-    "draft.branches": "parallel", "fork": "parallel", "join": "parallel",
+    "draft.branches": "parallel", "fork": "parallel", "join": "parallel", "draft.head": "eagle",
 }
 
 

@@ -1,0 +1,241 @@
+"""``draft.head``: a trained draft head (EAGLE) drafts a token tree from the model's hidden states.
+
+The head (``decograph.heads.spec``) reads pairs ``(f_i, t_{i+1})``: the model's final hidden
+state at position ``i`` and the token that followed. It predicts ``f_{i+1}``, whose logits over
+the head's vocabulary guess ``t_{i+2}``. Per row the source keeps the head's K/V over the
+committed pairs (a window of the last ``CONTEXT`` positions), fed from the prompt's last hidden
+states (``Batch.prefill_hidden``) and then from each step's pending tokens and accepted nodes
+(``StepOutput.hidden``). A step:
+
+1. one head call over the pairs committed since the last step (causal); its last output is
+   the root's predicted feature, whose ``topk`` most probable tokens form the first level;
+2. EAGLE-2's dynamic tree: per level, the ``topk`` newest nodes with the highest cumulative
+   draft probability are expanded (one head call per level: each node attends to the
+   committed K/V and its ancestors' and is fed its parent's predicted feature), each into its
+   ``topk`` most probable children;
+3. the best nodes by cumulative probability (ancestor-closed) are kept: ``nodes`` of them, or
+   with ``nodes=0`` the count with the most expected tokens per unit of forward cost, a node's
+   expected acceptance being its draft probability calibrated on this row against what verify
+   accepted (decayed, so a head that is often wrong drafts less, and is tried again later).
+
+The kept nodes go out as root-to-leaf chains (the forward's trie merges them). Draft nodes'
+K/V never stays: accepted ones come back as committed pairs with the model's own hidden
+states. The runner is opaque (``NumpyHead``'s interface: ``config``, ``vocab_ids``, ``step``,
+``logits``), so an ONNX head runs here as well as the numpy one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from decograph.ir import ops as O
+from decograph.runtime.rows import Row
+from decograph.runtime.source import DraftSource
+
+__all__ = ["HeadDraft", "CONTEXT", "BINS", "DECAY"]
+
+CONTEXT = 512           # committed positions whose head K/V a row keeps (and prompt positions read)
+BINS = 10               # calibration bins over a node's cumulative draft probability
+DECAY = 0.95            # per step, as ANPD's acceptance rates: old evidence fades towards the prior
+PRIOR_WEIGHT = 2.0      # the prior (the draft probability itself) counts as this many nodes
+
+
+@dataclass
+class _Node:
+    token: int
+    parent: int             # index of the parent node, -1: a child of the root
+    depth: int              # 1 for the root's children
+    logp: float             # cumulative log draft probability
+    feat: np.ndarray        # the feature its pair is fed: its parent's predicted one
+    slot: int = -1          # its K/V's index among the step's draft K/V, once expanded
+
+
+@dataclass
+class _Memory:
+    """One row's head state: K/V of the pairs at positions ``start .. end - 1``, the model's
+    hidden states of positions ``end ..`` not fed yet, and the acceptance calibration."""
+
+    k: np.ndarray
+    v: np.ndarray
+    start: int = 0
+    feats: list[np.ndarray] = field(default_factory=list)
+    root: np.ndarray | None = None          # the last fed pair's output: position ``end``'s feature
+    hits: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    tries: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    drafted: list[tuple[tuple[int, ...], float]] = field(default_factory=list)   # last step: path, p
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.k)
+
+    def restart(self, start: int) -> None:
+        self.k, self.v, self.start, self.feats, self.root = self.k[:0], self.v[:0], start, [], None
+
+    def acceptance(self, p: float) -> float:
+        """The chance a node of draft probability ``p`` is accepted, as measured on this row."""
+        b = min(BINS - 1, int(p * BINS))
+        return float((self.hits[b] + PRIOR_WEIGHT * (b + 0.5) / BINS) / (self.tries[b] + PRIOR_WEIGHT))
+
+
+class HeadDraft(DraftSource):
+    """``draft.head``'s source over a head runner (see the module docstring)."""
+
+    hidden_tail = CONTEXT
+
+    def __init__(self, op: O.Op, runner: Any) -> None:
+        super().__init__(op)
+        self.runner = runner
+        self.vocab = np.asarray(runner.vocab_ids, dtype=np.int64)
+        c = runner.config
+        self.kv_shape = (int(c.kv_heads), int(c.head_dim))
+
+    def fresh(self, row: Row) -> _Memory:
+        empty = np.zeros((0, *self.kv_shape), np.float32)
+        return _Memory(empty, empty.copy())
+
+    # -- feeding the committed pairs -------------------------------------------------------
+
+    def take_hidden(self, row: Row, hidden: np.ndarray, first: int) -> None:
+        mem: _Memory = self.memory(row)
+        n = min(len(hidden), len(row.tokens) - 1 - first)   # pairs need the token after them
+        if n <= 0:
+            return
+        known = mem.end + len(mem.feats)
+        if first > known or (not len(mem.k) and not mem.feats):
+            mem.restart(first)            # a gap (a join, an admitted row): the window starts here
+            known = first
+        if known - first < n:
+            mem.feats.extend(np.asarray(hidden[known - first : n], dtype=np.float32))
+        if len(mem.feats) > CONTEXT:
+            last = mem.end + len(mem.feats)
+            feats = mem.feats[-CONTEXT:]
+            mem.restart(last - CONTEXT)
+            mem.feats = feats
+
+    def _feed(self, row: Row, mem: _Memory) -> None:
+        """One causal head call over the pairs not fed yet."""
+        if not mem.feats:
+            return
+        n, end = len(mem.feats), mem.end
+        tokens = np.asarray(row.tokens[end + 1 : end + 1 + n], dtype=np.int64)
+        out, k, v = self.runner.step(np.stack(mem.feats), tokens, np.arange(end, end + n), mem.k, mem.v)
+        mem.k = np.concatenate([mem.k, np.asarray(k, np.float32)])
+        mem.v = np.concatenate([mem.v, np.asarray(v, np.float32)])
+        mem.feats, mem.root = [], np.asarray(out[-1], dtype=np.float32)
+        if len(mem.k) > CONTEXT:
+            cut = len(mem.k) - CONTEXT
+            mem.k, mem.v, mem.start = mem.k[cut:], mem.v[cut:], mem.start + cut
+
+    # -- drafting ----------------------------------------------------------------------------
+
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        mem: _Memory = self.memory(row)
+        mem.drafted = []
+        depth = min(int(self.op.depth), limit)
+        if depth <= 0:
+            return []
+        self._feed(row, mem)
+        if mem.root is None or mem.end != len(row.tokens) - 1:
+            return []                     # the root's feature is not predicted (yet): no hidden states
+        pending = len(row.pending)
+        cap = int(self.op.nodes) or O.MAX_TREE
+        if self.max_query:
+            cap = min(cap, self.max_query - pending)
+        if cap <= 0:
+            return []
+        nodes = self._grow(row, mem, depth, cap, pending)
+        return self._chains(mem, nodes, self._keep(mem, nodes, cap, pending))
+
+    def _children(self, nodes: list[_Node], parent: int, logp: float, feat: np.ndarray, logits: np.ndarray,
+                  depth: int) -> list[int]:
+        """Append the ``topk`` most probable children of ``parent``; their indices."""
+        logits = np.asarray(logits, dtype=np.float64)
+        lp = logits - (logits.max() + math.log(np.exp(logits - logits.max()).sum()))
+        k = min(int(self.op.topk), len(lp))
+        top = np.argpartition(-lp, k - 1)[:k]
+        top = top[np.argsort(-lp[top], kind="stable")]
+        first = len(nodes)
+        nodes.extend(_Node(int(self.vocab[j]), parent, depth, logp + float(lp[j]), feat) for j in top)
+        return list(range(first, len(nodes)))
+
+    def _grow(self, row: Row, mem: _Memory, depth: int, cap: int, pending: int) -> list[_Node]:
+        """The dynamic tree: the root's children, then per level the best ``topk`` new nodes
+        expanded by one head call, until ``depth`` or until no expansion could be kept."""
+        assert mem.root is not None
+        nodes: list[_Node] = []
+        frontier = self._children(nodes, -1, 0.0, mem.root, self.runner.logits(mem.root[None])[0], 1)
+        base = len(row.tokens) - 2          # the last committed pair's position
+        dk, dv = mem.k[:0], mem.v[:0]       # the draft nodes' K/V, this step only
+        for d in range(1, depth):
+            kept = set(self._keep(mem, nodes, cap, pending))
+            frontier = [i for i in frontier if i in kept]     # a child scores no better than its parent
+            if not frontier:
+                break
+            q, P, D = len(frontier), len(mem.k), len(dk)
+            mask = np.zeros((q, P + D + q), dtype=bool)
+            mask[:, :P] = True
+            for j, i in enumerate(frontier):
+                a = nodes[i].parent
+                while a >= 0:
+                    mask[j, P + nodes[a].slot] = True
+                    a = nodes[a].parent
+                mask[j, P + D + j] = True
+                nodes[i].slot = D + j
+            out, k, v = self.runner.step(np.stack([nodes[i].feat for i in frontier]),
+                                         np.asarray([nodes[i].token for i in frontier], dtype=np.int64),
+                                         np.full(q, base + d), np.concatenate([mem.k, dk]),
+                                         np.concatenate([mem.v, dv]), mask)
+            dk, dv = np.concatenate([dk, np.asarray(k, np.float32)]), np.concatenate([dv, np.asarray(v, np.float32)])
+            logits = self.runner.logits(out)
+            new: list[int] = []
+            for j, i in enumerate(frontier):
+                new += self._children(nodes, i, nodes[i].logp, np.asarray(out[j], np.float32), logits[j], d + 1)
+            frontier = sorted(new, key=lambda i: -nodes[i].logp)[: int(self.op.topk)]
+        return nodes
+
+    def _keep(self, mem: _Memory, nodes: list[_Node], cap: int, pending: int) -> list[int]:
+        """The nodes to draft, best first (a parent before its children): the ``cap`` most
+        probable, cut (``nodes=0``) to the count with the most expected tokens per unit of cost."""
+        order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, nodes[i].depth))
+        kept: list[int] = []
+        inside: set[int] = set()
+        for i in order:
+            if len(kept) >= cap:
+                break
+            if nodes[i].parent < 0 or nodes[i].parent in inside:
+                kept.append(i)
+                inside.add(i)
+        if self.op.nodes:
+            return kept
+        best, best_ratio, expected = 0, 1.0 / self.step_cost(pending), 1.0
+        for c, i in enumerate(kept, 1):
+            expected += mem.acceptance(math.exp(nodes[i].logp))
+            ratio = expected / self.step_cost(pending + c)
+            if ratio > best_ratio + 1e-12:
+                best, best_ratio = c, ratio
+        return kept[:best]
+
+    def _chains(self, mem: _Memory, nodes: list[_Node], kept: list[int]) -> list[list[int]]:
+        """Root-to-leaf chains of the kept nodes, the most probable leaf first."""
+        paths: dict[int, tuple[int, ...]] = {}
+        for i in kept:                      # parents come first
+            n = nodes[i]
+            paths[i] = (paths[n.parent] if n.parent >= 0 else ()) + (n.token,)
+        mem.drafted = [(paths[i], math.exp(nodes[i].logp)) for i in kept]
+        inner = {nodes[i].parent for i in kept}
+        return [list(paths[i]) for i in kept if i not in inner]
+
+    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
+        """Calibration: each drafted node was accepted iff its path is what the row committed."""
+        mem: _Memory = self.memory(row)
+        mem.hits *= DECAY
+        mem.tries *= DECAY
+        new = row.tokens[len(row.tokens) - committed:]
+        for path, p in mem.drafted:
+            b = min(BINS - 1, int(p * BINS))
+            mem.tries[b] += 1.0
+            mem.hits[b] += float(list(path) == new[: len(path)])
+        mem.drafted = []

@@ -1,0 +1,62 @@
+"""The base of the draft sources (``decograph.runtime.drafts``, ``decograph.runtime.heads``).
+
+A source proposes, per row, chains of guessed tokens following the row's root (its last
+committed token); ``observe`` then shows it what the step verified. Its per-row memory lives
+in ``row.scratch[id(op)]``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from decograph.ir import ops as O
+from decograph.passes.cost import DEFAULT_CURVE, CostCurve
+from decograph.runtime.rows import Row
+
+__all__ = ["DraftSource"]
+
+
+class DraftSource(ABC):
+    """Base of the draft sources. ``observes_all``: ``observe`` sees every draft of the forward.
+    ``hidden_tail`` > 0: the source reads the model's final hidden states (``take_hidden``),
+    the last ``hidden_tail`` positions of each prompt first."""
+
+    observes_all = False
+    hidden_tail = 0
+
+    def __init__(self, op: O.Op) -> None:
+        self.op = op
+        self.cost: CostCurve = DEFAULT_CURVE      # the interpreter sets the model's measured curve
+        self.rows = 1                             # rows in this step's forward (the interpreter sets it)
+        self.max_query = 0                        # the backend's widest step (0: any; the interpreter sets it)
+
+    def step_cost(self, width: int) -> float:
+        """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
+        query tokens: the batch's query tokens on the one-row curve (which includes the padding
+        to the cheapest width). A batch already fills the matrix units, so a wider step costs
+        nearly in proportion there: load-aware drafting drafts less, or not at all."""
+        return self.cost(self.rows * width)
+
+    def memory(self, row: Row) -> Any:
+        key = id(self.op)
+        if key not in row.scratch:
+            row.scratch[key] = self.fresh(row)
+        return row.scratch[key]
+
+    def fresh(self, row: Row) -> Any:
+        return None
+
+    @abstractmethod
+    def propose(self, row: Row, limit: int) -> list[list[int]]:
+        """Chains of guessed tokens following the row's last token, each at most ``limit`` long."""
+
+    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
+        """``preds[c]``: the model's argmax at the root, then after each node of chain ``c``;
+        ``committed``: how many tokens the row committed this step (accepted drafts + bonus)."""
+
+    def take_hidden(self, row: Row, hidden: np.ndarray, first: int) -> None:
+        """Sources with ``hidden_tail``: the model's final hidden states [k, H] of ``row``'s
+        committed positions ``first .. first + k - 1``, in order (a prompt's last positions,
+        then each step's pending tokens and accepted nodes)."""
