@@ -14,6 +14,11 @@ fork copies each row's cache row once per branch; join restores the forked rows'
 
 The lowering choices of ``forward`` (``mask``/``layout``) all run as one tree-masked forward
 of the whole batch here: their tokens are the same, and this graph has no cheaper form.
+
+Draft heads: on a graph built with the ``hidden`` output (``graph.hidden_output``) a plan with
+``hidden`` returns each row's final hidden states (``StepOutput.hidden``), and a prompt's
+forward keeps its last ``hidden_tail`` positions' (``Batch.prefill_hidden``) and its root's
+(the first step's pending token, computed by that forward).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from decograph.backends.onnxruntime.kv import KV, NEG, StepSession, causal_mask
+from decograph.errors import UnsupportedError
 from decograph.runtime.protocol import Batch, Engine, StepOutput, StepPlan
 from decograph.runtime.rows import DraftTree, Row
 
@@ -60,12 +66,16 @@ def tree_masks(lengths: np.ndarray, pending: list[int], trees: list[DraftTree], 
 
 class OrtOutput(StepOutput):
     """A step's logits [B, w, V] (the session's reused buffer: read before the next step);
-    a row whose root was computed by its prompt's forward (``roots[b]``) reads it there."""
+    a row whose root was computed by its prompt's forward (``roots[b]``) reads it there.
+    ``states``: the step's final hidden states [B, w, H] when the plan asked, and
+    ``root_states[b]`` a prompt-computed root's."""
 
     def __init__(self, logits: np.ndarray | None, fed: list[int], sizes: list[int],
-                 roots: list[np.ndarray | None]) -> None:
+                 roots: list[np.ndarray | None], states: np.ndarray | None = None,
+                 root_states: list[np.ndarray | None] | None = None) -> None:
         self.raw, self.fed, self.sizes, self.roots = logits, fed, sizes, roots
         self.best = logits.argmax(-1) if logits is not None else None
+        self.states, self.root_states = states, root_states
 
     def argmax(self, b: int) -> list[int]:
         n, root = self.sizes[b], self.roots[b]
@@ -78,6 +88,19 @@ class OrtOutput(StepOutput):
         if root is None:
             return np.array(self.raw[b, self.fed[b] - 1:self.fed[b] + n], np.float32)
         return np.concatenate([root[None], self.raw[b, :n]]) if n else np.array(root[None], np.float32)
+
+    def hidden(self, b: int) -> np.ndarray:
+        """Row ``b``'s final hidden states, float32 [pending + nodes, H] (a copy)."""
+        n, fed = self.sizes[b], self.fed[b]
+        missing = UnsupportedError("this forward was not asked for hidden states (StepPlan.hidden)")
+        if self.roots[b] is None:
+            if self.states is None:
+                raise missing
+            return np.array(self.states[b, :fed + n], np.float32)
+        mine = self.root_states[b] if self.root_states is not None else None
+        if mine is None or n and self.states is None:
+            raise missing
+        return np.concatenate([mine[None], self.states[b, :n]]) if n else mine[None].copy()
 
 
 @dataclass
@@ -102,6 +125,10 @@ class OrtBatch(Batch):
     _stack: list[_Level] = field(default_factory=list)
     _fed: list[int] = field(default_factory=list)
     filler: bool = True                 # a batch's one-token steps get the filler row too
+    # draft heads (a graph with the ``hidden`` output): per row (by id) its prompt forward's last
+    # ``hidden_tail`` positions' final hidden states, and its prompt-computed root's
+    _tails: dict[int, np.ndarray] = field(default_factory=dict)
+    _root_states: dict[int, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.active = [r for r in self.rows if not r.done]
@@ -132,12 +159,29 @@ class OrtBatch(Batch):
         self._gather([], caches)
 
     def _prompt(self, r: Row, kv: KV) -> np.ndarray:
-        """Row ``r``'s prompt forward into ``kv`` (a cache of its own); its root's logits."""
+        """Row ``r``'s prompt forward into ``kv`` (a cache of its own); its root's logits. On a
+        graph with hidden states, the root's and the last ``hidden_tail`` positions' are kept."""
         n = len(r.tokens)
-        logits = self.step.run(kv, np.array([r.tokens], np.int64), np.arange(n, dtype=np.int64)[None],
-                               causal_mask(n, 0), 1)
+        states = bool(self.step.hidden_size)
+        got = self.step.run(kv, np.array([r.tokens], np.int64), np.arange(n, dtype=np.int64)[None],
+                            causal_mask(n, 0), 1, hidden=states)
         r.cached, r.prefill_forwards, r.forwards = n - 1, 1, 1
+        if not states:
+            return np.array(got[0, -1], np.float32)
+        logits, hidden = got
+        self._root_states[id(r)] = hidden[0, n - 1].copy()
+        if self.hidden_tail > 0:
+            self._tails[id(r)] = hidden[0, max(0, n - 1 - self.hidden_tail):n - 1].copy()
         return np.array(logits[0, -1], np.float32)
+
+    def prefill_hidden(self, row: Row) -> np.ndarray:
+        """``row``'s final hidden states of its last min(``hidden_tail``, cached) prefilled
+        positions (float32 [k, H]; none for a one-token prompt), as its prompt forward gave them."""
+        if not self.step.hidden_size:
+            raise UnsupportedError(f"{self.step.path}: this step graph was exported without hidden states; draft "
+                                   f"heads need one exported for a program with draft.head")
+        got = self._tails.get(id(row))
+        return got if got is not None else np.zeros((0, self.step.hidden_size), np.float32)
 
     def _gather(self, old: list[np.ndarray], caches: list[KV | None]) -> None:
         """The batch's cache: ``old``'s rows (host buffers of the rows already in the batch,
@@ -181,15 +225,23 @@ class OrtBatch(Batch):
     def forward(self, plan: StepPlan) -> OrtOutput:
         kv = self.kv
         assert kv is not None
+        if plan.hidden and not self.step.hidden_size:
+            raise UnsupportedError(f"{self.step.path}: this step graph was exported without hidden states; draft "
+                                   f"heads need one exported for a program with draft.head")
         trees = plan.trees
         roots = list(self.roots)
         fed = [0 if roots[b] is not None else len(r.pending) for b, r in enumerate(self.active)]
         sizes = [len(t) for t in trees]
         w = max(p + n for p, n in zip(fed, sizes))
         self._fed = fed
+        root_states = None
+        if plan.hidden:
+            root_states = [self._root_states.get(id(r)) if roots[b] is not None else None
+                           for b, r in enumerate(self.active)]
+        self._root_states.clear()
         if w == 0:                                  # every root computed already, nothing drafted
             self.roots = [None] * len(self.active)
-            return OrtOutput(None, fed, sizes, roots)
+            return OrtOutput(None, fed, sizes, roots, None, root_states)
         b_n = len(self.active)
         if b_n == 1 or self.filler:
             w = max(w, MIN_ROWS)                    # a filler query row: never a one-row product
@@ -206,16 +258,17 @@ class OrtBatch(Batch):
                 pos[b, p:p + n] = base + p - 1 + np.asarray(tree.depth)
                 chain_only = chain_only and all(par == i - 1 for i, par in enumerate(tree.parent))
         if b_n == 1 and chain_only:
-            logits = self.step.run(kv, ids, pos, causal_mask(w, kv.length))
+            got = self.step.run(kv, ids, pos, causal_mask(w, kv.length), hidden=plan.hidden)
         else:
-            logits = self.step.run(kv, ids, pos, tree_masks(self.lengths, fed, trees, w, kv.length),
-                                   lengths=self.lengths)
+            got = self.step.run(kv, ids, pos, tree_masks(self.lengths, fed, trees, w, kv.length),
+                                lengths=self.lengths, hidden=plan.hidden)
+        logits, states = got if plan.hidden else (got, None)
         self.forwards += 1
         for r in self.active:
             r.forwards += 1
             r.query_tokens += w
         self.roots = [None] * len(self.active)
-        return OrtOutput(logits, fed, sizes, roots)
+        return OrtOutput(logits, fed, sizes, roots, states, root_states)
 
     def commit(self, out: StepOutput, paths: list[list[int]], keep_nodes: bool) -> None:
         assert self.kv is not None
@@ -241,6 +294,9 @@ class OrtBatch(Batch):
         if len(keep) == len(self.active):
             return
         assert self.kv is not None
+        for r in self.active:
+            if r.done:
+                self._tails.pop(id(r), None)
         self.active = [self.active[i] for i in keep]
         self.roots = [self.roots[i] for i in keep]
         idx = np.array(keep, np.int64)
@@ -256,6 +312,7 @@ class OrtBatch(Batch):
             if root is not None:
                 self.lengths[b] -= 1
         self.roots = [None] * len(self.active)
+        self._root_states.clear()
         self._stack.append(_Level(self.rows, self.active, self.kv, self.lengths, branches, self.forwards))
         self.rows = [r for bs in branches for r in bs]
         pick = [b for b, bs in enumerate(branches) for r in bs if not r.done]
@@ -311,6 +368,9 @@ class SoloOutput(StepOutput):
     def logits(self, b: int) -> np.ndarray:
         return self.outs[b].logits(0)
 
+    def hidden(self, b: int) -> np.ndarray:
+        return self.outs[b].hidden(0)
+
 
 class SoloBatch(Batch):
     """Every row in a batch of its own (a one-row ``OrtBatch``): for machines whose kernels
@@ -329,13 +389,17 @@ class SoloBatch(Batch):
 
     def prefill(self) -> None:
         for r in self.active:
+            self.subs[id(r)].hidden_tail = self.hidden_tail
             self.subs[id(r)].prefill()
+
+    def prefill_hidden(self, row: Row) -> np.ndarray:
+        return self.subs[id(row)].prefill_hidden(row)
 
     def forward(self, plan: StepPlan) -> SoloOutput:
         outs = []
         for b, r in enumerate(self.active):
             one = StepPlan(plan.mask, plan.layout, [plan.trees[b]], [plan.chains[b]], [plan.chain_nodes[b]],
-                           plan.pad_id)
+                           plan.pad_id, plan.hidden)
             outs.append(self.subs[id(r)].forward(one))
         return SoloOutput(outs)
 
@@ -373,5 +437,6 @@ class SoloBatch(Batch):
         for r in rows:
             if not r.done:
                 self.subs[id(r)] = sub = OrtBatch(self.step, [r])
+                sub.hidden_tail = self.hidden_tail
                 sub.prefill()
                 self.active.append(r)

@@ -70,27 +70,29 @@ def save_model(proto: Any, out: Path, big: bool) -> None:
             os.remove(tmp)
 
 
-def graph_version(model: Any) -> str:
-    """The layout version of ``model``'s step graph: Gemma 3's (``graph_gemma3``) or Llama's."""
+def graph_version(model: Any, hidden: bool = False) -> str:
+    """The layout version of ``model``'s step graph: Gemma 3's (``graph_gemma3``) or Llama's,
+    with ``graph.HIDDEN_TAG`` when it has the ``hidden`` output."""
     from decograph.backends.onnxruntime import graph
 
-    return GEMMA3_GRAPH_VERSION if is_gemma3(model) else graph.GRAPH_VERSION
+    return (GEMMA3_GRAPH_VERSION if is_gemma3(model) else graph.GRAPH_VERSION) + (graph.HIDDEN_TAG if hidden else "")
 
 
-def export_step(model: Any, path: str | Path, exact: bool = True, dtype: str = "float32") -> Path:
+def export_step(model: Any, path: str | Path, exact: bool = True, dtype: str = "float32", hidden: bool = False) -> Path:
     """Writes the step graph (``graph.build_step``, or ``graph_gemma3.build_gemma3_step`` for
-    Gemma 3; ``dtype`` float32, or float16 for the CUDA EP) to ``path`` (weights in
-    ``<name>.data`` beside it when they are near 2 GB's protobuf limit); checks it with
-    ``onnx.checker`` and shape inference."""
+    Gemma 3; ``dtype`` float32, or float16 for the CUDA EP; ``hidden``: with the final hidden
+    states as an output too, for draft heads) to ``path`` (weights in ``<name>.data`` beside it
+    when they are near 2 GB's protobuf limit); checks it with ``onnx.checker`` and shape
+    inference."""
     import onnx
 
     out = Path(path)
     if is_gemma3(model):
-        proto = build_gemma3_step(model, exact=exact, dtype=dtype)
+        proto = build_gemma3_step(model, exact=exact, dtype=dtype, hidden=hidden)
         size = proto.ByteSize()         # its tied embedding is written twice: table and LM head
         big = size > 1_800_000_000
     else:
-        proto = build_step(model, exact=exact, dtype=dtype)
+        proto = build_step(model, exact=exact, dtype=dtype, hidden=hidden)
         size, big = 0, sum(p.numel() for p in model.parameters()) * 4 > 1_800_000_000
     if size < 2_000_000_000:            # over protobuf's limit, the saved file is checked instead
         onnx.checker.check_model(proto)

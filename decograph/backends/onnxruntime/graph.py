@@ -9,7 +9,10 @@ instead of the ~60 of a traced export. ``export.quantize_step`` turns
 every MatMul into a block-wise ``MatMulNBits``; fused Q/K/V and gate/up are quantized per output
 column like the separate ones, the same arithmetic in fewer, larger kernels. The interface is
 ``kv.io_names``; ``logits_keep`` (int64 [1]) computes logits for the last ``logits_keep`` query
-rows only (0: all), so a prefill pays for one row of the vocabulary projection.
+rows only (0: all), so a prefill pays for one row of the vocabulary projection. A graph built
+``hidden=True`` (for programs whose draft heads need it) has one more output, ``hidden``
+(float32 [B, T, H]): the final norm's output, the LM head's input, for every query row (an exact
+graph's padding row left out); graphs built without it are unchanged.
 
 ``exact`` graphs give every query row bit-identical logits and K/V whatever the number of query
 tokens in its step (k tokens in one forward == k one-token forwards), which is what makes
@@ -42,10 +45,11 @@ import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["DTYPES", "GRAPH_VERSION", "GraphWriter", "StepFrame", "build_step", "linear", "logits_head", "step_frame",
-           "step_model", "to_numpy"]
+__all__ = ["DTYPES", "GRAPH_VERSION", "HIDDEN_TAG", "GraphWriter", "StepFrame", "build_step", "hidden_output", "linear",
+           "logits_head", "step_frame", "step_model", "to_numpy"]
 
 GRAPH_VERSION = "fused-8"           # part of the export cache key: bump when the graph changes
+HIDDEN_TAG = "+hidden"              # a graph version's suffix when the graph has the ``hidden`` output
 _MS = "com.microsoft"
 
 
@@ -172,9 +176,23 @@ def logits_head(g: GraphWriter, f: StepFrame, h: str, weight: Any, dtype: str, s
         g.op("Mul", [g.op("Tanh", [g.op("Div", [y, cap])]), cap], outs=["logits"])
 
 
-def step_model(g: GraphWriter, n_layers: int, kv_heads: int, hd: int, vocab: int, dtype: str, opset: int) -> Any:
+def hidden_output(g: GraphWriter, f: StepFrame, h: str, dtype: str) -> None:
+    """The ``hidden`` output (float32 [B, T, H]): ``h``'s first ``T`` rows, the step's own query
+    rows (an exact graph's padding row comes after them)."""
+    from onnx import TensorProto as TP
+
+    rows = g.op("Slice", [h, f.zero, f.t_len, f.one])
+    if dtype == "float32":
+        g.op("Identity", [rows], outs=["hidden"])
+    else:
+        g.op("Cast", [rows], outs=["hidden"], to=TP.FLOAT)
+
+
+def step_model(g: GraphWriter, n_layers: int, kv_heads: int, hd: int, vocab: int, dtype: str, opset: int,
+               hidden: int = 0) -> Any:
     """The ``onnx.ModelProto`` of a step graph written into ``g``, with ``kv.io_names``'s
-    inputs and outputs (the KV cache in ``dtype``; mask and logits float32)."""
+    inputs and outputs (the KV cache in ``dtype``; mask and logits float32), and the ``hidden``
+    output last when ``hidden`` (the hidden size) is not 0 (``hidden_output``)."""
     import onnx
     from onnx import TensorProto as TP
 
@@ -190,17 +208,20 @@ def step_model(g: GraphWriter, n_layers: int, kv_heads: int, hd: int, vocab: int
     inputs += [vi("logits_keep", i64, [1]), vi("cache_lengths", i64, ["batch"])]
     outputs = [vi("logits", f, ["batch", "keep", vocab])]
     outputs += [vi(n, kv_t, ["batch", kv_heads, "total", hd]) for n in outs[1:]]
+    if hidden:
+        outputs.append(vi("hidden", f, ["batch", "seq", hidden]))
     return g.model("decograph_step", inputs, outputs, opset)
 
 
 def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None = None, opset: int = 23,
-               dtype: str = "float32") -> Any:
+               dtype: str = "float32", hidden: bool = False) -> Any:
     """The step graph (an ``onnx.ModelProto``) of a ``LlamaForCausalLM``; with ``exact``, the
     padding query row that makes every query row's result independent of the step's width (see
     the module's docstring). ``rotary_in_attention``: GQA applies the rotary embedding (default
     where it can: head sizes divisible by 16). ``dtype``: of the weights, activations and KV
     cache, ``float32`` or ``float16`` (what ``GroupQueryAttention``'s CUDA kernel takes); the
-    mask input and the logits output are float32 either way."""
+    mask input and the logits output are float32 either way. ``hidden``: the ``hidden`` output
+    too (``hidden_output``; the other outputs' arithmetic is the same)."""
     import torch
     from onnx import TensorProto as TP
 
@@ -270,4 +291,6 @@ def build_step(model: Any, exact: bool = True, rotary_in_attention: bool | None 
     h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", to_numpy(m.norm.weight, ft))], n_out=1,
              domain=_MS, epsilon=eps)
     logits_head(g, f, h, model.lm_head.weight, dtype)
-    return step_model(g, n_layers, kv_heads, hd, cfg.vocab_size, dtype, opset)
+    if hidden:
+        hidden_output(g, f, h, dtype)
+    return step_model(g, n_layers, kv_heads, hd, cfg.vocab_size, dtype, opset, cfg.hidden_size if hidden else 0)

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.onnxruntime.graph import (DTYPES, GraphWriter, StepFrame, linear, logits_head, step_frame,
-                                                  step_model, to_numpy)
+from decograph.backends.onnxruntime.graph import (DTYPES, GraphWriter, StepFrame, hidden_output, linear, logits_head,
+                                                  step_frame, step_model, to_numpy)
 from decograph.errors import ModelError
 
 __all__ = ["GEMMA3_GRAPH_VERSION", "build_gemma3_step", "is_gemma3"]
@@ -100,9 +100,10 @@ def window_mask(g: GraphWriter, f: StepFrame, window: int, neg: np.ndarray) -> s
     return g.op("Where", [far, g.init(f"w.neg.{neg.dtype}", neg), f.mask])
 
 
-def build_gemma3_step(model: Any, exact: bool = True, opset: int = 23, dtype: str = "float32") -> Any:
+def build_gemma3_step(model: Any, exact: bool = True, opset: int = 23, dtype: str = "float32",
+                      hidden: bool = False) -> Any:
     """The step graph (an ``onnx.ModelProto``) of a ``Gemma3ForCausalLM``, with the inputs and
-    outputs of ``graph.build_step`` (``kv.io_names``); ``exact`` and ``dtype`` as there. GQA
+    outputs of ``graph.build_step`` (``kv.io_names``); ``exact``, ``dtype`` and ``hidden`` as there. GQA
     applies the rotary embedding itself, so head sizes must be multiples of 16 (Gemma 3's: 256)."""
     import torch
     from onnx import TensorProto as TP
@@ -163,7 +164,9 @@ def build_gemma3_step(model: Any, exact: bool = True, opset: int = 23, dtype: st
         h = g.op("SkipSimplifiedLayerNormalization", [mlp_out, res, g.init("norm", _norm_weight(m.norm, ft))],
                  n_out=1, domain=_MS, epsilon=eps)
         logits_head(g, f, h, model.lm_head.weight, dtype, getattr(cfg, "final_logit_softcapping", None))
-    return step_model(g, n_layers, kv_heads, hd, cfg.vocab_size, dtype, opset)
+        if hidden:
+            hidden_output(g, f, h, dtype)
+    return step_model(g, n_layers, kv_heads, hd, cfg.vocab_size, dtype, opset, cfg.hidden_size if hidden else 0)
 
 
 def _attention(g: GraphWriter, att: Any, h: str, f: StepFrame, i: int, ins: list[str], outs: list[str],

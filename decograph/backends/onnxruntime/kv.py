@@ -83,6 +83,7 @@ class KV:
         self.vals: list[Any] = []                   # the bound OrtValues
         self._cap = 0
         self._logits: dict[tuple[int, ...], tuple[np.ndarray, Any]] = {}
+        self._hidden: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}      # a ``hidden`` graph's output
         self._bind([np.zeros((batch, owner.kv_heads, capacity, owner.head_dim), owner.kv_dtype)
                     for _ in range(2 * owner.num_layers)])
 
@@ -205,16 +206,21 @@ class StepSession:
         if self.kv_dtype is None:
             raise ModelError(f"{p}: its KV cache is {past.type}; decograph's step graphs use float or float16")
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
+        outputs = self.session.get_outputs()
+        # a graph built for draft heads returns the final hidden states too (``graph.hidden_output``)
+        self.hidden_size = int(outputs[-1].shape[2]) if outputs[-1].name == "hidden" else 0
         self.path = p
 
     def new_kv(self, batch: int, capacity: int = 0, shared: bool | None = None) -> KV:
         return KV(self, batch, capacity, shared)
 
     def run(self, kv: KV, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, keep: int = 0,
-            lengths: np.ndarray | None = None) -> np.ndarray:
+            lengths: np.ndarray | None = None, hidden: bool = False) -> Any:
         """One step: ``ids``/``pos`` int64 [B, T], ``mask`` float32 [B, 1, T, length + T]
         (additive); returns the logits of the last ``keep`` tokens (0: all), [B, keep, V]. The
-        array is reused by the next step of the same shape: read it (or copy) before.
+        array is reused by the next step of the same shape: read it (or copy) before. With
+        ``hidden`` (a graph that has the output: ``hidden_size``), returns ``(logits, hidden)``,
+        the final hidden states of every query token, float32 [B, T, H], reused likewise.
 
         ``lengths`` (int [B], each <= ``kv.length``): rows whose caches hold fewer slots; row b's
         T new slots go to ``lengths[b]`` onwards and it attends to its first ``lengths[b] + T``
@@ -245,6 +251,18 @@ class StepSession:
             arr = np.empty(shape, np.float32)
             out = kv._logits[shape] = (arr, OrtValue.ortvalue_from_numpy(arr))
         io.bind_ortvalue_output("logits", out[1])
+        if hidden and not self.hidden_size:
+            raise ModelError(f"{self.path}: this step graph has no 'hidden' output (draft heads need one: a "
+                             f"program with draft.head exports its graph with it)")
+        states = None
+        if self.hidden_size:        # bound even when not asked: an old binding of another shape would stay
+            states = kv._hidden.get((b, t))
+            if states is None:
+                from onnxruntime import OrtValue
+
+                arr = np.empty((b, t, self.hidden_size), np.float32)
+                states = kv._hidden[(b, t)] = (arr, OrtValue.ortvalue_from_numpy(arr))
+            io.bind_ortvalue_output("hidden", states[1])
         self.session.run_with_iobinding(io)
         kv.length += t
-        return out[0]
+        return (out[0], states[0]) if hidden and states is not None else out[0]
