@@ -17,6 +17,7 @@ from decograph.runtime import Event, Interpreter, RunConfig
 from decograph.errors import InputError
 from decograph.models.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
+from decograph.api.heads import head_runners
 from decograph.api.inputs import Stopper, StopStrings, encode_prompts
 
 __all__ = ["Stats", "GenerationResult", "StreamChunk", "Decoder", "generate", "generate_stream", "list_strategies",
@@ -136,7 +137,8 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
            overrides: dict[str, Any] | None, passes: str | None = "default",
            branch_providers: dict[str, Any] | None = None, backend: Any = "torch",
            suffixes: Any = None, trace: bool = False,
-           attention_mask: Any = None) -> tuple[Interpreter, list[list[int]], Any]:
+           attention_mask: Any = None, draft_heads: dict[str, Any] | None = None
+           ) -> tuple[Interpreter, list[list[int]], Any]:
     from decograph.backends.base import plan
     from decograph.backends.registry import get_backend
 
@@ -178,7 +180,8 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     plan(engine, program)                   # one BackendFallbackWarning per op without a kernel
     runners = {name: engine.draft_runner(m) for name, m in (draft_models or {}).items()}
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, runners,
-                    _cost_curve(adapter), tok, dict(branch_providers or {}), engine.kernels(),
+                    draft_heads=head_runners(program, source, draft_heads), cost_curve=_cost_curve(adapter),
+                    tokenizer=tok, branch_providers=dict(branch_providers or {}), kernels=engine.kernels(),
                     trace=[] if trace else None)
     from decograph.models.diffusion import MaskedDiffusionAdapter
 
@@ -229,7 +232,7 @@ class Decoder:
 
     def __init__(self, model: Any = None, tokenizer: Any = None, strategy: Any = "greedy", *, backend: Any = "torch",
                  passes: str | None = "default", overrides: dict[str, Any] | None = None,
-                 draft_models: dict[str, Any] | None = None) -> None:
+                 draft_models: dict[str, Any] | None = None, draft_heads: dict[str, Any] | None = None) -> None:
         from decograph.backends.base import plan
         from decograph.backends.registry import get_backend
 
@@ -242,6 +245,7 @@ class Decoder:
         plan(self.backend, self.program)
         self.runners = {name: self.backend.draft_runner(resolve_model(m)[0] if isinstance(m, (str, Path)) else m)
                         for name, m in (draft_models or {}).items()}
+        self.heads = head_runners(self.base, self.source, draft_heads)
         self.eos_token_ids = tuple(self.adapter.eos_token_ids)
         self.max_positions = int(self.adapter.max_positions or 0)
         self.vocab_size = int(self.adapter.vocab_size)
@@ -261,6 +265,7 @@ class Decoder:
         config.eos_token_ids = config.eos_token_ids or self.eos_token_ids
         config.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         config.draft_models = dict(self.runners)
+        config.draft_heads = dict(self.heads)
         config.cost_curve = _cost_curve(self.adapter)
         config.tokenizer = self.tokenizer
         config.kernels = self.backend.kernels()
@@ -342,7 +347,8 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
              streamer: Any = None, overrides: dict[str, Any] | None = None,
              passes: str | None = "default", branch_providers: dict[str, Any] | None = None,
              backend: Any = "torch", suffixes: Any = None, trace: bool = False, attention_mask: Any = None,
-             stop_strings: str | Sequence[str] | None = None) -> list[GenerationResult]:
+             stop_strings: str | Sequence[str] | None = None,
+             draft_heads: dict[str, Any] | None = None) -> list[GenerationResult]:
     """Decode ``prompts`` with ``strategy``; one ``GenerationResult`` per prompt, in order.
 
     ``prompts``: a string, a list of strings (tokenized as they are, or with the chat template
@@ -364,11 +370,12 @@ def generate(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "greedy",
     positions marked 0 are padding, left or right, and are dropped, so each row decodes as if
     alone. ``stop_strings``: a row ends after the token that completes one of them (exactly
     where transformers' ``generate(stop_strings=..., tokenizer=...)`` ends it; finish reason
-    ``"stop"``); needs the tokenizer.
+    ``"stop"``); needs the tokenizer. ``draft_heads``: runners for a strategy's ``draft.head(head=NAME)``
+    (by default each is the model's own head: ``decograph.api.heads``).
     """
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, chat, do_sample, temperature,
                               top_k, top_p, seed, eos_token_id, stop_token_ids, draft_models, overrides, passes,
-                              branch_providers, backend, suffixes, trace, attention_mask)
+                              branch_providers, backend, suffixes, trace, attention_mask, draft_heads)
     stopper = Stopper(interp, StopStrings(tok, stop_strings, ids)) if stop_strings else None
     if streamer is not None:
         if len(ids) != 1:
@@ -394,7 +401,7 @@ def generate_stream(model: Any, tokenizer: Any, prompts: Any, strategy: Any = "g
     kw = {k: kwargs.pop(k, d) for k, d in (("chat", False), ("do_sample", False), ("temperature", 1.0),
           ("top_k", 0), ("top_p", 1.0), ("seed", None), ("eos_token_id", None), ("stop_token_ids", ()),
           ("draft_models", None), ("overrides", None), ("passes", "default"), ("branch_providers", None),
-          ("backend", "torch"), ("suffixes", None), ("attention_mask", None))}
+          ("backend", "torch"), ("suffixes", None), ("attention_mask", None), ("draft_heads", None))}
     if kwargs:
         raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
     interp, ids, tok = _setup(model, tokenizer, prompts, strategy, max_new_tokens, **kw)

@@ -266,13 +266,17 @@ class HFCausalLM(CausalLMAdapter):
     supports_attention_kernel = True
     supports_compact_kernel = True              # gather_slots takes a backend's kv.compact
     supports_logits_to_keep = True              # forward(..., logits_to_keep=k): the last k rows' logits
+    supports_hidden = True                      # forward(..., hidden=True): (logits, final hidden states)
 
-    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None, logits_to_keep=0):
+    def forward(self, cache, input_ids, position_ids, attend, structure=None, attention=None, logits_to_keep=0,
+                hidden=False):
         """As ``CausalLMAdapter.forward``; with ``attention`` (a backend's kernel, see
         ``decograph.backends.base``), the model's attention layers run it under ``structure``
         (a ``StructuredMask`` equal to ``attend``) through transformers' attention registry.
         ``logits_to_keep`` > 0: logits of the last that many query positions only (a prompt's
-        forward, whose logits nobody reads, skips the vocabulary projection of every row)."""
+        forward, whose logits nobody reads, skips the vocabulary projection of every row).
+        ``hidden``: returns ``(logits, h)``, ``h`` the final hidden states [B, T, H] of every
+        query (after the final norm: the LM head's input; draft heads read them)."""
         past = self.cache_len(cache)
         t = input_ids.shape[1]
         if attend.shape != (input_ids.shape[0], t, past + t):
@@ -282,30 +286,32 @@ class HFCausalLM(CausalLMAdapter):
         # No autograd: the cache buffers are written in place every step, so a graph would chain
         # through every step of a generation and keep all activations alive.
         with torch.no_grad():
+            # transformers' hidden_states[-1] is the last hidden state after the final norm
+            extra = {"output_hidden_states": -1} if hidden else {}
+            fast = {"hidden": True} if hidden else {}
             if attention is not None and not self.layout.slides:
-                logits = self._kernel_forward(cache, input_ids, position_ids, structure, attention, logits_to_keep)
-            elif self.fast is not None:
-                logits = self.fast.forward(cache, input_ids, position_ids, attend, logits_to_keep)
-            else:
-                from decograph.models.sliding import model_mask
+                return self._kernel_forward(cache, input_ids, position_ids, structure, attention, logits_to_keep,
+                                            **extra)
+            if self.fast is not None:
+                return self.fast.forward(cache, input_ids, position_ids, attend, logits_to_keep, **fast)
+            from decograph.models.sliding import model_mask
 
-                mask = model_mask(self.layout, attend, position_ids, slot_pos, self.dtype, self.device)
-                if self.fast_masked is not None:
-                    return self.fast_masked.forward(cache, input_ids.to(self.device), position_ids.to(self.device),
-                                                    mask, logits_to_keep)
-                out = self.model(
-                    input_ids=input_ids.to(self.device),
-                    position_ids=position_ids.to(self.device),
-                    attention_mask=mask,
-                    use_cache=True,
-                    cache_position=torch.arange(past, past + t, device=self.device),
-                    logits_to_keep=logits_to_keep,
-                    **{self._cache_kwarg: cache},
-                )
-                logits = out.logits.float()
-        return logits
+            mask = model_mask(self.layout, attend, position_ids, slot_pos, self.dtype, self.device)
+            if self.fast_masked is not None:
+                return self.fast_masked.forward(cache, input_ids.to(self.device), position_ids.to(self.device),
+                                                mask, logits_to_keep, **fast)
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                position_ids=position_ids.to(self.device),
+                attention_mask=mask,
+                use_cache=True,
+                cache_position=torch.arange(past, past + t, device=self.device),
+                logits_to_keep=logits_to_keep,
+                **{self._cache_kwarg: cache}, **extra,
+            )
+        return (out.logits.float(), out.hidden_states[-1]) if hidden else out.logits.float()
 
-    def _kernel_forward(self, cache, input_ids, position_ids, structure, attention, logits_to_keep=0):
+    def _kernel_forward(self, cache, input_ids, position_ids, structure, attention, logits_to_keep=0, **extra):
         from decograph.models.hf_attention import structured_attention
 
         past, t = self.cache_len(cache), input_ids.shape[1]
@@ -316,8 +322,8 @@ class HFCausalLM(CausalLMAdapter):
             out = self.model(input_ids=input_ids.to(self.device), position_ids=position_ids.to(self.device),
                              attention_mask=placeholder, use_cache=True,
                              cache_position=torch.arange(past, past + t, device=self.device),
-                             logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache})
-        return out.logits.float()
+                             logits_to_keep=logits_to_keep, **{self._cache_kwarg: cache}, **extra)
+        return (out.logits.float(), out.hidden_states[-1]) if extra else out.logits.float()
 
     def cache_len(self, cache) -> int:
         return cache.layers[0].length if cache.layers else 0

@@ -76,10 +76,11 @@ class Gemma3FastPath:
         self.layers = list(inner.layers[: cfg.num_hidden_layers])
 
     def forward(self, cache: Any, ids: torch.Tensor, pos: torch.Tensor,
-                masks: torch.Tensor | dict[str, torch.Tensor], logits_to_keep: int = 0) -> torch.Tensor:
+                masks: torch.Tensor | dict[str, torch.Tensor], logits_to_keep: int = 0, hidden: bool = False) -> Any:
         """Logits (float32) [B, T, V] of ``ids`` at positions ``pos`` after the cache's slots;
         ``masks``: the additive [B, 1, T, S] mask(s) the model's forward would take;
-        ``logits_to_keep`` > 0: of the last that many positions only."""
+        ``logits_to_keep`` > 0: of the last that many positions only. With ``hidden``,
+        ``(logits, h)``: ``h`` the final hidden states [B, T, H] (after the final norm)."""
         b, t = ids.shape
         h = F.embedding(ids, self.embed) * self.embed_scale.to(self.embed.dtype)
         rope = {kind: self.rotary(h, pos, kind) for kind in set(self.types)}
@@ -96,13 +97,17 @@ class Gemma3FastPath:
             x = F.linear(F.gelu(F.linear(x, mlp.gate_proj.weight), approximate="tanh") * F.linear(x, mlp.up_proj.weight),
                          mlp.down_proj.weight)
             h = res + _rms(x, layer.post_feedforward_layernorm.weight, self.eps)
+        final = None
+        if hidden:
+            h = final = _rms(h, self.norm_w, self.eps)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        h = _rms(h, self.norm_w, self.eps)
+        if final is None:
+            h = _rms(h, self.norm_w, self.eps)
         logits = F.linear(h, self.lm_head)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        return (logits.float(), final) if hidden else logits.float()
 
     def _attention(self, slot: Any, at: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, b: int, t: int) -> torch.Tensor:

@@ -111,7 +111,10 @@ class LlamaFastPath:
             ))
 
     def forward(self, cache: Any, ids: torch.Tensor, pos: torch.Tensor, attend: torch.Tensor,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, hidden: bool = False) -> Any:
+        """Logits (float32) [B, T, V] (``logits_to_keep`` > 0: of the last that many positions);
+        with ``hidden``, ``(logits, h)``: ``h`` the final hidden states [B, T, H] (after the
+        final norm, every position)."""
         b, t = ids.shape
         past = cache.layers[0].length
         mask, causal = self._mask(attend, past, self.embed.dtype)
@@ -135,6 +138,9 @@ class LlamaFastPath:
             x = _rms(h, w2, e2)
             gate, up = gu_p(x).split(gu_p.sizes, dim=-1)
             h = h + d_p(F.silu(gate) * up)
+        if hidden:
+            h = _rms(h, self.norm_w, self.norm_eps)
+            return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(), h
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         h = _rms(h, self.norm_w, self.norm_eps)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from decograph.backends.torch_ref.kernels import StructuredMask
+from decograph.errors import UnsupportedError
 from decograph.models.adapters import CausalLMAdapter
 from decograph.runtime.rows import DraftTree, Row
 
@@ -230,13 +231,19 @@ class BatchState:
             self._select_phys(index, owners)
 
     def run_layout(self, layout: StepLayout, pad_id: int, index: list[int] | None = None,
-                   logits: bool = True) -> torch.Tensor:
+                   logits: bool = True, hidden: bool = False) -> Any:
         """Run one forward for ``layout`` (its rows are valid rows ``index``, default all);
         the new slots start out invalid. ``logits=False`` (a prompt's forward): the caller
-        reads no logits, so an adapter that can skips the vocabulary projection."""
+        reads no logits, so an adapter that can skips the vocabulary projection. ``hidden``:
+        returns ``(logits, hidden)``, the final hidden states [P, T, H] too (draft heads)."""
         valid = self.valid if index is None else self.valid[torch.tensor(index, dtype=torch.long)]
         ids, pos, attend = layout.inputs(valid, pad_id)
         kw = {} if logits or not getattr(self.adapter, "supports_logits_to_keep", False) else {"logits_to_keep": 1}
+        if hidden:
+            if not getattr(self.adapter, "supports_hidden", False):
+                raise UnsupportedError(f"{type(self.adapter).__name__} does not return the model's hidden states, "
+                                       "which draft.head needs: use a Hugging Face causal LM")
+            kw["hidden"] = True
         if self.attention is not None:
             out = self.adapter.forward(self.cache, ids, pos, attend, structure=layout.structure(valid),
                                        attention=self.attention, **kw)

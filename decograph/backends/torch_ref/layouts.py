@@ -18,6 +18,7 @@ segment into its physical row under a segment mask, the prefix's KV shared in pl
 ``layout=batch`` first copies the prefix into a physical row per branch.
 
 ``drafts`` / ``nodes`` below are, per row, the token chains and their node ids (the plan's).
+``pad`` is the padding token and whether the plan asks for the final hidden states too.
 ``Forwarded.at[b]`` gives, for row ``b``, the flat logits row (into ``logits.view(-1, V)``) of
 the root and then of each node; ``slots`` the physical cache slot of each pending token and
 node, valid after ``collapse``.
@@ -49,6 +50,8 @@ class Forwarded:
     chain_of: list[list[int]] = field(default_factory=list)   # batch layout: per row, per node
     batch_rows: list[list[int]] | None = None                 # batch layout: copies per row
     _argmax: list[int] | None = None
+    hidden: torch.Tensor | None = None     # plan.hidden: final hidden states, laid out as ``logits``
+    pend_at: list[list[int]] = field(default_factory=list)    # per row: flat rows of its pending tokens
 
     @property
     def flat(self) -> torch.Tensor:
@@ -63,11 +66,23 @@ class Forwarded:
     def rows_of(self, b: int) -> torch.Tensor:
         return self.flat[torch.tensor(self.at[b])]
 
+    def hidden_of(self, b: int) -> torch.Tensor:
+        """Row ``b``'s final hidden states: its pending tokens', then each node's."""
+        assert self.hidden is not None
+        return self.hidden.reshape(-1, self.hidden.shape[-1])[torch.tensor(self.pend_at[b] + self.at[b][1:])]
+
+
+def _run(state: BatchState, layout: StepLayout, pad: int, hidden: bool, index: list[int] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = state.run_layout(layout, pad, index, hidden=hidden)
+    return out if hidden else (out, None)
+
 
 def run_forward(plan: StepPlan, state: BatchState, curve: CostCurve) -> Forwarded:
     """Run ``plan`` (the runtime's step: trees and the forward op's lowering) on the active
-    rows in the layout its ``mask`` / ``layout`` select."""
-    trees, pad = plan.trees, plan.pad_id
+    rows in the layout its ``mask`` / ``layout`` select (with ``plan.hidden``, the final
+    hidden states too)."""
+    trees, pad = plan.trees, (plan.pad_id, plan.hidden)
     drafts, nodes = plan.chains, plan.chain_nodes      # per row: token chains, their node ids
     if state.forked:
         if plan.mask == "causal" and state.packed:
@@ -84,7 +99,7 @@ def run_forward(plan: StepPlan, state: BatchState, curve: CostCurve) -> Forwarde
 
 
 def _packed(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
-            curve: CostCurve, pad: int, index: list[int], out: Forwarded | None = None) -> Forwarded:
+            curve: CostCurve, pad: tuple[int, bool], index: list[int], out: Forwarded | None = None) -> Forwarded:
     """One forward over active rows ``index``, each row's segment at its place in its
     physical row; fills (or creates) the ``Forwarded`` of all rows."""
     rows = [state.active[b] for b in index]
@@ -92,20 +107,23 @@ def _packed(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes:
     phys = [state.phys[b] for b in index]
     layout = StepLayout.fit(rows, sub, curve.best_width, phys, state.n_phys)
     base = state.valid.shape[1]
-    logits = state.run_layout(layout, pad, index)
+    logits, hid = _run(state, layout, *pad, index=index)
     flat = logits.reshape(-1, logits.shape[-1])
+    hid = None if hid is None else hid.reshape(-1, hid.shape[-1])[None]
     if out is None:
         n = len(trees)
         out = Forwarded(list(state.active), trees, flat[None], [[] for _ in range(n)], [[] for _ in range(n)],
-                        [[] for _ in range(n)])
+                        [[] for _ in range(n)], hidden=hid, pend_at=[[] for _ in range(n)])
         shift = 0
     else:
         shift = out.logits.shape[1]
         out.logits = torch.cat([out.logits, flat[None]], dim=1)
+        out.hidden = None if hid is None or out.hidden is None else torch.cat([out.hidden, hid], dim=1)
         out._argmax = None
     for j, b in enumerate(index):
         p, n = layout.pending[j], len(trees[b])
         out.at[b] = [shift + layout.flat(j, p - 1)] + [shift + layout.flat(j, p + i) for i in range(n)]
+        out.pend_at[b] = [shift + layout.flat(j, i) for i in range(p)]
         o = layout.offset[j]
         out.pend_slots[b] = list(range(base + o, base + o + p))
         out.node_slots[b] = [base + o + p + i for i in range(n)]
@@ -113,7 +131,7 @@ def _packed(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes:
 
 
 def _rounds(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
-            curve: CostCurve, pad: int) -> Forwarded:
+            curve: CostCurve, pad: tuple[int, bool]) -> Forwarded:
     """The unfused lowering of a forked forward: one forward per branch rank, round ``j``
     holding the ``j``-th active row of each physical row."""
     rank: dict[int, int] = {}
@@ -131,14 +149,15 @@ def _rounds(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes:
 
 
 def _separate(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
-              curve: CostCurve, pad: int) -> Forwarded:
+              curve: CostCurve, pad: tuple[int, bool]) -> Forwarded:
     """One causal forward per chain index: the pending tokens, then that chain."""
     rows = list(state.active)
     chains = drafts
     at = [[-1] * (1 + len(t)) for t in trees]
     node_slots = [[-1] * len(t) for t in trees]
     pend: list[list[int]] = []
-    outs, offset = [], 0
+    pend_at: list[list[int]] = []
+    outs, hids, offset = [], [], 0
     for j in range(max(len(c) for c in chains)):
         sub = [DraftTree() for _ in rows]
         for b, c in enumerate(chains):
@@ -147,13 +166,15 @@ def _separate(state: BatchState, drafts: list[Any], trees: list[DraftTree], node
         width = curve.best_width(max(len(r.pending) + len(t) for r, t in zip(rows, sub)))
         layout = StepLayout(rows, sub, width)
         base = state.valid.shape[1]
-        logits = state.run_layout(layout, pad)
+        logits, hid = _run(state, layout, *pad)
         outs.append(logits)
+        hids.append(hid)
         for b, c in enumerate(chains):
             p = layout.pending[b]
             if j == 0:
                 at[b][0] = offset + b * width + p - 1
                 pend.append(list(range(base, base + p)))
+                pend_at.append([b * width + i for i in range(p)])
             if j < len(c):
                 for d, node in enumerate(nodes[b][j]):
                     if at[b][1 + node] < 0:
@@ -161,11 +182,12 @@ def _separate(state: BatchState, drafts: list[Any], trees: list[DraftTree], node
                         node_slots[b][node] = base + p + d
         offset += len(rows) * width
     flat = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])[None]
-    return Forwarded(rows, trees, flat, at, pend, node_slots)
+    hidden = None if hids[0] is None else torch.cat([h.reshape(-1, h.shape[-1]) for h in hids])[None]
+    return Forwarded(rows, trees, flat, at, pend, node_slots, hidden=hidden, pend_at=pend_at)
 
 
 def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: Any,
-           curve: CostCurve, pad: int) -> Forwarded:
+           curve: CostCurve, pad: tuple[int, bool]) -> Forwarded:
     """One forward whose batch holds a copy of each row per chain (the prefix KV is copied)."""
     rows = list(state.active)
     chains = drafts
@@ -183,8 +205,8 @@ def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: 
     width = curve.best_width(max(len(r.pending) + len(t) for r, t in zip(sub_rows, sub_trees)))
     layout = StepLayout(sub_rows, sub_trees, width)
     base = state.valid.shape[1]
-    logits = state.run_layout(layout, pad)
-    at, pend, node_slots, chain_of, batch_rows = [], [], [], [], []
+    logits, hid = _run(state, layout, *pad)
+    at, pend, node_slots, chain_of, batch_rows, pend_at = [], [], [], [], [], []
     first = 0
     for b, c in enumerate(chains):
         p = layout.pending[first]
@@ -197,11 +219,12 @@ def _batch(state: BatchState, drafts: list[Any], trees: list[DraftTree], nodes: 
                     a[1 + node], owner[node], slots[node] = (first + j) * width + p + d, j, base + p + d
         at.append(a)
         pend.append(list(range(base, base + p)))
+        pend_at.append([first * width + i for i in range(p)])
         node_slots.append(slots)
         chain_of.append(owner)
         batch_rows.append(list(range(first, first + copies[b])))
         first += copies[b]
-    return Forwarded(rows, trees, logits, at, pend, node_slots, chain_of, batch_rows)
+    return Forwarded(rows, trees, logits, at, pend, node_slots, chain_of, batch_rows, hidden=hid, pend_at=pend_at)
 
 
 def collapse(state: BatchState, fwd: Forwarded, paths: list[list[int]]) -> None:

@@ -42,6 +42,11 @@ class TorchOutput(StepOutput):
     def logits(self, b: int) -> np.ndarray:
         return self.fwd.rows_of(b).float().cpu().numpy()
 
+    def hidden(self, b: int) -> np.ndarray:
+        if self.fwd.hidden is None:
+            return super().hidden(b)
+        return self.fwd.hidden_of(b).float().cpu().numpy()
+
 
 class TorchBatch(BatchState, Batch):
     """``BatchState`` behind the step protocol."""
@@ -53,6 +58,10 @@ class TorchBatch(BatchState, Batch):
             self.attention = kernels.get("attention")
         if getattr(adapter, "supports_compact_kernel", False):
             self.compact = kernels.get("kv.compact")
+        self._hidden: dict[int, np.ndarray] = {}     # id(row) -> its prompt's last hidden states
+
+    def prefill_hidden(self, row: Row) -> np.ndarray:
+        return self._hidden.pop(id(row), np.zeros((0, 0), np.float32))
 
     def prefill(self) -> None:
         if not self.active or max(len(r.tokens) for r in self.active) <= 1:
@@ -61,8 +70,12 @@ class TorchBatch(BatchState, Batch):
         for r in self.active:
             r.tokens = r.tokens[:-1]      # the last prompt token is the first root
         width = max(len(r.pending) for r in self.active)
-        self.run_layout(StepLayout(self.active, [DraftTree() for _ in self.active], width), 0, logits=False)
+        out = self.run_layout(StepLayout(self.active, [DraftTree() for _ in self.active], width), 0, logits=False,
+                              hidden=self.hidden_tail > 0)
         for b, r in enumerate(self.active):
+            if self.hidden_tail > 0:       # row b's prompt sits at columns 0.. of its physical row b
+                n = len(r.tokens)
+                self._hidden[id(r)] = out[1][b, max(0, n - self.hidden_tail) : n].float().cpu().numpy()
             self.keep_slots(b, list(range(len(r.tokens))))
             r.cached = len(r.tokens)
             r.prefill_forwards = int(bool(r.tokens))
