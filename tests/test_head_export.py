@@ -131,3 +131,85 @@ def test_the_hidden_output_changes_nothing_else(family, hidden_graph, tmp_path) 
         assert width_invariant(sb, 9, context=23) == width_invariant(sa, 9, context=23)
         if not bits:
             assert width_invariant(sb, 9, context=23)
+
+
+# -- the head as its own ONNX graph ------------------------------------------------------------
+
+def random_head(hidden: int = 32, vocab: int = 64, subset: int = 40, seed: int = 0, embed_scale: float = 1.5,
+                model: str = "", half: bool = False):
+    """A head of the spec's shapes with random weights (GQA: 4 query heads over 2 K/V heads),
+    the target's embedding and LM head it binds to; ``half``: an embedding float16 holds exactly."""
+    from decograph.heads.spec import WEIGHT_SHAPES, HeadConfig, HeadWeights
+
+    rng = np.random.default_rng(seed)
+    c = HeadConfig(hidden=hidden, heads=4, kv_heads=2, head_dim=hidden // 4, intermediate=2 * hidden,
+                   embed_scale=embed_scale, model=model, model_name="a tiny model")
+    w = {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in WEIGHT_SHAPES(c).items()}
+    for k in ("ln1.weight", "ln2.weight", "norm.weight"):
+        w[k] += 1.0
+    embed = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    if half:
+        embed = embed.astype(np.float16).astype(np.float32)
+    lm = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    return HeadWeights(c, w, rng.permutation(vocab)[:subset].astype(np.int64)), embed, lm
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_the_ort_head_equals_the_numpy_reference(half, tmp_path) -> None:
+    """Incremental calls (a causal first call, a tree-masked one over its K/V, a causal one
+    after it) and the logits of the step's features, of rows sliced from them, of other ones."""
+    import onnx
+
+    from decograph.backends.onnxruntime.graph_head import OrtHead, export_head
+
+    head, embed, lm = random_head(half=half)
+    ref = head.bind(embed, lm)
+    path = export_head(head, embed, lm, tmp_path / "head.onnx")
+    table = next(t for t in onnx.load(str(path)).graph.initializer if t.name == "embed.weight")
+    assert table.data_type == (onnx.TensorProto.FLOAT16 if half else onnx.TensorProto.FLOAT)
+    ort_head = OrtHead(path, threads=1)
+    assert ort_head.config == head.config and np.array_equal(ort_head.vocab_ids, head.vocab_ids)
+    runs = []
+    session = ort_head.session
+
+    class Counting:                 # one session run per step; logits of its features take none
+        def run(self, *a, **k):
+            runs.append(1)
+            return session.run(*a, **k)
+
+    ort_head.session = Counting()
+    rng = np.random.default_rng(1)
+    c = head.config
+    pk = pv = np.zeros((0, c.kv_heads, c.head_dim), np.float32)
+    tree = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)
+    for q, mask, pos in ((5, None, np.arange(300, 305)), (3, tree, np.array([305, 306, 306])),
+                         (2, None, np.array([305, 306]))):
+        feats = rng.standard_normal((q, c.hidden)).astype(np.float32)
+        toks = rng.integers(0, len(embed), q)
+        full = None if mask is None else np.concatenate([np.ones((q, len(pk)), bool), mask], 1)
+        want, got = ref.step(feats, toks, pos, pk, pv, full), ort_head.step(feats, toks, pos, pk, pv, full)
+        for a, b in zip(want, got):
+            assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+        out = got[0]
+        runs.clear()
+        for sel in (slice(None), slice(1, None), -1, 0):
+            assert np.abs(ort_head.logits(out[sel]) - ref.logits(want[0][sel])).max() < 1e-4
+        assert np.abs(ort_head.logits(out[-1][None]) - ref.logits(want[0][-1:])).max() < 1e-4
+        assert not runs
+        assert np.abs(ort_head.logits(out[[1, 0]]) - ref.logits(want[0][[1, 0]])).max() < 1e-4    # copies
+        assert np.abs(ort_head.logits(feats) - ref.logits(feats)).max() < 1e-4
+        assert len(runs) == 2
+        if mask is None:
+            pk, pv = np.concatenate([pk, got[1]]), np.concatenate([pv, got[2]])
+
+
+def test_a_head_graph_is_checked_on_load(hidden_graph, tmp_path) -> None:
+    from decograph.backends.onnxruntime.graph_head import OrtHead, export_head
+    from decograph.errors import ModelError
+
+    with pytest.raises(ModelError, match="not a decograph draft-head graph"):
+        OrtHead(hidden_graph[1])
+    head, embed, lm = random_head()
+    with pytest.raises(ModelError, match="hidden size 32, the model's is 16"):
+        export_head(head, embed[:, :16], lm[:, :16], tmp_path / "h.onnx")
+    assert not (tmp_path / "h.onnx").exists()
