@@ -59,7 +59,8 @@ steps:
 
 
 def _strategies() -> dict[str, object]:
-    out: dict[str, object] = {n: load_strategy(n).program for n, _ in list_strategies() if load_strategy(n).lossless}
+    out: dict[str, object] = {n: load_strategy(n).program for n, _ in list_strategies()
+                              if load_strategy(n).lossless and not load_strategy(n).heads}   # heads: a trained one
     for text, name in ((TWO_SOURCES, "two.yaml"), (TREE, "tree3.yaml")):
         s = load_strategy_text(text, name)
         out[s.program.name] = s.program

@@ -69,6 +69,11 @@ class Strategy:
     lossless: bool
     source: str
 
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """The draft heads its ``draft.head`` ops name: a run needs one for its model."""
+        return tuple(sorted({op.head for op in self.program.walk() if isinstance(op, O.DraftHead)}))
+
 
 class _Recorder(Builder):
     """The IR builder, plus the unverified program so verifier errors can be mapped to steps."""

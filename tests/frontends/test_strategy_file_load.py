@@ -13,7 +13,7 @@ from decograph.frontends.strategies import builtin_names, builtin_path, list_str
 from decograph.frontends.strategy_file import Strategy, load_strategy_file, load_strategy_text
 from decograph.ir import parse_program, print_program, verify
 
-BUILTINS = ["anpd", "fast_dllm", "fast_dllm_factor", "greedy", "gs_jacobi", "jacobi", "llada", "llada_semi_ar",
+BUILTINS = ["anpd", "eagle", "eagle_anpd", "fast_dllm", "fast_dllm_factor", "greedy", "gs_jacobi", "jacobi", "llada", "llada_semi_ar",
             "lookahead", "lud", "ngram", "padellm_ner", "parallel_reasoning"]
 DIFFUSION = ("fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # unmask: not lossless
 
@@ -63,7 +63,8 @@ def test_builtin_loads_verifies_and_round_trips(name: str) -> None:
                                         ("parallel_reasoning", "Yu 2025"), ("padellm_ner", "Lu et al. 2024"),
                                         ("llada", "Nie et al. 2025"), ("llada_semi_ar", "LLaDA"),
                                         ("fast_dllm", "Wu et al. 2025"), ("fast_dllm_factor", "Fast-dLLM"),
-                                        ("lud", "Sun et al. 2024")])
+                                        ("lud", "Sun et al. 2024"), ("eagle", "Li et al. 2024"),
+                                        ("eagle_anpd", "Ou et al. 2024")])
 def test_builtin_descriptions_cite_the_method(name: str, cite: str) -> None:
     assert cite in dict(list_strategies())[name]
 
