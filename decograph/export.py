@@ -13,8 +13,13 @@ strategies export with decograph's masked-diffusion model (``model=`` its direct
 caches included. ``draft.model`` strategies export with their draft models
 (``draft_models={"small": model_or_dir}``, ``--draft-model small=DIR``): each draft model's own
 step graph, in the target's precision, is written beside the target's (manifest role
-``draft:<name>``) and drafts on ONNX Runtime. Written into a staging directory beside ``out``
-and renamed when complete, so a failed export leaves nothing half-written.
+``draft:<name>``) and drafts on ONNX Runtime. ``draft.head`` strategies (``eagle``,
+``eagle_anpd``) export with their draft heads: each head the program names, resolved for the
+model (``decograph.heads.store.resolve_head``: a head file, or the shipped or trained one), is
+written as its own graph beside the step graph (``graph_head``, fp32; manifest role
+``head:<i>``), and the step graph returns the hidden states the heads read (``hidden``). Written
+into a staging directory beside ``out`` and renamed when complete, so a failed export leaves
+nothing half-written.
 """
 from __future__ import annotations
 
@@ -76,11 +81,15 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     program = optimize(as_program(strategy, overrides), adapter, passes)
     drafts = _draft_adapters(draft_models or {}, adapter, program)
     check_exportable(program, draft_models=tuple(drafts))
+    heads = _heads(adapter, program)                # resolved before anything is written
     with staging_dir(target, "the exported decoder") as tmp:     # renamed onto target when complete
-        graphs = {"target": _export_causal(adapter, tmp, "model.onnx", quant, dtype, block_size, progress)}
+        graphs = {"target": _export_causal(adapter, tmp, "model.onnx", quant, dtype, block_size, progress,
+                                           hidden=bool(heads))}
         for name, draft in drafts.items():
             graphs[f"draft:{name}"] = _export_causal(draft, tmp, f"draft.{name}.onnx", quant, dtype, block_size,
                                                      progress, f"draft model {name!r}")
+        for i, (name, bound) in enumerate(sorted(heads.items())):
+            graphs[f"head:{i}"] = _export_head(bound, name, tmp, f"head.{i}.onnx", adapter.max_positions, progress)
         chat_prompt = _write_text_files(tmp, tok, program)
         m = adapter.model
         template = getattr(tok, "chat_template", None)
@@ -119,25 +128,48 @@ def _draft_adapters(models: dict[str, Any], target: Any, program: O.Program) -> 
     return out
 
 
+def _heads(adapter: Any, program: O.Program) -> dict[str, Any]:
+    """The draft heads ``program``'s ``draft.head`` ops name, resolved for ``adapter``'s model and
+    bound to it (``decograph.api.heads.model_head``; a missing head's ``ModelError`` names the
+    model and how to train one)."""
+    from decograph.api.heads import model_head
+
+    names = sorted({op.head for op in program.walk() if isinstance(op, O.DraftHead)})
+    return {name: model_head(adapter, name) for name in names}
+
+
+def _export_head(bound: Any, name: str, tmp: Path, head_file: str, max_positions: int, progress: Any) -> dict[str, Any]:
+    """A bound draft head's graph as ``tmp / head_file`` (fp32), and its manifest entry."""
+    from decograph.backends.onnxruntime.graph_head import HEAD_GRAPH_VERSION, export_head
+
+    c = bound.config
+    progress(f"exporting the draft head {name!r} ({c.model_name or 'for this model'}) to ONNX ...")
+    export_head(bound, tmp / head_file)
+    return {"file": head_file, "quant": "none", "dtype": "float32", "graph": HEAD_GRAPH_VERSION, "block_size": None,
+            "num_layers": 1, "kv_heads": c.kv_heads, "head_dim": c.head_dim, "vocab_size": len(bound.vocab_ids),
+            "max_positions": max_positions, "head": name}
+
+
 def _export_causal(adapter: Any, tmp: Path, model_file: str, quant: str, dtype: str, block_size: int, progress: Any,
-                   what: str = "") -> dict[str, Any]:
-    """A causal LM's decoding step as ``tmp / model_file`` (quantized), and its manifest entry
-    (with the ONNX external-data file, ``<model_file>.data``, when the weights needed one)."""
+                   what: str = "", hidden: bool = False) -> dict[str, Any]:
+    """A causal LM's decoding step as ``tmp / model_file`` (quantized; ``hidden``: returning the
+    final hidden states too), and its manifest entry (with the ONNX external-data file,
+    ``<model_file>.data``, when the weights needed one)."""
     from decograph.backends.onnxruntime.export import export_step, graph_version, quantize_step
 
     m = adapter.model
     progress(f"exporting the decoding step of {what or type(m).__name__} to ONNX ...")
     if quant == "none":
-        export_step(m, tmp / model_file, dtype=dtype)
+        export_step(m, tmp / model_file, dtype=dtype, hidden=hidden)
     else:
-        step = export_step(m, tmp / f"{model_file}.step.onnx", dtype=dtype)
+        step = export_step(m, tmp / f"{model_file}.step.onnx", dtype=dtype, hidden=hidden)
         progress(f"quantizing the weights to {quant} (MatMulNBits) ...")
         quantize_step(step, tmp / model_file, bits=int(quant[3:]), block_size=block_size)
         step.unlink()
         step.with_name(step.name + ".data").unlink(missing_ok=True)
     text = m.config.get_text_config(decoder=True)
     heads = text.num_attention_heads
-    entry = {"file": model_file, "quant": quant, "dtype": dtype, "graph": graph_version(m),
+    entry = {"file": model_file, "quant": quant, "dtype": dtype, "graph": graph_version(m, hidden),
              "block_size": block_size if quant != "none" else None, "num_layers": text.num_hidden_layers,
              "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
              "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,

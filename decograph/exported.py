@@ -7,6 +7,8 @@ This module imports neither torch nor transformers (a test checks). The decoder 
     strategy.json    the optimized strategy program (the IR's JSON form): what the decoder runs
     model.onnx       the decoding step (``decograph.backends.onnxruntime.graph``), maybe int4/int8
     draft.NAME.onnx  a ``draft.model(model=NAME)`` strategy's draft model's step, same precision
+    head.I.onnx      a ``draft.head`` strategy's draft head (``graph_head``: ``OrtHead`` runs it); the
+                     step graph then returns the final hidden states the head reads
     tokenizer.json   the tokenizer (``tokenizers``)
 
 A masked-diffusion decoder (an unmask strategy exported with decograph's masked-diffusion
@@ -39,9 +41,10 @@ from typing import Any
 
 from decograph.backends.onnxruntime.canvas import MDMSession, OrtCanvasEngine
 from decograph.backends.onnxruntime.draft import OrtDraftRunner
+from decograph.backends.onnxruntime.graph_head import OrtHead
 from decograph.backends.onnxruntime.kv import StepSession, pick_device
 from decograph.backends.onnxruntime.manifest import MANIFEST_VERSION, load_manifest
-from decograph.errors import InputError
+from decograph.errors import InputError, ModelError
 from decograph.ir import ops as O
 from decograph.backends.onnxruntime.runner import GraphRunner, exact_width, program_width, width_invariant
 from decograph.runtime.interp import Interpreter, RunConfig
@@ -87,6 +90,7 @@ class ExportedDecoder:
         self.canvas: OrtCanvasEngine | None = None
         self.runner: GraphRunner | None = None
         self.draft_runners: dict[str, OrtDraftRunner] = {}       # draft.model(model=NAME)
+        self.draft_heads: dict[str, OrtHead] = {}                # draft.head(head=NAME)
         if target.diffusion:                # an unmask strategy on the masked-diffusion forward
             if device not in ("auto", "cpu"):
                 raise InputError(f"device {device!r}: a masked-diffusion decoder runs on the CPU EP only")
@@ -105,6 +109,10 @@ class ExportedDecoder:
             self.draft_runners = {role.removeprefix("draft:"): OrtDraftRunner(
                 StepSession(m.path(g.file), threads, spinning, device=device))
                 for role, g in m.graphs.items() if role.startswith("draft:")}
+            self.draft_heads = {name: OrtHead(m.path(g.file), threads, spinning) for name, g in m.heads.items()}
+            if self.draft_heads and not self.step.hidden_size:
+                raise ModelError(f"{m.path(target.file)}: the step graph returns no hidden states, which this "
+                                 f"decoder's draft heads read (export it again)")
             self.device = self.step.device
             self.session = self.step.session
             self.threads, self.spinning = self.runner.threads, self.runner.spinning
@@ -204,6 +212,7 @@ class ExportedDecoder:
         config.eos_token_ids = config.eos_token_ids or tuple(sorted(self.eos))
         config.tokenizer = self.tokenizer
         config.draft_models = dict(self.draft_runners)
+        config.draft_heads = dict(self.draft_heads)
         program = program or self.program
         if self.canvas is not None:
             config.pad_token_id = self.canvas.pad_id
@@ -241,7 +250,7 @@ class ExportedDecoder:
         cfg = RunConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(self.eos), seed=seed,
                         tokenizer=self.tokenizer, stop_token_ids=tuple(stop_token_ids),
                         branch_providers=dict(branch_providers or {}), trace=trace,
-                        draft_models=dict(self.draft_runners))
+                        draft_models=dict(self.draft_runners), draft_heads=dict(self.draft_heads))
         if self.canvas is not None:
             cfg.suffixes = [list(x) for x in suffixes] if suffixes is not None else None
             cfg.pad_token_id = self.canvas.pad_id

@@ -164,7 +164,7 @@ def test_the_ort_head_equals_the_numpy_reference(half, tmp_path) -> None:
 
     head, embed, lm = random_head(half=half)
     ref = head.bind(embed, lm)
-    path = export_head(head, embed, lm, tmp_path / "head.onnx")
+    path = export_head(ref, tmp_path / "head.onnx")
     table = next(t for t in onnx.load(str(path)).graph.initializer if t.name == "embed.weight")
     assert table.data_type == (onnx.TensorProto.FLOAT16 if half else onnx.TensorProto.FLOAT)
     ort_head = OrtHead(path, threads=1)
@@ -207,9 +207,136 @@ def test_a_head_graph_is_checked_on_load(hidden_graph, tmp_path) -> None:
     from decograph.backends.onnxruntime.graph_head import OrtHead, export_head
     from decograph.errors import ModelError
 
+    import json
+
+    import onnx
+
     with pytest.raises(ModelError, match="not a decograph draft-head graph"):
         OrtHead(hidden_graph[1])
     head, embed, lm = random_head()
-    with pytest.raises(ModelError, match="hidden size 32, the model's is 16"):
-        export_head(head, embed[:, :16], lm[:, :16], tmp_path / "h.onnx")
-    assert not (tmp_path / "h.onnx").exists()
+    proto = onnx.load(str(export_head(head.bind(embed, lm), tmp_path / "h.onnx")))
+    meta = json.loads(proto.metadata_props[0].value)
+    for bad, match in (({**meta, "version": "head-0"}, "graph version 'head-0'"),
+                       ({**meta, "config": {"hidden": 32}}, "metadata cannot be read")):
+        proto.metadata_props[0].value = json.dumps(bad)
+        onnx.save(proto, str(tmp_path / "bad.onnx"))
+        with pytest.raises(ModelError, match=match):
+            OrtHead(tmp_path / "bad.onnx")
+
+
+# -- exported decoders with heads ----------------------------------------------------------------
+
+TEXTS = ["t1 t5 t9 t5 t9 t5 t9 t5", "t3 t4 t3 t4 t3", "t7", "t2 t8 t6 t2 t8 t6 t2 t8 t6 t2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from decograph.models.tiny import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("m"))
+
+
+def tiny_head(adapter, seed: int = 0):
+    """A random head for ``adapter``'s model (its fingerprint), of the model's sizes."""
+    from decograph.heads.store import model_fingerprint
+
+    m = adapter.model
+    fp = model_fingerprint(m.config, m.get_input_embeddings().weight.detach().numpy())
+    head, _, _ = random_head(hidden=m.config.hidden_size, vocab=m.config.vocab_size, seed=seed, embed_scale=1.0,
+                             model=fp)
+    return head
+
+
+_DECODE = """
+from decograph.exported import ExportedDecoder
+dec = ExportedDecoder(job["dir"], threads=1)
+out["exact"] = dec.exact()
+out["single"] = []
+for p in job["prompts"]:
+    for n in (0, 1, 9, 24):
+        got, st = dec.generate(p, n)
+        out["single"].append([p, n, got, dec.generate(p, n, draft=False)[0], st.drafted, st.accepted, st.forwards])
+for draft in (True, False):
+    out[f"batch-{draft}"] = [r[0] for r in dec.generate_batch(job["prompts"], 24, draft=draft)]
+dec.eos = {job["eos"]}
+rows = dec.generate_batch(job["prompts"], 24)
+out["eos"] = [[r[0], r[1].finish_reason] for r in rows]
+out["eos-1"] = [list(dec.generate(p, 24)[0]) for p in job["prompts"]]
+"""
+
+
+@pytest.mark.parametrize("strategy,quant,where", [("eagle", "none", "default"), ("eagle_anpd", "int4", "file")])
+def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, where, tiny_dir, tmp_path,
+                                                                monkeypatch, ort_greedy, run_without_torch) -> None:
+    """Torch blocked: every prompt and budget (0, 1, 9, 24) equals the graph's own one-token
+    greedy decoding, alone and in a batch of 4 (prompts of 8, 5, 1 and 10 tokens), an EOS inside
+    drafts ends each row exactly there; the head drafts, and some drafts are accepted."""
+    import json
+
+    from decograph.backends.onnxruntime.session import ORTCausalLM
+    from decograph.export import export_decoder
+    from decograph.heads.spec import save_head
+    from decograph.heads.store import cached_head_path
+    from decograph.models.adapters import HFCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_dir))
+    head = tiny_head(model)
+    if where == "default":
+        save_head(head, cached_head_path(head.config.model))
+        spec = "default"
+    else:
+        spec = str(save_head(head, tmp_path / "my-head.npz"))
+    out = export_decoder(strategy, tmp_path / "dec", model=model, quant=quant, chat=False,
+                         overrides={"head": spec, "nodes": 8}, progress=lambda m: None)
+    assert sorted(p.name for p in out.iterdir()) == ["head.0.onnx", "manifest.json", "model.onnx", "strategy.json",
+                                                     "tokenizer.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["graphs"]["target"]["graph"].endswith("+hidden") and manifest["graphs"]["target"]["quant"] == quant
+    assert manifest["graphs"]["head:0"] == {
+        "file": "head.0.onnx", "quant": "none", "dtype": "float32", "graph": "head-1", "block_size": None,
+        "num_layers": 1, "kv_heads": 2, "head_dim": 8, "vocab_size": 40, "max_positions": 512, "head": spec}
+    graph = ORTCausalLM(out / "model.onnx")
+    prompts = [model.tokenizer(t)["input_ids"] for t in TEXTS]
+    want = [ort_greedy(graph, p, 24) for p in prompts]
+    eos = want[1][4]
+    got = run_without_torch(_DECODE, {"dir": str(out), "prompts": prompts, "eos": eos}, tmp_path)
+    drafted = accepted = 0
+    for p, n, tokens, plain, d, a, forwards in got["single"]:
+        assert tokens == plain == ort_greedy(graph, p, n), (p, n)
+        drafted, accepted = drafted + d, accepted + a
+        assert forwards <= n + 1 and a <= d             # the prompt's forward, then one per token at most
+    assert got["batch-True"] == got["batch-False"] == want
+    for w, (tokens, reason) in zip(want, got["eos"]):
+        assert tokens == (w[:w.index(eos) + 1] if eos in w else w)
+        assert reason == ("eos" if eos in w else "max_new_tokens")
+    assert got["eos-1"] == [t for t, _ in got["eos"]]
+    if got["exact"]:                # where this machine's kernels keep drafting lossless (int4: not all CPUs)
+        assert drafted > 0 and accepted > 0, (drafted, accepted)
+
+
+def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(tiny_dir, tmp_path, monkeypatch) -> None:
+    """One model, one head: the exported fp32 decoder (the step graph's hidden rows, ``OrtHead``)
+    drafts, step for step, the trees the torch path drafts (transformers' hidden states,
+    ``NumpyHead``), and accepts the same nodes: the hidden states reach the head alike."""
+    from decograph.api import generate
+    from decograph.export import export_decoder
+    from decograph.exported import ExportedDecoder
+    from decograph.heads.spec import save_head
+    from decograph.models.adapters import HFCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_dir))
+    over = {"head": str(save_head(tiny_head(model, seed=3), tmp_path / "h.npz")), "nodes": 8}
+    dec = ExportedDecoder(export_decoder("eagle", tmp_path / "dec", model=model, chat=False, overrides=over,
+                                         progress=lambda m: None), threads=1)
+    keys = ("step", "draft", "accepted", "bonus", "committed")
+    for text in TEXTS:
+        ids = model.tokenizer(text)["input_ids"]
+        trace: list = []
+        [(tokens, _)] = dec.generate_batch([ids], 24, trace=trace)
+        [ref] = generate(model, None, [ids], "eagle", max_new_tokens=24, overrides=over, trace=True)
+        assert tokens == ref.new_token_ids
+        steps = [{k: r[k] for k in keys} for r in trace if r["kind"] == "step"]
+        assert steps == [{k: r[k] for k in keys} for r in ref.trace if r["kind"] == "step"]
+        assert sum(len(s["draft"]["tokens"]) for s in steps) > 0

@@ -4,7 +4,9 @@ and run by ONNX Runtime: the CUDA EP when this onnxruntime has it (a float16 gra
 cache in GPU memory, I/O binding), else the CPU EP. Programs run on the runtime's interpreter
 over ONNX Runtime's side of the step protocol through a ``GraphRunner``, the very code of the
 exported decoder (``decograph.exported``). ``DECOGRAPH_ORT_DEVICE`` (auto, cpu or cuda)
-overrides the device."""
+overrides the device. A program with ``draft.head`` runs on a second graph of the model, built
+with the hidden states the heads read (``graph.hidden_output``; cached beside the first), its
+heads the runners the API bound (``RunConfig.draft_heads``)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +18,7 @@ from typing import Any
 
 from decograph.backends.base import HOST_OPS, Backend
 from decograph.errors import UnsupportedError
+from decograph.ir import ops as O
 from decograph.measure_cache import cache_path
 
 __all__ = ["OnnxRuntimeBackend", "OnnxRuntimeInt4Backend", "OnnxRuntimeInt8Backend", "export_dir"]
@@ -45,7 +48,7 @@ class OnnxRuntimeBackend(Backend):
     bits = 0                        # weight-only quantization (MatMulNBits); 0: fp32
 
     def __init__(self) -> None:
-        self._adapters: dict[int, tuple[Any, Any]] = {}
+        self._adapters: dict[Any, tuple[Any, Any]] = {}
 
     def available(self) -> str | None:
         missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -56,8 +59,6 @@ class OnnxRuntimeBackend(Backend):
         return frozenset(HOST_OPS) | {"forward"}
 
     def prepare(self, adapter: Any) -> Any:
-        from decograph.backends.onnxruntime.export import export_step
-        from decograph.backends.onnxruntime.session import ORTCausalLM
         from decograph.models.adapters import HFCausalLM
         from decograph.models.diffusion import MDMAdapter
 
@@ -71,13 +72,23 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(adapter, HFCausalLM):
             raise UnsupportedError(f"backend {self.name!r} exports Hugging Face causal LMs and decograph's own "
                                    f"masked-diffusion model (train-mdm); got {type(adapter).__name__}")
+        ort_adapter = self._causal(adapter, hidden=False)
+        self._adapters[id(adapter)] = (adapter, ort_adapter)
+        return ort_adapter
+
+    def _causal(self, adapter: Any, hidden: bool) -> Any:
+        """``adapter``'s model exported (once; ``hidden``: with the final hidden states as an
+        output, for draft heads) and quantized as this backend does, as an ``ORTCausalLM``."""
+        from decograph.backends.onnxruntime.export import export_step
         from decograph.backends.onnxruntime.kv import pick_device
+        from decograph.backends.onnxruntime.session import ORTCausalLM
 
         device = pick_device(os.environ.get("DECOGRAPH_ORT_DEVICE", "").strip() or "auto")
         stem = "model" if device == "cpu" else "model.fp16"     # the CUDA EP's attention takes float16
+        stem += ".hidden" if hidden else ""
         path = export_dir(adapter.model) / f"{stem}.onnx"
         if not path.is_file():                                  # the exported decoder's exact graph
-            export_step(adapter.model, path, dtype="float32" if device == "cpu" else "float16")
+            export_step(adapter.model, path, dtype="float32" if device == "cpu" else "float16", hidden=hidden)
         if self.bits:
             from decograph.backends.onnxruntime.export import QUANT, quant_tag, quantize_step
 
@@ -87,7 +98,7 @@ class OnnxRuntimeBackend(Backend):
             path = qpath
         ort_adapter = ORTCausalLM(path, vocab_size=adapter.vocab_size, eos_token_ids=adapter.eos_token_ids,
                                   max_positions=adapter.max_positions, tokenizer=adapter.tokenizer, device=device)
-        self._adapters[id(adapter)] = (adapter, ort_adapter)
+        ort_adapter.source = adapter                            # whose graph with hidden states heads run on
         return ort_adapter
 
     def draft_runner(self, model: Any) -> Any:
@@ -116,6 +127,13 @@ class OnnxRuntimeBackend(Backend):
             return Interpreter(program, engine, config)
         if not isinstance(adapter, ORTCausalLM):
             return super().interpreter(program, adapter, config)
+        if (config.drafts and not adapter.step.hidden_size and adapter.source is not None
+                and any(isinstance(op, O.DraftHead) for op in program.walk())):
+            source = adapter.source
+            hit = self._adapters.get((id(source), "hidden"))
+            if hit is None or hit[0] is not source:
+                hit = self._adapters[(id(source), "hidden")] = (source, self._causal(source, hidden=True))
+            adapter = hit[1]
         runner = getattr(adapter, "runner", None)
         if runner is None:
             runner = adapter.runner = GraphRunner(adapter.step, json.dumps(adapter.cost_key))

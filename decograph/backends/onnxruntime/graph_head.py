@@ -33,7 +33,7 @@ import numpy as np
 
 from decograph.backends.onnxruntime.graph import GraphWriter
 from decograph.errors import ModelError
-from decograph.heads.spec import HeadConfig, HeadWeights, NumpyHead
+from decograph.heads.spec import HeadConfig, NumpyHead
 
 __all__ = ["HEAD_GRAPH_VERSION", "META_KEY", "OrtHead", "build_head", "export_head"]
 
@@ -78,13 +78,14 @@ def _attention(g: GraphWriter, c: HeadConfig, q: str, k: str, v: str) -> str:
     return g.op("Reshape", [g.op("Transpose", [a], perm=[1, 0, 2]), g.init("att.flat", np.array([0, -1]))])
 
 
-def build_head(head: HeadWeights, embed: np.ndarray, lm_head: np.ndarray, opset: int = 23) -> Any:
-    """The head's graph (an ``onnx.ModelProto``, see the module docstring) over the target's
-    input embedding [V, H] and LM head [V, H] (numpy); ``ModelError`` when they do not fit it."""
+def build_head(bound: NumpyHead, opset: int = 23) -> Any:
+    """The graph (an ``onnx.ModelProto``, see the module docstring) of a head bound to its
+    target (``HeadWeights.bind``: the target's input embedding, its LM head's rows of the
+    subset), computing what ``bound`` computes."""
     import onnx
     from onnx import TensorProto as TP
 
-    NumpyHead(head, embed, lm_head)             # the same checks as the reference's
+    head, embed = bound.head, bound.embed
     c, w = head.config, {k: np.asarray(v, np.float32) for k, v in head.weights.items()}
     H, d = c.hidden, c.head_dim
     g = GraphWriter()
@@ -122,7 +123,7 @@ def build_head(head: HeadWeights, embed: np.ndarray, lm_head: np.ndarray, opset:
     x = g.op("Add", [x, g.op("MatMul", [g.op("Mul", [act, up]), g.init("down.weight", w["down.weight"].T)])])
     out = g.op("RMSNormalization", [x, g.init("norm.weight", w["norm.weight"])], axis=-1, epsilon=c.eps,
                outs=["out_feats"])
-    rows = np.ascontiguousarray(np.asarray(lm_head, np.float32)[head.vocab_ids.astype(np.int64)].T)   # [H, V']
+    rows = np.ascontiguousarray(bound.lm_rows.T, np.float32)         # [H, V']
     g.op("MatMul", [g.op("Concat", [out, "logits_feats"], axis=0), g.init("lm_rows.weight", rows)], outs=["logits"])
     vi = onnx.helper.make_tensor_value_info
     f32, i64 = TP.FLOAT, TP.INT64
@@ -138,17 +139,16 @@ def build_head(head: HeadWeights, embed: np.ndarray, lm_head: np.ndarray, opset:
     return proto
 
 
-def export_head(head: HeadWeights, embed: np.ndarray, lm_head: np.ndarray, path: str | Path,
-                bits: int = 0, block_size: int = 32) -> Path:
-    """Writes the head's graph (``build_head``) to ``path``, checked with ``onnx.checker`` and
-    strict shape inference; ``bits`` 4 or 8: its MatMuls as block-wise ``MatMulNBits`` (fp32
-    activations: the head only drafts, verification decides)."""
+def export_head(bound: NumpyHead, path: str | Path, bits: int = 0, block_size: int = 32) -> Path:
+    """Writes the graph of the bound head (``build_head``) to ``path``, checked with
+    ``onnx.checker`` and strict shape inference; ``bits`` 4 or 8: its MatMuls as block-wise
+    ``MatMulNBits`` (fp32 activations: the head only drafts, verification decides)."""
     import onnx
 
     from decograph.backends.onnxruntime.export import save_model
 
     out = Path(path)
-    proto = build_head(head, embed, lm_head)
+    proto = build_head(bound)
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,11 @@ directory as untrusted input. It imports neither torch nor transformers.
      "eos_token_ids": [2], "chat_template": null, "chat_prompt": "...{prompt}...", "chat_default": true,
      "model": "SmolLM2-135M-Instruct", "files": {"model.onnx": "<sha256>", ...}}
 
+A ``draft.head`` program's decoder has a graph per head (role ``head:<i>``, ``"graph":
+"head-1"``, ``"head"``: the name the program's ``draft.head(head=...)`` uses; its shape fields
+are the head's: one layer, its K/V heads and head size, its vocabulary subset's size), and its
+target's graph returns the hidden states the heads read (``"graph": "fused-8+hidden"``).
+
 ``load_manifest`` checks, before it allocates anything sized by the manifest: the file's size
 and JSON syntax (no duplicate keys, no NaN), every field's type (a bool is not an integer)
 and range, that every file it names is listed in ``files``, that every listed name is a plain
@@ -33,6 +38,7 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from decograph.backends.onnxruntime.graph import HIDDEN_TAG
 from decograph.errors import ModelError
 
 __all__ = ["ManifestError", "Manifest", "GraphSpec", "MANIFEST_VERSION", "FORMAT", "MANIFEST_NAME",
@@ -53,11 +59,11 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 _SHAPE_FIELDS = {"num_layers": (1, 512), "kv_heads": (1, 1024), "head_dim": (1, 1024),
                  "vocab_size": (1, 4_194_304), "max_positions": (1, 4_194_304)}
 _GRAPH_KEYS = {"file", "quant", "dtype", "graph", "block_size", *_SHAPE_FIELDS, "external_data", "mask_token_id",
-               "shift_logits"}
-_OPTIONAL_GRAPH_KEYS = {"external_data", "mask_token_id", "shift_logits"}
+               "shift_logits", "head"}
+_OPTIONAL_GRAPH_KEYS = {"external_data", "mask_token_id", "shift_logits", "head"}
 _TOP_KEYS = {"format", "version", "strategy", "passes", "program", "tokenizer", "graphs", "eos_token_ids",
              "chat_template", "chat_prompt", "chat_default", "model", "files"}
-_GRAPH_NAME = re.compile(r"^(target|draft:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$")
+_GRAPH_NAME = re.compile(r"^(target|(draft|head):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -67,7 +73,7 @@ class ManifestError(ModelError):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """One ONNX graph of the decoder (``target``, or ``draft:<name>``), its fields checked."""
+    """One ONNX graph of the decoder (``target``, ``draft:<name>`` or ``head:<i>``), its fields checked."""
     role: str
     file: str
     quant: str
@@ -82,6 +88,7 @@ class GraphSpec:
     external_data: tuple[str, ...] = ()
     mask_token_id: int | None = None        # a masked-diffusion graph's (graph "mdm-*")
     shift_logits: bool = False              # ... whose logits at i predict the token at i + 1
+    head: str | None = None                 # a draft head's graph (graph "head-*"): its draft.head(head=...) name
 
     @property
     def diffusion(self) -> bool:
@@ -111,6 +118,11 @@ class Manifest:
     @property
     def target(self) -> GraphSpec:
         return self.graphs["target"]
+
+    @property
+    def heads(self) -> dict[str, GraphSpec]:
+        """The draft heads' graphs by the name the program's ``draft.head`` ops use."""
+        return {g.head: g for g in self.graphs.values() if g.head is not None}
 
     def path(self, name: str) -> Path:
         """The path of ``name``, a file listed in ``files`` (checked by ``load_manifest``)."""
@@ -206,6 +218,15 @@ def _graph(f: _Fields, d: Any, role: str) -> GraphSpec:
         raise f.fail(f"{path}.mask_token_id" if "mask_token_id" in d else f"{path}.shift_logits",
                      f"belongs to a masked-diffusion graph only (graph 'mdm-*'), this one is {kind!r}")
     shift = f.bool_(d.get("shift_logits", False), f"{path}.shift_logits")
+    head = None
+    if role.startswith("head:") or "head" in d:
+        if not role.startswith("head:") or not kind.startswith("head-"):
+            raise f.fail(f"{path}.head" if "head" in d else f"{path}.graph",
+                         f"a draft head's graph has role 'head:<i>', graph 'head-*' and field 'head' (this one: "
+                         f"role {role!r}, graph {kind!r})")
+        if "head" not in d:
+            raise f.fail(f"{path}.head", "is missing (the draft.head name this graph serves)")
+        head = f.str_(d["head"], f"{path}.head", 1, 1000)
     quant = f.choice(d["quant"], f"{path}.quant", QUANTS)
     block = f.choice(d["block_size"], f"{path}.block_size", (None, *BLOCK_SIZES))
     if (block is None) != (quant == "none"):
@@ -215,7 +236,7 @@ def _graph(f: _Fields, d: Any, role: str) -> GraphSpec:
                      f.choice(d["dtype"], f"{path}.dtype", DTYPES),
                      kind, block, **shape,
                      external_data=tuple(_file_name(f, x, f"{path}.external_data[{i}]") for i, x in enumerate(extra)),
-                     mask_token_id=mask, shift_logits=shift)
+                     mask_token_id=mask, shift_logits=shift, head=head)
 
 
 def _files(f: _Fields, d: Any) -> dict[str, str]:
@@ -245,11 +266,18 @@ def check_fields(d: Any, where: str, directory: Path = Path(".")) -> Manifest:
         raise f.bad("version", version, f"{MANIFEST_VERSION} (a newer decograph's export? update decograph)")
     graphs_in = d["graphs"]
     if not isinstance(graphs_in, dict) or "target" not in graphs_in or len(graphs_in) > MAX_GRAPHS:
-        raise f.bad("graphs", graphs_in, f"an object with 'target' and at most {MAX_GRAPHS - 1} 'draft:<name>' graphs")
+        raise f.bad("graphs", graphs_in, f"an object with 'target' and at most {MAX_GRAPHS - 1} 'draft:<name>' or "
+                                         f"'head:<i>' graphs")
     for role in graphs_in:
         if not _GRAPH_NAME.match(role):
-            raise f.fail(f"graphs.{role}", "is not a graph role; expected 'target' or 'draft:<name>'")
+            raise f.fail(f"graphs.{role}", "is not a graph role; expected 'target', 'draft:<name>' or 'head:<i>'")
     graphs = {role: _graph(f, g, role) for role, g in graphs_in.items()}
+    names = [g.head for g in graphs.values() if g.head is not None]
+    if len(set(names)) != len(names):
+        raise f.fail("graphs", f"has two graphs for one draft head ({sorted(names)})")
+    if names and not graphs["target"].graph.endswith(HIDDEN_TAG):
+        raise f.fail("graphs.target.graph", f"is {graphs['target'].graph!r}: a decoder with draft heads needs a "
+                                            f"target graph with hidden states ('...{HIDDEN_TAG}')")
     vocab = graphs["target"].vocab_size
     eos = f.list_(d["eos_token_ids"], "eos_token_ids", MAX_EOS)
     eos_ids = tuple(f.int_(x, f"eos_token_ids[{i}]", 0, vocab - 1) for i, x in enumerate(eos))
@@ -321,7 +349,7 @@ def _read(directory: Path, name: str, where: str, limit: int | None, digest: str
     return b"".join(kept) if limit is not None else None
 
 
-def _load_program(data: bytes, path: Path, strategy: str) -> Any:
+def _load_program(data: bytes, path: Path, strategy: str, heads: Mapping[str, GraphSpec]) -> Any:
     from decograph.errors import DecographError
     from decograph.ir.jsonform import from_json
     from decograph.ir.verify import verify
@@ -335,6 +363,10 @@ def _load_program(data: bytes, path: Path, strategy: str) -> Any:
         raise ManifestError(f"{path}: not a valid strategy program ({detail})") from None
     if program.name != strategy:
         raise ManifestError(f"{path}: program of strategy {program.name!r}, the manifest says {strategy!r}")
+    for op in program.walk():
+        if op.NAME == "draft.head" and op.head not in heads:
+            raise ManifestError(f"{path}: step `draft.head(head={op.head})` has no head graph in the manifest "
+                                f"(graphs 'head:<i>' with \"head\": {op.head!r})")
     return program
 
 
@@ -399,7 +431,7 @@ def load_manifest(directory: str | Path, *, check_hashes: bool = True) -> Manife
             if name not in small:
                 _read(d, name, str(mpath), None, digest)
     program = _load_program(_read(d, m.program_file, str(mpath), small[m.program_file],
-                                  m.files[m.program_file]) or b"", d / m.program_file, m.strategy)
+                                  m.files[m.program_file]) or b"", d / m.program_file, m.strategy, m.heads)
     tokenizer = _load_tokenizer(_read(d, m.tokenizer_file, str(mpath), small[m.tokenizer_file],
                                       m.files[m.tokenizer_file]) or b"", d / m.tokenizer_file, m.target.vocab_size)
     return dataclasses.replace(m, program=program, tokenizer=tokenizer)

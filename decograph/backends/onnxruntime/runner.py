@@ -66,10 +66,13 @@ def width_invariant(step: StepSession, max_width: int = 9, context: int = 37) ->
 
 def program_width(program: O.Program) -> int:
     """The most query tokens one step of ``program`` feeds a row: its pending token plus every
-    draft op's largest contribution to the tree (chains x candidates; at most 64 + 1)."""
+    draft op's largest contribution to the tree (chains x candidates; a head's node budget; at
+    most 64 + 1)."""
     nodes = 0
     for op in program.walk():
-        if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
+        if isinstance(op, O.DraftHead):         # a tree of ``nodes``, or as many as pay (about a level a depth)
+            nodes += op.nodes or op.topk * op.depth
+        elif isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
             size = max(int(getattr(op, name, 0) or 0) for name in ("k", "window", "block", "n"))
             nodes += size * max(1, int(getattr(op, "candidates", 1) or 1))
     return 1 + min(nodes, O.MAX_DRAFT)

@@ -38,6 +38,7 @@ class ORTCausalLM(CausalLMAdapter):
         self.num_layers, self.kv_heads, self.head_dim = self.step.num_layers, self.step.kv_heads, self.step.head_dim
         self.vocab_size = vocab_size or self.step.vocab_size
         self.eos_token_ids, self.max_positions, self.tokenizer = tuple(eos_token_ids), max_positions, tokenizer
+        self.source: Any = None         # the torch model's adapter it was exported from (a backend's: its other graphs)
         p = self.path = Path(path)
         # the forward-cost curve (time of k query tokens over one) is measured per graph and machine
         st = p.stat()
