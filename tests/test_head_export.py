@@ -340,3 +340,89 @@ def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(tiny_dir, tmp_
         steps = [{k: r[k] for k in keys} for r in trace if r["kind"] == "step"]
         assert steps == [{k: r[k] for k in keys} for r in ref.trace if r["kind"] == "step"]
         assert sum(len(s["draft"]["tokens"]) for s in steps) > 0
+
+
+def test_an_export_whose_head_cannot_be_found_fails_cleanly(tiny_dir, tmp_path, monkeypatch) -> None:
+    """No head for the model (none shipped, none trained), or a head of another model: a
+    ``ModelError`` naming the model, and nothing written."""
+    from decograph.errors import ModelError
+    from decograph.export import export_decoder
+    from decograph.heads.spec import save_head
+    from decograph.models.adapters import HFCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_dir))
+    with pytest.raises(ModelError, match=r"no draft head for .*tiny-llama \(fingerprint [0-9a-f]{12}\).*train-draft"):
+        export_decoder("eagle", tmp_path / "dec", model=model, quant="int4", chat=False, progress=lambda m: None)
+    other = tiny_head(model)
+    other = type(other)(type(other.config)(**{**other.config.__dict__, "model": "0123456789ab",
+                                             "model_name": "another model"}), other.weights, other.vocab_ids)
+    path = save_head(other, tmp_path / "other.npz")
+    with pytest.raises(ModelError, match=r"trained for another model .*not .*tiny-llama"):
+        export_decoder("eagle_anpd", tmp_path / "dec", model=model, chat=False, overrides={"head": str(path)},
+                       progress=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "xdg") == ["other.npz"]     # nothing half-written
+
+
+def test_a_manifest_with_heads_is_checked(tiny_dir, tmp_path, monkeypatch) -> None:
+    """A head graph the program needs is missing, a head without a hidden-state target, a head
+    field outside a head graph: each refused naming the field."""
+    import json
+    import shutil
+
+    from decograph.backends.onnxruntime.manifest import ManifestError, load_manifest
+    from decograph.export import export_decoder
+    from decograph.heads.spec import save_head
+    from decograph.models.adapters import HFCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_dir))
+    over = {"head": str(save_head(tiny_head(model), tmp_path / "h.npz"))}
+    out = export_decoder("eagle", tmp_path / "dec", model=model, chat=False, overrides=over, progress=lambda m: None)
+    good = json.loads((out / "manifest.json").read_text())
+    assert load_manifest(out).heads["" + over["head"]].file == "head.0.onnx"
+
+    def broken(edit, match: str) -> None:
+        d = tmp_path / "bad"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(out, d)
+        m = json.loads(json.dumps(good))
+        edit(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(d)
+
+    broken(lambda m: m["graphs"].pop("head:0"), r"strategy.json: step `draft.head\(head=.*h.npz\)` has no head graph")
+    broken(lambda m: m["graphs"]["target"].update(graph="fused-8"),
+           r"field 'graphs.target.graph' is 'fused-8': a decoder with draft heads needs")
+    broken(lambda m: m["graphs"]["head:0"].update(head="other"), r"step `draft.head\(head=.*\)` has no head graph")
+    broken(lambda m: m["graphs"]["head:0"].pop("head"), r"field 'graphs.head:0.head' is missing")
+    broken(lambda m: m["graphs"]["target"].update(head="x"), r"field 'graphs.target.head' a draft head's graph has")
+    broken(lambda m: m["graphs"].update({"head:1": dict(m["graphs"]["head:0"])}),
+           r"field 'graphs' has two graphs for one draft head")
+
+
+def test_the_onnxruntime_backends_run_heads_on_a_graph_with_hidden_states(tiny_dir, tmp_path, monkeypatch) -> None:
+    """``generate(..., backend="onnxruntime-int4")`` with ``eagle``: the head (the model's,
+    resolved from the cache) drafts on a second graph of the model that returns hidden states;
+    tokens are the backend's own greedy's, batch 1 and 4."""
+    from decograph.api import generate
+    from decograph.backends.onnxruntime.backend import export_dir
+    from decograph.heads.spec import save_head
+    from decograph.heads.store import cached_head_path
+    from decograph.models.adapters import HFCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_dir))
+    head = tiny_head(model)
+    save_head(head, cached_head_path(head.config.model))
+    for backend in ("onnxruntime", "onnxruntime-int4"):
+        greedy = [r.new_token_ids for r in generate(model, None, [model.tokenizer(t)["input_ids"] for t in TEXTS],
+                                                     "greedy", max_new_tokens=20, backend=backend)]
+        for batch in (TEXTS[:1], TEXTS):
+            got = generate(model, None, [model.tokenizer(t)["input_ids"] for t in batch], "eagle", max_new_tokens=20,
+                           backend=backend, overrides={"nodes": 6})
+            assert [r.new_token_ids for r in got] == greedy[: len(batch)]
+            assert sum(sum(r.stats.drafted_per_step) for r in got) > 0
+    names = sorted(p.name for p in export_dir(model.model).iterdir())
+    assert "model.hidden.onnx" in names and "model.onnx" in names
