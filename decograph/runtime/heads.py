@@ -35,12 +35,13 @@ from decograph.ir import ops as O
 from decograph.runtime.rows import Row
 from decograph.runtime.source import DraftSource
 
-__all__ = ["HeadDraft", "CONTEXT", "BINS", "DECAY"]
+__all__ = ["HeadDraft", "CONTEXT", "BINS", "DECAY", "DRIFT"]
 
 CONTEXT = 512           # committed positions whose head K/V a row keeps (and prompt positions read)
 BINS = 10               # calibration bins over a node's cumulative draft probability
-DECAY = 0.95            # per step, as ANPD's acceptance rates: old evidence fades towards the prior
-PRIOR_WEIGHT = 2.0      # the prior (the draft probability itself) counts as this many nodes
+DECAY = 0.95            # a bin's evidence decays as new evidence comes in (as ANPD's rates)
+DRIFT = 0.99            # ... and drifts back to the prior while unused, so a bin that failed is tried again
+PRIOR_WEIGHT = 1.0      # the prior (the draft probability itself) counts as this many nodes
 
 
 @dataclass
@@ -231,8 +232,11 @@ class HeadDraft(DraftSource):
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
         """Calibration: each drafted node was accepted iff its path is what the row committed."""
         mem: _Memory = self.memory(row)
-        mem.hits *= DECAY
-        mem.tries *= DECAY
+        used = np.zeros(BINS, dtype=bool)
+        used[[min(BINS - 1, int(p * BINS)) for _, p in mem.drafted]] = True
+        scale = np.where(used, DECAY, DRIFT)
+        mem.hits *= scale
+        mem.tries *= scale
         new = row.tokens[len(row.tokens) - committed:]
         for path, p in mem.drafted:
             b = min(BINS - 1, int(p * BINS))
