@@ -16,8 +16,9 @@ step graph, in the target's precision, is written beside the target's (manifest 
 ``draft:<name>``) and drafts on ONNX Runtime. ``draft.head`` strategies (``eagle``,
 ``eagle_anpd``) export with their draft heads: each head the program names, resolved for the
 model (``decograph.heads.store.resolve_head``: a head file, or the shipped or trained one), is
-written as its own graph beside the step graph (``graph_head``, fp32; manifest role
-``head:<i>``), and the step graph returns the hidden states the heads read (``hidden``). Written
+written as its own graph beside the step graph (``graph_head``: fp32, or ``head_quant="int4"``
+compact and approximate; manifest role ``head:<i>``), and the step graph returns the hidden
+states the heads read (``hidden``). Written
 into a staging directory beside ``out`` and renamed when complete, so a failed export leaves
 nothing half-written.
 """
@@ -59,7 +60,8 @@ def check_exportable(program: O.Program, diffusion: bool = False, draft_models: 
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,
                    overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
-                   dtype: str = "float32", draft_models: dict[str, Any] | None = None, progress: Any = print) -> Path:
+                   dtype: str = "float32", draft_models: dict[str, Any] | None = None, head_quant: str = "none",
+                   progress: Any = print) -> Path:
     from decograph.api import as_program, optimize, resolve_model
     from decograph.models.adapters import HFCausalLM
     from decograph.models.diffusion import MDMAdapter
@@ -70,6 +72,8 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         raise InputError(f"block_size must be 16, 32, 64, 128 or 256, got {block_size}")
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype must be float32 or float16 (for ONNX Runtime's CUDA EP), got {dtype!r}")
+    if head_quant not in ("none", "int4", "int8"):
+        raise InputError(f"head_quant must be none, int4 or int8, got {head_quant!r}")
     target = Path(out)
     check_output_dir(target, "the exported decoder")      # a file, a used or unwritable place: before any work
     adapter, tok = resolve_model(model)
@@ -89,7 +93,8 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
             graphs[f"draft:{name}"] = _export_causal(draft, tmp, f"draft.{name}.onnx", quant, dtype, block_size,
                                                      progress, f"draft model {name!r}")
         for i, (name, bound) in enumerate(sorted(heads.items())):
-            graphs[f"head:{i}"] = _export_head(bound, name, tmp, f"head.{i}.onnx", adapter.max_positions, progress)
+            graphs[f"head:{i}"] = _export_head(bound, name, tmp, f"head.{i}.onnx", adapter.max_positions, head_quant,
+                                               block_size, progress)
         chat_prompt = _write_text_files(tmp, tok, program)
         m = adapter.model
         template = getattr(tok, "chat_template", None)
@@ -138,14 +143,18 @@ def _heads(adapter: Any, program: O.Program) -> dict[str, Any]:
     return {name: model_head(adapter, name) for name in names}
 
 
-def _export_head(bound: Any, name: str, tmp: Path, head_file: str, max_positions: int, progress: Any) -> dict[str, Any]:
-    """A bound draft head's graph as ``tmp / head_file`` (fp32), and its manifest entry."""
+def _export_head(bound: Any, name: str, tmp: Path, head_file: str, max_positions: int, quant: str, block_size: int,
+                 progress: Any) -> dict[str, Any]:
+    """A bound draft head's graph as ``tmp / head_file`` (fp32, or compact: ``quant`` int4/int8,
+    ``graph_head.export_head``), and its manifest entry."""
     from decograph.backends.onnxruntime.graph_head import HEAD_GRAPH_VERSION, export_head
 
     c = bound.config
     progress(f"exporting the draft head {name!r} ({c.model_name or 'for this model'}) to ONNX ...")
-    export_head(bound, tmp / head_file)
-    return {"file": head_file, "quant": "none", "dtype": "float32", "graph": HEAD_GRAPH_VERSION, "block_size": None,
+    bits = 0 if quant == "none" else int(quant[3:])
+    export_head(bound, tmp / head_file, bits, block_size)
+    return {"file": head_file, "quant": quant, "dtype": "float32", "graph": HEAD_GRAPH_VERSION,
+            "block_size": block_size if bits else None,
             "num_layers": 1, "kv_heads": c.kv_heads, "head_dim": c.head_dim, "vocab_size": len(bound.vocab_ids),
             "max_positions": max_positions, "head": name}
 

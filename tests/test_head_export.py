@@ -270,7 +270,8 @@ def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, 
                                                                 monkeypatch, ort_greedy, run_without_torch) -> None:
     """Torch blocked: every prompt and budget (0, 1, 9, 24) equals the graph's own one-token
     greedy decoding, alone and in a batch of 4 (prompts of 8, 5, 1 and 10 tokens), an EOS inside
-    drafts ends each row exactly there; the head drafts, and some drafts are accepted."""
+    drafts ends each row exactly there; the head drafts, and some drafts are accepted. The int4
+    export has a compact (int4) head too."""
     import json
 
     from decograph.backends.onnxruntime.session import ORTCausalLM
@@ -287,14 +288,15 @@ def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, 
         spec = "default"
     else:
         spec = str(save_head(head, tmp_path / "my-head.npz"))
-    out = export_decoder(strategy, tmp_path / "dec", model=model, quant=quant, chat=False,
+    out = export_decoder(strategy, tmp_path / "dec", model=model, quant=quant, chat=False, head_quant=quant,
                          overrides={"head": spec, "nodes": 8}, progress=lambda m: None)
     assert sorted(p.name for p in out.iterdir()) == ["head.0.onnx", "manifest.json", "model.onnx", "strategy.json",
                                                      "tokenizer.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graphs"]["target"]["graph"].endswith("+hidden") and manifest["graphs"]["target"]["quant"] == quant
     assert manifest["graphs"]["head:0"] == {
-        "file": "head.0.onnx", "quant": "none", "dtype": "float32", "graph": "head-1", "block_size": None,
+        "file": "head.0.onnx", "quant": quant, "dtype": "float32", "graph": "head-1",
+        "block_size": None if quant == "none" else 32,
         "num_layers": 1, "kv_heads": 2, "head_dim": 8, "vocab_size": 40, "max_positions": 512, "head": spec}
     graph = ORTCausalLM(out / "model.onnx")
     prompts = [model.tokenizer(t)["input_ids"] for t in TEXTS]
@@ -426,3 +428,28 @@ def test_the_onnxruntime_backends_run_heads_on_a_graph_with_hidden_states(tiny_d
             assert sum(sum(r.stats.drafted_per_step) for r in got) > 0
     names = sorted(p.name for p in export_dir(model.model).iterdir())
     assert "model.hidden.onnx" in names and "model.onnx" in names
+
+
+def test_a_compact_head_quantizes_every_matmul_and_stays_close(tmp_path) -> None:
+    """``bits=4``: the six MatMuls (fc, Q/K/V, O, gate/up, down, LM rows) block-wise int4 with
+    int8 activations, the embedding float16; an approximation of the fp32 head (it only drafts)."""
+    import onnx
+
+    from decograph.backends.onnxruntime.graph_head import OrtHead, export_head
+
+    head, embed, lm = random_head(hidden=64, vocab=96, subset=80)
+    ref = head.bind(embed, lm)
+    path = export_head(ref, tmp_path / "h4.onnx", bits=4)
+    proto = onnx.load(str(path))
+    levels = [a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"]
+    assert levels == [4] * 6 and not any(n.op_type == "MatMul" and "weight" in "".join(n.input) for n in proto.graph.node)
+    assert next(t for t in proto.graph.initializer if t.name == "embed.weight").data_type == onnx.TensorProto.FLOAT16
+    rng = np.random.default_rng(2)
+    feats = rng.standard_normal((6, 64)).astype(np.float32)
+    toks, pos = rng.integers(0, 96, 6), np.arange(6)
+    none = np.zeros((0, 2, 16), np.float32)
+    want, got = ref.step(feats, toks, pos, none, none), OrtHead(path, 1).step(feats, toks, pos, none, none)
+    for a, b in zip(want, got):             # each row's direction kept (random weights: int4 errors add up)
+        a, b = a.reshape(6, -1), b.reshape(6, -1)
+        assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9

@@ -60,7 +60,7 @@ def _rope(g: GraphWriter, x: str, cos: str, sin: str) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
 
 
-def _attention(g: GraphWriter, c: HeadConfig, q: str, k: str, v: str) -> str:
+def _attention(g: GraphWriter, c: Any, q: str, k: str, v: str) -> str:
     """Softmax attention of ``q`` [q, heads, d] over ``past`` + the step's ``k`` / ``v`` under
     ``mask``; the heads' outputs [q, heads * d]."""
     keys = g.op("Concat", ["past_k", k], axis=0)                  # [T, kv_heads, d]
@@ -78,32 +78,32 @@ def _attention(g: GraphWriter, c: HeadConfig, q: str, k: str, v: str) -> str:
     return g.op("Reshape", [g.op("Transpose", [a], perm=[1, 0, 2]), g.init("att.flat", np.array([0, -1]))])
 
 
-def build_head(bound: NumpyHead, opset: int = 23) -> Any:
-    """The graph (an ``onnx.ModelProto``, see the module docstring) of a head bound to its
-    target (``HeadWeights.bind``: the target's input embedding, its LM head's rows of the
-    subset), computing what ``bound`` computes."""
-    import onnx
+def _inputs(g: GraphWriter, bound: NumpyHead, half: bool) -> str:
+    """``fc(concat(feats, embed_scale * E[tokens]))``: the layer's input [q, H]; ``E`` stored in
+    float16 with ``half``."""
     from onnx import TensorProto as TP
 
-    head, embed = bound.head, bound.embed
-    c, w = head.config, {k: np.asarray(v, np.float32) for k, v in head.weights.items()}
-    H, d = c.hidden, c.head_dim
-    g = GraphWriter()
-    emb = np.ascontiguousarray(embed, np.float32)
-    half = _lossless_f16(emb)
+    c = bound.config
+    emb = np.ascontiguousarray(bound.embed, np.float32)
     e = g.op("Gather", [g.init("embed.weight", emb.astype(np.float16) if half else emb), "tokens"], axis=0)
     if half:
         e = g.op("Cast", [e], to=TP.FLOAT)
     if c.embed_scale != 1.0:
         e = g.op("Mul", [e, g.init("embed.scale", np.array(c.embed_scale, np.float32))])
-    x = g.op("MatMul", [g.op("Concat", ["feats", e], axis=-1), g.init("fc.weight", w["fc.weight"].T)])
-    x = g.op("Add", [x, g.init("fc.bias", w["fc.bias"])])
-    h = _rms(g, x, w["ln1.weight"], "ln1.weight", c.eps)
+    x = g.op("MatMul", [g.op("Concat", ["feats", e], axis=-1), g.init("fc.weight", bound.w["fc.weight"].T)])
+    return g.op("Add", [x, g.init("fc.bias", bound.w["fc.bias"])])
+
+
+def _qkv(g: GraphWriter, bound: NumpyHead, h: str) -> tuple[str, str, str]:
+    """Q [q, heads, d] and the outputs ``k`` / ``v`` [q, kv_heads, d] of ``h``: one MatMul, the
+    rotary embedding of Q and K together, its angles in float64 as ``spec.rope``'s."""
+    from onnx import TensorProto as TP
+
+    c, w, d = bound.config, bound.w, bound.config.head_dim
     qkv = np.concatenate([w["q.weight"], w["k.weight"], w["v.weight"]], 0).T
-    q, k, v = g.op("Split", [g.op("MatMul", [h, g.init("qkv.weight", qkv)]),
-                             g.init("qkv.split", np.array([c.heads * d, c.kv_heads * d, c.kv_heads * d]))],
-                   n_out=3, axis=-1)
-    # rotary angles in float64, as ``spec.rope``: positions * inverse frequencies, cos / sin
+    qk, v = g.op("Split", [g.op("MatMul", [h, g.init("qkv.weight", qkv)]),
+                           g.init("qkv.split", np.array([(c.heads + c.kv_heads) * d, c.kv_heads * d]))],
+                 n_out=2, axis=-1)
     inv = 1.0 / (c.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     ang = g.op("Mul", [g.op("Unsqueeze", [g.op("Cast", ["positions"], to=TP.DOUBLE), g.init("c.ax1", np.array([1]))]),
                        g.init("rope.inv", inv)])
@@ -111,10 +111,24 @@ def build_head(bound: NumpyHead, opset: int = 23) -> Any:
     g.init("rope.halves", np.array([d // 2, d // 2]))
     cos = g.op("Cast", [g.op("Cos", [ang])], to=TP.FLOAT)
     sin = g.op("Cast", [g.op("Sin", [ang])], to=TP.FLOAT)
-    q = _rope(g, g.op("Reshape", [q, g.init("q.shape", np.array([0, c.heads, d]))]), cos, sin)
-    kv_shape = g.init("kv.shape", np.array([0, c.kv_heads, d]))
-    k = g.op("Identity", [_rope(g, g.op("Reshape", [k, kv_shape]), cos, sin)], outs=["k"])
-    v = g.op("Reshape", [v, kv_shape], outs=["v"])
+    qk = _rope(g, g.op("Reshape", [qk, g.init("qk.shape", np.array([0, c.heads + c.kv_heads, d]))]), cos, sin)
+    q, k = g.op("Split", [qk, g.init("qk.split", np.array([c.heads, c.kv_heads]))], n_out=2, axis=1,
+                outs=["q.rope", "k"])
+    return q, k, g.op("Reshape", [v, g.init("kv.shape", np.array([0, c.kv_heads, d]))], outs=["v"])
+
+
+def build_head(bound: NumpyHead, opset: int = 23, half_embed: bool | None = None) -> Any:
+    """The graph (an ``onnx.ModelProto``, see the module docstring) of a head bound to its
+    target (``HeadWeights.bind``: the target's input embedding, its LM head's rows of the
+    subset), computing what ``bound`` computes. ``half_embed``: the embedding in float16
+    (default: where that loses nothing)."""
+    import onnx
+    from onnx import TensorProto as TP
+
+    c, w, d = bound.config, bound.w, bound.config.head_dim
+    g = GraphWriter()
+    x = _inputs(g, bound, _lossless_f16(bound.embed) if half_embed is None else half_embed)
+    q, k, v = _qkv(g, bound, _rms(g, x, w["ln1.weight"], "ln1.weight", c.eps))
     x = g.op("Add", [x, g.op("MatMul", [_attention(g, c, q, k, v), g.init("o.weight", w["o.weight"].T)])])
     h = _rms(g, x, w["ln2.weight"], "ln2.weight", c.eps)
     gu = g.op("MatMul", [h, g.init("gate_up.weight", np.concatenate([w["gate.weight"], w["up.weight"]], 0).T)])
@@ -125,15 +139,14 @@ def build_head(bound: NumpyHead, opset: int = 23) -> Any:
                outs=["out_feats"])
     rows = np.ascontiguousarray(bound.lm_rows.T, np.float32)         # [H, V']
     g.op("MatMul", [g.op("Concat", [out, "logits_feats"], axis=0), g.init("lm_rows.weight", rows)], outs=["logits"])
-    vi = onnx.helper.make_tensor_value_info
-    f32, i64 = TP.FLOAT, TP.INT64
+    vi, f32, i64, H = onnx.helper.make_tensor_value_info, TP.FLOAT, TP.INT64, c.hidden
     inputs = [vi("feats", f32, ["q", H]), vi("tokens", i64, ["q"]), vi("positions", i64, ["q"]),
               vi("past_k", f32, ["past", c.kv_heads, d]), vi("past_v", f32, ["past", c.kv_heads, d]),
               vi("mask", TP.BOOL, ["q", "total"]), vi("logits_feats", f32, ["extra", H])]
     outputs = [vi("out_feats", f32, ["q", H]), vi("k", f32, ["q", c.kv_heads, d]), vi("v", f32, ["q", c.kv_heads, d]),
-               vi("logits", f32, ["rows", len(head.vocab_ids)])]
+               vi("logits", f32, ["rows", len(bound.vocab_ids)])]
     proto = g.model("decograph_head", inputs, outputs, opset)
-    ids = head.vocab_ids.astype("<i4").tobytes()
+    ids = bound.vocab_ids.astype("<i4").tobytes()
     meta = {"version": HEAD_GRAPH_VERSION, "config": asdict(c), "vocab_ids": base64.b64encode(ids).decode()}
     onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
     return proto
@@ -141,14 +154,15 @@ def build_head(bound: NumpyHead, opset: int = 23) -> Any:
 
 def export_head(bound: NumpyHead, path: str | Path, bits: int = 0, block_size: int = 32) -> Path:
     """Writes the graph of the bound head (``build_head``) to ``path``, checked with
-    ``onnx.checker`` and strict shape inference; ``bits`` 4 or 8: its MatMuls as block-wise
-    ``MatMulNBits`` (fp32 activations: the head only drafts, verification decides)."""
+    ``onnx.checker`` and strict shape inference. ``bits`` 4 or 8: a compact head, faster and
+    approximate (it only drafts; verification decides): its MatMuls block-wise ``MatMulNBits``
+    with int8 activations (ORT's fast kernels, ``accuracy_level`` 4), its embedding float16."""
     import onnx
 
-    from decograph.backends.onnxruntime.export import save_model
+    from decograph.backends.onnxruntime.export import QUANT, save_model
 
     out = Path(path)
-    proto = build_head(bound)
+    proto = build_head(bound, half_embed=True if bits else None)
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +170,7 @@ def export_head(bound: NumpyHead, path: str | Path, bits: int = 0, block_size: i
     if bits:
         from decograph.backends.onnxruntime.export import quantize_step
 
-        quantize_step(out, out, bits, accuracy_level=0, block_size=block_size)
+        quantize_step(out, out, bits, accuracy_level=QUANT["accuracy_level"], block_size=block_size)
     return out
 
 
