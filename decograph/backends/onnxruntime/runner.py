@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.onnxruntime.engine import MIN_ROWS, OrtEngine, tree_masks
+from decograph.backends.onnxruntime.engine import MIN_ROWS, tree_masks
+from decograph.backends.onnxruntime.solo import OrtEngine
 from decograph.backends.onnxruntime.kv import StepSession, causal_mask
 from decograph.ir import ops as O
 from decograph.measure_cache import cached
