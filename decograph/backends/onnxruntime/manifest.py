@@ -28,18 +28,17 @@ file names); they must be listed in ``files`` too. The ONNX graphs themselves ar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from decograph.backends.onnxruntime.graph import HIDDEN_TAG
-from decograph.errors import ModelError
+from decograph.backends.onnxruntime.untrusted import ManifestError, file_digest, open_inside, parse_json, read_inside
 
 __all__ = ["ManifestError", "Manifest", "GraphSpec", "MANIFEST_VERSION", "FORMAT", "MANIFEST_NAME",
            "load_manifest", "write_manifest", "check_fields"]
@@ -65,10 +64,6 @@ _TOP_KEYS = {"format", "version", "strategy", "passes", "program", "tokenizer", 
              "chat_template", "chat_prompt", "chat_default", "model", "files"}
 _GRAPH_NAME = re.compile(r"^(target|(draft|head):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ManifestError(ModelError):
-    """An exported decoder directory that cannot be trusted or read: names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -302,60 +297,13 @@ def check_fields(d: Any, where: str, directory: Path = Path(".")) -> Manifest:
     return m
 
 
-# -- the files ---------------------------------------------------------------------------------
-
-def _open_inside(directory: Path, name: str, where: str) -> int:
-    """A read-only descriptor of the regular file ``name`` under ``directory``, refusing a
-    symbolic link anywhere on the way (none can lead outside) and anything but a regular file."""
-    here = directory
-    for part in PurePosixPath(name).parts:
-        here = here / part
-        try:
-            st = os.lstat(here)
-        except OSError as exc:
-            raise ManifestError(f"{where}: file {name!r} is listed but {here} cannot be read "
-                                f"({exc.strerror})") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise ManifestError(f"{where}: file {name!r}: {here} is a symbolic link; a decoder directory holds "
-                                f"plain files only") from None
-    try:
-        fd = os.open(here, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise ManifestError(f"{where}: file {name!r} cannot be opened ({exc.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ManifestError(f"{where}: file {name!r} is not a regular file")
-    if not here.resolve().is_relative_to(directory.resolve()):
-        os.close(fd)
-        raise ManifestError(f"{where}: file {name!r} resolves outside {directory}")
-    return fd
-
-
-def _read(directory: Path, name: str, where: str, limit: int | None, digest: str | None) -> bytes | None:
-    """Hash ``name`` in 1 MiB chunks against ``digest`` (None: no check); keep and return its
-    bytes when ``limit`` is given (refusing a larger file), else None."""
-    h, kept, size = hashlib.sha256(), [], 0
-    with os.fdopen(_open_inside(directory, name, where), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            size += len(chunk)
-            if limit is not None:
-                if size > limit:
-                    raise ManifestError(f"{directory / name}: {size}+ bytes, more than the {limit} allowed")
-                kept.append(chunk)
-            if digest is not None:
-                h.update(chunk)
-    if digest is not None and h.hexdigest() != digest:
-        raise ManifestError(f"{directory / name}: its sha256 differs from the manifest's (the decoder was modified)")
-    return b"".join(kept) if limit is not None else None
-
-
 def _load_program(data: bytes, path: Path, strategy: str, heads: Mapping[str, GraphSpec]) -> Any:
     from decograph.errors import DecographError
     from decograph.ir.jsonform import from_json
     from decograph.ir.verify import verify
 
     try:
-        program = verify(from_json(_parse_json(data, str(path))))
+        program = verify(from_json(parse_json(data, str(path))))
     except ManifestError:
         raise
     except (DecographError, KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
@@ -386,23 +334,6 @@ def _load_tokenizer(data: bytes, path: Path, vocab: int) -> Any:
     return tok
 
 
-def _parse_json(data: bytes, where: str) -> Any:
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(items)
-        if len(out) != len(items):
-            dup = next(k for i, (k, _) in enumerate(items) if k in dict(items[:i]))
-            raise ManifestError(f"{where}: key {dup!r} appears twice in one object")
-        return out
-
-    def constant(name: str) -> Any:
-        raise ManifestError(f"{where}: {name} is not a JSON number")
-
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ManifestError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-
 def load_manifest(directory: str | Path, *, check_hashes: bool = True) -> Manifest:
     """The checked manifest of the decoder ``directory``, with its program (verified IR) and
     tokenizer loaded; raises ``ManifestError`` naming the file and field on anything wrong
@@ -421,18 +352,18 @@ def load_manifest(directory: str | Path, *, check_hashes: bool = True) -> Manife
                             f"files only")
     if st.st_size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{mpath}: {st.st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")
-    data = _read(d, MANIFEST_NAME, str(mpath), MAX_MANIFEST_BYTES, None) or b""
-    m = check_fields(_parse_json(data, str(mpath)), str(mpath), d)
+    data = read_inside(d, MANIFEST_NAME, str(mpath), MAX_MANIFEST_BYTES, None) or b""
+    m = check_fields(parse_json(data, str(mpath)), str(mpath), d)
     small = {m.program_file: MAX_PROGRAM_BYTES, m.tokenizer_file: MAX_TOKENIZER_BYTES}
     for name in m.files:            # every listed file: inside, regular, no link
-        os.close(_open_inside(d, name, str(mpath)))
+        os.close(open_inside(d, name, str(mpath)))
     if check_hashes:
         for name, digest in m.files.items():
             if name not in small:
-                _read(d, name, str(mpath), None, digest)
-    program = _load_program(_read(d, m.program_file, str(mpath), small[m.program_file],
+                read_inside(d, name, str(mpath), None, digest)
+    program = _load_program(read_inside(d, m.program_file, str(mpath), small[m.program_file],
                                   m.files[m.program_file]) or b"", d / m.program_file, m.strategy, m.heads)
-    tokenizer = _load_tokenizer(_read(d, m.tokenizer_file, str(mpath), small[m.tokenizer_file],
+    tokenizer = _load_tokenizer(read_inside(d, m.tokenizer_file, str(mpath), small[m.tokenizer_file],
                                       m.files[m.tokenizer_file]) or b"", d / m.tokenizer_file, m.target.vocab_size)
     return dataclasses.replace(m, program=program, tokenizer=tokenizer)
 
@@ -451,18 +382,7 @@ def write_manifest(directory: str | Path, fields: dict[str, Any]) -> Path:
             names += [g.get("file"), *(extra if isinstance(extra, list) else [])]
     listed = sorted({n for n in names if isinstance(n, str)})
     check_fields(dict(body, files={n: "0" * 64 for n in listed}), str(d / MANIFEST_NAME), d)   # names first
-    body["files"] = {n: _digest(d / n) for n in listed}
+    body["files"] = {n: file_digest(d / n) for n in listed}
     out = d / MANIFEST_NAME
     out.write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot be read for the manifest ({exc.strerror})") from None
-    return h.hexdigest()
