@@ -427,7 +427,15 @@ def test_the_onnxruntime_backends_run_heads_on_a_graph_with_hidden_states(tiny_d
             assert [r.new_token_ids for r in got] == greedy[: len(batch)]
             assert sum(sum(r.stats.drafted_per_step) for r in got) > 0
     names = sorted(p.name for p in export_dir(model.model).iterdir())
-    assert "model.hidden.onnx" in names and "model.onnx" in names
+    assert "model.hidden.onnx" in names and "model.onnx" in names and any(n.startswith("head-") for n in names)
+    # fp32: the head's graph drafts the trees the torch path's NumpyHead drafts
+    ids = [model.tokenizer(TEXTS[0])["input_ids"]]
+    keys = ("step", "draft", "accepted", "bonus")
+    [a] = generate(model, None, ids, "eagle", max_new_tokens=20, backend="onnxruntime", overrides={"nodes": 6},
+                   trace=True)
+    [b] = generate(model, None, ids, "eagle", max_new_tokens=20, overrides={"nodes": 6}, trace=True)
+    steps = [[{k: r[k] for k in keys} for r in x.trace if r["kind"] == "step"] for x in (a, b)]
+    assert steps[0] == steps[1] and steps[0]
 
 
 def test_a_compact_head_quantizes_every_matmul_and_stays_close(tmp_path) -> None:

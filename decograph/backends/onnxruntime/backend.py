@@ -5,8 +5,8 @@ cache in GPU memory, I/O binding), else the CPU EP. Programs run on the runtime'
 over ONNX Runtime's side of the step protocol through a ``GraphRunner``, the very code of the
 exported decoder (``decograph.exported``). ``DECOGRAPH_ORT_DEVICE`` (auto, cpu or cuda)
 overrides the device. A program with ``draft.head`` runs on a second graph of the model, built
-with the hidden states the heads read (``graph.hidden_output``; cached beside the first), its
-heads the runners the API bound (``RunConfig.draft_heads``)."""
+with the hidden states the heads read (``graph.hidden_output``; cached beside the first), each
+head the API bound (``RunConfig.draft_heads``) as its own graph (``graph_head``, cached too)."""
 from __future__ import annotations
 
 import hashlib
@@ -134,10 +134,31 @@ class OnnxRuntimeBackend(Backend):
             if hit is None or hit[0] is not source:
                 hit = self._adapters[(id(source), "hidden")] = (source, self._causal(source, hidden=True))
             adapter = hit[1]
+            config.draft_heads = {name: self._ort_head(r, source) for name, r in config.draft_heads.items()}
         runner = getattr(adapter, "runner", None)
         if runner is None:
             runner = adapter.runner = GraphRunner(adapter.step, json.dumps(adapter.cost_key))
         return runner.interpreter(program, config, tokenizer=config.tokenizer)
+
+    def _ort_head(self, runner: Any, source: Any) -> Any:
+        """A ``NumpyHead`` the API bound, as its graph on ONNX Runtime (``graph_head``, fp32:
+        the same drafts, faster), exported once per head and model; other runners as they are."""
+        from decograph.backends.onnxruntime.graph_head import HEAD_GRAPH_VERSION, OrtHead, export_head
+        from decograph.heads.spec import NumpyHead
+
+        if not isinstance(runner, NumpyHead):
+            return runner
+        hit = self._adapters.get(("head", id(runner)))
+        if hit is None or hit[0] is not runner:
+            h = hashlib.sha256(f"{HEAD_GRAPH_VERSION}\n{runner.config}".encode())
+            for name in sorted(runner.w):
+                h.update(name.encode() + runner.w[name].tobytes())
+            h.update(runner.vocab_ids.tobytes())
+            path = export_dir(source.model) / f"head-{h.hexdigest()[:12]}.onnx"
+            if not path.is_file():
+                export_head(runner, path)
+            hit = self._adapters[("head", id(runner))] = (runner, OrtHead(path))
+        return hit[1]
 
     def _prepare_mdm(self, adapter: Any) -> Any:
         """decograph's masked-diffusion model, exported once (``mdm.export_mdm``), fp32 on the
