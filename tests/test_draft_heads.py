@@ -141,6 +141,14 @@ def test_all_accept_head_takes_depth_plus_one_tokens_per_forward(model, refs) ->
         assert r.stats.tokens_per_forward >= N_NEW / math.ceil(N_NEW / (DEPTH + 1))
 
 
+def test_recomputed_accepted_tokens_feed_the_head_again(model, refs) -> None:
+    """Without the passes the commit recomputes accepted drafts: they come back as pending
+    tokens, whose hidden states the head has already; the head still drafts DEPTH deep."""
+    seqs = [p + r for p, r in zip(PROMPTS, refs)]
+    out = check_equal(model, refs, head_program(depth=DEPTH), OracleHead(seqs), passes="none")
+    assert all(r.stats.accepted_per_step[:3] == (DEPTH,) * 3 for r in out)
+
+
 def test_fixed_budget_tree_accepts_its_true_branch(model, refs) -> None:
     seqs = [p + r for p, r in zip(PROMPTS, refs)]
     out = check_equal(model, refs, head_program(nodes=20, topk=3, depth=4), OracleHead(seqs))
@@ -342,3 +350,26 @@ def test_the_api_binds_the_cached_and_a_named_head(model, refs, tmp_path, monkey
     with pytest.raises(ModelError, match="trained for another model"):
         decograph.generate(model, None, PROMPTS[:1], "eagle", 4,
                            overrides={"head": str(save_head(other, tmp_path / "other.npz"))})
+
+
+def test_rows_joining_a_running_batch_get_their_tokens(model, refs) -> None:
+    """Continuous batching: a row admitted into a running batch has no prefilled hidden
+    states; its head starts from its first forward's and drafts from its second step on."""
+    from decograph.api import Decoder
+    from decograph.runtime import Admission, RunConfig
+
+    seqs = [p + r for p, r in zip(PROMPTS, refs)]
+    dec = Decoder(model, None, head_program(), draft_heads={"default": OracleHead(seqs)})
+    waiting, got = list(range(len(PROMPTS))), {i: [] for i in range(len(PROMPTS))}
+
+    def admit(idle: bool) -> Admission:         # one prompt joins at each step boundary
+        return Admission(new=[(i, PROMPTS[i], N_NEW) for i in [waiting.pop(0)]]) if waiting else Admission()
+
+    interp = dec.interpreter(RunConfig(admit=admit, trace=[]))
+    interp.eos = set()
+    for ev in interp.run([]):
+        got[ev.row] += ev.tokens
+    assert [got[i] for i in range(len(PROMPTS))] == [ref[:N_NEW] for ref in refs]
+    for i in range(len(PROMPTS)):
+        accepted = [len(t["accepted"]["nodes"]) for t in interp.cfg.trace if t["kind"] == "step" and t["row"] == i]
+        assert accepted[0] == (DEPTH if i == 0 else 0) and accepted[1] == DEPTH, (i, accepted)
