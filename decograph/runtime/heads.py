@@ -141,7 +141,7 @@ class HeadDraft(DraftSource):
         self._feed(row, mem)
         if mem.root is None or mem.end != len(row.tokens) - 1:
             return []                     # the root's feature is not predicted (yet): no hidden states
-        pending = len(row.pending)
+        pending = len(row.pending) + self.queued      # other drafts' tokens widen the same forward
         cap = int(self.op.nodes) or O.MAX_TREE
         if self.max_query:
             cap = min(cap, self.max_query - pending)

@@ -161,6 +161,7 @@ class Interpreter:
         self.wall = 0.0
         self.adapter: Any = None            # the caller's model adapter, when it keeps statistics on it
         self.hidden = [s for s in self.sources.values() if s.hidden_tail]    # sources fed hidden states
+        self._queued: dict[int, int] = {}   # id(row) -> draft tokens proposed so far this step
 
     @property
     def tokenizer(self) -> Any:
@@ -253,8 +254,12 @@ class Interpreter:
             src = self.sources[id(op)]
             if not self.cfg.drafts:
                 return _Drafted(src, [[] for _ in state.active])
-            src.rows = len(state.active)
-            return _Drafted(src, [src.propose(r, r.remaining - 1) for r in state.active])
+            src.rows, chains = len(state.active), []
+            for r in state.active:            # ``queued``: draft tokens earlier drafts of this step added
+                src.queued = self._queued.get(id(r), 0)
+                chains.append(src.propose(r, r.remaining - 1))
+                self._queued[id(r)] = src.queued + sum(map(len, chains[-1]))
+            return _Drafted(src, chains)
         if isinstance(op, O.Forward):
             return self._forward(op, env[id(op.state)], [env[id(d)] for d in op.drafts])
         if isinstance(op, O.VERIFY_OPS):
@@ -286,7 +291,7 @@ class Interpreter:
     def _forward(self, op: O.Forward, state: Batch, drafts: list[_Drafted]) -> _Forwarded:
         """Merge every draft's chains into one tree per row (a trie with ``dedup``) and run the
         forward the passes lowered (``op.mask``, ``op.layout``) on the backend."""
-        n = len(state.active)
+        n, self._queued = len(state.active), {}
         cap = getattr(self.engine, "max_query", None)
         if cap:                                    # the backend's widest step: drafts cut to fit
             _fit(drafts, [cap - len(r.pending) for r in state.active], bool(op.dedup))

@@ -31,6 +31,7 @@ class DraftSource(ABC):
         self.cost: CostCurve = DEFAULT_CURVE      # the interpreter sets the model's measured curve
         self.rows = 1                             # rows in this step's forward (the interpreter sets it)
         self.max_query = 0                        # the backend's widest step (0: any; the interpreter sets it)
+        self.queued = 0                           # draft tokens other drafts of this step proposed for the row
 
     def step_cost(self, width: int) -> float:
         """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
