@@ -237,14 +237,26 @@ def tiny_dir(tmp_path_factory):
 
 
 def tiny_head(adapter, seed: int = 0):
-    """A random head for ``adapter``'s model (its fingerprint), of the model's sizes."""
+    """A random head for ``adapter``'s model (its fingerprint), of the model's sizes (the input
+    embedding's scale: Gemma's sqrt(H))."""
     from decograph.heads.store import model_fingerprint
 
     m = adapter.model
     fp = model_fingerprint(m.config, m.get_input_embeddings().weight.detach().numpy())
-    head, _, _ = random_head(hidden=m.config.hidden_size, vocab=m.config.vocab_size, seed=seed, embed_scale=1.0,
+    scale = float(getattr(m.get_input_embeddings(), "embed_scale", 1.0))
+    head, _, _ = random_head(hidden=m.config.hidden_size, vocab=m.config.vocab_size, seed=seed, embed_scale=scale,
                              model=fp)
     return head
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory):
+    from decograph.models.tiny import word_tokenizer
+
+    out = tmp_path_factory.mktemp("g3") / "tiny-gemma3"
+    tiny_causal_lm("gemma3", seed=1).save_pretrained(out)
+    word_tokenizer(64).save_pretrained(out)
+    return out
 
 
 _DECODE = """
@@ -317,10 +329,13 @@ def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, 
         assert drafted > 0 and accepted > 0, (drafted, accepted)
 
 
-def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(tiny_dir, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(family, tiny_dir, tiny_gemma_dir, tmp_path,
+                                                                  monkeypatch) -> None:
     """One model, one head: the exported fp32 decoder (the step graph's hidden rows, ``OrtHead``)
     drafts, step for step, the trees the torch path drafts (transformers' hidden states,
-    ``NumpyHead``), and accepts the same nodes: the hidden states reach the head alike."""
+    ``NumpyHead``), and accepts the same nodes: the hidden states reach the head alike (Gemma 3:
+    across its sliding window, its head scaling the embedding as the model does)."""
     from decograph.api import generate
     from decograph.export import export_decoder
     from decograph.exported import ExportedDecoder
@@ -328,7 +343,7 @@ def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(tiny_dir, tmp_
     from decograph.models.adapters import HFCausalLM
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    model = HFCausalLM.from_pretrained(str(tiny_dir))
+    model = HFCausalLM.from_pretrained(str(tiny_dir if family == "llama" else tiny_gemma_dir))
     over = {"head": str(save_head(tiny_head(model, seed=3), tmp_path / "h.npz")), "nodes": 8}
     dec = ExportedDecoder(export_decoder("eagle", tmp_path / "dec", model=model, chat=False, overrides=over,
                                          progress=lambda m: None), threads=1)
