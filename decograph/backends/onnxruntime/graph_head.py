@@ -13,7 +13,9 @@ directly with ``graph.GraphWriter`` (plain ONNX operators, float32):
 The target's token embedding (gathered, then scaled) and the LM head's rows of the subset are
 initializers; the embedding is stored in float16 when that loses nothing (a table that was
 float16 or bfloat16 before it became float32: half the file), else float32. The rotary angles
-are computed in float64 (as ``spec.rope``), so positions far out lose nothing. The head's
+are computed in float64 (as ``spec.rope``), so positions far out lose nothing. A compact head
+(``export_head(bits=4)``) trades that exactness for speed: int4 MatMuls with int8 activations,
+a float16 embedding (drafts only propose; verification keeps the output lossless). The head's
 config and vocabulary subset travel in the model's metadata (``META_KEY``), so ``OrtHead``
 needs only onnxruntime and numpy.
 
