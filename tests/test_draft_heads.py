@@ -337,6 +337,24 @@ def test_a_runtime_without_a_runner_names_the_op(model) -> None:
         Interpreter(head_program(), HFCausalLM(model), RunConfig())
 
 
+def test_torch_head_equals_the_numpy_reference(model) -> None:
+    from decograph.backends.torch_ref.head import TorchHead, bind_torch_head
+
+    head = random_head(model, seed=4, embed_scale=1.5)
+    ref, th = bound(model, head), bind_torch_head(head, model)
+    assert isinstance(th, TorchHead) and (th.vocab_ids == ref.vocab_ids).all()
+    rng = np.random.default_rng(0)
+    q, P = 5, 7
+    feats, tokens, pos = rng.normal(0, 1, (q, H)).astype(np.float32), rng.integers(0, V, q), np.arange(P, P + q)
+    pk, pv = rng.normal(0, 1, (2, P, 2, 8)).astype(np.float32)
+    mask = rng.random((q, P + q)) < 0.6
+    mask[np.arange(q), P + np.arange(q)] = True
+    for m in (None, mask):
+        for a, b in zip(ref.step(feats, tokens, pos, pk, pv, m), th.step(feats, tokens, pos, pk, pv, m)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(ref.logits(feats), th.logits(feats), atol=1e-5)
+
+
 def test_the_api_binds_the_cached_and_a_named_head(model, refs, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     head = random_head(model, seed=2)

@@ -4,8 +4,8 @@
 the program uses, the runner the caller passed (``generate(..., draft_heads={NAME: runner})``)
 or the model's own head, found by ``decograph.heads.store.resolve_head`` (a file path, or
 ``default``: the shipped head for the model's fingerprint, else the one ``decograph
-train-draft`` cached) and bound as a ``NumpyHead`` over the model's input embedding and LM
-head. The numpy weights and the bound heads are made once per model (kept on its adapter).
+train-draft`` cached) and bound over the model's input embedding and LM head (the torch
+backend's ``TorchHead``: ``NumpyHead``'s math). Bound once per model (kept on its adapter).
 A model without a head gets ``resolve_head``'s ``ModelError``, which says how to train one.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ def model_name(model: Any) -> str:
 
 
 def model_head(adapter: Any, spec: str) -> Any:
-    """The head ``spec`` names for ``adapter``'s model, bound (``NumpyHead``); cached on the adapter."""
+    """The head ``spec`` names for ``adapter``'s model, bound to its weights (the torch
+    backend's ``TorchHead``: ``NumpyHead``'s math on torch's threads); cached on the adapter."""
+    from decograph.backends.torch_ref.head import bind_torch_head
     from decograph.heads.store import model_fingerprint, resolve_head
 
     model = getattr(adapter, "model", None)
@@ -40,14 +42,9 @@ def model_head(adapter: Any, spec: str) -> Any:
                                f"(got {type(adapter).__name__}); or pass draft_heads={{'{spec}': runner}}")
     cache = adapter.__dict__.setdefault("_draft_heads", {})
     if spec not in cache:
-        if getattr(adapter, "_head_weights", None) is None:
-            emb_w = model.get_input_embeddings().weight
-            out = model.get_output_embeddings()
-            embed = _numpy(emb_w)
-            lm = embed if out is None or out.weight is emb_w else _numpy(out.weight)
-            adapter._head_weights = (embed, lm, model_fingerprint(model.config, embed))
-        embed, lm, fp = adapter._head_weights
-        cache[spec] = resolve_head(spec, fp, model_name(model)).bind(embed, lm)
+        if getattr(adapter, "_head_fingerprint", None) is None:
+            adapter._head_fingerprint = model_fingerprint(model.config, _numpy(model.get_input_embeddings().weight))
+        cache[spec] = bind_torch_head(resolve_head(spec, adapter._head_fingerprint, model_name(model)), model)
     return cache[spec]
 
 
