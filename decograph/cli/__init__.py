@@ -7,6 +7,7 @@
     decograph ner --labels L1,L2 TEXT...
     decograph backends [--json]
     decograph train-mdm [--minutes M] [--distill-minutes M]
+    decograph train-draft [--model M] [--minutes N | --steps N] [--out PATH] [--vocab N] [--fresh]
     decograph bench [--strategies S1,S2] [--prompts FILE.jsonl] [--per-category N] [--reps N] [--out DIR]
     decograph viz --strategy NAME_OR_FILE --prompt TEXT [--max-new-tokens N] [-o report.html]
 
@@ -302,6 +303,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train_mdm)
+
+    from decograph.cli.train_draft import add_parser as add_train_draft
+
+    add_train_draft(sub, MODEL_HELP)
 
     from decograph.apps.serve.cli import add_parser as add_serve
     from decograph.bench import add_parser as add_bench     # stdlib-only modules: the parser stays light

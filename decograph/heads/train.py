@@ -1,0 +1,297 @@
+"""``train_head``: train an EAGLE-style draft head for a causal LM on this machine's CPU.
+
+    head = train_head(model, tokenizer, minutes=30)      # saved to cached_head_path(fingerprint)
+    head = train_head(model, tokenizer, steps=200, out="head.npz")
+
+Phases (``minutes``: one wall-clock budget over all of them; ``steps``: exact and deterministic):
+
+1. Data (``decograph.heads.data``): held-out chunks, the target's greedy answers to requests
+   derived from the standard library (at most ``gen_share`` of the budget), then standard
+   library text windows (until ``data_share``); features cached per model, reused and
+   extended by later runs. With ``steps``, fixed chunk counts instead of deadlines.
+2. The vocabulary subset: the ``vocab`` tokens the target predicts most in the training data;
+   its coverage of the target's argmax tokens (training and held-out) is logged and kept.
+3. Training: cross-entropy of the subset logits against the target's argmax at the next
+   position (targets outside the subset ignored) plus ``feat_weight`` times a smooth-L1 on the
+   predicted feature (EAGLE-1), Gaussian noise on the input features, and the training-time
+   test unroll to ``depth`` (the head fed its own predicted features; depth ``d`` weighted
+   ``depth_decay**(d-1)``). AdamW, linear warm-up then cosine decay (over steps, or over the
+   training time), gradient clipping. A held-out evaluation (``acceptance``) four times and at
+   the end; the curve (JSON lines, and a PNG where matplotlib is installed) beside the checkpoint.
+4. Checkpoints (model, optimizer, schedule, RNG, data cursor, step) in
+   ``cache_path("heads")/<fingerprint>/train.pt`` every ``checkpoint_every`` steps (and every two
+   minutes); a rerun with the same settings resumes, and with ``steps`` ends bit-identical to an
+   uninterrupted run. ``fresh`` starts over (the prepared data is kept: it depends only on the
+   model and the standard library).
+
+The head is saved with ``save_head`` (``out``, else ``cached_head_path``), training facts in
+``HeadConfig.meta``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from decograph.errors import InputError, ModelError
+from decograph.heads import data as D
+from decograph.heads.model import DraftHead, head_config_for, init_from_target, to_head_weights
+from decograph.heads.spec import HeadWeights, save_head
+from decograph.heads.store import cached_head_path, model_fingerprint
+from decograph.heads.trainer import (Batch, Trainer, TrainOptions, evaluate, load_checkpoint, plot_curve,
+                                     save_checkpoint, write_curve)
+from decograph.measure_cache import cache_path
+
+__all__ = ["TrainOptions", "check_out", "head_dir", "train_head"]
+
+COVERAGE_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def head_dir(fingerprint: str) -> Path:
+    """Where a model's training state lives (the checkpoint, the curve, the data)."""
+    return cache_path("heads") / fingerprint
+
+
+def _log_default(line: str) -> None:
+    print(f"train-draft: {line}", file=sys.stderr, flush=True)
+
+
+def check_out(out: str | Path | None) -> Path | None:
+    """``out`` as a path we can write (``InputError`` before any work when we cannot)."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out {path}: is a directory; give a file path such as {path / 'head.npz'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
+
+def _target(model: Any, tokenizer: Any) -> tuple[Any, Any, Any, np.ndarray, torch.Tensor, str]:
+    """(adapter, tokenizer, HF model, embedding [V, H] numpy, LM head [V, H], fingerprint)."""
+    from decograph.api import resolve_model
+
+    adapter, tok = resolve_model(model, tokenizer)
+    hf = getattr(adapter, "model", None)
+    if hf is None or not hasattr(hf, "get_decoder") or hf.get_output_embeddings() is None:
+        raise ModelError(f"train-draft needs a Hugging Face causal LM with an LM head, got {type(adapter).__name__}")
+    if tok is None:
+        raise ModelError("train-draft needs the model's tokenizer")
+    embed = hf.get_input_embeddings().weight.detach().to(torch.float32).numpy()
+    lm_head = hf.get_output_embeddings().weight.detach().to(torch.float32)
+    return adapter, tok, hf, embed, lm_head, model_fingerprint(hf.config, embed)
+
+
+def _data_plan(o: TrainOptions, minutes: float | None, steps: int | None, t0: float) -> D.DataPlan:
+    if steps is not None:
+        held = max(2, min(12, o.data_chunks // 8))       # 12 at the default 96: 8 answers, 4 text windows
+        chat = o.data_chunks // 3
+        return D.DataPlan(seq_len=o.seq_len, chat_heldout=held - max(1, held // 3), text_heldout=max(1, held // 3),
+                          chat_train=chat,
+                          text_train=o.data_chunks - chat, max_new=min(192, o.seq_len // 2))
+    budget = float(minutes) * 60.0
+    return D.DataPlan(seq_len=o.seq_len, chat_deadline=t0 + o.gen_share * budget,
+                      text_deadline=t0 + o.data_share * budget, max_new=min(192, o.seq_len // 2))
+
+
+def _prepare(store: D.FeatureStore, adapter: Any, tok: Any, plan: D.DataPlan, progress: bool,
+             log: Callable[[str], None]) -> dict[str, int]:
+    """Run the data phase; returns the chunk count of each stream to use."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="draft-head data", unit="tok", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    def step(stream: str, tokens: int) -> None:
+        bar.update(tokens)
+        bar.set_postfix_str(", ".join(f"{s} {store.count(s)}" for s in D.STREAMS))
+
+    try:
+        D.prepare(store, adapter, tok, plan, step)
+    finally:
+        bar.close()
+    counts = {s: store.count(s) for s in D.STREAMS}
+    fixed = {"chat/heldout": plan.chat_heldout, "text/heldout": plan.text_heldout, "chat/train": plan.chat_train,
+             "text/train": plan.text_train}
+    use = {s: min(counts[s], fixed[s]) if fixed[s] is not None else counts[s] for s in D.STREAMS}
+    if use["chat/train"] + use["text/train"] == 0:
+        raise ModelError("train-draft: no training data was prepared (the budget ended first); give more --minutes")
+    log("data: " + ", ".join(f"{s} {use[s]} chunks" for s in D.STREAMS)
+        + f" ({sum(store.tokens(s) for s in D.STREAMS)} tokens of features in {store.root})")
+    return use
+
+
+def _vocab(train: D.Chunks, held: D.Chunks, size: int, vocab_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The ``size`` most-predicted tokens (filled up with unseen ids in order), and the
+    coverage of the target's argmax tokens by subsets of several sizes."""
+    order, counts = D.vocab_ranking(train)
+    size = min(size, vocab_size)
+    if len(order) < size:
+        seen = np.zeros(vocab_size, bool)
+        seen[order] = True
+        order = np.concatenate([order, np.flatnonzero(~seen)[:size - len(order)]])
+    ids = order[:size].astype(np.int64)
+    rank = np.full(vocab_size, vocab_size, np.int64)
+    rank[order] = np.arange(len(order))
+    held_am = held.argmax[held.argmax >= 0]
+    cover = {}
+    for k in sorted({*COVERAGE_SIZES, size}):
+        if k > vocab_size:
+            continue
+        cover[str(k)] = {"train": round(float(counts[:k].sum() / max(1, counts.sum())), 4),
+                         "heldout": round(float((rank[held_am] < k).mean()) if len(held_am) else 0.0, 4)}
+    return ids, cover
+
+
+def _loop(tr: Trainer, train: D.Chunks, held: dict[str, D.Chunks], root: Path, extra: dict[str, Any],
+          progress: bool, callback: Callable[[int, dict[str, Any]], None] | None) -> None:
+    """Train until the budget ends: checkpoints, evaluations at each quarter, the curve."""
+    from tqdm.auto import tqdm
+
+    o, ckpt = tr.o, root / "train.pt"
+    bar = tqdm(total=tr.steps, initial=tr.step, desc="draft-head training", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    window: list[dict[str, float]] = []
+    last_ckpt, last_eval = time.monotonic(), {}
+    try:
+        while not tr.finished():
+            t = time.monotonic()
+            stats = tr.update(Batch(train.pick(tr.indices()), tr.module.sub_index))
+            window.append(stats)
+            record = {"step": tr.step, "tokens": tr.tokens}
+            if tr.step % 10 == 0 or tr.finished():
+                mean = {k: round(sum(w[k] for w in window) / len(window), 5) for k in window[0]}
+                tr.curve.append({**record, "seconds": round(tr.seconds + time.monotonic() - t, 2), **mean})
+                window = []
+            if tr.evals_done < 3 and tr.progress() >= (tr.evals_done + 1) / 4:
+                last_eval = evaluate(tr.module, held, o)
+                tr.evals_done += 1
+                tr.curve.append({**record, "eval": last_eval})
+            tr.seconds += time.monotonic() - t
+            bar.update(1)
+            shown = last_eval.get("chat") or last_eval.get("text") or {}
+            bar.set_postfix_str(f"loss {stats['loss']:.3f} acc1 {stats['acc1']:.3f}"
+                                + (f" held-out {'/'.join(f'{a:.2f}' for a in shown['acc'])}" if shown else "")
+                                + ("" if tr.steps else f" left {max(0.0, tr.budget_s - tr.seconds) / 60:.1f} min"))
+            if tr.step % o.checkpoint_every == 0 or time.monotonic() - last_ckpt > 120:
+                save_checkpoint(ckpt, tr.state({**extra, "done": False}))
+                write_curve(root, tr.curve)
+                last_ckpt = time.monotonic()
+            if callback is not None:
+                callback(tr.step, {**record, **stats})
+    finally:
+        bar.close()
+
+
+def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.0, steps: int | None = None,
+               out: str | Path | None = None, vocab: int | None = None, seed: int = 0, progress: bool = True,
+               fresh: bool = False, threads: int | None = None, options: TrainOptions | None = None,
+               model_name: str | None = None, log: Callable[[str], None] | None = None,
+               callback: Callable[[int, dict[str, Any]], None] | None = None) -> HeadWeights:
+    """Train a draft head for ``model`` (an adapter, a Hugging Face causal LM, a name or None for
+    the default model) and save it to ``out`` (default: ``cached_head_path``, where
+    ``resolve_head("default", ...)`` finds it). ``steps`` (exact, deterministic) replaces the
+    ``minutes`` budget. ``callback(step, record)`` runs after every step (after any
+    checkpoint). Returns the head; its ``config.meta`` holds the training facts."""
+    o = dataclasses.replace(options or TrainOptions(), **({"vocab": vocab} if vocab is not None else {}))
+    _check_budget(minutes, steps, o, threads)
+    say = log or _log_default
+    path = check_out(out)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    t0 = time.monotonic()
+    adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
+    name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
+    root = head_dir(fp)
+    key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
+           "budget": ["steps", steps] if steps is not None else ["minutes", minutes]}
+    state = None if fresh else load_checkpoint(root / "train.pt", key, say)
+    store = D.FeatureStore(root / f"data-{o.seq_len}", {"fingerprint": fp, "seq_len": o.seq_len,
+                                                          "python": sys.version.split()[0]})
+    if state is None:
+        use = _prepare(store, adapter, tok, _data_plan(o, minutes, steps, t0), progress, say)
+    else:
+        use = state["data"]
+        say(f"resuming {root / 'train.pt'} at step {state['step']}" + (" (finished)" if state["done"] else ""))
+    data_s = time.monotonic() - t0
+    H = int(embed.shape[1])
+    train = D.Chunks.concat([store.load("text/train", use["text/train"], o.seq_len, H),
+                             store.load("chat/train", use["chat/train"], o.seq_len, H)], o.seq_len, H)
+    held = {s: store.load(f"{s}/heldout", use[f"{s}/heldout"], o.seq_len, H) for s in ("chat", "text")}
+    if state is None:
+        vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, H), o.vocab, len(lm_head))
+        say("vocabulary subset coverage of the target's argmax tokens (train / held-out): "
+            + ", ".join(f"{k} {c['train']:.3f}/{c['heldout']:.3f}" for k, c in cover.items()))
+    else:
+        vocab_ids, cover = np.asarray(state["vocab_ids"], np.int64), state["coverage"]
+    module = _new_module(hf, fp, name, embed, lm_head, vocab_ids, o, seed, say if state is None else None)
+    budget_s = 0.0 if steps is not None else max(10.0, float(minutes) * 60 - data_s - min(60.0, 3.0 * minutes))
+    tr = Trainer(module, o, seed, len(train), steps, budget_s)
+    extra = {"key": key, "data": use, "vocab_ids": vocab_ids.tolist(), "coverage": cover}
+    if state is not None:
+        tr.load(state)
+    if state is None or not state["done"]:
+        say(f"training on {int(train.lengths.sum())} tokens ({len(train)} chunks) "
+            + (f"for {steps} steps" if steps is not None else f"for {budget_s / 60:.1f} min"))
+        _loop(tr, train, held, root, extra, progress, callback)
+    final = evaluate(module, held, o)
+    meta = _meta(tr, use, store, final, cover, o, seed, data_s, time.monotonic() - t0, state)
+    tr.curve = [r for r in tr.curve if not r.get("final")] + [{"step": tr.step, "eval": final, "final": True}]
+    save_checkpoint(root / "train.pt", tr.state({**extra, "done": True, "meta": meta}))
+    write_curve(root, tr.curve)
+    plot_curve(root, tr.curve)
+    head = to_head_weights(module, vocab_ids, dataclasses.replace(module.config, meta=meta))
+    saved = save_head(head, path or cached_head_path(fp))
+    say(f"saved {saved}; curve {root / 'curve.jsonl'}")
+    return head
+
+
+def _check_budget(minutes: float | None, steps: int | None, o: TrainOptions, threads: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+        raise InputError(f"--steps must be a positive whole number, got {steps!r}")
+    if steps is None and (minutes is None or not math.isfinite(minutes) or minutes <= 0):
+        raise InputError(f"--minutes must be a positive number, got {minutes!r}")
+    if o.vocab < 1:
+        raise InputError(f"--vocab must be at least 1, got {o.vocab}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    if o.depth < 1 or o.eval_depth < 1 or o.batch < 1 or o.seq_len < 8:
+        raise InputError(f"train-draft: bad options {o}")
+
+
+def _new_module(hf: Any, fp: str, name: str, embed: np.ndarray, lm_head: torch.Tensor, vocab_ids: np.ndarray,
+                o: TrainOptions, seed: int, say: Callable[[str], None] | None) -> DraftHead:
+    """A freshly initialised head (its random init drawn from ``seed`` alone)."""
+    config = head_config_for(hf, fp, name, o.intermediate)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = DraftHead(config, torch.from_numpy(embed), lm_head, vocab_ids)
+    done = init_from_target(module, hf, last_layer=o.init == "last-layer")
+    if say is not None:
+        say(f"head: {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M weights "
+            f"(heads {config.heads}/{config.kv_heads}, head_dim {config.head_dim}, MLP {config.intermediate}, "
+            f"vocab {len(vocab_ids)}); from the target: {', '.join(done) or 'nothing'}")
+    return module
+
+
+def _meta(tr: Trainer, use: dict[str, int], store: D.FeatureStore, final: dict[str, Any], cover: dict[str, Any],
+          o: TrainOptions, seed: int, data_s: float, wall_s: float, state: dict[str, Any] | None) -> dict[str, Any]:
+    if state is not None and state.get("done") and "meta" in state:
+        return dict(state["meta"], heldout=final)
+    return {"steps": tr.step, "tokens": tr.tokens, "train_minutes": round(tr.seconds / 60, 2),
+            "data_minutes": round(data_s / 60, 2), "minutes": round(wall_s / 60, 2),
+            "tokens_per_s": round(tr.tokens / tr.seconds, 1) if tr.seconds else 0.0,
+            "data": {s: {"chunks": n} for s, n in use.items()}, "heldout": final,
+            "vocab": o.vocab, "coverage": cover.get(str(o.vocab), {}), "seed": seed,
+            "options": dataclasses.asdict(o)}

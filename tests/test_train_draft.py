@@ -1,0 +1,331 @@
+"""``decograph train-draft`` on tiny random models: the torch head equals the numpy reference
+(one step, a tree mask, the training-time-test unroll), training lowers the loss, a resumed run
+equals an uninterrupted one bit for bit, the head file round-trips and ``resolve_head`` finds
+it, the acceptance metric counts what drafting would accept, the CLI refuses bad arguments, and
+the data never reads the benchmark prompts."""
+from __future__ import annotations
+
+import builtins
+import io
+import itertools
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from decograph.cli import main
+from decograph.heads import data as D
+from decograph.heads.model import DraftHead, chain_mask, to_head_weights
+from decograph.heads.spec import WEIGHT_SHAPES, HeadConfig, HeadWeights, load_head, save_head
+from decograph.heads.store import cached_head_path, resolve_head
+from decograph.heads.trainer import TrainOptions, acceptance
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = HeadConfig(hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=48, rope_theta=10000.0, eps=1e-5,
+                    embed_scale=1.5)
+TINY = TrainOptions(vocab=48, seq_len=96, batch=4, lr=5e-3, data_chunks=12, checkpoint_every=2)
+
+
+def _random_head(seed: int = 0, vocab: int = 50) -> tuple[HeadWeights, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = {k: (rng.standard_normal(s) * 0.3).astype(np.float32) for k, s in WEIGHT_SHAPES(CONFIG).items()}
+    embed = rng.standard_normal((vocab, 32)).astype(np.float32)
+    lm = rng.standard_normal((vocab, 32)).astype(np.float32)
+    return HeadWeights(CONFIG, w, np.arange(0, vocab, 2)), embed, lm
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(x)
+
+
+# ------------------------------------------------------------------ the module is the reference math
+
+
+def test_module_step_equals_numpy_reference_with_past_and_tree_mask() -> None:
+    head, embed, lm = _random_head()
+    ref, mod = head.bind(embed, lm), DraftHead.from_head_weights(head, embed, lm)
+    rng = np.random.default_rng(1)
+    P, q = 5, 4
+    past_k = rng.standard_normal((P, 2, 8)).astype(np.float32)
+    past_v = rng.standard_normal((P, 2, 8)).astype(np.float32)
+    feats = rng.standard_normal((q, 32)).astype(np.float32)
+    tokens, positions = rng.integers(0, 50, q), np.array([5, 6, 6, 7])
+    # a tree: node 0 the root's child, nodes 1 and 2 its children, node 3 under node 1
+    tree = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
+    mask = np.concatenate([np.ones((q, P), bool), tree], 1)
+    want = ref.step(feats, tokens, positions, past_k, past_v, mask)
+    with torch.no_grad():
+        got = mod.step(_t(feats), _t(tokens), _t(positions), _t(past_k), _t(past_v), _t(mask))
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g.numpy(), w, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(mod.logits(got[0]).numpy(), ref.logits(want[0]), atol=1e-5, rtol=0)
+    assert set(mod.state_dict()) == set(WEIGHT_SHAPES(CONFIG))
+
+
+def test_whole_chunk_forward_and_unroll_equal_incremental_drafting() -> None:
+    """Depth 1 over a chunk equals stepping it token by token; depth d's row j equals drafting:
+    the past is depth 1's keys up to the chain's root, then the chain's own nodes, each fed the
+    previous depth's predicted feature."""
+    head, embed, lm = _random_head(2)
+    ref, mod = head.bind(embed, lm), DraftHead.from_head_weights(head, embed, lm)
+    rng = np.random.default_rng(3)
+    T = 9
+    feats = rng.standard_normal((T, 32)).astype(np.float32)
+    nxt = rng.integers(0, 50, T)
+    with torch.no_grad():
+        outs = [o[0].numpy() for o in mod(_t(feats)[None], _t(nxt)[None], depth=3)]
+    empty = np.zeros((0, 2, 8), np.float32)
+    f1, k1, v1 = ref.step(feats, nxt, np.arange(T), empty, empty)
+    np.testing.assert_allclose(outs[0], f1, atol=1e-5, rtol=0)
+    for r in range(T - 2):                                      # a chain rooted at r, drafted 3 deep
+        past_k, past_v, feat = k1[:r + 1], v1[:r + 1], f1[r:r + 1]
+        for d in (2, 3):
+            j = r + d - 1
+            out, k, v = ref.step(feat, nxt[j:j + 1], np.array([j]), past_k, past_v)
+            np.testing.assert_allclose(outs[d - 1][j], out[0], atol=1e-5, rtol=0)
+            past_k, past_v, feat = np.concatenate([past_k, k]), np.concatenate([past_v, v]), out
+
+
+def test_chain_mask_rows() -> None:
+    m = chain_mask(5, 3).numpy().astype(int)
+    # row 4 (root 2): depth 1 at 0..2, depth 2 at 3, depth 3 at 4
+    assert m[4].tolist() == [1, 1, 1, 0, 0] + [0, 0, 0, 1, 0] + [0, 0, 0, 0, 1]
+    assert m.sum(1).min() >= 1
+
+
+def test_head_file_round_trip_through_the_module(tmp_path: Path) -> None:
+    head, embed, lm = _random_head(4)
+    mod = DraftHead.from_head_weights(head, embed, lm)
+    back = load_head(save_head(to_head_weights(mod, head.vocab_ids), tmp_path / "h.npz"))
+    assert back.config == head.config and np.array_equal(back.vocab_ids, head.vocab_ids)
+    for k, v in head.weights.items():
+        np.testing.assert_array_equal(back.weights[k], v.astype(np.float16).astype(np.float32))
+
+
+# ------------------------------------------------------------------ the acceptance metric
+
+
+class _Scripted:
+    """A stand-in head whose depth-d guess at row j is ``guesses[d-1][j]`` (token ids)."""
+
+    def __init__(self, guesses: list[list[int]], vocab: int = 16) -> None:
+        self.guesses = guesses
+        self.vocab_ids = torch.arange(vocab)
+        self.sub_index = torch.arange(vocab)
+        self.embed = torch.zeros(vocab, 2)
+
+    def __call__(self, inp: torch.Tensor, nxt: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        return [torch.tensor(g[:inp.shape[1]])[None] for g in self.guesses[:depth]]
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(g, 16).float()
+
+
+def _chunk(tokens: list[int], argmax: list[int], start: int = 0) -> D.Chunks:
+    n = len(tokens)
+    return D.Chunks(np.array([tokens], np.int32), np.array([n], np.int32), np.array([start], np.int32),
+                    np.zeros((1, n, 2), np.float16), np.array([argmax], np.int32))
+
+
+def test_acceptance_counts_chains_as_drafting_would() -> None:
+    # greedy text: t_{i+1} == argmax[i] everywhere, so every row may root a chain
+    argmax = [3, 4, 5, 6, 7, 8, 9]
+    tokens = [1] + argmax[:-1]
+    right = argmax[1:] + [0]                  # row j's right guess is argmax[j+1]
+    wrong = [0] * 7
+    d2 = list(right)
+    d2[3] = 0                                 # depth 2 misses at row 3 (the chain rooted at 2)
+    r = acceptance(_Scripted([right, d2, right]), _chunk(tokens, argmax), depth=3)
+    # depth 1: rows 0..5 have a label, all right; depth 2: chains rooted 0..4, one wrong (row 3);
+    # depth 3: chains rooted 0..3 whose depth 2 was right: roots 0, 1, 3 -> all right
+    assert r["acc"] == [1.0, 0.8, 1.0] and r["positions"] == 6
+    assert r["chain"] == pytest.approx(1 + 0.8 + 0.8)
+    assert acceptance(_Scripted([wrong, right, right]), _chunk(tokens, argmax), depth=2)["acc"] == [0.0, 0.0]
+    # a prompt (start 3): chains root at rows >= 3 only
+    assert acceptance(_Scripted([right]), _chunk(tokens, argmax, start=3), depth=1)["positions"] == 3
+
+
+def test_acceptance_skips_chains_through_text_the_target_would_not_write() -> None:
+    argmax = [3, 4, 5, 6, 7, 8]
+    tokens = [1, 3, 4, 9, 6, 7]              # t_3 = 9 is not the target's argmax[2] = 5
+    right = argmax[1:] + [0]
+    r = acceptance(_Scripted([right, right]), _chunk(tokens, argmax), depth=2)
+    # roots with a greedy root token: rows 0, 1, 3, 4 (row 2 feeds t_3 = 9); depth 1 labels exist
+    # for rows 0..4 -> 4 chains. Depth 2 needs the token fed at r+1 greedy: roots 0, 3 (and not 1: row 2)
+    assert r["positions"] == 4 and r["acc"] == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------ training on a tiny model
+
+
+def _char_tokenizer():
+    from tokenizers import Regex, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Split
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(" \netaoinsrhldcumfpgwybvkxjqz_().,:=\"'[]#0123456789ABCDEFGHIJKLMNOPQRST")[:63] + ["?"]
+    backend = Tokenizer(WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
+    backend.pre_tokenizer = Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="?")
+
+
+@pytest.fixture
+def tiny(tmp_path_factory, monkeypatch):
+    """A tiny Llama, a character tokenizer, and decograph's caches in a private directory."""
+    from decograph.models.tiny import tiny_llama
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+    return tiny_llama(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2), _char_tokenizer()
+
+
+def _train(tiny, **kw):
+    from decograph.heads.train import train_head
+
+    model, tok = tiny
+    kw.setdefault("options", TINY)
+    return train_head(model, tok, progress=False, threads=1, log=kw.pop("log", lambda m: None), **kw)
+
+
+def test_training_lowers_the_loss_and_resolve_head_finds_the_head(tiny) -> None:
+    from decograph.heads.store import model_fingerprint
+
+    seen: list[dict] = []
+    head = _train(tiny, steps=40, callback=lambda step, rec: seen.append(rec))
+    first = np.mean([r["loss"] for r in seen[:5]])
+    last = np.mean([r["loss"] for r in seen[-5:]])
+    assert last < 0.8 * first, (first, last)
+    meta = head.config.meta
+    assert meta["steps"] == 40 and meta["tokens"] > 0
+    assert set(meta["heldout"]) == {"chat", "text"} and len(meta["heldout"]["text"]["acc"]) == 3
+    assert 0 < meta["coverage"]["heldout"] <= 1
+    embed = tiny[0].get_input_embeddings().weight.detach().numpy()
+    fp = model_fingerprint(tiny[0].config, embed)
+    assert head.config.model == fp and cached_head_path(fp).is_file()
+    found = resolve_head("default", fp)
+    assert np.array_equal(found.vocab_ids, head.vocab_ids)
+    np.testing.assert_array_equal(found.weights["fc.weight"], head.weights["fc.weight"].astype(np.float16))
+    curve = (cached_head_path(fp).parent / "curve.jsonl").read_text().splitlines()
+    assert len(curve) >= 5 and '"eval"' in curve[-1]
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny) -> None:
+    whole = _train(tiny, steps=6)
+
+    def stop_at_4(step, rec):
+        if step == 4:                         # after the step-4 checkpoint (checkpoint_every=2)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, steps=6, fresh=True, callback=stop_at_4)
+    steps: list[int] = []
+    resumed = _train(tiny, steps=6, callback=lambda step, rec: steps.append(step))
+    assert steps == [5, 6]
+    for k, v in whole.weights.items():
+        assert np.array_equal(resumed.weights[k], v), k
+    assert resumed.config.meta["steps"] == 6
+    # a finished run is not trained again; --fresh trains again, another budget starts over
+    again: list[int] = []
+    _train(tiny, steps=6, callback=lambda step, rec: again.append(step))
+    assert again == []
+    said: list[str] = []
+    _train(tiny, steps=2, callback=lambda step, rec: again.append(step), log=said.append)
+    assert again == [1, 2] and any("another run" in m for m in said)
+
+
+# ------------------------------------------------------------------ the command
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be a positive whole number, got 0"),
+    (["--minutes", "-1"], "--minutes must be a positive number, got -1"),
+    (["--minutes", "nan"], "--minutes must be a positive number"),
+    (["--vocab", "0"], "--vocab must be at least 1, got 0"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--data-chunks", "8"], "--data-chunks goes with --steps"),
+    (["--steps", "3", "--data-chunks", "1"], "--data-chunks must be at least 2, got 1"),
+    (["--out", "head.bin"], "a draft head is an .npz file"),
+])
+def test_cli_refuses_bad_arguments(argv, message, capsys) -> None:
+    assert main(["train-draft", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unwritable_or_directory_out(tmp_path: Path, capsys) -> None:
+    assert main(["train-draft", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train-draft", "--out", str(blocker / "head.npz")]) == 2
+    assert f"--out {blocker / 'head.npz'}: cannot write there" in capsys.readouterr().err
+    assert main(["train-draft", "--minutes", "3", "--steps", "3"]) == 2       # argparse: not both
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_trains_a_tiny_model_and_says_how_to_use_the_head(tmp_path: Path, monkeypatch, capsys) -> None:
+    from decograph.models.tiny import tiny_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = tiny_model_dir(tmp_path, vocab_size=64, hidden=32)
+    out = tmp_path / "heads" / "tiny.npz"
+    assert main(["train-draft", "--model", str(model), "--steps", "2", "--data-chunks", "4", "--vocab", "16",
+                 "--out", str(out), "--quiet", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert f"{out} (" in text and "held-out text: top-1 acceptance by draft depth" in text
+    assert f"decograph run --strategy eagle --model {model} --set head={out}" in text
+    assert len(load_head(out).vocab_ids) == 16
+
+
+# ------------------------------------------------------------------ the data
+
+
+def test_the_data_reads_the_standard_library_and_never_the_benchmarks(tiny, monkeypatch) -> None:
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    assert [p.resolve() for p in D.SOURCES()] == [stdlib]
+    opened: list[Path] = []
+    real_open, real_io_open = builtins.open, io.open
+
+    def spy(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(Path(file).resolve())
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    D._documents.cache_clear()
+    _train(tiny, steps=1, options=TrainOptions(vocab=16, seq_len=96, data_chunks=4))
+    cache = Path(os.environ["XDG_CACHE_HOME"]).resolve()
+    forbidden = [ROOT / "benchmarks", Path("/work/shared/data")]
+    assert not [p for p in opened if any(p.is_relative_to(f) for f in forbidden)]
+    outside = {p for p in opened if not (p.is_relative_to(stdlib) or p.is_relative_to(cache))}
+    assert not [p for p in outside if p.suffix in (".py", ".txt", ".json", ".jsonl", ".md")
+                and "site-packages" not in p.parts], outside
+    assert any(p.is_relative_to(stdlib) and p.suffix == ".py" for p in opened)
+
+
+def test_held_out_documents_give_no_training_requests() -> None:
+    docs = D.documents()
+    held = [d for d in docs if D.held_out(d.name)]
+    assert 0 < len(held) < len(docs) / 10
+    train_prompts = [r for _, r in itertools.islice(D.chat_prompts(docs, "train"), 60)]
+    assert train_prompts and not set(train_prompts) & {r for _, r in D.chat_prompts(docs, "heldout")}
+    assert all("benchmarks" not in d.name for d in docs)
+
+
+def test_vocab_ranking_orders_by_how_often_the_target_predicts_a_token() -> None:
+    ch = _chunk([0] * 6, [5, 5, 2, 5, 2, 9])
+    ch.argmax[0, 5] = -1                      # padding is not counted
+    ids, counts = D.vocab_ranking(ch)
+    assert ids.tolist() == [5, 2] and counts.tolist() == [3, 2]
+
+
+def test_train_head_refuses_bad_budgets(tiny) -> None:
+    from decograph.errors import InputError
+
+    with pytest.raises(InputError, match="--minutes must be a positive number"):
+        _train(tiny, minutes=0)
+    with pytest.raises(InputError, match="--steps must be a positive whole number"):
+        _train(tiny, steps=-3)
