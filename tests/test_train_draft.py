@@ -208,7 +208,8 @@ def test_training_lowers_the_loss_and_resolve_head_finds_the_head(tiny) -> None:
     found = resolve_head("default", fp)
     assert np.array_equal(found.vocab_ids, head.vocab_ids)
     np.testing.assert_array_equal(found.weights["fc.weight"], head.weights["fc.weight"].astype(np.float16))
-    curve = (cached_head_path(fp).parent / "curve.jsonl").read_text().splitlines()
+    [curve_file] = (cached_head_path(fp).parent / "runs").glob("*/curve.jsonl")
+    curve = curve_file.read_text().splitlines()
     assert len(curve) >= 5 and '"eval"' in curve[-1]
 
 
@@ -227,13 +228,29 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tiny) -> None:
     for k, v in whole.weights.items():
         assert np.array_equal(resumed.weights[k], v), k
     assert resumed.config.meta["steps"] == 6
-    # a finished run is not trained again; --fresh trains again, another budget starts over
+    # a finished run is not trained again; another budget is another run (its own checkpoint)
     again: list[int] = []
-    _train(tiny, steps=6, callback=lambda step, rec: again.append(step))
-    assert again == []
     said: list[str] = []
-    _train(tiny, steps=2, callback=lambda step, rec: again.append(step), log=said.append)
-    assert again == [1, 2] and any("another run" in m for m in said)
+    _train(tiny, steps=6, callback=lambda step, rec: again.append(step), log=said.append)
+    assert again == [] and any("at step 6 (finished)" in m for m in said)
+    _train(tiny, steps=2, callback=lambda step, rec: again.append(step))
+    assert again == [1, 2]
+    _train(tiny, steps=6, callback=lambda step, rec: again.append(step))
+    assert again == [1, 2]
+
+
+def test_a_foreign_or_torn_checkpoint_is_not_trusted(tiny) -> None:
+    from decograph.heads.store import model_fingerprint
+    from decograph.heads.train import head_dir
+
+    _train(tiny, steps=2)
+    fp = model_fingerprint(tiny[0].config, tiny[0].get_input_embeddings().weight.detach().numpy())
+    [ckpt] = (head_dir(fp) / "runs").glob("*/train.pt")
+    ckpt.write_bytes(b"not a checkpoint")
+    said: list[str] = []
+    seen: list[int] = []
+    _train(tiny, steps=2, callback=lambda step, rec: seen.append(step), log=said.append)
+    assert seen == [1, 2] and any("ignoring the unreadable checkpoint" in m for m in said)
 
 
 # ------------------------------------------------------------------ the command
@@ -286,7 +303,7 @@ def test_the_data_reads_the_standard_library_and_never_the_benchmarks(tiny, monk
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     assert [p.resolve() for p in D.SOURCES()] == [stdlib]
     opened: list[Path] = []
-    real_open, real_io_open = builtins.open, io.open
+    real_open = builtins.open
 
     def spy(file, *a, **k):
         if isinstance(file, (str, os.PathLike)):

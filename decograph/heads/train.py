@@ -19,10 +19,11 @@ Phases (``minutes``: one wall-clock budget over all of them; ``steps``: exact an
    training time), gradient clipping. A held-out evaluation (``acceptance``) four times and at
    the end; the curve (JSON lines, and a PNG where matplotlib is installed) beside the checkpoint.
 4. Checkpoints (model, optimizer, schedule, RNG, data cursor, step) in
-   ``cache_path("heads")/<fingerprint>/train.pt`` every ``checkpoint_every`` steps (and every two
-   minutes); a rerun with the same settings resumes, and with ``steps`` ends bit-identical to an
-   uninterrupted run. ``fresh`` starts over (the prepared data is kept: it depends only on the
-   model and the standard library).
+   ``cache_path("heads")/<fingerprint>/runs/<run>/train.pt`` (``run_dir``: one directory per
+   options, seed and budget, so runs never overwrite each other's) every ``checkpoint_every``
+   steps and every two minutes; a rerun with the same settings resumes, and with ``steps`` ends
+   bit-identical to an uninterrupted run; a finished run is not trained again. ``fresh`` starts
+   over (the prepared data is kept: it depends only on the model and the standard library).
 
 The head is saved with ``save_head`` (``out``, else ``cached_head_path``), training facts in
 ``HeadConfig.meta``.
@@ -30,6 +31,8 @@ The head is saved with ``save_head`` (``out``, else ``cached_head_path``), train
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -49,7 +52,7 @@ from decograph.heads.trainer import (Batch, Trainer, TrainOptions, evaluate, loa
                                      save_checkpoint, write_curve)
 from decograph.measure_cache import cache_path
 
-__all__ = ["TrainOptions", "check_out", "head_dir", "train_head"]
+__all__ = ["TrainOptions", "check_out", "head_dir", "run_dir", "train_head"]
 
 COVERAGE_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -155,12 +158,12 @@ def _vocab(train: D.Chunks, held: D.Chunks, size: int, vocab_size: int) -> tuple
     return ids, cover
 
 
-def _loop(tr: Trainer, train: D.Chunks, held: dict[str, D.Chunks], root: Path, extra: dict[str, Any],
+def _loop(tr: Trainer, train: D.Chunks, held: dict[str, D.Chunks], run: Path, extra: dict[str, Any],
           progress: bool, callback: Callable[[int, dict[str, Any]], None] | None) -> None:
     """Train until the budget ends: checkpoints, evaluations at each quarter, the curve."""
     from tqdm.auto import tqdm
 
-    o, ckpt = tr.o, root / "train.pt"
+    o, ckpt = tr.o, run / "train.pt"
     bar = tqdm(total=tr.steps, initial=tr.step, desc="draft-head training", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     window: list[dict[str, float]] = []
@@ -187,7 +190,7 @@ def _loop(tr: Trainer, train: D.Chunks, held: dict[str, D.Chunks], root: Path, e
                                 + ("" if tr.steps else f" left {max(0.0, tr.budget_s - tr.seconds) / 60:.1f} min"))
             if tr.step % o.checkpoint_every == 0 or time.monotonic() - last_ckpt > 120:
                 save_checkpoint(ckpt, tr.state({**extra, "done": False}))
-                write_curve(root, tr.curve)
+                write_curve(run, tr.curve)
                 last_ckpt = time.monotonic()
             if callback is not None:
                 callback(tr.step, {**record, **stats})
@@ -213,24 +216,22 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     t0 = time.monotonic()
     adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
     name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
-    root = head_dir(fp)
     key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
            "budget": ["steps", steps] if steps is not None else ["minutes", minutes]}
-    state = None if fresh else load_checkpoint(root / "train.pt", key, say)
-    store = D.FeatureStore(root / f"data-{o.seq_len}", {"fingerprint": fp, "seq_len": o.seq_len,
-                                                          "python": sys.version.split()[0]})
+    run = run_dir(fp, key)
+    state = None if fresh else load_checkpoint(run / "train.pt", key, say)
+    store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
+                           {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0]})
     if state is None:
         use = _prepare(store, adapter, tok, _data_plan(o, minutes, steps, t0), progress, say)
     else:
         use = state["data"]
-        say(f"resuming {root / 'train.pt'} at step {state['step']}" + (" (finished)" if state["done"] else ""))
+        say(f"resuming {run / 'train.pt'} at step {state['step']}" + (" (finished)" if state["done"] else ""))
     data_s = time.monotonic() - t0
-    H = int(embed.shape[1])
-    train = D.Chunks.concat([store.load("text/train", use["text/train"], o.seq_len, H),
-                             store.load("chat/train", use["chat/train"], o.seq_len, H)], o.seq_len, H)
-    held = {s: store.load(f"{s}/heldout", use[f"{s}/heldout"], o.seq_len, H) for s in ("chat", "text")}
+    train, held = _load_data(store, use, o, int(embed.shape[1]))
     if state is None:
-        vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, H), o.vocab, len(lm_head))
+        vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, int(embed.shape[1])),
+                                  o.vocab, len(lm_head))
         say("vocabulary subset coverage of the target's argmax tokens (train / held-out): "
             + ", ".join(f"{k} {c['train']:.3f}/{c['heldout']:.3f}" for k, c in cover.items()))
     else:
@@ -244,17 +245,33 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     if state is None or not state["done"]:
         say(f"training on {int(train.lengths.sum())} tokens ({len(train)} chunks) "
             + (f"for {steps} steps" if steps is not None else f"for {budget_s / 60:.1f} min"))
-        _loop(tr, train, held, root, extra, progress, callback)
+        _loop(tr, train, held, run, extra, progress, callback)
     final = evaluate(module, held, o)
-    meta = _meta(tr, use, store, final, cover, o, seed, data_s, time.monotonic() - t0, state)
+    meta = _meta(tr, use, train, final, cover, o, seed, data_s, time.monotonic() - t0, state)
     tr.curve = [r for r in tr.curve if not r.get("final")] + [{"step": tr.step, "eval": final, "final": True}]
-    save_checkpoint(root / "train.pt", tr.state({**extra, "done": True, "meta": meta}))
-    write_curve(root, tr.curve)
-    plot_curve(root, tr.curve)
+    done = tr.state({**extra, "done": True, "meta": meta})
+    del done["optim"]                       # a finished run is not trained further: keep it small
+    save_checkpoint(run / "train.pt", done)
+    write_curve(run, tr.curve)
+    plot_curve(run, tr.curve)
     head = to_head_weights(module, vocab_ids, dataclasses.replace(module.config, meta=meta))
-    saved = save_head(head, path or cached_head_path(fp))
-    say(f"saved {saved}; curve {root / 'curve.jsonl'}")
+    say(f"saved {save_head(head, path or cached_head_path(fp))}; curve {run / 'curve.jsonl'}")
     return head
+
+
+def run_dir(fingerprint: str, key: dict[str, Any]) -> Path:
+    """One run's directory (checkpoint, curve): runs of other options, seeds or budgets never
+    overwrite each other's checkpoint."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return head_dir(fingerprint) / "runs" / digest
+
+
+def _load_data(store: D.FeatureStore, use: dict[str, int], o: TrainOptions,
+               H: int) -> tuple[D.Chunks, dict[str, D.Chunks]]:
+    train = D.Chunks.concat([store.load("text/train", use["text/train"], o.seq_len, H),
+                             store.load("chat/train", use["chat/train"], o.seq_len, H)], o.seq_len, H)
+    held = {s: store.load(f"{s}/heldout", use[f"{s}/heldout"], o.seq_len, H) for s in ("chat", "text")}
+    return train, held
 
 
 def _check_budget(minutes: float | None, steps: int | None, o: TrainOptions, threads: int | None) -> None:
@@ -285,13 +302,13 @@ def _new_module(hf: Any, fp: str, name: str, embed: np.ndarray, lm_head: torch.T
     return module
 
 
-def _meta(tr: Trainer, use: dict[str, int], store: D.FeatureStore, final: dict[str, Any], cover: dict[str, Any],
+def _meta(tr: Trainer, use: dict[str, int], train: D.Chunks, final: dict[str, Any], cover: dict[str, Any],
           o: TrainOptions, seed: int, data_s: float, wall_s: float, state: dict[str, Any] | None) -> dict[str, Any]:
     if state is not None and state.get("done") and "meta" in state:
         return dict(state["meta"], heldout=final)
     return {"steps": tr.step, "tokens": tr.tokens, "train_minutes": round(tr.seconds / 60, 2),
             "data_minutes": round(data_s / 60, 2), "minutes": round(wall_s / 60, 2),
             "tokens_per_s": round(tr.tokens / tr.seconds, 1) if tr.seconds else 0.0,
-            "data": {s: {"chunks": n} for s, n in use.items()}, "heldout": final,
+            "data": {"chunks": use, "train_tokens": int(train.lengths.sum())}, "heldout": final,
             "vocab": o.vocab, "coverage": cover.get(str(o.vocab), {}), "seed": seed,
             "options": dataclasses.asdict(o)}

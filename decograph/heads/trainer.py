@@ -196,7 +196,8 @@ class Trainer:
 
     def load(self, s: dict[str, Any]) -> None:
         self.module.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["optim"])
+        if "optim" in s:                    # a finished run's checkpoint keeps no optimizer state
+            self.opt.load_state_dict(s["optim"])
         self.gen.set_state(s["rng"])
         self.step, self.epoch, self.pos, self.tokens = s["step"], s["epoch"], s["pos"], s["tokens"]
         self.seconds, self.budget_s, self.curve = s["seconds"], s["budget_s"], list(s["curve"])
