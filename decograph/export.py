@@ -134,13 +134,19 @@ def _draft_adapters(models: dict[str, Any], target: Any, program: O.Program) -> 
 
 
 def _heads(adapter: Any, program: O.Program) -> dict[str, Any]:
-    """The draft heads ``program``'s ``draft.head`` ops name, resolved for ``adapter``'s model and
-    bound to it (``decograph.api.heads.model_head``; a missing head's ``ModelError`` names the
-    model and how to train one)."""
-    from decograph.api.heads import model_head
+    """The draft heads ``program``'s ``draft.head`` ops name, resolved for ``adapter``'s model
+    (``resolve_head`` against its fingerprint; a missing head's ``ModelError`` names the model
+    and how to train one) and bound to its weights as ``NumpyHead`` s."""
+    from decograph.api.heads import model_name
+    from decograph.backends.onnxruntime.export import bind_numpy_head
+    from decograph.heads.store import model_fingerprint, resolve_head
 
     names = sorted({op.head for op in program.walk() if isinstance(op, O.DraftHead)})
-    return {name: model_head(adapter, name) for name in names}
+    if not names:
+        return {}
+    m = adapter.model
+    fp = model_fingerprint(m.config, m.get_input_embeddings().weight.detach().float().cpu().numpy())
+    return {name: bind_numpy_head(resolve_head(name, fp, model_name(m)), m) for name in names}
 
 
 def _export_head(bound: Any, name: str, tmp: Path, head_file: str, max_positions: int, quant: str, block_size: int,

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from decograph.backends.base import HOST_OPS, Backend
 from decograph.errors import UnsupportedError
 from decograph.ir import ops as O
@@ -141,22 +143,25 @@ class OnnxRuntimeBackend(Backend):
         return runner.interpreter(program, config, tokenizer=config.tokenizer)
 
     def _ort_head(self, runner: Any, source: Any) -> Any:
-        """A ``NumpyHead`` the API bound, as its graph on ONNX Runtime (``graph_head``, fp32:
-        the same drafts, faster), exported once per head and model; other runners as they are."""
+        """A head the API bound (a runner holding its ``HeadWeights`` as ``head``) as its graph on
+        ONNX Runtime (``graph_head``, fp32: the same drafts), exported once per head and model;
+        other runners as they are."""
+        from decograph.backends.onnxruntime.export import bind_numpy_head
         from decograph.backends.onnxruntime.graph_head import HEAD_GRAPH_VERSION, OrtHead, export_head
-        from decograph.heads.spec import NumpyHead
+        from decograph.heads.spec import HeadWeights
 
-        if not isinstance(runner, NumpyHead):
+        head = getattr(runner, "head", None)
+        if not isinstance(head, HeadWeights):
             return runner
         hit = self._adapters.get(("head", id(runner)))
         if hit is None or hit[0] is not runner:
-            h = hashlib.sha256(f"{HEAD_GRAPH_VERSION}\n{runner.config}".encode())
-            for name in sorted(runner.w):
-                h.update(name.encode() + runner.w[name].tobytes())
-            h.update(runner.vocab_ids.tobytes())
+            h = hashlib.sha256(f"{HEAD_GRAPH_VERSION}\n{head.config}".encode())
+            for name in sorted(head.weights):
+                h.update(name.encode() + np.ascontiguousarray(head.weights[name], np.float32).tobytes())
+            h.update(head.vocab_ids.astype(np.int64).tobytes())
             path = export_dir(source.model) / f"head-{h.hexdigest()[:12]}.onnx"
             if not path.is_file():
-                export_head(runner, path)
+                export_head(bind_numpy_head(head, source.model), path)
             hit = self._adapters[("head", id(runner))] = (runner, OrtHead(path))
         return hit[1]
 

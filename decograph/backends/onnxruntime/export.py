@@ -36,8 +36,8 @@ from decograph.backends.onnxruntime.kv import io_names
 from decograph.errors import ModelError
 from decograph.files import plain_permissions
 
-__all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "export_step", "graph_version", "io_names", "quant_tag",
-           "quantize_step", "save_model"]
+__all__ = ["GRAPH_VERSION", "INEXACT_ACCURACY_LEVEL", "QUANT", "bind_numpy_head", "export_step", "graph_version",
+           "io_names", "quant_tag", "quantize_step", "save_model"]
 
 # MatMulNBits settings: blocks of 32 weights per scale, symmetric. accuracy_level 4 computes with
 # int8 activations (quantized per row and block): ORT's fast CPU kernels for 4- and 8-bit
@@ -102,6 +102,16 @@ def export_step(model: Any, path: str | Path, exact: bool = True, dtype: str = "
     if size >= 2_000_000_000:
         onnx.checker.check_model(str(out))
     return out
+
+
+def bind_numpy_head(head: Any, model: Any) -> Any:
+    """``head`` (``HeadWeights``) bound, as a ``NumpyHead``, to ``model``'s (a Hugging Face causal
+    LM's) input embedding and LM head in float32: what a head graph (``graph_head``) is built from."""
+    embed_w = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    embed = embed_w.detach().float().cpu().numpy()
+    lm = embed if out is None or out.weight is embed_w else out.weight.detach().float().cpu().numpy()
+    return head.bind(embed, lm)
 
 
 def quantize_step(src: str | Path, dst: str | Path, bits: int = 4,
