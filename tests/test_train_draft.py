@@ -26,7 +26,7 @@ from decograph.heads.trainer import TrainOptions, acceptance
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = HeadConfig(hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=48, rope_theta=10000.0, eps=1e-5,
                     embed_scale=1.5)
-TINY = TrainOptions(vocab=48, seq_len=96, batch=4, lr=5e-3, data_chunks=12, checkpoint_every=2)
+TINY = TrainOptions(vocab=48, seq_len=96, batch=4, lr=5e-3, data_chunks=12, checkpoint_every=2, corpus_chars=50_000)
 
 
 def _random_head(seed: int = 0, vocab: int = 50) -> tuple[HeadWeights, np.ndarray, np.ndarray]:
@@ -313,7 +313,7 @@ def test_the_data_reads_the_standard_library_and_never_the_benchmarks(tiny, monk
     monkeypatch.setattr(builtins, "open", spy)
     monkeypatch.setattr(io, "open", spy)
     D._documents.cache_clear()
-    _train(tiny, steps=1, options=TrainOptions(vocab=16, seq_len=96, data_chunks=4))
+    _train(tiny, steps=1, options=TrainOptions(vocab=16, seq_len=96, data_chunks=4, corpus_chars=50_000))
     cache = Path(os.environ["XDG_CACHE_HOME"]).resolve()
     forbidden = [ROOT / "benchmarks", Path("/work/shared/data")]
     assert not [p for p in opened if any(p.is_relative_to(f) for f in forbidden)]
@@ -335,8 +335,11 @@ def test_held_out_documents_give_no_training_requests() -> None:
 def test_vocab_ranking_orders_by_how_often_the_target_predicts_a_token() -> None:
     ch = _chunk([0] * 6, [5, 5, 2, 5, 2, 9])
     ch.argmax[0, 5] = -1                      # padding is not counted
-    ids, counts = D.vocab_ranking(ch)
-    assert ids.tolist() == [5, 2] and counts.tolist() == [3, 2]
+    assert D.vocab_ranking(ch)[:2].tolist() == [5, 2]
+    prior = np.zeros(12)
+    prior[[7, 2]] = [4, 1]                    # a corpus prior ranks the unseen 7 before the other unseen
+    order = D.vocab_ranking(ch, prior).tolist()
+    assert order[:3] == [5, 2, 7] and sorted(order) == list(range(12))
 
 
 def test_train_head_refuses_bad_budgets(tiny) -> None:

@@ -42,7 +42,7 @@ import torch
 
 from decograph.errors import InputError, ModelError
 
-__all__ = ["SOURCES", "Chunks", "DataPlan", "Doc", "FeatureStore", "chat_prompts", "documents", "features", "held_out",
+__all__ = ["SOURCES", "Chunks", "DataPlan", "Doc", "FeatureStore", "chat_prompts", "corpus_counts", "documents", "features", "held_out",
            "prepare", "text_windows", "vocab_ranking"]
 
 FORMAT = 1
@@ -246,13 +246,40 @@ def features(model: Any, seqs: list[list[int]], starts: list[int], seq_len: int,
     return Chunks(tokens, lengths, np.asarray(starts, np.int32), feats, argmax)
 
 
-def vocab_ranking(chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids the target predicts in ``chunks``, most frequent first, and their counts."""
-    valid = chunks.argmax[chunks.argmax >= 0]
-    counts = np.bincount(valid.astype(np.int64))
-    order = np.argsort(-counts, kind="stable")
-    order = order[counts[order] > 0]
-    return order.astype(np.int64), counts[order]
+def vocab_ranking(chunks: Chunks, prior: np.ndarray | None = None, prior_weight: float = 0.5) -> np.ndarray:
+    """Every token id, the ones the target predicts most in ``chunks`` first. ``prior`` (token
+    counts of a corpus, e.g. ``corpus_counts``), rescaled to ``prior_weight`` times the argmax
+    count, is added to the counts: it ranks the tokens a small sample never saw, or saw once."""
+    valid = chunks.argmax[chunks.argmax >= 0].astype(np.int64)
+    n = len(prior) if prior is not None else int(valid.max(initial=0)) + 1
+    score = np.bincount(valid, minlength=n).astype(np.float64)
+    if prior is not None and prior.sum() > 0:
+        score += prior_weight * prior * (score.sum() or 1.0) / prior.sum()
+    return np.argsort(-score, kind="stable").astype(np.int64)
+
+
+def corpus_counts(store: "FeatureStore", tokenizer: Any, vocab_size: int, chars: int) -> np.ndarray:
+    """How often each token occurs in the training documents (the first ``chars`` characters of
+    them in the text stream's order; tokenizing only, no forward; cached beside the features)."""
+    path = store.root / f"corpus-counts-{chars}.npy"
+    try:
+        counts = np.load(path, allow_pickle=False)
+        if counts.shape == (vocab_size,):
+            return counts
+    except (OSError, ValueError):
+        pass
+    counts = np.zeros(vocab_size, np.int64)
+    for d in _shuffled([d for d in documents() if not held_out(d.name)], "text/train"):
+        ids = np.asarray(tokenizer(d.text[:chars], add_special_tokens=False)["input_ids"], np.int64)
+        counts += np.bincount(ids[ids < vocab_size], minlength=vocab_size)
+        chars -= len(d.text)
+        if chars <= 0:
+            break
+    store.root.mkdir(parents=True, exist_ok=True)
+    tmp = store.root / f".corpus-counts.{os.getpid()}.npy"
+    np.save(tmp, counts)
+    os.replace(tmp, path)
+    return counts
 
 
 class FeatureStore:

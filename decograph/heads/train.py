@@ -136,26 +136,22 @@ def _prepare(store: D.FeatureStore, adapter: Any, tok: Any, plan: D.DataPlan, pr
     return use
 
 
-def _vocab(train: D.Chunks, held: D.Chunks, size: int, vocab_size: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The ``size`` most-predicted tokens (filled up with unseen ids in order), and the
-    coverage of the target's argmax tokens by subsets of several sizes."""
-    order, counts = D.vocab_ranking(train)
-    size = min(size, vocab_size)
-    if len(order) < size:
-        seen = np.zeros(vocab_size, bool)
-        seen[order] = True
-        order = np.concatenate([order, np.flatnonzero(~seen)[:size - len(order)]])
-    ids = order[:size].astype(np.int64)
-    rank = np.full(vocab_size, vocab_size, np.int64)
-    rank[order] = np.arange(len(order))
-    held_am = held.argmax[held.argmax >= 0]
+def _vocab(train: D.Chunks, held: D.Chunks, size: int, prior: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """The ``size`` tokens the target predicts most in ``train`` (``D.vocab_ranking`` with the
+    corpus ``prior``), and the share of the target's argmax tokens that subsets of several sizes
+    hold, in ``train`` and in ``held`` (response positions of the chats, all of the text)."""
+    order = D.vocab_ranking(train, prior)
+    vocab_size = len(order)
+    rank = np.empty(vocab_size, np.int64)
+    rank[order] = np.arange(vocab_size)
+    held_am = np.concatenate([held.argmax[i, held.starts[i] + 1:held.lengths[i]] for i in range(len(held))]
+                             + [np.zeros(0, held.argmax.dtype)])
     cover = {}
     for k in sorted({*COVERAGE_SIZES, size}):
-        if k > vocab_size:
-            continue
-        cover[str(k)] = {"train": round(float(counts[:k].sum() / max(1, counts.sum())), 4),
-                         "heldout": round(float((rank[held_am] < k).mean()) if len(held_am) else 0.0, 4)}
-    return ids, cover
+        if k <= vocab_size:
+            cover[str(k)] = {split: round(float((rank[am] < k).mean()), 4) if len(am) else 0.0
+                             for split, am in (("train", train.argmax[train.argmax >= 0]), ("heldout", held_am))}
+    return order[:min(size, vocab_size)].astype(np.int64), cover
 
 
 def _loop(tr: Trainer, train: D.Chunks, held: dict[str, D.Chunks], run: Path, extra: dict[str, Any],
@@ -231,7 +227,7 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     train, held = _load_data(store, use, o, int(embed.shape[1]))
     if state is None:
         vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, int(embed.shape[1])),
-                                  o.vocab, len(lm_head))
+                                  o.vocab, D.corpus_counts(store, tok, len(lm_head), o.corpus_chars))
         say("vocabulary subset coverage of the target's argmax tokens (train / held-out): "
             + ", ".join(f"{k} {c['train']:.3f}/{c['heldout']:.3f}" for k, c in cover.items()))
     else:

@@ -54,6 +54,7 @@ class TrainOptions:
     init: str = "last-layer"        # or "norm": only the output norm from the target
     eval_depth: int = 3
     data_chunks: int = 96           # with steps: prepared chunks (a third the target's answers)
+    corpus_chars: int = 3_000_000   # training text tokenized for the vocabulary's frequency prior
     gen_share: float = 0.15         # with minutes: the budget's share for generating answers
     data_share: float = 0.40        # with minutes: the share for all data preparation
     checkpoint_every: int = 50
