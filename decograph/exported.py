@@ -109,7 +109,7 @@ class ExportedDecoder:
             self.draft_runners = {role.removeprefix("draft:"): OrtDraftRunner(
                 StepSession(m.path(g.file), threads, spinning, device=device))
                 for role, g in m.graphs.items() if role.startswith("draft:")}
-            self.draft_heads = {name: OrtHead(m.path(g.file), threads, spinning) for name, g in m.heads.items()}
+            self.draft_heads = {name: OrtHead(m.path(g.file), threads) for name, g in m.heads.items()}
             if self.draft_heads and not self.step.hidden_size:
                 raise ModelError(f"{m.path(target.file)}: the step graph returns no hidden states, which this "
                                  f"decoder's draft heads read (export it again)")

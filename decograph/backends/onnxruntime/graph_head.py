@@ -177,9 +177,13 @@ def export_head(bound: NumpyHead, path: str | Path, bits: int = 0, block_size: i
 
 
 class OrtHead:
-    """A head graph (``export_head``) run by ONNX Runtime, with ``NumpyHead``'s interface."""
+    """A head graph (``export_head``) run by ONNX Runtime, with ``NumpyHead``'s interface.
+    ``threads``: its intra-op threads (``kv.session_options``); its idle threads never spin
+    (``spinning`` False): a head runs between the model's forwards, whose threads would lose
+    their cores to the head's busy-waiting ones (measured: 32 greedy-length steps of the default
+    model's int4 decoder took 3.7 s with a spinning head, 2.3 s without, 2.2 s with no head)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = False) -> None:
         from decograph.backends.onnxruntime.kv import open_session, session_options
 
         p = self.path = Path(path)
