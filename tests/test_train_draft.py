@@ -197,7 +197,7 @@ def test_training_lowers_the_loss_and_resolve_head_finds_the_head(tiny) -> None:
     head = _train(tiny, steps=40, callback=lambda step, rec: seen.append(rec))
     first = np.mean([r["loss"] for r in seen[:5]])
     last = np.mean([r["loss"] for r in seen[-5:]])
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.9 * first, (first, last)       # soft targets: the floor is the target's own entropy
     meta = head.config.meta
     assert meta["steps"] == 40 and meta["tokens"] > 0
     assert set(meta["heldout"]) == {"chat", "text"} and len(meta["heldout"]["text"]["acc"]) == 3
@@ -251,6 +251,17 @@ def test_a_foreign_or_torn_checkpoint_is_not_trusted(tiny) -> None:
     seen: list[int] = []
     _train(tiny, steps=2, callback=lambda step, rec: seen.append(step), log=said.append)
     assert seen == [1, 2] and any("ignoring the unreadable checkpoint" in m for m in said)
+
+
+def test_a_minutes_budget_bounds_data_and_training(tiny) -> None:
+    import time
+
+    t = time.monotonic()
+    head = _train(tiny, minutes=0.25, options=TrainOptions(vocab=48, seq_len=96, corpus_chars=50_000))
+    meta = head.config.meta
+    assert meta["steps"] > 0 and meta["data"]["chunks"]["text/train"] > 0
+    assert meta["data"]["chunks"]["chat/heldout"] >= 2 and meta["data"]["chunks"]["text/heldout"] >= 2
+    assert meta["train_minutes"] <= 0.25 and time.monotonic() - t < 60
 
 
 # ------------------------------------------------------------------ the command

@@ -105,8 +105,9 @@ def _data_plan(o: TrainOptions, minutes: float | None, steps: int | None, t0: fl
         return D.DataPlan(seq_len=o.seq_len, chat_heldout=held - max(1, held // 3), text_heldout=max(1, held // 3),
                           chat_train=chat,
                           text_train=o.data_chunks - chat, max_new=min(192, o.seq_len // 2))
-    budget = float(minutes) * 60.0
-    return D.DataPlan(seq_len=o.seq_len, chat_deadline=t0 + o.gen_share * budget,
+    budget = float(minutes) * 60.0          # held-out first, scaled down for short runs (8 answers, 4 windows at 30)
+    return D.DataPlan(seq_len=o.seq_len, chat_heldout=max(2, min(8, round(minutes / 4))),
+                      text_heldout=max(2, min(4, round(minutes / 8))), chat_deadline=t0 + o.gen_share * budget,
                       text_deadline=t0 + o.data_share * budget, max_new=min(192, o.seq_len // 2))
 
 

@@ -48,10 +48,11 @@ class TrainOptions:
     min_lr: float = 0.1             # the cosine's floor, a share of lr
     clip: float = 1.0
     feat_weight: float = 0.5
+    soft_targets: bool = True       # cross-entropy against the target's distribution, else its argmax
     noise: float = 0.05             # input-feature noise, a share of each feature's RMS
     depth: int = 2                  # training-time-test unroll (1: none)
     depth_decay: float = 0.8
-    init: str = "last-layer"        # or "norm": only the output norm from the target
+    init: str = "norm"              # the output norm from the target; "last-layer": its last layer too
     eval_depth: int = 3
     data_chunks: int = 96           # with steps: prepared chunks (a third the target's answers)
     corpus_chars: int = 3_000_000   # training text tokenized for the vocabulary's frequency prior
@@ -87,6 +88,7 @@ class Batch:
 
 
 def loss(module: DraftHead, b: Batch, o: TrainOptions, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The batch's objective (see the module doc) and depth 1's statistics."""
     inp = b.inp
     if o.noise > 0:
         rms = inp.pow(2).mean(-1, keepdim=True).sqrt()
@@ -95,11 +97,15 @@ def loss(module: DraftHead, b: Batch, o: TrainOptions, gen: torch.Generator) -> 
     total, stats = torch.zeros(()), {}
     for d, out in enumerate(outs, 1):
         m = b.valid & (b.rows >= d - 1)
-        pred, labels = out[m], b.target_t[m]
+        pred, labels, target = out[m], b.target_t[m], b.target_f[m]
         logits = module.logits(pred)
-        n = (labels >= 0).sum().clamp(min=1)
-        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / n
-        feat = F.smooth_l1_loss(pred, b.target_f[m])
+        if o.soft_targets:          # EAGLE: the target's own distribution over the subset, from f_{j+1}
+            with torch.no_grad():
+                p = torch.softmax(module.logits(target), -1)
+            ce = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
+        else:
+            ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / (labels >= 0).sum().clamp(min=1)
+        feat = F.smooth_l1_loss(pred, target)
         total = total + o.depth_decay ** (d - 1) * (ce + o.feat_weight * feat)
         if d == 1:
             stats = {"ce": ce.item(), "feat": feat.item(),
