@@ -343,6 +343,19 @@ def test_held_out_documents_give_no_training_requests() -> None:
     assert all("benchmarks" not in d.name for d in docs)
 
 
+def test_one_writer_at_a_time_extends_the_feature_store(tmp_path: Path) -> None:
+    a, b = D.FeatureStore(tmp_path, {"m": 1}), D.FeatureStore(tmp_path, {"m": 1})
+    chunk = _chunk([1, 2, 3], [2, 3, 4])
+    with a.writer() as first:
+        assert first
+        with b.writer() as second:
+            assert not second
+        a.add("text/train", chunk, 7)
+    with b.writer() as now:
+        assert now and b.count("text/train") == 1 and b.cursor("text/train") == 7    # b sees a's shard
+    assert len(D.FeatureStore(tmp_path, {"m": 2}).load("text/train", 1, 3, 2)) == 0  # another key: empty
+
+
 def test_vocab_ranking_orders_by_how_often_the_target_predicts_a_token() -> None:
     ch = _chunk([0] * 6, [5, 5, 2, 5, 2, 9])
     ch.argmax[0, 5] = -1                      # padding is not counted

@@ -25,6 +25,7 @@ deterministic sequence, so a resumed or longer preparation only appends.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import itertools
 import json
@@ -288,6 +289,9 @@ class FeatureStore:
 
     def __init__(self, root: Path, key: dict[str, Any]) -> None:
         self.root, self.key = Path(root), dict(key, format=FORMAT)
+        self.reload()
+
+    def reload(self) -> None:
         try:
             manifest = json.loads((self.root / "manifest.json").read_text())
         except (OSError, ValueError):
@@ -295,6 +299,24 @@ class FeatureStore:
         if not isinstance(manifest, dict) or manifest.get("key") != self.key:
             manifest = {"key": self.key, "streams": {s: {"shards": [], "chunks": 0, "cursor": 0} for s in STREAMS}}
         self.manifest = manifest
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[bool]:
+        """Yields whether this process may extend the store: False while another holds it
+        (two preparations appending at once would overwrite each other's shards)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            try:
+                import fcntl
+
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:
+                pass                                # no advisory locks here: a single writer is assumed
+            except OSError:
+                yield False
+                return
+            self.reload()                           # what another process appended before us
+            yield True
 
     def count(self, stream: str) -> int:
         return int(self.manifest["streams"][stream]["chunks"])
@@ -338,8 +360,8 @@ class FeatureStore:
                 with np.load(self.root / name, allow_pickle=False) as z:
                     parts.append(Chunks(z["tokens"], z["lengths"], z["starts"], z["feats"], z["argmax"]))
             except (OSError, ValueError, KeyError) as exc:
-                raise ModelError(f"{self.root / name}: a broken draft-head data shard ({exc}); "
-                                 "rerun with --fresh-data") from None
+                raise ModelError(f"{self.root / name}: a broken draft-head data shard ({exc}); delete "
+                                 f"{self.root} to prepare the data again") from None
             have += count
         return Chunks.concat(parts, seq_len, hidden).rows(0, n)
 

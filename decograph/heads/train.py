@@ -123,7 +123,12 @@ def _prepare(store: D.FeatureStore, adapter: Any, tok: Any, plan: D.DataPlan, pr
         bar.set_postfix_str(", ".join(f"{s} {store.count(s)}" for s in D.STREAMS))
 
     try:
-        D.prepare(store, adapter, tok, plan, step)
+        with store.writer() as mine:
+            if mine:
+                D.prepare(store, adapter, tok, plan, step)
+            else:
+                log(f"another process is preparing the data in {store.root}; training on what is there")
+                store.reload()
     finally:
         bar.close()
     counts = {s: store.count(s) for s in D.STREAMS}
