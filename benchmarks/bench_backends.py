@@ -49,8 +49,8 @@ BACKENDS = ["torch", "onnxruntime", "onnxruntime-int4", "onnxruntime-int8"]
 STRATEGIES = ["greedy", "anpd"]
 
 
-def prompts(tok, per_category: int) -> list[list[int]]:
-    data = HERE / "data" / "spec_bench_questions.jsonl"
+def prompts(tok, per_category: int, path: str | None = None) -> list[list[int]]:
+    data = Path(path) if path else HERE / "data" / "spec_bench_questions.jsonl"
     by_cat: dict[str, list[str]] = {}
     for line in data.read_text().splitlines():
         q = json.loads(line)
@@ -119,7 +119,8 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-exported-"))
     try:
-        out = export_decoder("anpd", tmp / "dec", model=HFCausalLM(model, tok), quant=quant, block_size=args.block_size,
+        out = export_decoder(args.export_strategy, tmp / "dec", model=HFCausalLM(model, tok), quant=quant,
+                             block_size=args.block_size,
                              progress=lambda m: None)
         dec = ExportedDecoder(out, threads=2, spinning=args.spinning == "on")
         curve = dec.cost_curve()                      # measured once per graph and machine (cached)
@@ -134,7 +135,8 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
 
 
 def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
-    systems = {"greedy": lambda p: _exported(dec, p, n, False), "anpd": lambda p: _exported(dec, p, n, True)}
+    systems = {"greedy": lambda p: _exported(dec, p, n, False),
+               args.export_strategy: lambda p: _exported(dec, p, n, True)}
     for name in [x for x in args.exported_plans.split(",") if x]:
         systems[name] = lambda p, d=dec.with_program(as_program(name)): _exported(d, p, n, True)
     if genai:
@@ -207,7 +209,7 @@ def _batch_row(dec, ps, quant: str, n: int, b: int, greedy: dict) -> dict:
         ids += [r[0] for r in dec.generate_batch(ps[i:i + b], n)]
     seconds = time.perf_counter() - t0
     tps = sum(map(len, ids)) / seconds
-    return {"backend": f"exported-{quant} batch {b}", "strategy": "anpd", "max_new_tokens": n,
+    return {"backend": f"exported-{quant} batch {b}", "strategy": dec.program.name, "max_new_tokens": n,
             "tokens_per_s": round(tps, 1), "speedup_vs_exported_greedy": round(tps / statistics.mean(greedy["e2e"]), 3),
             "identical_to_own_greedy": f"{sum(a == g for a, g in zip(ids, greedy['ids']))}/{len(ps)}"}
 
@@ -248,6 +250,8 @@ def _genai_systems(spinning: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-category", type=int, default=2)
+    ap.add_argument("--prompts", default=None, help="a prompts file in Spec-Bench's format (default: Spec-Bench's "
+                    "questions), e.g. data/heldout_prompts.jsonl; --per-category applies")
     ap.add_argument("--max-new-tokens", type=int, nargs="+", default=[64],
                     help="generation lengths: the backends run the first; the exported decoder each")
     ap.add_argument("--reps", type=int, default=3)
@@ -255,6 +259,9 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated; empty for none")
     ap.add_argument("--exported", default="int4", help="quantizations of the exported decoder (int4,int8,none); "
                                                        "empty for none")
+    ap.add_argument("--export-strategy", default="anpd",
+                    help="the strategy exported (its program is the exported decoder's own; e.g. eagle_anpd, whose "
+                         "export carries the draft head, so that --exported-plans eagle can run on it too)")
     ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
     ap.add_argument("--exported-plans", default="", help="also these built-in strategies on the exported graph "
                                                          "(e.g. jacobi,lookahead)")
@@ -274,7 +281,7 @@ def main() -> None:
     warnings.simplefilter("ignore", BackendFallbackWarning)
     torch.set_num_threads(2)
     model, tok = load_default_model(progress=False)
-    ps = prompts(tok, args.per_category)
+    ps = prompts(tok, args.per_category, args.prompts)
     backends = [b for b in args.backends.split(",") if b]
     table, curves = bench_backends(model, tok, ps, backends, args) if backends else ([], {})
     args.inprocess = (model, tok) if args.inprocess else None

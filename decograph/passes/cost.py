@@ -42,7 +42,11 @@ class CostCurve:
             return self.points[q]
         keys = list(self.points)
         if q > keys[-1]:
-            a, b = keys[-2], keys[-1]
+            # past the widest measured forward the work grows with the tokens: never assume a
+            # wider step costs less per token than the widest one timed (a flat measured tail
+            # extrapolated linearly made 256 query tokens look as cheap as 20)
+            last = keys[-1]
+            return self.points[last] * q / last
         else:
             b = next(k for k in keys if k > q)
             a = keys[keys.index(b) - 1]
