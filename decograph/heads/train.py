@@ -9,15 +9,16 @@ Phases (``minutes``: one wall-clock budget over all of them; ``steps``: exact an
    derived from the standard library (at most ``gen_share`` of the budget), then standard
    library text windows (until ``data_share``); features cached per model, reused and
    extended by later runs. With ``steps``, fixed chunk counts instead of deadlines.
-2. The vocabulary subset: the ``vocab`` tokens the target predicts most in the training data;
+2. The vocabulary subset: the ``vocab`` tokens the target predicts most in the training data,
+   with the token frequencies of the standard library's text as a prior (``data.vocab_ranking``);
    its coverage of the target's argmax tokens (training and held-out) is logged and kept.
-3. Training: cross-entropy of the subset logits against the target's argmax at the next
-   position (targets outside the subset ignored) plus ``feat_weight`` times a smooth-L1 on the
-   predicted feature (EAGLE-1), Gaussian noise on the input features, and the training-time
-   test unroll to ``depth`` (the head fed its own predicted features; depth ``d`` weighted
-   ``depth_decay**(d-1)``). AdamW, linear warm-up then cosine decay (over steps, or over the
-   training time), gradient clipping. A held-out evaluation (``acceptance``) four times and at
-   the end; the curve (JSON lines, and a PNG where matplotlib is installed) beside the checkpoint.
+3. Training (``decograph.heads.trainer``): cross-entropy of the subset logits against the
+   target's own distribution at the next position plus ``feat_weight`` times a smooth-L1 on
+   the predicted feature (EAGLE-1), Gaussian noise on the input features, and the
+   training-time-test unroll to ``depth`` (the head fed its own predicted features). AdamW,
+   linear warm-up then cosine decay (over steps, or over the training time), gradient
+   clipping. A held-out evaluation (``trainer.acceptance``) at each quarter and at the end;
+   the curve (JSON lines, and a PNG where matplotlib is installed) beside the checkpoint.
 4. Checkpoints (model, optimizer, schedule, RNG, data cursor, step) in
    ``cache_path("heads")/<fingerprint>/runs/<run>/train.pt`` (``run_dir``: one directory per
    options, seed and budget, so runs never overwrite each other's) every ``checkpoint_every``

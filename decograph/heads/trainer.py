@@ -3,10 +3,11 @@ training state and its checkpoint, the curve. ``decograph.heads.train`` runs it.
 
 Objective (per batch of chunks; row ``j`` is fed ``(f_j, t_{j+1})``): for each unroll depth
 ``d`` (1: the target's features; ``d > 1``: the head's own, ``DraftHead.forward``), the
-cross-entropy of the vocabulary-subset logits against the target's argmax at ``j+1`` (targets
-outside the subset ignored) plus ``feat_weight`` times a smooth-L1 between the predicted and
-the target's feature ``f_{j+1}``, weighted ``depth_decay**(d-1)``. Input features get Gaussian
-noise of ``noise`` times their RMS.
+cross-entropy of the vocabulary-subset logits against the target's own distribution over the
+subset at ``j+1`` (softmax of ``f_{j+1}``'s subset logits, as EAGLE-1; ``soft_targets=False``:
+its argmax, targets outside the subset ignored), plus ``feat_weight`` times a smooth-L1
+between the predicted and the target's feature ``f_{j+1}``, weighted ``depth_decay**(d-1)``.
+Input features get Gaussian noise of ``noise`` times their RMS.
 
 A checkpoint holds plain data and tensors only (``torch.load(weights_only=True)`` reads it):
 the module and optimizer state, the noise generator's state, the data cursor (epoch, position:
