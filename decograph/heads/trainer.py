@@ -58,7 +58,7 @@ class TrainOptions:
     data_chunks: int = 96           # with steps: prepared chunks (a third the target's answers)
     corpus_chars: int = 3_000_000   # training text tokenized for the vocabulary's frequency prior
     gen_share: float = 0.15         # with minutes: the budget's share for generating answers
-    data_share: float = 0.60        # with minutes: the share for all data preparation (the head is data-starved)
+    data_share: float = 0.50        # with minutes: the share for all data preparation (the head is data-starved)
     checkpoint_every: int = 50
 
 
