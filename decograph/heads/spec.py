@@ -94,6 +94,16 @@ class HeadWeights:
         if self.vocab_ids.ndim != 1 or len(self.vocab_ids) == 0:
             raise ModelError(f"{origin}: vocab_ids must be a non-empty 1-D array of token ids")
 
+    def check_binding(self, embed_shape: tuple[int, ...], lm_head_shape: tuple[int, ...]) -> None:
+        """Refuse a model whose embedding [V, H] / LM head [V, H] this head cannot run over."""
+        c = self.config
+        if embed_shape[1] != c.hidden or lm_head_shape[1] != c.hidden:
+            raise ModelError(f"the draft head is for hidden size {c.hidden}, the model's is {embed_shape[1]} "
+                             f"({c.model_name or 'another model'}'s head)")
+        if int(self.vocab_ids.max()) >= lm_head_shape[0]:
+            raise ModelError(f"the draft head's vocabulary reaches token {int(self.vocab_ids.max())}, the model "
+                             f"has {lm_head_shape[0]} ({c.model_name or 'another model'}'s head)")
+
     def bind(self, embed: np.ndarray, lm_head: np.ndarray) -> "NumpyHead":
         """The runner over the target's input embedding [V, H] and LM head [V, H] (numpy)."""
         return NumpyHead(self, embed, lm_head)
@@ -105,12 +115,7 @@ class NumpyHead:
 
     def __init__(self, head: HeadWeights, embed: np.ndarray, lm_head: np.ndarray) -> None:
         c = head.config
-        if embed.shape[1] != c.hidden or lm_head.shape[1] != c.hidden:
-            raise ModelError(f"the draft head is for hidden size {c.hidden}, the model's is {embed.shape[1]} "
-                             f"({c.model_name or 'another model'}'s head)")
-        if int(head.vocab_ids.max()) >= lm_head.shape[0]:
-            raise ModelError(f"the draft head's vocabulary reaches token {int(head.vocab_ids.max())}, the model "
-                             f"has {lm_head.shape[0]} ({c.model_name or 'another model'}'s head)")
+        head.check_binding(tuple(embed.shape), tuple(lm_head.shape))
         self.head, self.config = head, c
         self.w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.weights.items()}
         self.embed = embed

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decograph.errors import ModelError
 from decograph.heads.spec import HeadWeights
 
 __all__ = ["TorchHead", "bind_torch_head"]
@@ -31,12 +30,7 @@ class TorchHead:
 
     def __init__(self, head: HeadWeights, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
         c = head.config
-        if embed.shape[1] != c.hidden or lm_head.shape[1] != c.hidden:
-            raise ModelError(f"the draft head is for hidden size {c.hidden}, the model's is {embed.shape[1]} "
-                             f"({c.model_name or 'another model'}'s head)")
-        if int(head.vocab_ids.max()) >= lm_head.shape[0]:
-            raise ModelError(f"the draft head's vocabulary reaches token {int(head.vocab_ids.max())}, the model "
-                             f"has {lm_head.shape[0]} ({c.model_name or 'another model'}'s head)")
+        head.check_binding(tuple(embed.shape), tuple(lm_head.shape))
         self.head, self.config = head, c
         self.vocab_ids = head.vocab_ids.astype(np.int64)
         w = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in head.weights.items()}
