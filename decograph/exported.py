@@ -105,6 +105,7 @@ class ExportedDecoder:
             if device == "auto":
                 device = pick_device("auto") if target.dtype == "float16" else "cpu"
             self.step = StepSession(m.path(target.file), threads, spinning, device=device)
+            self.step.quantized = self.step.quantized or target.quant != "none"    # exports older than the graph's tag
             self.runner = GraphRunner(self.step, m.files[target.file])
             self.draft_runners = {role.removeprefix("draft:"): OrtDraftRunner(
                 StepSession(m.path(g.file), threads, spinning, device=device))

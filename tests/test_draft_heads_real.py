@@ -25,6 +25,7 @@ pytestmark = pytest.mark.real_model
 
 DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "spec_bench_questions.jsonl"
 N_NEW = 32
+N_INT4 = 128
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,10 @@ def test_int4_export_without_torch_equals_its_own_greedy(setup, tmp_path, run_wi
     model, tok, prompts, _ = setup
     out = export_decoder("eagle_anpd", tmp_path / "int4", model=HFCausalLM(model, tok), quant="int4", chat=False,
                          progress=lambda m: None)
-    got = run_without_torch(_RUN, {"dir": str(out), "prompts": prompts, "n": N_NEW}, tmp_path)
+    # 128 tokens: a branching tree's masked holes once changed int4 outputs only after ~60 tokens
+    got = run_without_torch(_RUN, {"dir": str(out), "prompts": prompts, "n": N_INT4}, tmp_path)
     graph = ORTCausalLM(out / "model.onnx")
-    want = [ort_greedy(graph, p, N_NEW, set(ExportedDecoder(out).eos)) for p in prompts]
+    want = [ort_greedy(graph, p, N_INT4, set(ExportedDecoder(out).eos)) for p in prompts]
     assert got["greedy"] == want
     assert got["one"] == want[:1]
     assert got["four"] == want

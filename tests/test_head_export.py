@@ -443,6 +443,12 @@ def test_the_onnxruntime_backends_run_heads_on_a_graph_with_hidden_states(tiny_d
             assert sum(sum(r.stats.drafted_per_step) for r in got) > 0
     names = sorted(p.name for p in export_dir(model.model).iterdir())
     assert "model.hidden.onnx" in names and "model.onnx" in names and any(n.startswith("head-") for n in names)
+    # int4 (int8 activations, exact for dense chains only): one chain a step; fp32: trees
+    for backend, chains in (("onnxruntime-int4", True), ("onnxruntime", False)):
+        got = generate(model, None, [model.tokenizer(t)["input_ids"] for t in TEXTS], "eagle", max_new_tokens=20,
+                       backend=backend, overrides={"nodes": 6}, trace=True)
+        parents = [s["draft"]["parent"] for r in got for s in r.trace if s["kind"] == "step"]
+        assert all(p == list(range(-1, len(p) - 1)) for p in parents) == chains, (backend, parents)
     # fp32: the head's graph drafts the trees the torch path's NumpyHead drafts
     ids = [model.tokenizer(TEXTS[0])["input_ids"]]
     keys = ("step", "draft", "accepted", "bonus")

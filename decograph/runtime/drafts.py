@@ -111,6 +111,9 @@ class Ngram(DraftSource):
     def fresh(self, row: Row) -> Any:
         return NgramIndex(int(self.op.max_n))
 
+    def longest(self) -> int:
+        return int(self.op.k)
+
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         k = min(int(self.op.k), limit)
         if k <= 0:
@@ -194,6 +197,9 @@ class AdaptiveNgram(DraftSource):
 
     def fresh(self, row: Row) -> Any:
         return _Anpd(NgramIndex(int(self.op.max_n)))
+
+    def longest(self) -> int:
+        return int(self.op.k)
 
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         mem: _Anpd = self.memory(row)
@@ -324,6 +330,9 @@ class ModelDraft(DraftSource):
 
     def fresh(self, row: Row) -> Any:
         return self.runner.new_state()
+
+    def longest(self) -> int:
+        return int(self.op.k)
 
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         k = min(int(self.op.k), limit)

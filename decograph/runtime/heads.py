@@ -132,6 +132,9 @@ class HeadDraft(DraftSource):
 
     # -- drafting ----------------------------------------------------------------------------
 
+    def longest(self) -> int:
+        return int(self.op.depth)
+
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         mem: _Memory = self.memory(row)
         mem.drafted = []
@@ -155,7 +158,7 @@ class HeadDraft(DraftSource):
         """Append the ``topk`` most probable children of ``parent``; their indices."""
         logits = np.asarray(logits, dtype=np.float64)
         lp = logits - (logits.max() + math.log(np.exp(logits - logits.max()).sum()))
-        k = min(int(self.op.topk), len(lp))
+        k = min(1 if self.chains_only else int(self.op.topk), len(lp))    # one chain: the head's greedy path
         top = np.argpartition(-lp, k - 1)[:k]
         top = top[np.argsort(-lp[top], kind="stable")]
         first = len(nodes)
@@ -239,7 +242,10 @@ class HeadDraft(DraftSource):
         mem.tries *= scale
         new = row.tokens[len(row.tokens) - committed:]
         for path, p in mem.drafted:
+            hit = list(path) == new[: len(path)]
+            if hit and len(path) >= committed:
+                continue                  # not verified (a chain-only step verified another draft's chain)
             b = min(BINS - 1, int(p * BINS))
             mem.tries[b] += 1.0
-            mem.hits[b] += float(list(path) == new[: len(path)])
+            mem.hits[b] += float(hit)
         mem.drafted = []

@@ -129,6 +129,15 @@ def _fit(drafts: list[_Drafted], room: list[int], dedup: bool) -> None:
             d.chains[b] = kept
 
 
+def _one_chain(drafts: list[_Drafted], rows: int) -> None:
+    """Keep one chain per row (``Engine.chains_only``): the longest the drafts proposed, the
+    earliest draft's (program order) on a tie."""
+    for b in range(rows):
+        best = max(((len(c), -i) for i, d in enumerate(drafts) for c in d.chains[b][:1]), default=None)
+        for i, d in enumerate(drafts):
+            d.chains[b] = d.chains[b][:1] if best is not None and i == -best[1] else []
+
+
 class Interpreter:
     """Runs one program for one batch of prompts on ``engine`` (a backend's step protocol)."""
 
@@ -142,6 +151,7 @@ class Interpreter:
             if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
                 src = self.sources[id(op)] = make_source(op, config.draft_models, config.draft_heads)
                 src.cost, src.max_query = config.cost_curve, getattr(engine, "max_query", None) or 0
+                src.chains_only = bool(getattr(engine, "chains_only", False))
             elif isinstance(op, O.UNMASK_OPS):
                 raise UnsupportedError(f"{op.NAME} needs a masked-diffusion model, the model is a causal LM")
             elif isinstance(op, O.Commit) and op.kv in ("block_approx", "block_approx_dual"):
@@ -256,6 +266,12 @@ class Interpreter:
                 return _Drafted(src, [[] for _ in state.active])
             src.rows, chains = len(state.active), []
             for r in state.active:            # ``queued``: draft tokens earlier drafts of this step added
+                if src.chains_only:           # one chain per row (``_one_chain``): each source drafts as if alone,
+                    src.queued = 0            # and one that cannot beat an earlier chain's length drafts nothing
+                    best = self._queued.get(id(r), 0)
+                    chains.append(src.propose(r, 0 if best >= src.longest() else r.remaining - 1)[:1])
+                    self._queued[id(r)] = max(best, len(chains[-1][0]) if chains[-1] else 0)
+                    continue
                 src.queued = self._queued.get(id(r), 0)
                 chains.append(src.propose(r, r.remaining - 1))
                 self._queued[id(r)] = src.queued + sum(map(len, chains[-1]))
@@ -292,6 +308,8 @@ class Interpreter:
         """Merge every draft's chains into one tree per row (a trie with ``dedup``) and run the
         forward the passes lowered (``op.mask``, ``op.layout``) on the backend."""
         n, self._queued = len(state.active), {}
+        if getattr(self.engine, "chains_only", False):
+            _one_chain(drafts, n)
         cap = getattr(self.engine, "max_query", None)
         if cap:                                    # the backend's widest step: drafts cut to fit
             _fit(drafts, [cap - len(r.pending) for r in state.active], bool(op.dedup))

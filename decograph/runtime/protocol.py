@@ -165,6 +165,10 @@ class Engine(ABC):
     max_positions: int = 0
     supports_kv: bool = False
     name: str = "the model"
+    # The backend verifies one draft chain per row and step, no branching tree: its multi-token
+    # steps are exact (k query rows == k one-token steps) for dense causal chains only, so a
+    # tree's masked holes would change the arithmetic (quantized ONNX Runtime graphs).
+    chains_only: bool = False
 
     @abstractmethod
     def start(self, rows: list[Row]) -> Batch: ...

@@ -32,6 +32,7 @@ class DraftSource(ABC):
         self.rows = 1                             # rows in this step's forward (the interpreter sets it)
         self.max_query = 0                        # the backend's widest step (0: any; the interpreter sets it)
         self.queued = 0                           # draft tokens other drafts of this step proposed for the row
+        self.chains_only = False                  # the backend verifies one chain per row (``Engine.chains_only``)
 
     def step_cost(self, width: int) -> float:
         """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
@@ -39,6 +40,11 @@ class DraftSource(ABC):
         to the cheapest width). A batch already fills the matrix units, so a wider step costs
         nearly in proportion there: load-aware drafting drafts less, or not at all."""
         return self.cost(self.rows * width)
+
+    def longest(self) -> int:
+        """The longest chain this source can propose (a bound; a chain-only backend skips a
+        source that cannot beat the chain it already has)."""
+        return O.MAX_TREE
 
     def memory(self, row: Row) -> Any:
         key = id(self.op)

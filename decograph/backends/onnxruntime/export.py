@@ -32,7 +32,7 @@ from typing import Any
 
 from decograph.backends.onnxruntime.graph import GRAPH_VERSION, build_step
 from decograph.backends.onnxruntime.graph_gemma3 import GEMMA3_GRAPH_VERSION, build_gemma3_step, is_gemma3
-from decograph.backends.onnxruntime.kv import io_names
+from decograph.backends.onnxruntime.kv import QUANT_META, io_names
 from decograph.errors import ModelError
 from decograph.files import plain_permissions
 
@@ -49,7 +49,7 @@ INEXACT_ACCURACY_LEVEL = 0
 
 def quant_tag(bits: int, accuracy_level: int = QUANT["accuracy_level"]) -> str:
     """The quantized graph's file-name tag: its settings, so a change never reuses an old file."""
-    return f"int{bits}-b{QUANT['block_size']}-a{accuracy_level}"
+    return f"int{bits}-b{QUANT['block_size']}-a{accuracy_level}-m"
 
 
 def save_model(proto: Any, out: Path, big: bool) -> None:
@@ -131,5 +131,9 @@ def quantize_step(src: str | Path, dst: str | Path, bits: int = 4,
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block_size, is_symmetric=True,
                              accuracy_level=accuracy_level)
     q.process()
-    save_model(q.model.model, out, Path(str(src) + ".data").is_file())
+    proto = q.model.model
+    # read back by ``kv.StepSession.quantized``: quantized activations turn a float difference
+    # into another token, so the runtime verifies draft chains, not trees, on this graph
+    proto.metadata_props.add(key=QUANT_META, value=f"int{bits}")
+    save_model(proto, out, Path(str(src) + ".data").is_file())
     return out

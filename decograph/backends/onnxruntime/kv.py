@@ -182,6 +182,9 @@ def open_session(path: Path, options: Any, device: str = "cpu") -> Any:
     return session
 
 
+QUANT_META = "decograph.weights"     # a quantized step graph's metadata key: "int4" or "int8"
+
+
 class StepSession:
     """An ONNX Runtime session over a step graph, its shapes read from the graph; on the CPU EP,
     or on the CUDA EP (``device="cuda"``: the KV cache in GPU memory, I/O binding, the step's
@@ -209,6 +212,9 @@ class StepSession:
         outputs = self.session.get_outputs()
         # a graph built for draft heads returns the final hidden states too (``graph.hidden_output``)
         self.hidden_size = int(outputs[-1].shape[2]) if outputs[-1].name == "hidden" else 0
+        # int4/int8 weights with int8 activations (``export.quantize_step``): exact for dense causal
+        # chains only (see ``graph``), so the engine verifies one draft chain a step
+        self.quantized = QUANT_META in self.session.get_modelmeta().custom_metadata_map
         self.path = p
 
     def new_kv(self, batch: int, capacity: int = 0, shared: bool | None = None) -> KV:

@@ -18,7 +18,12 @@ __all__ = ["OrtEngine", "SoloBatch", "SoloOutput"]
 
 class OrtEngine(Engine):
     """Batches over a step graph's session (``kv.StepSession``); ``max_query``: the most query
-    tokens a row may feed in one step (the widths checked exact on this machine), or None."""
+    tokens a row may feed in one step (the widths checked exact on this machine), or None.
+    ``chains_only`` on quantized graphs: their int8 activations keep k query rows equal to k
+    one-token steps for a dense causal chain only (``decograph.backends.onnxruntime.graph``); a
+    branching tree's masked holes move the attention's sums by an ulp, which an activation's
+    rounding turns into another token now and then. So each row verifies one draft chain per step
+    there. fp32 graphs verify trees (an ulp, as torch's tree masks against Hugging Face's)."""
 
     def __init__(self, step: StepSession, tokenizer: Any = None, cost_curve: Any = None,
                  max_query: int | None = None, solo: bool = False, batch_filler: bool = True,
@@ -27,6 +32,7 @@ class OrtEngine(Engine):
         self.solo = solo            # every row in a batch of its own (kernels not batch-invariant here)
         self.batch_filler = batch_filler    # see GraphRunner.batch_shape
         self.max_rows = 1 if solo else max_rows     # the most rows one product keeps exact
+        self.chains_only = bool(getattr(step, "quantized", False))
 
     def start(self, rows: list[Row]) -> Batch:
         if (self.solo or len(rows) > self.max_rows) and len(rows) != 1:
