@@ -53,6 +53,9 @@ def check_exportable(program: O.Program, diffusion: bool = False, draft_models: 
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}(model={op.model})` needs its draft "
                                    f"model: pass draft_models={{'{op.model}': model}} (--draft-model "
                                    f"{op.model}=DIR)")
+        if isinstance(op, (O.DraftNoise,) + O.NOISE_RULES):
+            raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` needs a uniform-noise diffusion model "
+                                   f"(DiffusionGemma), which runs on the torch backend only (no export yet)")
         if isinstance(op, O.UNMASK_OPS) or isinstance(op, O.DraftMask):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` needs a masked-diffusion model; "
                                    f"export it with decograph's own (model= a train-mdm directory)")
@@ -81,7 +84,8 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         return _export_mdm(adapter, tok, strategy, target, quant, dtype, overrides, passes, chat, progress)
     if not isinstance(adapter, HFCausalLM):
         raise UnsupportedError(f"export needs a Hugging Face causal LM or decograph's masked-diffusion model, got "
-                               f"{type(adapter).__name__}")
+                               f"{type(adapter).__name__}" + (" (DiffusionGemma runs on the torch backend only)"
+                                                              if type(adapter).__name__ == "DiffusionGemmaAdapter" else ""))
     program = optimize(as_program(strategy, overrides), adapter, passes)
     drafts = _draft_adapters(draft_models or {}, adapter, program)
     check_exportable(program, draft_models=tuple(drafts))

@@ -184,7 +184,12 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
                     tokenizer=tok, branch_providers=dict(branch_providers or {}), kernels=engine.kernels(),
                     trace=[] if trace else None)
     from decograph.models.diffusion import MaskedDiffusionAdapter
+    from decograph.models.diffusion_gemma import DiffusionGemmaAdapter
 
+    if isinstance(adapter, DiffusionGemmaAdapter) and (do_sample or suffixes is not None):
+        raise InputError(f"{adapter.name} samples by its strategy's own schedule (unmask.entropy_bound's t_min/t_max)"
+                         f"{'' if suffixes is None else ' and does not infill'}: drop "
+                         f"{'do_sample' if do_sample else 'suffixes'}")
     if suffixes is not None:
         if not isinstance(adapter, MaskedDiffusionAdapter):
             raise InputError("suffixes (infilling) need a masked-diffusion model; a causal LM decodes left to right")
@@ -278,7 +283,7 @@ def _observe(interp: Interpreter, adapter: CausalLMAdapter, rows: list[Any] | No
     """Feed the acceptance of single-draft strategies into the adapter's profile."""
     profile = getattr(adapter, "_acceptance", None)
     drafts = [op for op in interp.program.walk() if isinstance(op, O.DRAFT_OPS)]
-    if any(isinstance(op, O.DraftMask) for op in drafts):
+    if any(isinstance(op, (O.DraftMask, O.DraftNoise)) for op in drafts):
         return
     if profile is None or len(drafts) != 1 or interp.state is None:
         return
@@ -292,8 +297,8 @@ def _cost_curve(adapter: CausalLMAdapter) -> Any:
     from decograph.backends.torch_ref.cost import DEFAULT_CURVE, cached_cost_curve
 
     model = getattr(adapter, "model", None)
-    if model is None and getattr(adapter, "cost_key", None) is None:
-        return DEFAULT_CURVE
+    if (model is None and getattr(adapter, "cost_key", None) is None) or not isinstance(adapter, CausalLMAdapter):
+        return DEFAULT_CURVE                    # no causal step to time (diffusion models)
     curve = getattr(adapter, "_cost_curve", None)       # read (or measured) once per adapter
     if curve is None:
         big = (sum(p.numel() for p in model.parameters()) >= 20_000_000 if model is not None

@@ -88,6 +88,12 @@ class Backend(ABC):
             from decograph.backends.torch_ref.canvas import TorchCanvasEngine
 
             return TorchCanvasEngine(adapter, self.kernels(), config.pad_token_id)
+        from decograph.models.diffusion_gemma import DiffusionGemmaAdapter
+
+        if isinstance(adapter, DiffusionGemmaAdapter):
+            from decograph.backends.torch_ref.denoise import TorchNoiseEngine
+
+            return TorchNoiseEngine(adapter)
 
         return TorchEngine(adapter, self.kernels(), config.cost_curve, config.tokenizer)
 

@@ -20,10 +20,10 @@ from decograph.ir.types import Dim, Sym, Type, dim_add, dim_mul
 __all__ = [
     "Value", "Block", "Op", "OpDef", "OPS", "op_class", "Program",
     "Prefill", "DraftJacobi", "DraftGaussSeidelJacobi", "DraftNgram", "DraftNgramPool",
-    "DraftAdaptiveNgram", "DraftMask", "DraftModel", "DraftHead", "DraftBranches", "Forward",
+    "DraftAdaptiveNgram", "DraftMask", "DraftNoise", "DraftModel", "DraftHead", "DraftBranches", "Forward",
     "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
-    "UnmaskTopkPerStep", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
-    "MAX_DRAFT", "MAX_TREE", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASKS", "KV_POLICIES", "UNTIL",
+    "UnmaskTopkPerStep", "UnmaskEntropyBound", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
+    "MAX_DRAFT", "MAX_TREE", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASK_RULES", "NOISE_RULES", "MASKS", "KV_POLICIES", "UNTIL",
     "LAYOUTS", "ROLLBACKS", "JOIN_RULES", "draft_chains",
 ]
 
@@ -112,6 +112,18 @@ class DraftMask(Op):
     state: Value = operand()
     k: int = 32
     mask_token: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class DraftNoise(Op):
+    """Each row's canvas of ``k`` positions (0: the model's canvas length) for uniform-noise
+    block diffusion (DiffusionGemma): tokens drawn uniformly from the vocabulary by the
+    backend's random generator when the row's last canvas was committed, else the canvas the
+    last denoising step left."""
+
+    NAME = "draft.noise"
+    state: Value = operand()
+    k: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +243,27 @@ class UnmaskTopkPerStep(Op):
 
 
 @dataclass(frozen=True, eq=False)
+class UnmaskEntropyBound(Op):
+    """One denoising step of a uniform-noise canvas (DiffusionGemma's sampler): the logits at
+    the temperature t_min + (t_max - t_min) * r / ``steps`` (r: the canvas's steps left,
+    ``steps`` down to 1), a token sampled per position, kept at the positions of lowest
+    entropy while their entropies' sum less the largest stays <= ``bound`` (the entropy bound
+    of Ben-Hamu et al. 2025), every other position renoised (a uniform draw). The canvas (its
+    argmax) is final once that argmax held for ``stable`` steps and the mean entropy is below
+    ``confident``, or after ``steps`` steps; ``commit`` appends it when every row's is."""
+
+    NAME = "unmask.entropy_bound"
+    state: Value = operand()
+    logits: Value = operand()
+    bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    steps: int = 48
+    stable: int = 1
+    confident: float = 0.005
+
+
+@dataclass(frozen=True, eq=False)
 class Commit(Op):
     """Append accepted tokens to the state.
 
@@ -343,11 +376,13 @@ _reg(DraftNgram, lambda op: (_candidates_type(op.candidates, op.k),))
 _reg(DraftNgramPool, lambda op: (Type("Tokens", (B, op.candidates, op.n - 1)),))
 _reg(DraftAdaptiveNgram, lambda op: (_candidates_type(op.candidates, op.k),))
 _reg(DraftMask, lambda op: (Type("Tokens", (B, op.k)),))
+_reg(DraftNoise, lambda op: (Type("Tokens", (B, op.k or Sym("L"))),))
 _reg(DraftModel, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftHead, lambda op: (_head_type(op),))
 _reg(DraftBranches, lambda op: (Type("Tokens", (B, len(op.prompts) or op.max_branches, Sym("L"))),))
 _reg(Forward, _forward_type)
-for _cls in (VerifyGreedy, VerifySampling, VerifyThreshold, UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep):
+for _cls in (VerifyGreedy, VerifySampling, VerifyThreshold, UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep,
+             UnmaskEntropyBound):
     _reg(_cls, lambda op: ACCEPTED)
 _reg(Commit, lambda op: (op.state.type,))
 _reg(Fork, lambda op: (Type("State", (op.branches.type.shape[1],)),))
@@ -358,7 +393,9 @@ _reg(Emit, lambda op: (Type("Tokens", (B, Sym("G"))),))
 
 DRAFT_OPS = tuple(c for n, d in OPS.items() if n.startswith("draft.") for c in [d.cls])
 VERIFY_OPS = (VerifyGreedy, VerifySampling, VerifyThreshold)
-UNMASK_OPS = (UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep)
+UNMASK_OPS = (UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep, UnmaskEntropyBound)
+MASK_RULES = (UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep)     # over draft.mask (masked diffusion)
+NOISE_RULES = (UnmaskEntropyBound,)                                 # over draft.noise (uniform-noise diffusion)
 
 
 def op_class(name: str) -> type[Op]:

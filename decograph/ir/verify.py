@@ -33,7 +33,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "temperature": (1e-6, 1e6), "top_k": (0, 1 << 30), "factor": (1e-9, 1e6), "max_steps": (0, 1 << 30),
     "nodes": (0, O.MAX_TREE), "depth": (1, O.MAX_DRAFT), "topk": (1, O.MAX_DRAFT),
 }
-_RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16)}
+_RANGES.update({"steps": (1, 1 << 16), "stable": (0, 1 << 16), "bound": (1e-12, 1e6), "confident": (1e-12, 1e6),
+                "t_min": (1e-6, 1e6), "t_max": (1e-6, 1e6)})       # unmask.entropy_bound's
+_RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16), ("draft.noise", "k"): (0, 1 << 16)}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES,
     ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS,
@@ -221,9 +223,13 @@ class _Checker:
                                 "use unmask.* after a block forward, verify.* after causal or tree forwards")
         elif isinstance(op, O.UNMASK_OPS):
             fwd = self.producer(op, "logits", op.logits, O.Forward, "pass the logits of a block forward")
-            if fwd.mask != "block" or not any(isinstance(self.defs.get(id(d)), O.DraftMask) for d in fwd.drafts):
-                raise self.fail(op, "operand 'logits'", "unmasking needs a forward with mask=block over a draft.mask",
-                                "forward a draft.mask with mask=block first")
+            want = O.DraftNoise if isinstance(op, O.NOISE_RULES) else O.DraftMask
+            if fwd.mask != "block" or not any(isinstance(self.defs.get(id(d)), want) for d in fwd.drafts):
+                raise self.fail(op, "operand 'logits'", f"`{op.NAME}` needs a forward with mask=block over a "
+                                f"{want.NAME}", f"forward a {want.NAME} with mask=block first")
+            if isinstance(op, O.UnmaskEntropyBound) and op.t_max < op.t_min:
+                raise self.fail(op, "field 't_max'", f"{op.t_max} is below t_min {op.t_min}: the temperature "
+                                "schedule falls from t_max to t_min", "set t_max >= t_min")
         elif isinstance(op, O.Commit):
             src = self.defs.get(id(op.accepted))
             if not isinstance(src, O.VERIFY_OPS + O.UNMASK_OPS):
@@ -240,11 +246,13 @@ class _Checker:
         if op.layout == "batch" and op.mask not in ("tree", "packed"):
             raise self.fail(op, "field 'layout'", f"'batch' lays out the chains or branches of a tree or packed "
                             f"forward, not mask={op.mask}", "use mask=tree or packed with layout=batch, or layout=sequence")
-        has_mask = any(isinstance(k, O.DraftMask) for k in kinds)
+        has_mask = any(isinstance(k, (O.DraftMask, O.DraftNoise)) for k in kinds)
         if op.mask == "block" and not has_mask:
-            raise self.fail(op, "field 'mask'", "'block' (bidirectional) needs a draft.mask", "forward a draft.mask or use mask=causal")
+            raise self.fail(op, "field 'mask'", "'block' (bidirectional) needs a draft.mask or draft.noise",
+                            "forward a draft.mask or use mask=causal")
         if has_mask and op.mask != "block":
-            raise self.fail(op, "field 'mask'", "mask tokens need mask=block", "use mask=block for draft.mask")
+            raise self.fail(op, "field 'mask'", "a diffusion canvas needs mask=block",
+                            "use mask=block for draft.mask and draft.noise")
         if op.mask == "packed" and not op.state.type.shape:
             raise self.fail(op, "field 'mask'", "'packed' needs a forked state", "fork before a packed forward")
 

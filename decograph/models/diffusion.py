@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from decograph.errors import ModelError, UnsupportedError
+from decograph.models.diffusion_gemma import DIFFUSION_GEMMA_TYPE, DiffusionGemmaAdapter, is_diffusion_gemma
 from decograph.models.mdm import MDM_MODEL_TYPE, KV, MDMTransformer, load_mdm
 
 __all__ = ["MaskedDiffusionAdapter", "MDMAdapter", "HFMaskedDiffusion", "as_diffusion_adapter",
@@ -111,11 +112,12 @@ class HFMaskedDiffusion(MaskedDiffusionAdapter):
 
 
 def is_diffusion_model(model: Any) -> bool:
-    """Whether ``model`` is (or wraps) a masked-diffusion LM rather than a causal LM."""
-    if isinstance(model, (MaskedDiffusionAdapter, MDMTransformer)):
+    """Whether ``model`` is (or wraps) a diffusion LM (masked, or DiffusionGemma's uniform
+    noise) rather than a causal LM."""
+    if isinstance(model, (MaskedDiffusionAdapter, MDMTransformer, DiffusionGemmaAdapter)):
         return True
     cfg = getattr(model, "config", None)
-    return (getattr(cfg, "model_type", None) in _DIFFUSION_TYPES
+    return (getattr(cfg, "model_type", None) in _DIFFUSION_TYPES | {DIFFUSION_GEMMA_TYPE}
             or type(model).__name__.endswith("ForMaskedLM"))
 
 
@@ -127,13 +129,16 @@ def is_diffusion_dir(path: str | Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     archs = cfg.get("architectures") or []
-    return cfg.get("model_type") in _DIFFUSION_TYPES or any(str(a).endswith("ForMaskedLM") for a in archs)
+    return (cfg.get("model_type") in _DIFFUSION_TYPES | {DIFFUSION_GEMMA_TYPE}
+            or any(str(a).endswith("ForMaskedLM") for a in archs))
 
 
 def as_diffusion_adapter(model: Any, tokenizer: Any = None, *, mask_token_id: int | None = None,
-                         shift_logits: bool | None = None) -> MaskedDiffusionAdapter:
-    if isinstance(model, MaskedDiffusionAdapter):
+                         shift_logits: bool | None = None) -> MaskedDiffusionAdapter | DiffusionGemmaAdapter:
+    if isinstance(model, (MaskedDiffusionAdapter, DiffusionGemmaAdapter)):
         return model
+    if is_diffusion_gemma(model):
+        return DiffusionGemmaAdapter(model, tokenizer)
     if isinstance(model, MDMTransformer):
         return MDMAdapter(model, tokenizer, bool(shift_logits))
     if isinstance(model, torch.nn.Module):
@@ -143,7 +148,7 @@ def as_diffusion_adapter(model: Any, tokenizer: Any = None, *, mask_token_id: in
 
 
 def load_diffusion_model(path: str | Path, *, trust_remote_code: bool = False, mask_token_id: int | None = None,
-                         shift_logits: bool | None = None) -> MaskedDiffusionAdapter:
+                         shift_logits: bool | None = None) -> MaskedDiffusionAdapter | DiffusionGemmaAdapter:
     """A masked-diffusion model from a local directory: decograph's own (``decograph-mdm``) or
     a Hugging Face one (LLaDA and Dream need ``trust_remote_code``). The mask token is checked
     before any weights are read."""
@@ -157,6 +162,10 @@ def load_diffusion_model(path: str | Path, *, trust_remote_code: bool = False, m
     cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
     if cfg.get("model_type") == MDM_MODEL_TYPE:
         return MDMAdapter(load_mdm(d), tok, bool(shift_logits))
+    if cfg.get("model_type") == DIFFUSION_GEMMA_TYPE:
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        return DiffusionGemmaAdapter(DiffusionGemmaForBlockDiffusion.from_pretrained(str(d)).eval(), tok)
     if mask_token_id is None and cfg.get("mask_token_id") is None and getattr(tok, "mask_token_id", None) is None:
         raise ModelError(f"{d / 'config.json'}: no mask token (field 'mask_token_id' unset and the tokenizer has no "
                          f"mask_token): an unmask strategy needs one")

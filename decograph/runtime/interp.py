@@ -27,6 +27,7 @@ from decograph.runtime.drafts import DraftSource, make_source
 from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
 from decograph.runtime.rows import DraftTree, Row
 from decograph.runtime.trace import trace_step
+from decograph.runtime.denoise import NoiseLoop, commit_noise, denoise, draft_noise, entropy_bound, noise_loop, start_noise
 from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
                                       start_canvases, unmask_loop)
 from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
@@ -145,9 +146,15 @@ class Interpreter:
         self.program, self.engine, self.cfg = program, engine, config
         self.sources: dict[int, DraftSource] = {}
         self.unmask: UnmaskLoop | None = None
+        self.noise: NoiseLoop | None = None
         if getattr(engine, "canvas", False):          # a masked-diffusion model: the unmask loop
             self.unmask = unmask_loop(program, engine.supports_kv, engine.name)
-        for op in (() if self.unmask else program.walk()):
+        elif getattr(engine, "denoiser", False):      # a uniform-noise diffusion model: the denoising loop
+            self.noise = noise_loop(program, engine.name)
+        for op in (() if self.unmask or self.noise else program.walk()):
+            if isinstance(op, (O.DraftNoise,) + O.NOISE_RULES):
+                raise UnsupportedError(f"{op.NAME} needs a uniform-noise diffusion model (DiffusionGemma); "
+                                       f"the model is a causal LM")
             if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
                 src = self.sources[id(op)] = make_source(op, config.draft_models, config.draft_heads)
                 src.cost, src.max_query = config.cost_curve, getattr(engine, "max_query", None) or 0
@@ -158,9 +165,11 @@ class Interpreter:
                 raise UnsupportedError(f"commit(kv={op.kv}) applies to masked-diffusion models only")
             elif isinstance(op, O.Join):
                 join_rule(op.rule)
-        if config.admit is not None and (self.unmask or any(isinstance(op, O.Fork) for op in program.walk())):
+        if config.admit is not None and (self.unmask or self.noise
+                                         or any(isinstance(op, O.Fork) for op in program.walk())):
             raise UnsupportedError("continuous batching runs causal programs without fork/join; this program "
-                                   f"{'unmasks' if self.unmask else 'forks'}: run its requests in batches of their own")
+                                   f"{'unmasks' if self.unmask or self.noise else 'forks'}: run its requests in "
+                                   f"batches of their own")
         # No seed: a fresh one per run, so unseeded sampling really varies between calls.
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         self.gen = np.random.default_rng(seed)
@@ -242,7 +251,18 @@ class Interpreter:
         if isinstance(op, O.Prefill):
             if self.unmask is not None:
                 return self._canvas(env[id(op.prompt)])
+            if self.noise is not None:
+                self.state = start_noise(self.engine, env[id(op.prompt)], self.cfg.max_new_tokens, self.eos,
+                                         self.cfg.trace)
+                return self.state
             return self._prefill(env[id(op.prompt)])
+        if isinstance(op, O.DraftNoise):
+            return draft_noise(env[id(op.state)], op)
+        if isinstance(op, O.Forward) and self.noise is not None:
+            [canvas] = [env[id(d)] for d in op.drafts]
+            return denoise(env[id(op.state)], canvas)
+        if isinstance(op, O.NOISE_RULES):
+            return entropy_bound(env[id(op.state)], op, env[id(op.logits)])
         if isinstance(op, O.DraftMask):
             state = env[id(op.state)]
             return Blocks([r.block(op.k, state.mask_id) for r in state.active])
@@ -338,6 +358,10 @@ class Interpreter:
     def _commit(self, op: O.Commit, env: dict[Any, Any]) -> Iterator[Event]:
         if self.unmask is not None:
             return (yield from self._commit_canvas(env[id(op.state)], env[id(op.accepted)]))
+        if self.noise is not None:
+            for row, tokens, done in commit_noise(env[id(op.state)], self.noise.rule, self.cfg.trace):
+                yield Event(row, tokens, done)
+            return env[id(op.state)]
         state: Batch = env[id(op.state)]
         acc: _Accepted = env[id(op.accepted)]
         fwd = acc.forwarded

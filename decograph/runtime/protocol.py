@@ -44,7 +44,7 @@ from decograph.errors import UnsupportedError
 from decograph.runtime.rows import DraftTree, Row
 from decograph.runtime.unmask import CanvasRow
 
-__all__ = ["StepPlan", "StepOutput", "Batch", "CanvasStep", "CanvasBatch", "Engine"]
+__all__ = ["StepPlan", "StepOutput", "Batch", "CanvasStep", "CanvasBatch", "NoiseStep", "NoiseBatch", "Engine"]
 
 
 @dataclass
@@ -149,13 +149,62 @@ class CanvasBatch(ABC):
         """Committed ``tokens`` at the generation ``positions`` of ``row``'s canvas."""
 
 
+class NoiseStep(ABC):
+    """One denoising forward of every row's canvas (``NoiseBatch.forward``): the logits stay
+    on the backend; the runtime asks for what its rule needs, at a temperature, as float32 /
+    int64 arrays [B, L] (B: every row of the batch, finished ones included)."""
+
+    @abstractmethod
+    def entropy(self, temperature: float) -> np.ndarray:
+        """Each position's entropy of softmax(logits / temperature)."""
+
+    @abstractmethod
+    def argmax(self, temperature: float) -> np.ndarray:
+        """Each position's most probable token."""
+
+    @abstractmethod
+    def sample(self, temperature: float) -> np.ndarray:
+        """A token per position drawn from softmax(logits / temperature) by the backend's
+        random generator (one draw over the whole batch)."""
+
+    @abstractmethod
+    def condition(self, keep: np.ndarray) -> None:
+        """The next forward's self-conditioning signal: these logits / temperature (the last
+        temperature asked), except rows where ``keep`` (bool [B]) holds, which keep theirs."""
+
+
+class NoiseBatch(ABC):
+    """A backend's batch for uniform-noise block diffusion (DiffusionGemma): a cache of each
+    row's committed tokens (the prompt, then each committed canvas) and a self-conditioning
+    signal. Every row stays in the batch to the end (its random draws keep the batch's shape)."""
+
+    canvas_length: int
+    vocab_size: int
+    pad_id: int | None                  # what replaces a finished row's tokens in the cache (None: nothing)
+
+    @abstractmethod
+    def noise(self) -> np.ndarray:
+        """A canvas per row, int64 [B, L], uniform over the vocabulary (one draw)."""
+
+    @abstractmethod
+    def forward(self, canvas: np.ndarray) -> NoiseStep:
+        """The denoiser over ``canvas`` (int64 [B, L]) after each row's committed tokens, with
+        the self-conditioning signal the last step left (none on a canvas's first step)."""
+
+    @abstractmethod
+    def append(self, canvas: np.ndarray) -> None:
+        """Commit ``canvas`` (int64 [B, L]: each row's new tokens, pad after its end) to the
+        cache, for the next canvas to attend to; the self-conditioning signal is cleared."""
+
+
 class Engine(ABC):
     """A backend's model runner: starts batches; ``tokenizer`` for text branch prompts;
     ``cost_curve`` the measured forward cost (``decograph.passes.cost.CostCurve``) or None.
 
     A masked-diffusion model's engine sets ``canvas`` and implements ``start_canvas``, with
     ``mask_token_id``, ``max_positions`` (0: unbounded) and ``supports_kv`` (whether the
-    block-wise caches can run)."""
+    block-wise caches can run). A uniform-noise diffusion model's (DiffusionGemma) sets
+    ``denoiser`` and implements ``start_noise``."""
 
     tokenizer: Any = None
     cost_curve: Any = None
@@ -164,6 +213,7 @@ class Engine(ABC):
     mask_token_id: int = -1
     max_positions: int = 0
     supports_kv: bool = False
+    denoiser: bool = False
     name: str = "the model"
     # The backend verifies one draft chain per row and step, no branching tree: its multi-token
     # steps are exact (k query rows == k one-token steps) for dense causal chains only, so a
@@ -177,3 +227,8 @@ class Engine(ABC):
         """A batch of canvases (``rows``' prompts, masked generations and suffixes) whose forwards
         keep the KV ``kv`` (the commit's mode) asks for."""
         raise UnsupportedError(f"{self.name} is a causal LM: unmask strategies need a masked-diffusion model")
+
+    def start_noise(self, prompts: list[list[int]]) -> NoiseBatch:
+        """A uniform-noise diffusion batch over ``prompts`` (their tokens cached)."""
+        raise UnsupportedError(f"{self.name} is not a uniform-noise diffusion model: draft.noise and "
+                               f"unmask.entropy_bound need one (DiffusionGemma)")

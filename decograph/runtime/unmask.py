@@ -95,7 +95,7 @@ def select_unmask(op: O.Op, conf: Sequence[float]) -> list[int]:
 
 
 def is_unmask_program(program: O.Program) -> bool:
-    return any(isinstance(op, (O.DraftMask,) + O.UNMASK_OPS) for op in program.walk())
+    return any(isinstance(op, (O.DraftMask,) + O.MASK_RULES) for op in program.walk())
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,15 @@ def unmask_loop(program: O.Program, supports_kv: bool = True, model: str = "the 
                                f"of draft.mask, forward, unmask, commit; found {len(loops)} loops")
     body = [op for op in loops[0].body.ops if not isinstance(op, O.Yield)]
     for op in list(program.body.ops) + body:
-        if not isinstance(op, (O.Prefill, O.Iterate, O.Emit, O.DraftMask, O.Forward, O.Commit) + O.UNMASK_OPS):
+        if isinstance(op, (O.DraftNoise,) + O.NOISE_RULES):
+            raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` is uniform-noise diffusion "
+                                   f"(DiffusionGemma); {model} is a masked-diffusion model (use draft.mask and an "
+                                   f"unmask rule over mask tokens)")
+        if not isinstance(op, (O.Prefill, O.Iterate, O.Emit, O.DraftMask, O.Forward, O.Commit) + O.MASK_RULES):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` cannot run on a masked-diffusion "
                                    f"model (it needs a causal LM)")
     draft = [op for op in body if isinstance(op, O.DraftMask)]
-    unmask = [op for op in body if isinstance(op, O.UNMASK_OPS)]
+    unmask = [op for op in body if isinstance(op, O.MASK_RULES)]
     commit = [op for op in body if isinstance(op, O.Commit)]
     forwards = [op for op in body if isinstance(op, O.Forward)]
     if len(draft) != 1 or len(unmask) != 1 or len(commit) != 1 or len(forwards) != 1:
