@@ -116,10 +116,9 @@ class DraftMask(Op):
 
 @dataclass(frozen=True, eq=False)
 class DraftNoise(Op):
-    """Each row's canvas of ``k`` positions (0: the model's canvas length) for uniform-noise
-    block diffusion (DiffusionGemma): tokens drawn uniformly from the vocabulary by the
-    backend's random generator when the row's last canvas was committed, else the canvas the
-    last denoising step left."""
+    """Each row's canvas of ``k`` positions (0: the model's) for uniform-noise block diffusion
+    (DiffusionGemma): uniform noise from the backend's generator after each commit, else the
+    canvas the last denoising step left."""
 
     NAME = "draft.noise"
     state: Value = operand()
@@ -244,13 +243,11 @@ class UnmaskTopkPerStep(Op):
 
 @dataclass(frozen=True, eq=False)
 class UnmaskEntropyBound(Op):
-    """One denoising step of a uniform-noise canvas (DiffusionGemma's sampler): the logits at
-    the temperature t_min + (t_max - t_min) * r / ``steps`` (r: the canvas's steps left,
-    ``steps`` down to 1), a token sampled per position, kept at the positions of lowest
-    entropy while their entropies' sum less the largest stays <= ``bound`` (the entropy bound
-    of Ben-Hamu et al. 2025), every other position renoised (a uniform draw). The canvas (its
-    argmax) is final once that argmax held for ``stable`` steps and the mean entropy is below
-    ``confident``, or after ``steps`` steps; ``commit`` appends it when every row's is."""
+    """One denoising step of a uniform-noise canvas (DiffusionGemma's sampler): at temperature
+    t_min + (t_max - t_min) r / ``steps`` (r: steps left), a sample per position, kept at the
+    lowest-entropy positions while their entropy sum less the largest is <= ``bound``, the rest
+    renoised. The argmax is final once it held ``stable`` steps with mean entropy < ``confident``,
+    or after ``steps`` steps (``decograph.runtime.denoise``)."""
 
     NAME = "unmask.entropy_bound"
     state: Value = operand()

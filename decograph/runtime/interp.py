@@ -25,9 +25,10 @@ from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.branches import Branch, find_branches, join_rule
 from decograph.runtime.drafts import DraftSource, make_source
 from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
-from decograph.runtime.rows import DraftTree, Row
-from decograph.runtime.trace import trace_step
 from decograph.runtime.denoise import NoiseLoop, commit_noise, denoise, draft_noise, entropy_bound, noise_loop, start_noise
+from decograph.runtime.rows import DraftTree, Row
+from decograph.runtime.source import Drafted, fit_drafts, one_chain
+from decograph.runtime.trace import trace_step
 from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
                                       start_canvases, unmask_loop)
 from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
@@ -79,12 +80,6 @@ class Admission:
 
 
 @dataclass
-class _Drafted:
-    source: DraftSource
-    chains: list[list[list[int]]]        # per active row: chains
-
-
-@dataclass
 class _Branched:
     op: O.DraftBranches
     branches: list[list[Branch]]         # per active row
@@ -94,7 +89,7 @@ class _Branched:
 class _Forwarded:
     rows: list[Row]
     plan: StepPlan
-    drafts: list[_Drafted]
+    drafts: list[Drafted]
     nodes: list[list[list[list[int]]]]   # per draft, per row, per chain: node ids
     pending: list[int]                   # per row: pending tokens fed
     out: StepOutput
@@ -110,33 +105,6 @@ class _Forwarded:
 class _Accepted:
     forwarded: _Forwarded
     paths: list[tuple[list[int], int]]   # per active row: accepted node ids, bonus token
-
-
-def _fit(drafts: list[_Drafted], room: list[int], dedup: bool) -> None:
-    """Cut each row's chains (in draft order) so that its merged tree has at most ``room[b]``
-    nodes: a chain keeps the nodes the tree already has and as many new ones as fit."""
-    for b, left in enumerate(room):
-        tree = DraftTree(dedup=dedup)
-        for d in drafts:
-            kept = []
-            for chain in d.chains[b]:
-                at, i = -1, 0
-                while dedup and i < len(chain) and chain[i] in tree.children.get(at, {}):
-                    at, i = tree.children[at][chain[i]], i + 1
-                chain = chain[: i + max(0, left - len(tree))]
-                if chain:
-                    tree.add_chain(chain)
-                    kept.append(chain)
-            d.chains[b] = kept
-
-
-def _one_chain(drafts: list[_Drafted], rows: int) -> None:
-    """Keep one chain per row (``Engine.chains_only``): the longest the drafts proposed, the
-    earliest draft's (program order) on a tie."""
-    for b in range(rows):
-        best = max(((len(c), -i) for i, d in enumerate(drafts) for c in d.chains[b][:1]), default=None)
-        for i, d in enumerate(drafts):
-            d.chains[b] = d.chains[b][:1] if best is not None and i == -best[1] else []
 
 
 class Interpreter:
@@ -252,15 +220,13 @@ class Interpreter:
             if self.unmask is not None:
                 return self._canvas(env[id(op.prompt)])
             if self.noise is not None:
-                self.state = start_noise(self.engine, env[id(op.prompt)], self.cfg.max_new_tokens, self.eos,
-                                         self.cfg.trace)
+                self.state = start_noise(self.engine, env[id(op.prompt)], self.cfg.max_new_tokens, self.eos, self.cfg.trace)
                 return self.state
             return self._prefill(env[id(op.prompt)])
         if isinstance(op, O.DraftNoise):
             return draft_noise(env[id(op.state)], op)
         if isinstance(op, O.Forward) and self.noise is not None:
-            [canvas] = [env[id(d)] for d in op.drafts]
-            return denoise(env[id(op.state)], canvas)
+            return denoise(env[id(op.state)], env[id(op.drafts[0])])
         if isinstance(op, O.NOISE_RULES):
             return entropy_bound(env[id(op.state)], op, env[id(op.logits)])
         if isinstance(op, O.DraftMask):
@@ -283,7 +249,7 @@ class Interpreter:
             state: Batch = env[id(op.state)]
             src = self.sources[id(op)]
             if not self.cfg.drafts:
-                return _Drafted(src, [[] for _ in state.active])
+                return Drafted(src, [[] for _ in state.active])
             src.rows, chains = len(state.active), []
             for r in state.active:            # ``queued``: draft tokens earlier drafts of this step added
                 if src.chains_only:           # one chain per row (``_one_chain``): each source drafts as if alone,
@@ -295,7 +261,7 @@ class Interpreter:
                 src.queued = self._queued.get(id(r), 0)
                 chains.append(src.propose(r, r.remaining - 1))
                 self._queued[id(r)] = src.queued + sum(map(len, chains[-1]))
-            return _Drafted(src, chains)
+            return Drafted(src, chains)
         if isinstance(op, O.Forward):
             return self._forward(op, env[id(op.state)], [env[id(d)] for d in op.drafts])
         if isinstance(op, O.VERIFY_OPS):
@@ -324,15 +290,15 @@ class Interpreter:
             for s in self.hidden:
                 s.take_hidden(r, h, r.cached - len(h))
 
-    def _forward(self, op: O.Forward, state: Batch, drafts: list[_Drafted]) -> _Forwarded:
+    def _forward(self, op: O.Forward, state: Batch, drafts: list[Drafted]) -> _Forwarded:
         """Merge every draft's chains into one tree per row (a trie with ``dedup``) and run the
         forward the passes lowered (``op.mask``, ``op.layout``) on the backend."""
         n, self._queued = len(state.active), {}
         if getattr(self.engine, "chains_only", False):
-            _one_chain(drafts, n)
+            one_chain(drafts, n)
         cap = getattr(self.engine, "max_query", None)
         if cap:                                    # the backend's widest step: drafts cut to fit
-            _fit(drafts, [cap - len(r.pending) for r in state.active], bool(op.dedup))
+            fit_drafts(drafts, [cap - len(r.pending) for r in state.active], bool(op.dedup))
         trees = [DraftTree(dedup=bool(op.dedup)) for _ in range(n)]
         nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(n)] for d in drafts]
         chains = [[c for d in drafts for c in d.chains[b]] for b in range(n)]

@@ -7,15 +7,16 @@ in ``row.scratch[id(op)]``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from decograph.ir import ops as O
 from decograph.passes.cost import DEFAULT_CURVE, CostCurve
-from decograph.runtime.rows import Row
+from decograph.runtime.rows import DraftTree, Row
 
-__all__ = ["DraftSource"]
+__all__ = ["DraftSource", "Drafted", "fit_drafts", "one_chain"]
 
 
 class DraftSource(ABC):
@@ -67,3 +68,36 @@ class DraftSource(ABC):
         """Sources with ``hidden_tail``: the model's final hidden states [k, H] of ``row``'s
         committed positions ``first .. first + k - 1``, in order (a prompt's last positions,
         then each step's pending tokens and accepted nodes)."""
+
+
+@dataclass
+class Drafted:
+    source: DraftSource
+    chains: list[list[list[int]]]        # per active row: chains
+
+
+def fit_drafts(drafts: list[Drafted], room: list[int], dedup: bool) -> None:
+    """Cut each row's chains (in draft order) so that its merged tree has at most ``room[b]``
+    nodes: a chain keeps the nodes the tree already has and as many new ones as fit."""
+    for b, left in enumerate(room):
+        tree = DraftTree(dedup=dedup)
+        for d in drafts:
+            kept = []
+            for chain in d.chains[b]:
+                at, i = -1, 0
+                while dedup and i < len(chain) and chain[i] in tree.children.get(at, {}):
+                    at, i = tree.children[at][chain[i]], i + 1
+                chain = chain[: i + max(0, left - len(tree))]
+                if chain:
+                    tree.add_chain(chain)
+                    kept.append(chain)
+            d.chains[b] = kept
+
+
+def one_chain(drafts: list[Drafted], rows: int) -> None:
+    """Keep one chain per row (``Engine.chains_only``): the longest the drafts proposed, the
+    earliest draft's (program order) on a tie."""
+    for b in range(rows):
+        best = max(((len(c), -i) for i, d in enumerate(drafts) for c in d.chains[b][:1]), default=None)
+        for i, d in enumerate(drafts):
+            d.chains[b] = d.chains[b][:1] if best is not None and i == -best[1] else []

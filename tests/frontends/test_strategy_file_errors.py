@@ -80,7 +80,7 @@ CASES = [
     ("partial_reference", edit('"${window}"', '"w${window}"'),
      f"{{f}}:8: {BODY}[0].draft.window: 'w${{window}}': a ${{name}} reference must be the whole value"),
     ("unknown_source", edit("source: jacobi", "source: jacoby"),
-     f"{{f}}:8: {BODY}[0].draft.source: 'jacoby' is not one of adaptive_ngram, branches, gauss_seidel_jacobi, head, jacobi, mask, model, ngram, ngram_pool"),
+     f"{{f}}:8: {BODY}[0].draft.source: 'jacoby' is not one of adaptive_ngram, branches, gauss_seidel_jacobi, head, jacobi, mask, model, ngram, ngram_pool, noise"),
     ("emit_inside_body", edit("        - commit: {kv: keep_accepted}", "        - commit: {kv: keep_accepted}\n        - emit"),
      f"{{f}}:12: {BODY}[4].emit: emit may only be the last step of the strategy (top level)"),
     ("no_prefill", edit("  - prefill\n", ""),
@@ -246,11 +246,11 @@ def test_file_level_errors(tmp_path: Path) -> None:
 def test_unknown_strategy_name_lists_builtins() -> None:
     with pytest.raises(StrategyFileError) as e:
         load_strategy("medusa")
-    assert str(e.value) == ("unknown strategy 'medusa'; built-in strategies: anpd, eagle, eagle_anpd, fast_dllm, "
+    assert str(e.value) == ("unknown strategy 'medusa'; built-in strategies: anpd, diffusion_gemma, eagle, eagle_anpd, fast_dllm, "
                             "fast_dllm_factor, greedy, "
                             "gs_jacobi, jacobi, llada, llada_semi_ar, lookahead, lud, ngram, padellm_ner, "
                             "parallel_reasoning; or give the path of a .yaml, .yml or .toml file")
-    with pytest.raises(StrategyFileError, match="unknown built-in strategy 'medusa'; built-in strategies: anpd, eagle, eagle_anpd, fast_dllm"):
+    with pytest.raises(StrategyFileError, match="unknown built-in strategy 'medusa'; built-in strategies: anpd, diffusion_gemma, eagle, eagle_anpd, fast_dllm"):
         builtin_path("medusa")
 
 

@@ -15,7 +15,7 @@ from decograph.ir import parse_program, print_program, verify
 
 BUILTINS = ["anpd", "diffusion_gemma", "eagle", "eagle_anpd", "fast_dllm", "fast_dllm_factor", "greedy", "gs_jacobi", "jacobi", "llada", "llada_semi_ar",
             "lookahead", "lud", "ngram", "padellm_ner", "parallel_reasoning"]
-DIFFUSION = ("fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # unmask: not lossless
+DIFFUSION = ("diffusion_gemma", "fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # unmask: not lossless
 
 LOOKAHEAD_YAML = """\
 strategy: lookahead

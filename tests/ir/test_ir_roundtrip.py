@@ -283,6 +283,25 @@ strategy parallel "branches with \\"quotes\\", \\\\ and \\u00fcn\\u00efcode" {
 ''',
 }
 
+PROGRAMS["noise"] = '''\
+strategy noise {
+  %0 = prefill(%prompt) : State
+  %1 = iterate(%0, max_steps=0, until=[eos, max_new_tokens]) : State {
+  ^(%2: State):
+    %3 = draft.noise(%2, k=0) : Tokens[B, L]
+    %4 = forward(%2, %3, dedup=false, layout=sequence, mask=block) : Logits[B, L + 1, V]
+    %5 = unmask.entropy_bound(%2, %4, bound=0.25, confident=0.01, stable=2, steps=12, t_max=1.0, t_min=0.5) : Tokens[B, A]
+    %6 = commit(%2, %5, kv=recompute, rollback=copy) : State
+    %7 = draft.noise(%6, k=16) : Tokens[B, 16]
+    %8 = forward(%6, %7, dedup=false, layout=sequence, mask=block) : Logits[B, 17, V]
+    %9 = unmask.entropy_bound(%6, %8, bound=0.1, confident=0.005, stable=0, steps=48, t_max=0.8, t_min=0.4) : Tokens[B, A]
+    %10 = commit(%6, %9, kv=recompute, rollback=in_place) : State
+    yield(%10)
+  }
+  %11 = emit(%1) : Tokens[B, G]
+}
+'''
+
 PROGRAMS["eagle"] = '''\
 strategy eagle {
   %0 = prefill(%prompt) : State
@@ -306,7 +325,7 @@ OP_PROGRAM = {
     "draft.ngram": "tree_spec", "draft.model": "tree_spec", "draft.ngram_pool": "tree_spec",
     "verify.sampling": "tree_spec",
     "draft.mask": "diffusion", "unmask.threshold": "diffusion", "unmask.factor": "diffusion",
-    "unmask.topk_per_step": "diffusion",
+    "unmask.topk_per_step": "diffusion", "draft.noise": "noise", "unmask.entropy_bound": "noise",
     "draft.branches": "parallel", "fork": "parallel", "join": "parallel", "draft.head": "eagle",
 }
 

@@ -252,7 +252,7 @@ def test_default_pipeline_on_every_builtin(name: str) -> None:
         if isinstance(op, O.Forward) and len(op.drafts) > 0:
             fused = "packed" if op.state.type.shape else "tree"          # fork branches pack
             assert op.mask == fused or all(O.draft_chains(d.type) == 1 for d in op.drafts)
-        if isinstance(op, O.Commit) and not any(isinstance(o, O.DraftMask) for o in out.walk()):
+        if isinstance(op, O.Commit) and not any(isinstance(o, (O.DraftMask, O.DraftNoise)) for o in out.walk()):
             assert (op.kv, op.rollback) == ("keep_accepted", "in_place")
         elif isinstance(op, O.Commit):          # block forwards: no exact policy, the file's is kept
             assert op.kv == dict(load_strategy(name).program.params).get("kv", "recompute")
