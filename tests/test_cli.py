@@ -118,7 +118,7 @@ def test_set_values_are_typed(text: str, value: object) -> None:
 # ---------------------------------------------------------------- run
 
 
-DIFFUSION = ("diffusion_gemma", "fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # need a diffusion model
+DIFFUSION = ("diffusion_gemma", "diffusion_gemma_fast", "fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # need a diffusion model
 
 
 @pytest.mark.parametrize("strategy", [s for s in BUILTINS if s != "padellm_ner" and s not in DIFFUSION

@@ -155,8 +155,6 @@ def test_wrong_models_and_bad_fields_are_named(model) -> None:
         decograph.generate(model, None, [P1], program("source: noise, k: 5", "rule: entropy_bound, steps: 2"), 4)
     with pytest.raises(StrategyFileError, match=r"custom\.yaml:9: .*`unmask\.entropy_bound` needs a forward with mask=block over a draft\.noise"):
         program("source: mask, k: 4", "rule: entropy_bound")
-    with pytest.raises(StrategyFileError, match=r"custom\.yaml:9: .*`unmask\.threshold` needs a forward with mask=block over a draft\.mask"):
-        program("source: noise", "rule: threshold")
     with pytest.raises(StrategyFileError, match=r"diffusion_gemma\.yaml:11: .*t_max: 0\.5 is below t_min 0\.9"):
         decograph.generate(model, None, [P1], "diffusion_gemma", 4, overrides={"t_min": 0.9, "t_max": 0.5})
     with pytest.raises(StrategyFileError, match=r"unmask\.steps: 0 is out of range"):
@@ -181,3 +179,33 @@ steps:
   - emit
 """
     return load_strategy_text(text, "custom.yaml").program
+
+
+# ------------------------------------------------------------------ Fast-dLLM's rules on its canvases
+
+
+def test_fast_dllm_threshold_rule_on_uniform_noise(model) -> None:
+    """``diffusion_gemma_fast``: threshold 0 keeps the whole first canvas at its first step, so
+    one canvas is transformers' argmax after one denoising step (the same first noise draw);
+    threshold 1 keeps exactly one position a step (the most confident), so a canvas of 8 takes
+    8 steps; every run is reproducible under its seed, and every canvas ends fully kept."""
+    L = model.config.canvas_length
+    want, _ = hf(model, [P1, P2], 7, L, max_denoising_steps=1)
+    torch.manual_seed(7)
+    got = decograph.generate(model, None, [P1, P2], "diffusion_gemma_fast", L, eos_token_id=[EOS],
+                             overrides={"threshold": 0.0})
+    assert [r.new_token_ids for r in got] == want
+    assert [r.stats.accepted_per_step for r in got] == [(L,), (L,)]
+    for threshold, per_step in ((1.0, 1), (0.05, None)):
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(3)
+            runs.append(decograph.generate(model, None, [P1, P2], "diffusion_gemma_fast", 3 * L, eos_token_id=[],
+                                           overrides={"threshold": threshold}))
+        a, b = runs
+        assert [r.new_token_ids for r in a] == [r.new_token_ids for r in b]
+        for r in a:
+            assert len(r.new_token_ids) == 3 * L and min(r.stats.accepted_per_step) >= 1
+            assert sum(r.stats.accepted_per_step) == 3 * L            # each canvas ends fully kept
+            if per_step:
+                assert set(r.stats.accepted_per_step) == {per_step} and r.stats.decode_steps == 3 * L

@@ -223,10 +223,11 @@ class _Checker:
                                 "use unmask.* after a block forward, verify.* after causal or tree forwards")
         elif isinstance(op, O.UNMASK_OPS):
             fwd = self.producer(op, "logits", op.logits, O.Forward, "pass the logits of a block forward")
-            want = O.DraftNoise if isinstance(op, O.NOISE_RULES) else O.DraftMask
+            want = (O.DraftNoise,) if isinstance(op, O.NOISE_RULES) else (O.DraftMask, O.DraftNoise)
             if fwd.mask != "block" or not any(isinstance(self.defs.get(id(d)), want) for d in fwd.drafts):
+                names = " or ".join(w.NAME for w in want)
                 raise self.fail(op, "operand 'logits'", f"`{op.NAME}` needs a forward with mask=block over a "
-                                f"{want.NAME}", f"forward a {want.NAME} with mask=block first")
+                                f"{names}", f"forward a {want[0].NAME} with mask=block first")
             if isinstance(op, O.UnmaskEntropyBound) and op.t_max < op.t_min:
                 raise self.fail(op, "field 't_max'", f"{op.t_max} is below t_min {op.t_min}: the temperature "
                                 "schedule falls from t_max to t_min", "set t_max >= t_min")

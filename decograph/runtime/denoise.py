@@ -34,10 +34,11 @@ import numpy as np
 
 from decograph.errors import InputError, UnsupportedError
 from decograph.ir import ops as O
-from decograph.runtime.unmask import CanvasRow
+from decograph.runtime.unmask import CanvasRow, select_unmask
 
 __all__ = ["NoiseRow", "NoiseLoop", "noise_loop", "is_noise_program", "NoiseState", "Canvas", "Denoising",
-           "Denoised", "start_noise", "draft_noise", "denoise", "entropy_bound", "commit_noise", "temperature"]
+           "Denoised", "start_noise", "draft_noise", "denoise", "entropy_bound", "confidence_rule", "commit_noise",
+           "temperature"]
 
 
 @dataclass
@@ -56,7 +57,7 @@ class NoiseRow(CanvasRow):
 class NoiseLoop:
     loop: O.Iterate
     draft: O.DraftNoise
-    rule: O.UnmaskEntropyBound
+    rule: O.Op                              # unmask.entropy_bound, or a confidence rule
     commit: O.Commit
 
 
@@ -73,19 +74,19 @@ def noise_loop(program: O.Program, model: str = "the model") -> NoiseLoop:
                                f"unmask.entropy_bound, commit; found {len(loops)} loops")
     body = [op for op in loops[0].body.ops if not isinstance(op, O.Yield)]
     for op in list(program.body.ops) + body:
-        if isinstance(op, O.DraftMask) or isinstance(op, O.MASK_RULES):
+        if isinstance(op, O.DraftMask):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` is masked diffusion; {model} is a "
-                                   f"uniform-noise diffusion model (use draft.noise and unmask.entropy_bound, e.g. "
-                                   f"the built-in diffusion_gemma)")
-        if not isinstance(op, (O.Prefill, O.Iterate, O.Emit, O.DraftNoise, O.Forward, O.Commit) + O.NOISE_RULES):
+                                   f"uniform-noise diffusion model (use draft.noise, e.g. the built-in diffusion_gemma "
+                                   f"or diffusion_gemma_fast)")
+        if not isinstance(op, (O.Prefill, O.Iterate, O.Emit, O.DraftNoise, O.Forward, O.Commit) + O.UNMASK_OPS):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` cannot run on {model}, a "
                                    f"uniform-noise diffusion model")
     draft = [op for op in body if isinstance(op, O.DraftNoise)]
-    rule = [op for op in body if isinstance(op, O.NOISE_RULES)]
+    rule = [op for op in body if isinstance(op, O.UNMASK_OPS)]
     commit = [op for op in body if isinstance(op, O.Commit)]
     if len(draft) != 1 or len(rule) != 1 or len(commit) != 1 or len([op for op in body if isinstance(op, O.Forward)]) != 1:
         raise UnsupportedError(f"strategy {program.name!r} needs exactly one draft.noise, forward(mask=block), "
-                               f"unmask.entropy_bound and commit per step to run on {model}")
+                               f"unmask step and commit per step to run on {model}")
     if commit[0].kv != "recompute":
         raise UnsupportedError(f"commit(kv={commit[0].kv}): {model} caches committed canvases itself; use the "
                                f"default kv=recompute")
@@ -109,6 +110,7 @@ class NoiseState:
     history: list[np.ndarray] = field(default_factory=list)
     final: np.ndarray | None = None
     step: int = 0
+    fixed: np.ndarray | None = None             # confidence rules: the positions kept so far
 
     @property
     def active(self) -> list[NoiseRow]:
@@ -162,7 +164,7 @@ def draft_noise(state: NoiseState, op: O.DraftNoise) -> Canvas:
                                    f"(config.canvas_length); use k=0")
         state.canvas = state.batch.noise()
         state.argmax = state.canvas.copy()
-        state.history, state.step = [], 0
+        state.history, state.step, state.fixed = [], 0, None
         state.final = np.zeros(len(state.rows), dtype=bool)
     return Canvas(state.canvas)
 
@@ -224,13 +226,46 @@ def entropy_bound(state: NoiseState, op: O.UnmaskEntropyBound, fwd: Denoising) -
     return Denoised(kept)
 
 
-def commit_noise(state: NoiseState, op: O.UnmaskEntropyBound, trace: list | None
+def confidence_rule(state: NoiseState, op: O.Op, fwd: Denoising) -> Denoised:
+    """Fast-dLLM's rules (``unmask.threshold`` / ``factor`` / ``topk_per_step``, as on masked
+    canvases) on a uniform-noise canvas, noise in the role of the mask: a position once kept
+    holds its argmax; each step keeps, among the others, those the rule picks by confidence
+    (the largest softmax probability; at least one), and renoises the rest. A canvas is final
+    once every position is kept, so it takes at most ``L`` steps."""
+    out = fwd.out
+    conf, argmax = out.confidence(1.0), out.argmax(1.0)
+    noise = state.batch.noise()
+    assert state.final is not None and state.argmax is not None
+    if state.fixed is None:
+        state.fixed = np.zeros(fwd.canvas.shape, dtype=bool)
+    kept = np.zeros(len(state.rows), dtype=np.int64)
+    tokens = np.where(state.fixed, state.argmax, argmax)
+    for b, r in enumerate(state.rows):
+        if state.final[b]:
+            continue
+        cand = np.flatnonzero(~state.fixed[b])
+        picks = cand[select_unmask(op, conf[b, cand])]
+        state.fixed[b, picks] = True
+        kept[b] = len(picks)
+        if r.finish_reason is None:
+            r.accepted.append(len(picks))
+            r.drafted.append(len(cand))
+            r.steps += 1
+    out.condition(state.final)
+    state.canvas = np.where(state.fixed, tokens, noise)
+    state.argmax = tokens
+    state.final = state.fixed.all(-1)
+    state.step += 1
+    return Denoised(kept)
+
+
+def commit_noise(state: NoiseState, op: O.Op, trace: list | None
                  ) -> list[tuple[int, tuple[int, ...], bool]]:
     """Once every row's canvas is final (or its ``steps`` ran): each unfinished row appends its
     argmax canvas up to its first EOS and its budget; the canvas (pad after a row's end) goes
     to the backend's cache. ``(row, tokens, done)`` per row with new tokens."""
     assert state.final is not None and state.argmax is not None
-    if not (state.final.all() or state.step >= op.steps):
+    if not (state.final.all() or state.step >= getattr(op, "steps", state.step + 1)):
         return []
     events = []
     canvas = state.argmax.copy()

@@ -25,7 +25,7 @@ from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.branches import Branch, find_branches, join_rule
 from decograph.runtime.drafts import DraftSource, make_source
 from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
-from decograph.runtime.denoise import NoiseLoop, commit_noise, denoise, draft_noise, entropy_bound, noise_loop, start_noise
+from decograph.runtime import denoise as dn
 from decograph.runtime.rows import DraftTree, Row
 from decograph.runtime.source import Drafted, fit_drafts, one_chain
 from decograph.runtime.trace import trace_step
@@ -114,11 +114,11 @@ class Interpreter:
         self.program, self.engine, self.cfg = program, engine, config
         self.sources: dict[int, DraftSource] = {}
         self.unmask: UnmaskLoop | None = None
-        self.noise: NoiseLoop | None = None
+        self.noise: dn.NoiseLoop | None = None
         if getattr(engine, "canvas", False):          # a masked-diffusion model: the unmask loop
             self.unmask = unmask_loop(program, engine.supports_kv, engine.name)
         elif getattr(engine, "denoiser", False):      # a uniform-noise diffusion model: the denoising loop
-            self.noise = noise_loop(program, engine.name)
+            self.noise = dn.noise_loop(program, engine.name)
         for op in (() if self.unmask or self.noise else program.walk()):
             if isinstance(op, (O.DraftNoise,) + O.NOISE_RULES):
                 raise UnsupportedError(f"{op.NAME} needs a uniform-noise diffusion model (DiffusionGemma); "
@@ -220,15 +220,15 @@ class Interpreter:
             if self.unmask is not None:
                 return self._canvas(env[id(op.prompt)])
             if self.noise is not None:
-                self.state = start_noise(self.engine, env[id(op.prompt)], self.cfg.max_new_tokens, self.eos, self.cfg.trace)
+                self.state = dn.start_noise(self.engine, env[id(op.prompt)], self.cfg.max_new_tokens, self.eos, self.cfg.trace)
                 return self.state
             return self._prefill(env[id(op.prompt)])
         if isinstance(op, O.DraftNoise):
-            return draft_noise(env[id(op.state)], op)
+            return dn.draft_noise(env[id(op.state)], op)
         if isinstance(op, O.Forward) and self.noise is not None:
-            return denoise(env[id(op.state)], env[id(op.drafts[0])])
-        if isinstance(op, O.NOISE_RULES):
-            return entropy_bound(env[id(op.state)], op, env[id(op.logits)])
+            return dn.denoise(env[id(op.state)], env[id(op.drafts[0])])
+        if isinstance(op, O.UNMASK_OPS) and self.noise is not None:
+            return (dn.entropy_bound if isinstance(op, O.NOISE_RULES) else dn.confidence_rule)(env[id(op.state)], op, env[id(op.logits)])
         if isinstance(op, O.DraftMask):
             state = env[id(op.state)]
             return Blocks([r.block(op.k, state.mask_id) for r in state.active])
@@ -325,7 +325,7 @@ class Interpreter:
         if self.unmask is not None:
             return (yield from self._commit_canvas(env[id(op.state)], env[id(op.accepted)]))
         if self.noise is not None:
-            for row, tokens, done in commit_noise(env[id(op.state)], self.noise.rule, self.cfg.trace):
+            for row, tokens, done in dn.commit_noise(env[id(op.state)], self.noise.rule, self.cfg.trace):
                 yield Event(row, tokens, done)
             return env[id(op.state)]
         state: Batch = env[id(op.state)]

@@ -163,6 +163,10 @@ class NoiseStep(ABC):
         """Each position's most probable token."""
 
     @abstractmethod
+    def confidence(self, temperature: float) -> np.ndarray:
+        """Each position's largest probability under softmax(logits / temperature)."""
+
+    @abstractmethod
     def sample(self, temperature: float) -> np.ndarray:
         """A token per position drawn from softmax(logits / temperature) by the backend's
         random generator (one draw over the whole batch)."""

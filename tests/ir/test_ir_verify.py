@@ -250,7 +250,7 @@ CASES = [
          "draft.ngram", "field 'min_n'", "%3 = draft.ngram(%2, candidates=1, k=8, max_n=2, min_n=3)"),
     Case("unmask after a causal forward", edit("verify.greedy(%2, %4, %3)", "unmask.threshold(%2, %4, contiguous=false, threshold=0.9)"),
          VerifyError, _v(7, "unmask.threshold", "operand 'logits'",
-                         "`unmask.threshold` needs a forward with mask=block over a draft.mask"),
+                         "`unmask.threshold` needs a forward with mask=block over a draft.mask or draft.noise"),
          "unmask.threshold", "operand 'logits'", "%5 = unmask.threshold(%2, %4, contiguous=false, threshold=0.9)"),
     Case("join of an unforked state", join_unforked, VerifyError,
          _v(11, "join", "operand 'state'", "is not a forked state (State[N])"),

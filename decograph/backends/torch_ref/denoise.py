@@ -41,6 +41,9 @@ class TorchNoiseStep(NoiseStep):
     def argmax(self, temperature: float) -> np.ndarray:
         return torch.argmax(self.processed(temperature), dim=-1).numpy()
 
+    def confidence(self, temperature: float) -> np.ndarray:
+        return torch.softmax(self.processed(temperature), dim=-1, dtype=torch.float32).amax(-1).numpy()
+
     def sample(self, temperature: float) -> np.ndarray:
         p = self.processed(temperature)
         b, n, v = p.shape
