@@ -102,13 +102,32 @@ class HFMaskedDiffusion(MaskedDiffusionAdapter):
                 return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
         if context is not None or return_kv:
             raise UnsupportedError(f"{self.name} has no KV interface for the block-wise caches")
-        kw: dict[str, Any] = {"input_ids": ids, "attention_mask": key_valid.long()}
-        if self._takes_positions:
-            kw["position_ids"] = positions
-        logits = self.model(**kw).logits
+        if not self._takes_positions and not bool(key_valid.all()):
+            logits = self._rows_alone(ids, key_valid)
+        else:
+            kw: dict[str, Any] = {"input_ids": ids, "attention_mask": key_valid.long()}
+            if self._takes_positions:
+                kw["position_ids"] = positions
+            logits = self.model(**kw).logits
         if logits_at is not None:
             logits = logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
         return logits, None
+
+
+    def _rows_alone(self, ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """A model that places tokens by their index (LLaDA's forward takes no positions) would
+        read a left-padded row shifted: each row runs alone over its valid span instead."""
+        out = None
+        for b in range(ids.shape[0]):
+            at = key_valid[b].nonzero().squeeze(-1)
+            lo, hi = (int(at[0]), int(at[-1]) + 1) if len(at) else (0, 0)
+            lg = self.model(input_ids=ids[b:b + 1, lo:hi]).logits if hi > lo else None
+            if out is None and lg is not None:
+                out = lg.new_zeros((ids.shape[0], ids.shape[1], lg.shape[-1]))
+            if lg is not None:
+                out[b, lo:hi] = lg[0]
+        assert out is not None, "no valid token in the batch"
+        return out
 
 
 def is_diffusion_model(model: Any) -> bool:
@@ -171,6 +190,9 @@ def load_diffusion_model(path: str | Path, *, trust_remote_code: bool = False, m
                          f"mask_token): an unmask strategy needs one")
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+    if cfg.get("auto_map") and not trust_remote_code:
+        raise ModelError(f"{d / 'config.json'}: the model's code ships in its directory (field 'auto_map', as LLaDA's "
+                         f"and Dream's): load it with trust_remote_code=True if you trust that code")
     conf = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     loader = AutoModelForMaskedLM if any(str(a).endswith("ForMaskedLM") for a in cfg.get("architectures") or []) else AutoModel
     model = loader.from_pretrained(str(d), config=conf, trust_remote_code=trust_remote_code).eval()
