@@ -252,7 +252,7 @@ class Interpreter:
                 return Drafted(src, [[] for _ in state.active])
             src.rows, chains = len(state.active), []
             for r in state.active:            # ``queued``: draft tokens earlier drafts of this step added
-                if src.chains_only:           # one chain per row (``_one_chain``): each source drafts as if alone,
+                if src.chains_only:           # one chain per row (``one_chain``): each source drafts as if alone,
                     src.queued = 0            # and one that cannot beat an earlier chain's length drafts nothing
                     best = self._queued.get(id(r), 0)
                     chains.append(src.propose(r, 0 if best >= src.longest() else r.remaining - 1)[:1])
