@@ -67,7 +67,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
                    progress: Any = print) -> Path:
     from decograph.api import as_program, optimize, resolve_model
     from decograph.models.adapters import HFCausalLM
-    from decograph.models.diffusion import MDMAdapter
+    from decograph.models.diffusion import BlockDiffusionAdapter, MDMAdapter
 
     if quant not in ("none", "int4", "int8"):
         raise InputError(f"--quant must be none, int4 or int8, got {quant!r}")
@@ -80,7 +80,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     target = Path(out)
     check_output_dir(target, "the exported decoder")      # a file, a used or unwritable place: before any work
     adapter, tok = resolve_model(model)
-    if isinstance(adapter, MDMAdapter):
+    if isinstance(adapter, (MDMAdapter, BlockDiffusionAdapter)):
         return _export_mdm(adapter, tok, strategy, target, quant, dtype, overrides, passes, chat, progress)
     if not isinstance(adapter, HFCausalLM):
         raise UnsupportedError(f"export needs a Hugging Face causal LM or decograph's masked-diffusion model, got "
@@ -226,14 +226,21 @@ def _export_mdm(adapter: Any, tok: Any, strategy: Any, target: Path, quant: str,
     program = optimize(as_program(strategy, overrides), adapter, passes)
     check_exportable(program, diffusion=True)
     m = adapter.model
-    cfg = m.config
+    if getattr(adapter, "wants_layout", False):         # the block-diffusion LM of adapt-diffusion
+        from decograph.backends.onnxruntime.block_diffusion import BD_GRAPH_VERSION, export_block_diffusion
+
+        c = m.base.config
+        shape, write, version = (c.num_hidden_layers, m.kv_heads, m.head_dim), export_block_diffusion, BD_GRAPH_VERSION
+    else:
+        cfg = m.config
+        shape, write, version = (cfg.n_layers, cfg.n_heads, cfg.d_model // cfg.n_heads), export_mdm, MDM_GRAPH_VERSION
     with staging_dir(target, "the exported decoder") as tmp:
-        progress(f"exporting the masked-diffusion forward ({cfg.n_layers} layers, d={cfg.d_model}) to ONNX ...")
-        export_mdm(m, tmp / "model.onnx")
+        progress(f"exporting the diffusion forward ({shape[0]} layers) of {adapter.name} to ONNX ...")
+        write(m, tmp / "model.onnx")
         chat_prompt = _write_text_files(tmp, tok, program)
-        graph = {"file": "model.onnx", "quant": "none", "dtype": "float32", "graph": MDM_GRAPH_VERSION,
-                 "block_size": None, "num_layers": cfg.n_layers, "kv_heads": cfg.n_heads,
-                 "head_dim": cfg.d_model // cfg.n_heads, "vocab_size": adapter.vocab_size,
+        graph = {"file": "model.onnx", "quant": "none", "dtype": "float32", "graph": version,
+                 "block_size": None, "num_layers": shape[0], "kv_heads": shape[1],
+                 "head_dim": shape[2], "vocab_size": adapter.vocab_size,
                  "max_positions": adapter.max_positions, "mask_token_id": adapter.mask_token_id,
                  "shift_logits": adapter.shift_logits}
         template = getattr(tok, "chat_template", None)

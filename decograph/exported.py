@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 
+from decograph.backends.onnxruntime.block_diffusion import BDSession
 from decograph.backends.onnxruntime.canvas import MDMSession, OrtCanvasEngine
 from decograph.backends.onnxruntime.draft import OrtDraftRunner
 from decograph.backends.onnxruntime.graph_head import OrtHead
@@ -95,8 +96,8 @@ class ExportedDecoder:
             if device not in ("auto", "cpu"):
                 raise InputError(f"device {device!r}: a masked-diffusion decoder runs on the CPU EP only")
             assert target.mask_token_id is not None
-            mdm = MDMSession(m.path(target.file), max_positions=target.max_positions, threads=threads,
-                             spinning=spinning)
+            kind = BDSession if target.graph.startswith("bd-") else MDMSession
+            mdm = kind(m.path(target.file), max_positions=target.max_positions, threads=threads, spinning=spinning)
             self.canvas = OrtCanvasEngine(mdm, mask_token_id=target.mask_token_id, shift_logits=target.shift_logits,
                                           pad_id=m.eos_token_ids[0] if m.eos_token_ids else 0,
                                           tokenizer=self.tokenizer)

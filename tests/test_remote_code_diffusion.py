@@ -130,3 +130,14 @@ def test_a_remote_code_model_without_a_mask_token_is_refused(tmp_path) -> None:
     d = write_model(tmp_path / "tiny_nomask", mask=None)
     with pytest.raises(ModelError, match=r"no mask token"):
         load_diffusion_model(d, trust_remote_code=True)
+
+
+def test_the_cli_and_resolve_model_pass_trust_remote_code(tmp_path, capsys) -> None:
+    from decograph.api import resolve_model
+    from decograph.cli import main
+
+    d = write_model(tmp_path / "tiny_cli", "llada")
+    assert main(["run", "--model", str(d), "--strategy", "llada", "--prompt", "hi"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    adapter, _ = resolve_model(str(d), trust_remote_code=True)
+    assert adapter.mask_token_id == MASK

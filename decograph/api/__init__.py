@@ -96,12 +96,14 @@ def list_strategies() -> list[str]:
     return [name for name, _ in _list()]
 
 
-def resolve_model(model: Any, tokenizer: Any = None, revision: str | None = None) -> tuple[CausalLMAdapter, Any]:
+def resolve_model(model: Any, tokenizer: Any = None, revision: str | None = None,
+                  trust_remote_code: bool = False) -> tuple[CausalLMAdapter, Any]:
     """An adapter and tokenizer from a model, an adapter, None (the default model), or a name
     resolved as ``from_pretrained`` resolves it (``decograph.models.hub.model_dir``): a local
     directory, a packaged model's name (``decograph.models.packaged``), or a Hugging Face Hub
     id ``org/name`` (``org/name@revision``, or ``revision=``) from the local Hugging Face cache,
-    downloaded unless the Hub is offline. ``ModelError`` names a model that is none of them."""
+    downloaded unless the Hub is offline. ``ModelError`` names a model that is none of them.
+    ``trust_remote_code``: run the model's own code from its directory (LLaDA, Dream)."""
     if model is None or (isinstance(model, str) and model == "default"):
         from decograph.models.default import load_default_model
 
@@ -112,7 +114,8 @@ def resolve_model(model: Any, tokenizer: Any = None, revision: str | None = None
         from decograph.models.hub import model_dir
 
         path = model_dir(model, revision)
-        adapter = load_diffusion_model(path) if is_diffusion_dir(path) else HFCausalLM.from_pretrained(str(path))
+        kw = {"trust_remote_code": True} if trust_remote_code else {}
+        adapter = load_diffusion_model(path, **kw) if is_diffusion_dir(path) else HFCausalLM.from_pretrained(str(path), **kw)
         return adapter, tokenizer if tokenizer is not None else adapter.tokenizer
     from decograph.models.diffusion import as_diffusion_adapter, is_diffusion_model
 

@@ -34,7 +34,7 @@ def quiet_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(model: str | None) -> tuple[Any, Any, str]:
+def load_model(model: str | None, trust_remote_code: bool = False) -> tuple[Any, Any, str]:
     """The adapter, tokenizer and display name of ``--model``: the embedded default when None,
     ``"mdm"`` for the model ``decograph train-mdm`` trained, else what ``resolve_model`` takes
     (``decograph.models.hub.model_dir``): a local directory, a packaged model's name, or a
@@ -60,5 +60,5 @@ def load_model(model: str | None) -> tuple[Any, Any, str]:
 
     path = model_dir(path)      # a packaged model converts once (noted on stderr); a Hub id may download
     with quiet_loading():
-        adapter, tok = resolve_model(str(path))
+        adapter, tok = resolve_model(str(path), trust_remote_code=trust_remote_code)
     return adapter, tok, model

@@ -45,6 +45,8 @@ class BlockQuery:
     every: bool = False
     context_valid: np.ndarray | None = None
     keep_kv: bool = False
+    gen_start: np.ndarray | None = None          # each query row's answer start (a position)
+    context_pos: np.ndarray | None = None        # the context's positions [B, C] (with context_rows)
 
 
 class BlockCanvas(CanvasBatch):
@@ -66,6 +68,7 @@ class BlockCanvas(CanvasBatch):
             if r.suffix:                                    # infilling: the text after the masked span
                 self.ids[b, width + n:width + n + len(r.suffix)] = r.suffix
         self.pos = np.maximum(np.cumsum(self.valid, 1) - 1, 0).astype(np.int64)
+        self.gen_start = np.array([len(r.prompt) for r in rows], dtype=np.int64)
         self._kept_block: dict[int, int] = {}                # row -> the block start its kept KV is for
         self._plans: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
@@ -100,7 +103,7 @@ class BlockCanvas(CanvasBatch):
             w = max(e - s for _, (s, e) in fresh)
             at = np.stack([np.minimum(np.arange(s, s + w), e - 1) + self.width - self.shift for _, (s, e) in fresh])
             c, t, kv = self.run(BlockQuery(self.ids[idx], self.pos[idx], self.valid[idx], at,
-                                           keep_kv=self.kv != "recompute"))
+                                           keep_kv=self.kv != "recompute", gen_start=self.gen_start[idx]))
             if kv is not None:
                 self.keep(idx, kv)
             for j, (r, (s, e)) in enumerate(fresh):
@@ -120,7 +123,8 @@ class BlockCanvas(CanvasBatch):
             plan = self._plans[key] = self._cached_plan(rows)
         idx, cols, pos, qvalid, cvalid, at, every = plan
         c, t, _ = self.run(BlockQuery(np.take_along_axis(self.ids[idx], cols, 1), pos, qvalid, at, context_rows=idx,
-                                      every=every, context_valid=cvalid))
+                                      every=every, context_valid=cvalid, gen_start=self.gen_start[idx],
+                                      context_pos=self.pos[idx]))
         for j, (r, (s, e)) in enumerate(rows):
             conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
             queried[r.index] = int(qvalid[j].sum())

@@ -7,6 +7,7 @@
     decograph ner --labels L1,L2 TEXT...
     decograph backends [--json]
     decograph train-mdm [--minutes M] [--distill-minutes M]
+    decograph adapt-diffusion [--minutes M] [--out DIR]
     decograph train-draft [--model M] [--minutes N | --steps N] [--out PATH] [--vocab N] [--fresh]
     decograph bench [--strategies S1,S2] [--prompts FILE.jsonl] [--per-category N] [--reps N] [--out DIR]
     decograph viz --strategy NAME_OR_FILE --prompt TEXT [--max-new-tokens N] [-o report.html]
@@ -175,6 +176,16 @@ def _cmd_train_mdm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapt_diffusion(args: argparse.Namespace) -> int:
+    from decograph.apps.adapt_diffusion import adapt_default
+    from decograph.bench.prompts import load_prompts
+
+    held = {q.question_id for q in load_prompts()}             # the benchmark's prompts are never trained on
+    print(adapt_default(args.out, args.minutes, args.block, args.rank, args.lr, args.questions, args.cache_dir,
+                        progress=not args.quiet, held_out=held))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="decograph", description="A compiler for LLM decoding algorithms.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -224,6 +235,8 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--workers", type=int, default=2, metavar="N", help="with --ray: decoder workers (default: 2)")
     r.add_argument("--model", metavar="MODEL", help=f"{MODEL_HELP}; a causal LM or a masked-diffusion model, or "
                    "'mdm' for the model `decograph train-mdm` trained (default: embedded model)")
+    r.add_argument("--trust-remote-code", action="store_true",
+                   help="run the code a model ships in its directory (LLaDA, Dream): only for models you trust")
     r.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="default: 128")
     r.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the tokenizer's chat template; default: on when the tokenizer "
@@ -303,6 +316,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train_mdm)
+
+    a = sub.add_parser("adapt-diffusion", help="adapt the default model into a block-diffusion LM (a LoRA delta)",
+                       description="Adapt the embedded default model into a block-diffusion LM on this CPU: its own "
+                                   "greedy answers to the Spec-Bench questions that are not benchmark prompts (made "
+                                   "once and cached), then LoRA training of the noisy path (bidirectional inside a "
+                                   "block, shifted logits). Prints the delta directory; run it with `decograph run "
+                                   "--model DIR --strategy fast_dllm --set block=16 ...` (the shipped one: --model "
+                                   "smollm2-135m-bd).")
+    a.add_argument("--minutes", type=float, default=45.0, help="training wall-clock budget (default: 45)")
+    a.add_argument("--out", metavar="DIR", help="where the delta goes (default: in the cache)")
+    a.add_argument("--block", type=int, default=16, help="diffusion block in tokens (default: 16)")
+    a.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--questions", metavar="FILE.jsonl", help="Spec-Bench style questions (default: the repository's)")
+    a.add_argument("--cache-dir", metavar="DIR", help="default: $XDG_CACHE_HOME/decograph/models")
+    a.add_argument("--quiet", action="store_true", help="no progress lines")
+    a.set_defaults(func=_cmd_adapt_diffusion)
 
     from decograph.cli.train_draft import add_parser as add_train_draft
 

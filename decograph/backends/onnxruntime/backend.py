@@ -62,18 +62,18 @@ class OnnxRuntimeBackend(Backend):
 
     def prepare(self, adapter: Any) -> Any:
         from decograph.models.adapters import HFCausalLM
-        from decograph.models.diffusion import MDMAdapter
+        from decograph.models.diffusion import BlockDiffusionAdapter, MDMAdapter
 
         hit = self._adapters.get(id(adapter))
         if hit is not None and hit[0] is adapter:
             return hit[1]
-        if isinstance(adapter, MDMAdapter):
+        if isinstance(adapter, (MDMAdapter, BlockDiffusionAdapter)):
             ort_mdm = self._prepare_mdm(adapter)
             self._adapters[id(adapter)] = (adapter, ort_mdm)
             return ort_mdm
         if not isinstance(adapter, HFCausalLM):
             raise UnsupportedError(f"backend {self.name!r} exports Hugging Face causal LMs and decograph's own "
-                                   f"masked-diffusion model (train-mdm); got {type(adapter).__name__}")
+                                   f"diffusion models (train-mdm, adapt-diffusion); got {type(adapter).__name__}")
         ort_adapter = self._causal(adapter, hidden=False)
         self._adapters[id(adapter)] = (adapter, ort_adapter)
         return ort_adapter
@@ -174,6 +174,16 @@ class OnnxRuntimeBackend(Backend):
             raise UnsupportedError(f"backend {self.name!r}: the masked-diffusion model runs in fp32 only "
                                    f"(backend 'onnxruntime')")
         m = adapter.model
+        if getattr(adapter, "wants_layout", False):              # the block-diffusion LM (adapt-diffusion)
+            from decograph.backends.onnxruntime.block_diffusion import BD_GRAPH_VERSION, export_block_diffusion
+            from decograph.backends.onnxruntime.mdm import ORTBlockDiffusionAdapter
+
+            digest = _fingerprint(m, f"{BD_GRAPH_VERSION}\n{sorted(vars(m.config).items())}")
+            path = cache_path("onnx") / f"bd-{digest}" / "model.onnx"
+            if not path.is_file():
+                export_block_diffusion(m, path)
+            return ORTBlockDiffusionAdapter(path, eos_token_ids=adapter.eos_token_ids,
+                                            max_positions=adapter.max_positions, tokenizer=adapter.tokenizer)
         digest = _fingerprint(m, f"{MDM_GRAPH_VERSION}\n{sorted(vars(m.config).items())}")
         path = cache_path("onnx") / f"mdm-{digest}" / "model.onnx"
         if not path.is_file():

@@ -55,24 +55,27 @@ class MDMSession:
         if spinning is None and not os.environ.get("DECOGRAPH_ORT_SPINNING", "").strip():
             spinning = False
         self.session = open_session(p, session_options(threads, spinning))
+        self.path = p
         names = [i.name for i in self.session.get_inputs()]
-        self.num_layers = (len(names) - 4) // 2
-        if names != mdm_io_names(self.num_layers)[0]:
-            raise ModelError(f"{p}: inputs {names[:3]}... are not a decograph masked-diffusion graph (mdm.build_mdm)")
-        ctx = self.session.get_inputs()[3].shape
+        self.num_layers = self._check_names(names)
+        ctx = self.session.get_inputs()[names.index("context.0.key")].shape
         self.heads, self.head_dim = int(ctx[1]), int(ctx[3])
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self.path, self.max_positions = p, int(max_positions)
 
+    wants_layout = False
+
+    def _check_names(self, names: list[str]) -> int:
+        n = (len(names) - 4) // 2
+        if names != mdm_io_names(n)[0]:
+            raise ModelError(f"{self.path}: inputs {names[:3]}... are not a decograph masked-diffusion graph "
+                             f"(mdm.build_mdm)")
+        return n
+
     def forward(self, ids: np.ndarray, positions: np.ndarray, key_valid: np.ndarray | None = None,
                 context: NpKV | None = None, context_valid: np.ndarray | None = None, return_kv: bool = False,
                 logits_at: np.ndarray | None = None) -> tuple[np.ndarray, NpKV | None]:
-        if ids.shape != positions.shape or ids.ndim != 2:
-            raise ModelError(f"MDM forward: ids {tuple(ids.shape)} and positions {tuple(positions.shape)} must be "
-                             f"equal [B, T]")
-        if positions.size and int(positions.max()) >= self.max_positions:
-            raise ModelError(f"MDM forward: position {int(positions.max())} is past the model's max_len "
-                             f"{self.max_positions}")
+        self.check(ids, positions)
         b, t = ids.shape
         c = context[0][0].shape[2] if context is not None else 0
         valid = np.ones((b, c + t), bool)
@@ -82,10 +85,26 @@ class MDMSession:
             valid[:, c:] = key_valid
         bias = np.ascontiguousarray(np.broadcast_to(np.where(valid, np.float32(0.0), NEG)[:, None, None, :],
                                                     (b, 1, t, c + t)))
+        return self.run_feeds(ids, positions, bias, context, return_kv, logits_at)
+
+    def check(self, ids: np.ndarray, positions: np.ndarray) -> None:
+        if ids.shape != positions.shape or ids.ndim != 2:
+            raise ModelError(f"{self.path.name} forward: ids {tuple(ids.shape)} and positions "
+                             f"{tuple(positions.shape)} must be equal [B, T]")
+        if positions.size and int(positions.max()) >= self.max_positions:
+            raise ModelError(f"{self.path.name} forward: position {int(positions.max())} is past the model's "
+                             f"{self.max_positions} positions (max_len)")
+
+    def run_feeds(self, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, context: NpKV | None,
+                  return_kv: bool, logits_at: np.ndarray | None,
+                  extra: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, NpKV | None]:
+        """The session over its feeds (``bias [B, 1, T, C + T]`` additive; ``extra``: a graph's
+        own further inputs)."""
+        b, t = ids.shape
         at = logits_at if logits_at is not None else np.broadcast_to(np.arange(t), (b, t))
         feeds: dict[str, np.ndarray] = {"ids": np.ascontiguousarray(ids, dtype=np.int64),
                                         "positions": np.ascontiguousarray(positions, dtype=np.int64), "bias": bias,
-                                        "logits_at": np.ascontiguousarray(at, dtype=np.int64)}
+                                        "logits_at": np.ascontiguousarray(at, dtype=np.int64), **(extra or {})}
         empty = np.zeros((b, self.heads, 0, self.head_dim), np.float32) if context is None else None
         for i in range(self.num_layers):
             k, v = context[i] if context is not None else (empty, empty)
@@ -107,7 +126,8 @@ class OrtCanvas(BlockCanvas):
         if q.context_rows is not None:
             assert self._kv is not None
             ctx = self._kv if q.every else [(k[q.context_rows], v[q.context_rows]) for k, v in self._kv]
-        lg, kv = self.model.forward(q.ids, q.pos, q.valid, ctx, q.context_valid, q.keep_kv, q.logits_at)
+        layout = {"gen_start": q.gen_start, "context_pos": q.context_pos} if self.model.wants_layout else {}
+        lg, kv = self.model.forward(q.ids, q.pos, q.valid, ctx, q.context_valid, q.keep_kv, q.logits_at, **layout)
         conf, tok = confidence(lg, self.mask_id)
         return conf, tok, kv
 

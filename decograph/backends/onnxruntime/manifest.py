@@ -51,6 +51,7 @@ MAX_PROGRAM_BYTES = 4 << 20
 MAX_TOKENIZER_BYTES = 64 << 20
 MAX_FILES = 64
 MAX_GRAPHS = 16
+DIFFUSION_GRAPHS = ("mdm-", "bd-")   # masked-diffusion forwards: mdm.build_mdm, block_diffusion.build_block_diffusion
 MAX_EOS = 64
 QUANTS = ("none", "int4", "int8")
 DTYPES = ("float32", "float16")
@@ -88,7 +89,7 @@ class GraphSpec:
     @property
     def diffusion(self) -> bool:
         """Whether this is a masked-diffusion forward (``mdm.build_mdm``), not a causal step."""
-        return self.graph.startswith("mdm-")
+        return self.graph.startswith(DIFFUSION_GRAPHS)
 
 
 @dataclass(frozen=True)
@@ -205,13 +206,13 @@ def _graph(f: _Fields, d: Any, role: str) -> GraphSpec:
     shape = {k: f.int_(d[k], f"{path}.{k}", lo, hi) for k, (lo, hi) in _SHAPE_FIELDS.items()}
     kind = str(f.str_(d["graph"], f"{path}.graph", 1, 100))
     mask = None
-    if kind.startswith("mdm-"):              # a masked-diffusion graph: its mask token is required
+    if kind.startswith(DIFFUSION_GRAPHS):    # a masked-diffusion graph: its mask token is required
         if "mask_token_id" not in d:
             raise f.fail(f"{path}.mask_token_id", "is missing (a masked-diffusion graph needs its mask token)")
         mask = f.int_(d["mask_token_id"], f"{path}.mask_token_id", 0, shape["vocab_size"] - 1)
     elif "mask_token_id" in d or "shift_logits" in d:
         raise f.fail(f"{path}.mask_token_id" if "mask_token_id" in d else f"{path}.shift_logits",
-                     f"belongs to a masked-diffusion graph only (graph 'mdm-*'), this one is {kind!r}")
+                     f"belongs to a masked-diffusion graph only (graph 'mdm-*' or 'bd-*'), this one is {kind!r}")
     shift = f.bool_(d.get("shift_logits", False), f"{path}.shift_logits")
     head = None
     if role.startswith("head:") or "head" in d:

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from decograph.backends.onnxruntime.block_diffusion import BDSession
 from decograph.backends.onnxruntime.canvas import MDMSession, mdm_io_names
 from decograph.errors import ModelError
 from decograph.models.diffusion import MaskedDiffusionAdapter
 from decograph.models.mdm import KV
 
-__all__ = ["MDM_GRAPH_VERSION", "ORTMDMAdapter", "build_mdm", "export_mdm"]
+__all__ = ["MDM_GRAPH_VERSION", "ORTMDMAdapter", "ORTBlockDiffusionAdapter", "build_mdm", "export_mdm"]
 
 MDM_GRAPH_VERSION = "mdm-1"
 _MS = "com.microsoft"
@@ -125,21 +126,35 @@ class ORTMDMAdapter(MaskedDiffusionAdapter):
 
     def __init__(self, path: str | Path, *, mask_token_id: int, eos_token_ids: tuple[int, ...], max_positions: int,
                  tokenizer: Any = None, shift_logits: bool = False, threads: int | None = None,
-                 spinning: bool | None = None) -> None:
-        self.mdm = MDMSession(path, max_positions=max_positions, threads=threads, spinning=spinning)
+                 spinning: bool | None = None, session: MDMSession | None = None) -> None:
+        self.mdm = session or MDMSession(path, max_positions=max_positions, threads=threads, spinning=spinning)
         self.session, self.num_layers, self.path = self.mdm.session, self.mdm.num_layers, self.mdm.path
         super().__init__(None, mask_token_id, eos_token_ids, self.mdm.vocab_size, max_positions, shift_logits,
                          tokenizer, f"{self.path.name} on ONNX Runtime")
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
                 context: KV | None = None, context_valid: torch.Tensor | None = None,
-                return_kv: bool = False, logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KV | None]:
+                return_kv: bool = False, logits_at: torch.Tensor | None = None,
+                **layout: torch.Tensor | None) -> tuple[torch.Tensor, KV | None]:
         def np_(x: torch.Tensor | None) -> np.ndarray | None:
             return None if x is None else x.numpy()
 
         ctx = None if context is None else [(k.numpy(), v.numpy()) for k, v in context]
         logits, kv = self.mdm.forward(ids.numpy(), positions.numpy(), np_(key_valid), ctx, np_(context_valid),
-                                      return_kv, np_(logits_at))
+                                      return_kv, np_(logits_at), **{k: np_(v) for k, v in layout.items()})
         if kv is None:
             return torch.from_numpy(logits), None
         return torch.from_numpy(logits), [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in kv]
+
+
+class ORTBlockDiffusionAdapter(ORTMDMAdapter):
+    """The block-diffusion graph behind the ``MaskedDiffusionAdapter`` interface (both caches)."""
+
+    wants_layout = True
+
+    def __init__(self, path: str | Path, *, eos_token_ids: tuple[int, ...], max_positions: int,
+                 tokenizer: Any = None, threads: int | None = None, spinning: bool | None = None) -> None:
+        session = BDSession(path, max_positions=max_positions, threads=threads, spinning=spinning)
+        super().__init__(path, mask_token_id=session.mask_token_id, eos_token_ids=eos_token_ids,
+                         max_positions=max_positions, tokenizer=tokenizer, shift_logits=True, session=session)
+        self.block = session.block

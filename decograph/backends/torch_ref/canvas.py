@@ -32,10 +32,14 @@ class TorchCanvas(BlockCanvas):
             rows = torch.from_numpy(q.context_rows)
             ctx = self._kv if q.every else [(k[rows], v[rows]) for k, v in self._kv]   # no copy when all rows run
         cvalid = None if q.context_valid is None else torch.from_numpy(q.context_valid)
+        extra = {}
+        if getattr(self.adapter, "wants_layout", False):          # block-causal models: where answers start
+            extra["gen_start"] = torch.from_numpy(q.gen_start)
+            extra["context_pos"] = None if q.context_pos is None else torch.from_numpy(q.context_pos)
         with torch.inference_mode():
             lg, kv = self.adapter.forward(torch.from_numpy(q.ids), torch.from_numpy(q.pos), torch.from_numpy(q.valid),
                                           context=ctx, context_valid=cvalid, return_kv=q.keep_kv,
-                                          logits_at=torch.from_numpy(q.logits_at))
+                                          logits_at=torch.from_numpy(q.logits_at), **extra)
             b, k = lg.shape[:2]
             conf, tok = self.confidence(lg.reshape(b * k, -1), self.mask_id)
         return (conf.float().reshape(b, k).cpu().numpy(), tok.reshape(b, k).cpu().numpy(), kv)
