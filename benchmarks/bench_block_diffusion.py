@@ -22,6 +22,7 @@ its agreement with the AR greedy output (the share of positions, over the longer
 holding the same token). Systems run interleaved per prompt after a warm-up.
 
     python benchmarks/bench_block_diffusion.py [--model smollm2-135m-bd] [--per-category 2] [--lengths 64 256]
+        [--backend onnxruntime]
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--more-thresholds", type=float, nargs="*", default=[0.7, 0.5], metavar="T")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="torch", help="where the diffusion systems run (torch, onnxruntime)")
     ap.add_argument("--out", default=str(HERE / "results" / "block_diffusion.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +115,8 @@ def main() -> None:
     progs = systems(args.block, args.threshold, args.more_thresholds)
     rows = []
     for L in args.lengths:
-        generate(adapter, tok, [prompts[0][1]], progs["+dual cache"], 8, eos_token_id=eos)            # warm-up
+        generate(adapter, tok, [prompts[0][1]], progs["+dual cache"], 8, eos_token_id=eos,
+                 backend=args.backend)                                                       # warm-up
         names = [AR, *progs]
         per = {n: {"tps": [], "fwd": [], "tok": [], "ll": [], "agree": []} for n in names}
         for i, (task, p) in enumerate(prompts):
@@ -130,7 +133,8 @@ def main() -> None:
             per[AR]["fwd"].append(len(out))
             per[AR]["tok"].append(len(out))
             for name, prog in progs.items():
-                (r,), sec = timed(lambda: generate(adapter, tok, [p], prog, L, eos_token_id=eos), args.reps)
+                (r,), sec = timed(lambda: generate(adapter, tok, [p], prog, L, eos_token_id=eos,
+                                                   backend=args.backend), args.reps)
                 outs[name] = r.new_token_ids
                 per[name]["tps"].append(len(r.new_token_ids) / sec)
                 per[name]["fwd"].append(r.stats.forward_passes)

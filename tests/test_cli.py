@@ -294,3 +294,15 @@ def test_run_passes_option_reaches_generate(tiny_dir: Path, capsys: pytest.Captu
     assert record["forward_passes"] == plain.stats.forward_passes
     code, out, err = run_cli(capsys, *args, "--passes", "no-such-pass")
     assert code == 2 and "no-such-pass" in err
+
+
+def test_export_passes_head_quant_and_refuses_a_bad_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import decograph.export as export
+
+    seen = {}
+    monkeypatch.setattr(export, "export_decoder", lambda strategy, out, **kw: seen.update(kw) or Path(out))
+    assert main(["export", "eagle", str(tmp_path / "dec"), "--quant", "int4", "--head-quant", "int4"]) == 0
+    assert seen["head_quant"] == "int4" and seen["quant"] == "int4"
+    assert main(["export", "eagle", str(tmp_path / "dec"), "--head-quant", "int2"]) == 2
+    assert "--head-quant" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         out = export_decoder(args.strategy, args.out, model=args.model, quant=args.quant, dtype=args.dtype,
                              overrides=parse_overrides(args.set), draft_models=drafts,
                              passes=args.passes, chat=args.chat if args.chat is not None else True,
-                             progress=lambda m: print(m, file=sys.stderr))
+                             head_quant=args.head_quant, progress=lambda m: print(m, file=sys.stderr))
     print(out)
     return 0
 
@@ -282,6 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quant", choices=("none", "int4", "int8"), default="none", help="weight-only quantization")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="activations and KV cache; float16 for ONNX Runtime's CUDA EP (default: float32)")
+    e.add_argument("--head-quant", choices=("none", "int4", "int8"), default="none",
+                   help="weight-only quantization of a draft head's graph (eagle strategies; default: none, fp32)")
     e.add_argument("--draft-model", action="append", metavar="NAME=DIR",
                    help="a draft model for the strategy's draft.model(model=NAME): a local causal LM sharing the "
                         "target's vocabulary, exported beside it")
