@@ -128,6 +128,9 @@ def adapt(base: Any, pairs: list[tuple[list[int], list[int]]], out: Path, minute
     tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
     save_delta(lm, tmp, extra={"training": {"answers_seen": seen, "optimizer_steps": step, "minutes": minutes,
                                             "lr": lr, "training_answers": len(usable), "curve": curve}})
+    tmp.chmod(0o755)                                      # mkdtemp's 0700 is not what a model directory needs
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
