@@ -41,18 +41,28 @@ def test_the_shipped_model_loads_by_name(shipped) -> None:
     assert type(adapter.model.base).__name__ == "LlamaForCausalLM"
 
 
+def _loglik(model, prompt: list[int], out: list[int]) -> float:
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].float(), -1)
+    return float(lp.gather(1, torch.tensor(out)[:, None]).mean())
+
+
 def test_caches_are_exact_and_answers_follow_the_causal_model(shipped) -> None:
     adapter, _, prompts = shipped
-    eos = list(adapter.eos_token_ids)
-    agree = []
+    eos, base = list(adapter.eos_token_ids), adapter.model.base
+    gap = []
     for p in prompts[:2]:
         outs = {kv: generate(adapter, None, [p], load_strategy("fast_dllm", overrides={
             "block": 16, "threshold": 0.9, "kv": kv}).program, 32, eos_token_id=eos)[0] for kv in
             ("recompute", "block_approx_dual")}
         a, b = outs["recompute"].new_token_ids, outs["block_approx_dual"].new_token_ids
-        assert a == b
-        ref = _greedy(adapter.model.base, p, 32, eos)
+        assert a == b                                  # block-causal: the caches are exact
+        ref = _greedy(base, p, 32, eos)
         assert a[0] == ref[0]                          # the first token is the causal model's own
-        agree.append(sum(x == y for x, y in zip(a, ref)) / max(len(a), len(ref)))
-        assert outs["block_approx_dual"].stats.forward_passes < len(b)   # several tokens a forward
-    assert sum(agree) / len(agree) >= 0.5, agree
+        [lud] = generate(adapter, None, [p], load_strategy("lud", overrides={"block": 16, "threshold": 0.9}).program,
+                         32, eos_token_id=eos)
+        assert lud.stats.forward_passes <= len(lud.new_token_ids)
+        gap.append(_loglik(base, p, ref) - _loglik(base, p, lud.new_token_ids))
+    # decoded in the causal order, its text reads almost as likely to the causal model as its own
+    # greedy text (measured: 0.2 nats a token worse; a delta that learned nothing: several nats)
+    assert sum(gap) / len(gap) < 0.6, gap
