@@ -42,8 +42,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def peaked():
-    """Weights large enough for confident, stable canvases (the adaptive stop triggers)."""
-    return tiny_diffusion_gemma(seed=1, init_std=0.6)
+    """Weights large enough for confident, stable canvases (the adaptive stop triggers; with
+    std 0.6 it did on one CPU and not on another: the argmax's stability is rounding-sensitive)."""
+    return tiny_diffusion_gemma(seed=1, init_std=1.0)
 
 
 def hf(model, prompts, seed, n, **kw):
@@ -118,13 +119,15 @@ def test_rule_parameters_are_transformers(peaked, over, kw) -> None:
 
     if "entropy_bound" in kw:
         kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=kw.pop("entropy_bound"))
-    for seed in (0, 5):
+    every = []
+    for seed in (0, 5, 1):
         want, forwards = hf(peaked, [P1, P2], seed, 24, max_denoising_steps=10, **kw)
         got = ours(peaked, [P1, P2], seed, 24, steps=10, **over)
         assert [r.new_token_ids for r in got] == want
         assert [r.stats.decode_steps for r in got] == forwards
-    if "stability_threshold" in kw:             # the adaptive stop ended canvases before their 10 steps
-        assert min(forwards) < 10 * 3
+        every += forwards
+    if "stability_threshold" in kw:             # the adaptive stop ended some canvases before their 10 steps
+        assert min(every) < 10 * 3
 
 
 def test_a_model_directory_and_the_trace(model, tmp_path) -> None:

@@ -214,8 +214,8 @@ def test_errors(tmp_path, exported) -> None:
 
     bert = HFMaskedDiffusion(BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
                                                         num_attention_heads=2, intermediate_size=32)), mask_token_id=3)
-    with pytest.raises(UnsupportedError, match="exports Hugging Face causal LMs and decograph's own masked-diffusion "
-                                               "model .train-mdm.; got HFMaskedDiffusion"):
+    with pytest.raises(UnsupportedError, match="exports Hugging Face causal LMs and decograph's own diffusion "
+                                               "models .train-mdm, adapt-diffusion.; got HFMaskedDiffusion"):
         decograph.generate(bert, None, [[5, 6]], "fast_dllm", 4, backend="onnxruntime",
                            overrides={"kv": "recompute"})
 

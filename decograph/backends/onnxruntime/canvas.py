@@ -92,8 +92,8 @@ class MDMSession:
             raise ModelError(f"{self.path.name} forward: ids {tuple(ids.shape)} and positions "
                              f"{tuple(positions.shape)} must be equal [B, T]")
         if positions.size and int(positions.max()) >= self.max_positions:
-            raise ModelError(f"{self.path.name} forward: position {int(positions.max())} is past the model's "
-                             f"{self.max_positions} positions (max_len)")
+            raise ModelError(f"{self.path.name} forward: position {int(positions.max())} is past the model's max_len "
+                             f"{self.max_positions}")
 
     def run_feeds(self, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, context: NpKV | None,
                   return_kv: bool, logits_at: np.ndarray | None,
