@@ -121,10 +121,9 @@ class BlockCanvas(CanvasBatch):
         plan = self._plans.get(key)
         if plan is None:                   # the same for every step of these rows' blocks: built once
             plan = self._plans[key] = self._cached_plan(rows)
-        idx, cols, pos, qvalid, cvalid, at, every = plan
+        idx, cols, pos, qvalid, cvalid, at, every, gen_start, cpos = plan
         c, t, _ = self.run(BlockQuery(np.take_along_axis(self.ids[idx], cols, 1), pos, qvalid, at, context_rows=idx,
-                                      every=every, context_valid=cvalid, gen_start=self.gen_start[idx],
-                                      context_pos=self.pos[idx]))
+                                      every=every, context_valid=cvalid, gen_start=gen_start, context_pos=cpos))
         for j, (r, (s, e)) in enumerate(rows):
             conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
             queried[r.index] = int(qvalid[j].sum())
@@ -132,8 +131,8 @@ class BlockCanvas(CanvasBatch):
     def _cached_plan(self, rows: list[tuple[CanvasRow, tuple[int, int]]]) -> tuple[Any, ...]:
         """What a cached step of ``rows`` at their blocks reads: the rows, the query columns,
         their positions and validity, the context's validity (the query's own columns
-        excluded), the block's logit columns, and whether every row runs (the kept KV is then
-        used as is)."""
+        excluded), the block's logit columns, whether every row runs (the kept KV is then
+        used as is), and the rows' answer starts and context positions (block-causal models)."""
         total = self.ids.shape[1]
         dual = self.kv == "block_approx_dual"
         starts = np.array([self.width + s - self.shift for _, (s, _e) in rows])
@@ -150,4 +149,4 @@ class BlockCanvas(CanvasBatch):
         cvalid = self.valid[idx] & ~in_query
         every = len(rows) == self.ids.shape[0] and idx.tolist() == list(range(len(rows)))
         at = np.stack([np.minimum(np.arange(w), e - s - 1) for _, (s, e) in rows])
-        return idx, cols, pos, qvalid, cvalid, at, every
+        return idx, cols, pos, qvalid, cvalid, at, every, self.gen_start[idx], self.pos[idx]
