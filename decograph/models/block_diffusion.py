@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from decograph.errors import ModelError
 from decograph.models.block_layout import block_causal_layout
+from decograph.models.fast_llama import rms_norm, rotate_half
 
 __all__ = ["BlockDiffusionConfig", "BlockDiffusionLM", "BLOCK_DIFFUSION_TYPE", "save_delta", "load_delta",
            "shipped_model_path", "SHIPPED_NAME"]
@@ -64,15 +65,6 @@ class _LoRA(torch.nn.Module):
         super().__init__()
         self.a = torch.nn.Parameter(torch.randn(rank, n_in) / math.sqrt(n_in))
         self.b = torch.nn.Parameter(torch.zeros(n_out, rank))
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rot(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 class BlockDiffusionLM(torch.nn.Module):
@@ -125,11 +117,11 @@ class BlockDiffusionLM(torch.nn.Module):
         kv_out: KV = []
         for i, layer in enumerate(base.layers):
             at, mlp, lo = layer.self_attn, layer.mlp, self.lora[i]
-            x = _rms(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+            x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
             q = self._lin(at.q_proj, lo["q_proj"], x, gate).view(b, t, -1, self.head_dim).transpose(1, 2)
             k = self._lin(at.k_proj, lo["k_proj"], x, gate).view(b, t, -1, self.head_dim).transpose(1, 2)
             v = self._lin(at.v_proj, lo["v_proj"], x, gate).view(b, t, -1, self.head_dim).transpose(1, 2)
-            q, k = q * cos + _rot(q) * sin, k * cos + _rot(k) * sin
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             if return_kv:
                 kv_out.append((k, v))
             if context is not None:
@@ -137,12 +129,12 @@ class BlockDiffusionLM(torch.nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=at.scaling,
                                                enable_gqa=self.heads != self.kv_heads)
             h = h + self._lin(at.o_proj, lo["o_proj"], a.transpose(1, 2).reshape(b, t, -1), gate)
-            x = _rms(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+            x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
             u = F.silu(self._lin(mlp.gate_proj, lo["gate_proj"], x, gate)) * self._lin(mlp.up_proj, lo["up_proj"], x, gate)
             h = h + self._lin(mlp.down_proj, lo["down_proj"], u, gate)
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        h = _rms(h, base.norm.weight, base.norm.variance_epsilon)
+        h = rms_norm(h, base.norm.weight, base.norm.variance_epsilon)
         return self.base.lm_head(h).float(), (kv_out if return_kv else None)
 
     def layout(self, ids: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor, gen_start: torch.Tensor,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LlamaFastPath", "supports_fast_path", "KERNELS", "default_kernels"]
+__all__ = ["LlamaFastPath", "supports_fast_path", "KERNELS", "default_kernels", "rms_norm", "rotate_half"]
 
 KERNELS = ("onednn", "mkl")
 
@@ -48,7 +48,7 @@ def supports_fast_path(model: Any) -> bool:
     )
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.to(torch.float32)
     var = x.pow(2).mean(-1, keepdim=True)
@@ -78,7 +78,7 @@ class _Proj:
         return y if self.bias is None else y + self.bias
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -123,27 +123,27 @@ class LlamaFastPath:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         gqa = self.heads != self.kv_heads
         for slot, (w1, e1, qkv_p, o_p, scale, w2, e2, gu_p, d_p) in zip(cache.layers, self.layers):
-            x = _rms(h, w1, e1)
+            x = rms_norm(h, w1, e1)
             q, k, v = qkv_p(x).split(qkv_p.sizes, dim=-1)
             q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
             k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
             v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             keys, values = slot.update(k, v)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                is_causal=causal, enable_gqa=gqa)
             a = a.transpose(1, 2).reshape(b, t, -1)
             h = h + o_p(a)
-            x = _rms(h, w2, e2)
+            x = rms_norm(h, w2, e2)
             gate, up = gu_p(x).split(gu_p.sizes, dim=-1)
             h = h + d_p(F.silu(gate) * up)
         if hidden:
-            h = _rms(h, self.norm_w, self.norm_eps)
+            h = rms_norm(h, self.norm_w, self.norm_eps)
             return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(), h
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        h = _rms(h, self.norm_w, self.norm_eps)
+        h = rms_norm(h, self.norm_w, self.norm_eps)
         return self.lm_head(h).float()
 
     @staticmethod
