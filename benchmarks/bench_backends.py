@@ -49,7 +49,7 @@ BACKENDS = ["torch", "onnxruntime", "onnxruntime-int4", "onnxruntime-int8"]
 STRATEGIES = ["greedy", "anpd"]
 
 
-def prompts(tok, per_category: int, path: str | None = None) -> list[list[int]]:
+def prompts(tok, per_category: int, path: str | None = None, chat: bool = True) -> list[list[int]]:
     data = Path(path) if path else HERE / "data" / "spec_bench_questions.jsonl"
     by_cat: dict[str, list[str]] = {}
     for line in data.read_text().splitlines():
@@ -58,7 +58,11 @@ def prompts(tok, per_category: int, path: str | None = None) -> list[list[int]]:
     out = []
     for qs in by_cat.values():
         for q in qs[:per_category]:
-            ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+            if chat:
+                ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                              tokenize=True)
+            else:                                   # a base model: the question as raw text
+                ids = tok(q)["input_ids"]
             out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids)[-300:])
     return out
 
@@ -141,6 +145,8 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
         systems[name] = lambda p, d=dec.with_program(as_program(name)): _exported(d, p, n, True)
     if genai:
         systems = {f"ort_genai_{k}": (lambda p, g=g: _genai(g, p, n)) for k, g in genai.items()} | systems
+    if args.torch_rows:
+        systems = _torch_systems(args.torch_rows, args.export_strategy, n) | systems
     if args.inprocess and quant in ("int4", "int8"):
         model, tok = args.inprocess
         for k in ("greedy", "anpd"):
@@ -156,7 +162,7 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
         # still spin, and finds its own asleep), systems in an order rotated per prompt
         turn = i % len(names)
         for m in names[turn:] + names[:turn]:
-            for _ in range(args.reps):
+            for _ in range(args.torch_reps if m.startswith(("hf_", "torch_")) else args.reps):
                 runs[m].append(systems[m](p))
         for m, rs in runs.items():
             st = stats[m]
@@ -164,7 +170,8 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
             st["ids"].append(ids)
             st["e2e"].append(len(ids) / statistics.median(r[1] for r in rs))
             if s0 is not None:
-                st["decode"].append((len(ids) - 1) / statistics.median(r[1] - r[2] for r in rs))
+                if not m.startswith(("hf_", "torch_")):
+                    st["decode"].append((len(ids) - 1) / statistics.median(r[1] - r[2] for r in rs))
                 st["forwards"] += s0.forwards
                 st["drafted"] += s0.drafted
                 st["accepted"] += s0.accepted
@@ -176,14 +183,23 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
         tokens = sum(map(len, st["ids"]))
         name = f"exported-{quant}" + (f"-b{args.block_size}" if args.block_size != 32 and quant != "none" else "")
         backend = ("onnxruntime-genai int4" if m.startswith("ort_genai") else
-                   f"in-process onnxruntime-{quant}" if m.startswith("inprocess_") else name)
-        row = {"backend": backend, "strategy": m.removeprefix("ort_genai_").removeprefix("inprocess_"), "max_new_tokens": n,
+                   f"in-process onnxruntime-{quant}" if m.startswith("inprocess_") else
+                   "Hugging Face (torch fp32)" if m.startswith("hf_") else
+                   "decograph torch fp32" if m.startswith("torch_") else name)
+        strategy = m.removeprefix("ort_genai_").removeprefix("inprocess_").removeprefix("hf_").removeprefix("torch_")
+        row = {"backend": backend, "strategy": strategy, "max_new_tokens": n,
                "tokens_per_s": round(statistics.mean(st["e2e"]), 1),
                "speedup_vs_exported_greedy": round(statistics.mean(st["e2e"]) / statistics.mean(greedy["e2e"]), 3)}
         if genai:
             row["speedup_vs_genai_greedy"] = round(statistics.mean(st["e2e"]) /
                                                    statistics.mean(stats["ort_genai_greedy"]["e2e"]), 3)
-        if st["decode"]:
+        if m.startswith(("hf_", "torch_")):        # torch fp32: lossless means Hugging Face greedy's tokens
+            own = stats["hf_greedy"]["ids"]
+            row["identical_to_own_greedy"] = f"{sum(a == g for a, g in zip(st['ids'], own))}/{len(ps)} (HF greedy)"
+            if st["forwards"]:
+                row["tokens_per_forward"] = round(tokens / st["forwards"], 3)
+            row["speedup_vs_hf_greedy"] = round(statistics.mean(st["e2e"]) / statistics.mean(stats["hf_greedy"]["e2e"]), 3)
+        elif st["decode"]:
             row |= {"decode_tokens_per_s": round(statistics.mean(st["decode"]), 1),
                     "identical_to_own_greedy": f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}",
                     "tokens_per_forward": round(tokens / st["forwards"], 3),
@@ -227,19 +243,47 @@ def _inprocess(model, tok, p: list[int], n: int, strategy: str, backend: str):
     return r.new_token_ids, time.perf_counter() - t0, 0.0, None
 
 
+def _torch_systems(torch_rows, strategy: str, n: int) -> dict:
+    """Hugging Face greedy and prompt lookup (10 tokens, its default), and decograph's greedy and
+    ``strategy`` on the torch backend, as systems of the exported decoder's rotation."""
+    from decograph.bench.runner import DecographSystem, HFSystem
+
+    model, tok = torch_rows
+    systems = [HFSystem("hf_greedy", model), HFSystem("hf_prompt_lookup", model, lookup=10),
+               DecographSystem("greedy", model, tok), DecographSystem(strategy, model, tok)]
+    names = ["hf_greedy", "hf_prompt_lookup", "torch_greedy", f"torch_{strategy}"]
+
+    def run(system):
+        def go(p: list[int]):
+            o = system.run(p, n)
+            stats = _Counted(o.forwards) if o.forwards else None
+            return o.tokens, o.seconds, 0.0, stats
+        return go
+    return {name: run(s) for name, s in zip(names, systems)}
+
+
+class _Counted:
+    """The forward count of a torch run, in the exported decoder's statistics' shape (the
+    decode-only columns stay empty: a torch run does not time its prompt's forward apart)."""
+
+    def __init__(self, forwards: int) -> None:
+        self.forwards, self.drafted, self.accepted = forwards, 0, 0
+
+
 def _genai(system, p: list[int], n: int):
     ids, seconds = system.generate(p, n)
     return ids, seconds, 0.0, None
 
 
-def _genai_systems(spinning: bool) -> dict:
+def _genai_systems(spinning: bool, model: str | None = None) -> dict:
     """onnxruntime-genai's greedy and its n-gram speculation on its own int4 CPU export (built
     once and cached), 2 threads, idle-thread spinning as the exported decoder's; or {}."""
     try:
         from decograph.baselines import model_eos_ids, ortgenai_systems
         from decograph.models.default import default_model_path
+        from decograph.models.hub import model_dir
 
-        hf = default_model_path()
+        hf = default_model_path() if model is None else model_dir(model)
         systems = ortgenai_systems(hf, model_eos_ids(hf), spinning, log=lambda m: print(m, file=sys.stderr))
         return {name.removeprefix("ort_genai_"): system for name, system in systems.items()}
     except Exception as e:                          # noqa: BLE001 -- optional baseline
@@ -276,24 +320,42 @@ def main() -> None:
     ap.add_argument("--inprocess", action="store_true",
                     help="also the in-process onnxruntime-int4/int8 backend's greedy and anpd (api.generate), in the "
                          "exported decoder's rotation: the same code, to be within a few percent of it")
+    ap.add_argument("--model", default=None, help="a model directory, a packaged model's name (e.g. gemma3-270m) or a "
+                    "Hub id (default: the embedded default model); onnxruntime-genai builds its own export of it")
+    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="apply the chat template to the questions (default: on for the default model, off with --model)")
+    ap.add_argument("--torch-rows", action="store_true",
+                    help="also Hugging Face greedy and prompt lookup and decograph's greedy and --export-strategy on "
+                         "torch fp32, in the exported decoder's rotation (one table, same run)")
+    ap.add_argument("--torch-reps", type=int, default=1, help="repetitions of the torch rows (slow: default 1)")
     ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
     args = ap.parse_args()
     warnings.simplefilter("ignore", BackendFallbackWarning)
     torch.set_num_threads(2)
-    model, tok = load_default_model(progress=False)
-    ps = prompts(tok, args.per_category, args.prompts)
+    if args.model is None:
+        model, tok = load_default_model(progress=False)
+    else:
+        from decograph.models.adapters import HFCausalLM
+        from decograph.models.hub import model_dir
+
+        adapter = HFCausalLM.from_pretrained(str(model_dir(args.model)))
+        model, tok = adapter.model, adapter.tokenizer
+    chat = args.chat if args.chat is not None else args.model is None
+    ps = prompts(tok, args.per_category, args.prompts, chat)
     backends = [b for b in args.backends.split(",") if b]
     table, curves = bench_backends(model, tok, ps, backends, args) if backends else ([], {})
     args.inprocess = (model, tok) if args.inprocess else None
-    genai = _genai_systems(args.spinning == "on") if args.genai and args.exported else {}
+    args.torch_rows = (model, tok) if args.torch_rows else None
+    genai = _genai_systems(args.spinning == "on", args.model) if args.genai and args.exported else {}
     for quant in [q for q in args.exported.split(",") if q]:
         rows, curve = bench_exported(model, tok, ps, quant, args, genai)
         table += rows
         curves[f"exported-{quant}"] = curve
-    print("| backend | strategy | new tokens | tokens/s | decode-only tokens/s | vs torch greedy | vs exported greedy | "
+    print("| backend | strategy | new tokens | tokens/s | decode-only tokens/s | vs torch (or HF) greedy | vs exported greedy | "
           "vs genai greedy | identical to own greedy | tokens/forward |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
+        r = {"speedup_vs_torch_greedy": r.get("speedup_vs_hf_greedy")} | r
         vs, ve, vg = (f"{r[k]}x" if r.get(k) else "-" for k in ("speedup_vs_torch_greedy", "speedup_vs_exported_greedy",
                                                                   "speedup_vs_genai_greedy"))
         print(f"| {r['backend']} | {r['strategy']} | {r['max_new_tokens']} | {r['tokens_per_s']} | {r.get('decode_tokens_per_s', '-')} | {vs} | "
@@ -302,7 +364,8 @@ def main() -> None:
           f"the exported runner's own measurement at context 128)")
     for b, c in curves.items():
         print(f"{b}: {c}")
-    Path(args.out).write_text(json.dumps({"args": vars(args) | {"inprocess": bool(args.inprocess)}, "rows": table, "cost_curves": curves}, indent=1))
+    saved = vars(args) | {"inprocess": bool(args.inprocess), "torch_rows": bool(args.torch_rows)}
+    Path(args.out).write_text(json.dumps({"args": saved, "rows": table, "cost_curves": curves}, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-__all__ = ["BaselineUnavailable", "ExternalSystem", "LlamaCppGreedy", "ORTGenAIGreedy", "ORTGenAINgram", "ortgenai_systems",
+__all__ = ["BaselineUnavailable", "builder_compatible_config", "ExternalSystem", "LlamaCppGreedy", "ORTGenAIGreedy", "ORTGenAINgram", "ortgenai_systems",
            "clip_at_eos", "ensure_ortgenai_model", "external_systems", "model_eos_ids"]
 
 _ORT_PIP, _LLAMA_PIP = "onnxruntime-genai", "llama-cpp-python"
@@ -130,6 +130,30 @@ def _is_built(d: Path) -> bool:
     return (d / "genai_config.json").is_file() and any(d.glob("*.onnx"))
 
 
+def builder_compatible_config(cfg: Any) -> Any:
+    """``cfg`` (a transformers config) as onnxruntime-genai's model builder (0.18) reads it:
+    transformers 5 keeps Gemma 3's rotary settings per layer type (``rope_parameters`` =
+    ``{"full_attention": {...}, "sliding_attention": {...}}``), which the builder does not know;
+    it gets the flat form (the global layers' parameters) and ``rope_local_base_freq`` (the
+    sliding layers' base). Other configs are returned as they are."""
+    rope = getattr(cfg, "rope_parameters", None)
+    if isinstance(rope, dict) and all(isinstance(rope.get(k), dict) for k in ("full_attention", "sliding_attention")):
+        cfg.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
+        cfg.rope_parameters = dict(rope["full_attention"])
+    return cfg
+
+
+# onnxruntime-genai's model builder, its configs passed through ``builder_compatible_config``
+_GENAI_BUILDER = """
+import runpy
+from transformers import AutoConfig
+from decograph.baselines import builder_compatible_config
+_load = AutoConfig.from_pretrained.__func__
+AutoConfig.from_pretrained = classmethod(lambda cls, *a, **k: builder_compatible_config(_load(cls, *a, **k)))
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+"""
+
+
 def ensure_ortgenai_model(hf_dir: str | Path, cache_root: str | Path | None = None,
                           precision: str = "int4", log: Callable[[str], Any] = print) -> Path:
     """onnxruntime-genai's own CPU export of ``hf_dir`` (its model builder, ``-p int4 -e cpu``),
@@ -154,7 +178,7 @@ def ensure_ortgenai_model(hf_dir: str | Path, cache_root: str | Path | None = No
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
         out, logfile = tmp / "model", tmp / "builder.log"
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+        cmd = [sys.executable, "-c", _GENAI_BUILDER, "-i", str(hf), "-o", str(out),
                "-p", precision, "-e", "cpu", "-c", str(tmp / "hf_cache")]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         with logfile.open("w") as fh:
@@ -191,6 +215,9 @@ class ORTGenAIGreedy:
         eos = cfg["model"].get("eos_token_id")
         self.eos_ids = list(eos_ids) if eos_ids is not None else list(eos if isinstance(eos, list) else [eos])
         self.context_length = int(cfg["model"].get("context_length", 2048))
+        # a model with sliding-window layers (Gemma 3) needs a KV buffer of at least the window
+        window = (cfg["model"].get("decoder", {}).get("sliding_window") or {}).get("window_size", 0)
+        self.min_buffer = min(int(window or 0), self.context_length)
         config = og.Config(str(self.model_dir))
         self.spinning = _spin_default() if spinning is None else spinning
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
@@ -217,11 +244,11 @@ class ORTGenAIGreedy:
         if max_new_tokens <= 0:
             return [], 0.0
         t0 = time.perf_counter()
-        params = self._params(len(ids) + max_new_tokens)
+        params = self._params(max(len(ids) + max_new_tokens, self.min_buffer))
         gen = self._og.Generator(self.model, params)
         gen.append_tokens(list(ids))
         new: list[int] = []
-        while not gen.is_done():
+        while not gen.is_done() and len(new) < max_new_tokens:
             gen.generate_next_token()
             # One token per call, also under speculation. Not get_sequence(): it leaves out the EOS.
             new.extend(int(t) for t in gen.get_next_tokens())
@@ -240,7 +267,8 @@ class ORTGenAIGreedy:
         if curve is None or k not in curve:
             ks = sorted(set(ks) | {1, k})
             # The plain search: the n-gram system runs the same graph, its cost is the graph's.
-            gen = self._og.Generator(self.model, ORTGenAIGreedy._params(self, context + max(ks) + 8))
+            gen = self._og.Generator(self.model, ORTGenAIGreedy._params(self, max(context + max(ks) + 8,
+                                                                              self.min_buffer)))
             gen.append_tokens([(7 * i + 100) % 1000 + 10 for i in range(context)])
 
             def run(n: int) -> float:

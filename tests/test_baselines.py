@@ -114,7 +114,7 @@ class _FakeBuilder:
 
     def __call__(self, cmd, stdout=None, **kw):
         self.calls.append(cmd)
-        assert cmd[1:3] == ["-m", "onnxruntime_genai.models.builder"]
+        assert cmd[1] == "-c" and 'run_module("onnxruntime_genai.models.builder"' in cmd[2]
         assert cmd[cmd.index("-p") + 1] == "int4" and cmd[cmd.index("-e") + 1] == "cpu"
         if self.fail:
             stdout.write("ValueError: unsupported architecture\n")
@@ -157,6 +157,16 @@ def test_a_failed_build_leaves_nothing_and_quotes_the_log(tmp_path, fake_ortgena
     with pytest.raises(BaselineUnavailable, match="unsupported architecture"):
         ensure_ortgenai_model(hf, cache_root=tmp_path / "cache", log=lambda m: None)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_builder_reads_gemma3_rotary_settings_in_its_own_form():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    cfg = baselines.builder_compatible_config(Gemma3TextConfig(rope_theta=1e6, rope_local_base_freq=1e4))
+    assert cfg.rope_local_base_freq == 1e4 and cfg.rope_parameters["rope_theta"] == 1e6
+    assert cfg.rope_parameters["rope_type"] == "default"
+    llama = LlamaConfig()
+    assert baselines.builder_compatible_config(llama).rope_parameters == LlamaConfig().rope_parameters
 
 
 def test_not_a_model_directory(tmp_path):

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,9 @@ def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_pat
     assert curve[0] == curve[1] == 1.0 and curve == sorted(curve) and len(curve) >= 9   # 1 token: a padding row
     exact = dec.exact()                 # True or False by this machine's kernels; cached either way
     table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
-    assert sorted(json.loads(k)[0] for k in table) == ["curve-5", f"exact-5-{dec.check_width()}"]
+    kinds = {json.loads(k)[0] for k in table}
+    assert {"curve-5", f"exact-5-{dec.check_width()}"} <= kinds
+    assert kinds <= {"curve-5"} | {f"exact-5-{w}" for w in range(2, dec.check_width() + 1)}   # narrower, if not
     again = ExportedDecoder(out)
     monkeypatch.setattr(again.runner, "_measure_curve", lambda: pytest.fail("measured again"))
     monkeypatch.setattr(again.runner, "_check_exact", lambda w: pytest.fail("checked again"))
@@ -142,6 +145,32 @@ def test_a_machine_whose_kernels_are_not_exact_decodes_without_drafts(model_dir,
     with pytest.warns(RuntimeWarning, match="without drafts"):
         got, stats = dec.generate(ids, 16)
     assert got == dec.generate(ids, 16, draft=False)[0] and stats.drafted == 0 and stats.forwards == len(got)
+
+
+def test_a_machine_exact_only_for_narrow_steps_drafts_within_them(model_dir, tmp_path, monkeypatch) -> None:
+    """Kernels exact for steps of up to 3 tokens, not wider: drafts are cut to 2 tokens (a step
+    of 3), still the graph's own greedy tokens, and the widths are searched, not all checked."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
+                         chat=False, progress=lambda m: None)
+    dec = ExportedDecoder(out)
+    checked: list[int] = []
+    monkeypatch.setattr(dec.runner, "_check_exact", lambda w: checked.append(w) or w <= 3)
+    widths: list[int] = []
+    real_run = dec.runner.step.run
+    monkeypatch.setattr(dec.runner.step, "run", lambda kv, ids, *a, **k: widths.append(ids.shape[1]) or
+                        real_run(kv, ids, *a, **k))
+    ids = dec.encode(PROMPTS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)         # drafting goes on: no "without drafts"
+        dec.generate(ids, 2)                                    # the machine's measurements, before recording
+        del widths[:]
+        got, stats = dec.generate(ids, 24)
+    steps = widths[1:]                      # after the prefill
+    assert got == dec.generate(ids, 24, draft=False)[0]
+    assert stats.drafted > 0 and stats.accepted > 0 and max(steps) <= 3
+    assert dec._interpreter([ids], 24, True, None).engine.max_query == 3     # the cap the drafts get
+    assert checked[0] == dec.check_width() and 3 in checked and len(checked) <= 5
 
 
 def test_exported_run_never_imports_torch(ort_greedy, model_dir, tmp_path) -> None:

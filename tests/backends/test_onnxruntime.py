@@ -98,6 +98,51 @@ def test_quantized_graphs_use_matmulnbits(tiny) -> None:
         assert {(a["bits"], a.get("accuracy_level", 0)) for a in attrs} == {(bits, QUANT["accuracy_level"])}
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_tied_embedding_is_read_from_the_quantized_head(bits, tmp_path) -> None:
+    """Tied embeddings (SmolLM2, Gemma 3): the quantized graph looks token rows up in the LM
+    head's own blocks (GatherBlockQuantized), exactly their dequantized values, and keeps no
+    float table; an untied table stays float (the ``tiny`` model above)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    import onnxruntime as ort
+
+    model = tiny_llama(vocab_size=64, hidden=64)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    src = export_step(model, tmp_path / "m.onnx")
+    dst = quantize_step(src, tmp_path / "q.onnx", bits=bits)
+    proto = onnx.load(str(dst))
+    [gbq] = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert not [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] == "embed.weight"]
+    assert "embed.weight" not in {i.name for i in proto.graph.initializer}
+    [head] = [n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")
+              or n.op_type == "MatMulNBits" and "lm_head" in n.input[1]]
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    blocks, scales = inits[head.input[1]], inits[head.input[2]].reshape(64, -1)
+    if bits == 4:
+        q = np.stack([blocks & 15, blocks >> 4], -1).reshape(64, -1).astype(np.float32) - 8
+    else:
+        q = blocks.reshape(64, -1).astype(np.float32) - 128
+    want = (q.reshape(64, scales.shape[1], -1) * scales[:, :, None]).reshape(64, -1)
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(gbq.output[0], onnx.TensorProto.FLOAT, None))
+    probe = tmp_path / "probe.onnx"
+    onnx.save(proto, str(probe))
+    sess = ort.InferenceSession(str(probe))
+    ids = np.array([[3, 17, 63, 0]], np.int64)
+    feeds = {"input_ids": ids, "position_ids": np.arange(4)[None], "logits_keep": np.array([1]),
+             "attention_mask": np.zeros((1, 1, 4, 4), np.float32), "cache_lengths": np.zeros(1, np.int64)}
+    feeds |= {n: np.zeros((1, 2, 0, 16), np.float32) for n in io_names(2)[0] if n.startswith("past_key_values")}
+    rows = sess.run([gbq.output[0]], feeds)[0]
+    assert np.array_equal(rows.reshape(4, -1), want[ids[0]])
+    # and the graph decodes: a lossless strategy gives its own greedy's tokens
+    prompts = [[1, 5, 9, 5, 9, 5, 9, 5], [3, 4, 3, 4, 3]]
+    greedy = decograph.generate(model, None, prompts, "greedy", 12, eos_token_id=[], backend=f"onnxruntime-int{bits}")
+    anpd = decograph.generate(model, None, prompts, "anpd", 12, eos_token_id=[], backend=f"onnxruntime-int{bits}")
+    assert [r.new_token_ids for r in anpd] == [r.new_token_ids for r in greedy]
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_rotary_inside_attention_matches_torch(exact, tmp_path) -> None:
     """Head sizes divisible by 16 (the real models') take GQA's own rotary: explicit positions

@@ -108,8 +108,9 @@ class GraphRunner:
         measured cost curve."""
         drafting = draft and cfg.drafts and any(isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches)
                                                 for op in program.walk())
-        width = exact_width(program)
-        exact = self.exact(width)
+        # the program's widest step, or the widest this machine keeps exact (drafts are cut to it)
+        width = self.widest_exact(exact_width(program))
+        exact = width >= 2
         if drafting and not exact:
             drafting = False
             if not self._warned:
@@ -143,6 +144,19 @@ class GraphRunner:
         if width not in self._exact:
             self._exact[width] = bool(self._machine(f"exact-5-{width}", lambda: self._check_exact(width)))
         return self._exact[width]
+
+    def widest_exact(self, width: int) -> int:
+        """The widest step of at most ``width`` tokens that is exact here (``exact``: its check
+        covers every narrower width too), or 1 where none is. Some CPUs keep narrow steps exact
+        and not wide ones (Gemma 3's int4 graph on AVX-512 VNNI: 4 tokens, not 8); widths are
+        searched by halving, each checked once per machine and cached."""
+        if self.exact(width):
+            return width
+        lo, hi = 1, width                   # a step of ``lo`` tokens is exact, one of ``hi`` is not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.exact(mid) else (lo, mid)
+        return lo
 
     def _check_exact(self, width: int, context: int = 37) -> bool:
         if not width_invariant(self.step, width, context):
