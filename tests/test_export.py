@@ -127,8 +127,8 @@ def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_pat
     exact = dec.exact()                 # True or False by this machine's kernels; cached either way
     table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
     kinds = {json.loads(k)[0] for k in table}
-    assert {"curve-5", f"exact-5-{dec.check_width()}"} <= kinds
-    assert kinds <= {"curve-5"} | {f"exact-5-{w}" for w in range(2, dec.check_width() + 1)}   # narrower, if not
+    assert {"curve-5", f"exact-6-{dec.check_width()}"} <= kinds
+    assert kinds <= {"curve-5"} | {f"exact-6-{w}" for w in range(2, dec.check_width() + 1)}   # narrower, if not
     again = ExportedDecoder(out)
     monkeypatch.setattr(again.runner, "_measure_curve", lambda: pytest.fail("measured again"))
     monkeypatch.setattr(again.runner, "_check_exact", lambda w: pytest.fail("checked again"))

@@ -31,7 +31,7 @@ from decograph.runtime.source import Drafted, fit_drafts, one_chain
 from decograph.runtime.trace import trace_step
 from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
                                       start_canvases, unmask_loop)
-from decograph.runtime.verify import greedy_walk, log_softmax, process_logits, sampling_walk, softmax, threshold_walk
+from decograph.runtime.verify import log_softmax, verify_tree
 
 __all__ = ["Admission", "Event", "RunConfig", "Interpreter"]
 
@@ -73,9 +73,10 @@ class RunConfig:
 class Admission:
     """What joins and what leaves a running batch at a step boundary: ``new`` rows as
     ``(index, prompt ids, max_new_tokens)`` (``index`` is the row's id in the events; unique
-    among rows alive), ``cancel`` the indices of rows to drop now (their cache rows freed)."""
+    among rows alive), optionally a fourth item, the row's ``RowSampling``; ``cancel`` the
+    indices of rows to drop now (their cache rows freed)."""
 
-    new: list[tuple[int, list[int], int]] = field(default_factory=list)
+    new: list[tuple[Any, ...]] = field(default_factory=list)
     cancel: list[int] = field(default_factory=list)
 
 
@@ -204,7 +205,7 @@ class Interpreter:
             state.settle()
         state.rows[:] = [r for r in state.rows if not r.done]
         if got.new:
-            rows = [Row(i, list(p), len(p), n) for i, p, n in got.new]
+            rows = [Row(i, list(p), len(p), n, sampling=rest[0] if rest else None) for i, p, n, *rest in got.new]
             if self.cfg.trace is not None:
                 self.cfg.trace.extend({"kind": "prefill", "row": r.index, "prompt_len": r.n_prompt} for r in rows)
             state.hidden_tail = max((s.hidden_tail for s in self.hidden), default=0)
@@ -310,16 +311,8 @@ class Interpreter:
         return _Forwarded(rows, plan, drafts, nodes, pending, state.forward(plan))
 
     def _verify(self, op: O.Op, fwd: _Forwarded) -> _Accepted:
-        paths = []
-        for b, tree in enumerate(fwd.plan.trees):
-            if isinstance(op, O.VerifyGreedy):
-                paths.append(greedy_walk(tree, fwd.argmax(b)))
-            elif isinstance(op, O.VerifySampling):
-                probs = process_logits(fwd.out.logits(b), op.temperature, op.top_k, op.top_p)
-                paths.append(sampling_walk(tree, probs, self.gen))
-            else:
-                paths.append(threshold_walk(tree, softmax(fwd.out.logits(b)), op.threshold))
-        return _Accepted(fwd, paths)
+        return _Accepted(fwd, [verify_tree(op, tree, lambda b=b: fwd.argmax(b), lambda b=b: fwd.out.logits(b),
+                                           fwd.rows[b].sampling, self.gen) for b, tree in enumerate(fwd.plan.trees)])
 
     def _commit(self, op: O.Commit, env: dict[Any, Any]) -> Iterator[Event]:
         if self.unmask is not None:

@@ -39,6 +39,7 @@ class Row:
     meta: dict[str, Any] = field(default_factory=dict)
     logprobs: list[float] = field(default_factory=list)  # branch rows: log p of each committed token
     results: list[Any] = field(default_factory=list)     # what joins left on this row
+    sampling: Any = None            # a ``verify.RowSampling``: the row's own verification (servers)
 
     @property
     def new_tokens(self) -> list[int]:

@@ -3,8 +3,10 @@
 A ``Scheduler`` owns one backend's decoder for a server. Requests go to a *lane*: one running
 ``Interpreter`` whose top-level loop admits new rows at every step boundary
 (``RunConfig.admit``) and drops cancelled ones there. Requests that decode the same way share
-a lane (greedy ones, or sampling ones with the same temperature and top-p); a seeded request
-gets a lane of its own, so its random stream is its own and a rerun gives the same tokens.
+a lane (greedy ones and unseeded sampling ones, whatever their temperature and top-p: each row
+carries its own, ``RowSampling``); a seeded request gets a lane of its own, so that its draws
+(how many per step depends on its drafts, which depend on the batch's load) are its own and a
+rerun gives the same tokens.
 Each lane runs in a thread of its own, and the lanes take turns step by step (one forward on
 the device at a time, first come first served), so a long sampling request never stalls
 greedy ones. A lane with nothing left to do ends; the next request starts it again.
@@ -60,8 +62,9 @@ class Request:
     when it has ended; ``cancel()`` drops its row at the next step boundary."""
 
     def __init__(self, scheduler: Scheduler, rid: int, prompt: list[int], max_new: int, lane: Hashable,
-                 listener: Callable[[tuple[int, ...] | None], None] | None = None) -> None:
+                 listener: Callable[[tuple[int, ...] | None], None] | None = None, sampling: Any = None) -> None:
         self.id, self.prompt, self.max_new, self.lane, self.listener = rid, prompt, max_new, lane, listener
+        self.sampling = sampling
         self.stats = RequestStats(prompt_tokens=len(prompt))
         self.tokens: list[int] = []
         self.done = threading.Event()
@@ -148,15 +151,17 @@ class Scheduler:
     # -- the server's side ------------------------------------------------------------------
 
     def submit(self, prompt: list[int], max_new: int, lane: Hashable = "greedy",
-               listener: Callable[[tuple[int, ...] | None], None] | None = None) -> Request:
+               listener: Callable[[tuple[int, ...] | None], None] | None = None, sampling: Any = None) -> Request:
         """Queue ``prompt`` for ``max_new`` tokens in ``lane``; ``listener`` (called from the
-        lane's thread) gets each committed chunk, then None when the request has ended."""
+        lane's thread) gets each committed chunk, then None when the request has ended;
+        ``sampling`` (a ``RowSampling``): the row's own temperature and top-p, in place of the
+        lane program's verification (rows of different temperatures share a batch)."""
         if not prompt:
             raise InputError("the prompt is empty: give at least one token")
         with self._lock:
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
-            req = Request(self, next(self._ids), list(prompt), int(max_new), lane, listener)
+            req = Request(self, next(self._ids), list(prompt), int(max_new), lane, listener, sampling)
             self._enqueue(req)
         return req
 
@@ -252,7 +257,7 @@ class Scheduler:
                 req = ln.pending.popleft()
                 req.stats.queued_s = time.perf_counter() - req.submitted
                 ln.live[req.id] = req
-                new.append((req.id, req.prompt, req.max_new))
+                new.append((req.id, req.prompt, req.max_new, req.sampling))
             cancel = [rid for rid in ln.cancels if rid in ln.live]
             ln.cancels.clear()
             gone = [ln.live.pop(rid) for rid in cancel]

@@ -15,12 +15,62 @@ node ``i``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 
 from decograph.errors import InputError
+from decograph.ir import ops as O
 from decograph.runtime.rows import DraftTree
 
-__all__ = ["greedy_walk", "sampling_walk", "threshold_walk", "process_logits", "softmax", "log_softmax"]
+__all__ = ["greedy_walk", "sampling_walk", "threshold_walk", "process_logits", "softmax", "log_softmax",
+           "RowSampling", "verify_tree"]
+
+
+@dataclass
+class RowSampling:
+    """One row's own sampling parameters, in place of its program's verification rule: a
+    server's requests with different temperatures and top-p decode in one batch. Temperature
+    0 is greedy verification. ``seed``: the row draws from its own generator (else from the
+    run's)."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    _gen: np.random.Generator | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise InputError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+
+    def generator(self, run: np.random.Generator) -> np.random.Generator:
+        if self.seed is None:
+            return run
+        if self._gen is None:
+            self._gen = np.random.default_rng(self.seed)
+        return self._gen
+
+
+def verify_tree(op: O.Op, tree: DraftTree, argmax: Callable[[], list[int]], logits: Callable[[], np.ndarray],
+                sampling: RowSampling | None, gen: np.random.Generator) -> tuple[list[int], int]:
+    """A row's accepted path and bonus token under ``op`` (``verify.greedy``, ``.sampling``,
+    ``.threshold``), or under the row's own ``sampling`` parameters when it has them."""
+    if sampling is not None:
+        if sampling.temperature == 0:
+            return greedy_walk(tree, argmax())
+        probs = process_logits(logits(), sampling.temperature, sampling.top_k, sampling.top_p)
+        return sampling_walk(tree, probs, sampling.generator(gen))
+    if isinstance(op, O.VerifyGreedy):
+        return greedy_walk(tree, argmax())
+    if isinstance(op, O.VerifySampling):
+        return sampling_walk(tree, process_logits(logits(), op.temperature, op.top_k, op.top_p), gen)
+    return threshold_walk(tree, softmax(logits()), op.threshold)
 
 
 def greedy_walk(tree: DraftTree, argmax: list[int]) -> tuple[list[int], int]:

@@ -188,3 +188,70 @@ def test_onnxruntime_batches_hold_no_more_rows_than_stay_exact(model) -> None:
     assert [r.new_token_ids for r in out] == [
         decograph.generate(model, None, [p], "anpd", 10, eos_token_id=[], backend="onnxruntime")[0].new_token_ids
         for p in PROMPTS]
+
+
+def _mixed(model, backend: str, strategy: str) -> dict[int, list[int]]:
+    """Every prompt joins one running batch, a step apart; odd rows sample with their own
+    temperature, top-p and seed (``RowSampling``), even rows keep the program's rule."""
+    from decograph.runtime.verify import RowSampling
+
+    dec = Decoder(model, None, strategy, backend=backend)
+    waiting = list(range(len(PROMPTS)))
+    got: dict[int, list[int]] = {i: [] for i in waiting}
+
+    def admit(idle: bool) -> Admission:
+        out = Admission()
+        if waiting:
+            i = waiting.pop(0)
+            own = RowSampling(0.6 + 0.1 * i, 0.9, seed=10 + i) if i % 2 else None
+            out.new.append((i, PROMPTS[i], BUDGETS[i], own))
+        return out
+
+    cfg = RunConfig(admit=admit)
+    interp = dec.interpreter(cfg)
+    interp.cfg.eos_token_ids, interp.eos = (), set()
+    for ev in interp.run([]):
+        got[ev.row] += ev.tokens
+    return got
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_rows_with_their_own_sampling_parameters_share_a_batch(model, backend) -> None:
+    """Rows of different temperatures decode in one batch: each sampling row gets exactly the
+    tokens of its prompt sampled alone at its temperature, top-p and seed; the greedy rows
+    their greedy tokens."""
+    from decograph.passes.sampling import to_sampling
+
+    got = _mixed(model, backend, "greedy")
+    greedy = alone(model, backend, "greedy")
+    base = Decoder(model, None, "greedy", backend=backend).program
+    for i, (p, n) in enumerate(zip(PROMPTS, BUDGETS)):
+        if i % 2 == 0:
+            assert got[i] == greedy[i], i
+            continue
+        [r] = decograph.generate(model, None, [p], to_sampling(base, 0.6 + 0.1 * i, 0, 0.9), n, eos_token_id=[],
+                                 backend=backend, seed=10 + i, passes="none")
+        assert got[i] == r.new_token_ids, i
+    assert any(got[i] != greedy[i] for i in range(1, len(PROMPTS), 2))      # they did sample
+
+
+def test_sampling_rows_beside_drafting_greedy_rows_leave_them_exact(model) -> None:
+    """With drafts (anpd), the greedy rows of a mixed batch keep their tokens alone; the
+    sampling rows decode their budgets."""
+    got = _mixed(model, "torch", "anpd")
+    want = alone(model, "torch", "anpd")
+    for i in range(len(PROMPTS)):
+        if i % 2 == 0:
+            assert got[i] == want[i], i
+        else:
+            assert len(got[i]) == BUDGETS[i] and all(0 <= t < 48 for t in got[i])
+
+
+def test_row_sampling_refuses_bad_parameters() -> None:
+    from decograph.errors import InputError
+    from decograph.runtime.verify import RowSampling
+
+    for bad in ({"temperature": -1.0}, {"temperature": float("nan")}, {"temperature": 1.0, "top_p": 0.0},
+                {"temperature": 1.0, "top_p": 1.5}, {"temperature": 1.0, "top_k": -2}):
+        with pytest.raises(InputError):
+            RowSampling(**bad)

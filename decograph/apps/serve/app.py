@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decograph.apps.serve.metrics import Metrics
-from decograph.apps.serve.models import ServedModel, lane_key
+from decograph.apps.serve.models import ServedModel, lane_key, row_sampling
 from decograph.errors import InputError
 from decograph.runtime.scheduler import Request, Scheduler, SchedulerClosed
 
@@ -263,7 +263,8 @@ def create_app(served: ServedModel, *, max_batch: int = 16, grace_s: float = 30.
                     lane = lane_key(body.temperature, body.top_p, seed, f"{rid}-{len(reqs)}")
                     q: asyncio.Queue = asyncio.Queue()
                     listener = _listener(loop, q)
-                    req = sched.submit(p, max_tokens, lane, listener=listener)
+                    req = sched.submit(p, max_tokens, lane, listener=listener,
+                                       sampling=row_sampling(body.temperature, body.top_p, seed))
                     reqs.append(req)
                     queues.append(q)
                     choices.append(_Choice(served, req, body.stop or []))

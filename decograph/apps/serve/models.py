@@ -11,18 +11,27 @@ from decograph.chat import check_messages, render_chat
 from decograph.errors import InputError
 from decograph.runtime import Interpreter, RunConfig
 
-__all__ = ["ServedModel", "lane_key", "load_served"]
+__all__ = ["ServedModel", "lane_key", "load_served", "row_sampling"]
 
 
 def lane_key(temperature: float | None, top_p: float, seed: int | None, request_id: str) -> Hashable:
     """Which lane a request decodes in: the strategy as written (greedy for the lossless
-    built-ins) when ``temperature`` is None or 0, else sampling at (temperature, top_p); a
-    seeded request alone in a lane of its own, so its random stream is its own."""
-    if not temperature:
+    built-ins), whose rows may carry their own sampling parameters (``row_sampling``), unless
+    the request is seeded: then alone in a lane of its own, sampling at (temperature, top_p),
+    so that its random stream is its own."""
+    if not temperature or seed is None:
         return "greedy"
-    if seed is None:
-        return ("sample", float(temperature), float(top_p))
     return ("seeded", float(temperature), float(top_p), int(seed), request_id)
+
+
+def row_sampling(temperature: float | None, top_p: float, seed: int | None) -> Any:
+    """The row's own verification in the shared lane: sampling at (temperature, top_p) for an
+    unseeded sampling request; None (the strategy as written) otherwise."""
+    if not temperature or seed is not None:
+        return None
+    from decograph.runtime.verify import RowSampling
+
+    return RowSampling(float(temperature), float(top_p))
 
 
 class ServedModel:

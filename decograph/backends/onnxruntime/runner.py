@@ -41,28 +41,50 @@ def padded_step(step: StepSession, kv: Any, ids: np.ndarray, pos: np.ndarray, pa
     return logits[:, :t].copy()
 
 
-def width_invariant(step: StepSession, max_width: int = 9, context: int = 37) -> bool:
+def width_invariant(step: StepSession, max_width: int = 9, context: int = 37,
+                    boundaries: tuple[int, ...] = (64, 128)) -> bool:
     """Whether ``step``'s graph, on this machine's kernels, gives a k-token step bit-identical
-    logits and K/V to k one-token steps (each with its filler row, ``padded_step``), for every k from 2 to ``max_width`` (in either order
-    after a ``context``-token prefill of random tokens). Exact graphs are built for it; on some
-    CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order than a
-    several-row one, and this is what finds out."""
+    logits and K/V to k one-token steps (each with its filler row, ``padded_step``), for every k
+    from 2 to ``max_width``: in either order after a ``context``-token prefill of random tokens,
+    and for each k once more with the k-token step ending exactly at each of ``boundaries``
+    keys (one-token steps then run one key past it: some attention kernels switch code paths
+    at 64 keys, seen with Gemma 3's graph on an AVX-512 VNNI CPU). Exact graphs are built for
+    it; on some CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order
+    than a several-row one, and this is what finds out."""
     widths = list(range(2, max_width + 1))
     rng = np.random.default_rng(1)
     vocab = step.vocab_size
     prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
     runs = []
     for order in ([1] * len(toks), widths, widths[::-1]):
-        kv = step.new_kv(1, context + len(toks) + 2)
-        step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
-        logits, i = [], 0
-        for w in order:
-            pos = np.arange(context + i, context + i + w)[None]
-            logits.append(padded_step(step, kv, toks[None, i:i + w], pos, context + i))
-            i += w
-        runs.append((np.concatenate(logits, 1), [v.copy() for v in kv.views()]))
+        runs.append(_steps(step, prompt, toks, order))
     (ref, ref_kv), others = runs[0], runs[1:]
-    return all(np.array_equal(ref, lg) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv)) for lg, kv in others)
+    if not all(_same(ref, ref_kv, lg, kv) for lg, kv in others):
+        return False
+    for edge in boundaries:
+        for w in widths:
+            prompt, toks = rng.integers(0, vocab, (1, edge - w)), rng.integers(0, vocab, w)
+            (ref, ref_kv), (lg, kv) = _steps(step, prompt, toks, [1] * w), _steps(step, prompt, toks, [w])
+            if not _same(ref, ref_kv, lg, kv):
+                return False
+    return True
+
+
+def _steps(step: StepSession, prompt: np.ndarray, toks: np.ndarray, order: list[int]) -> tuple[np.ndarray, list]:
+    """The logits of ``toks`` stepped in widths ``order`` after ``prompt``'s prefill, and the K/V."""
+    context = prompt.shape[1]
+    kv = step.new_kv(1, context + len(toks) + 2)
+    step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
+    logits, i = [], 0
+    for w in order:
+        pos = np.arange(context + i, context + i + w)[None]
+        logits.append(padded_step(step, kv, toks[None, i:i + w], pos, context + i))
+        i += w
+    return np.concatenate(logits, 1), [v.copy() for v in kv.views()]
+
+
+def _same(ref: np.ndarray, ref_kv: list, logits: np.ndarray, kv: list) -> bool:
+    return np.array_equal(ref, logits) and all(np.array_equal(a, b) for a, b in zip(ref_kv, kv))
 
 
 def program_width(program: O.Program) -> int:
@@ -142,7 +164,7 @@ class GraphRunner:
         length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if width not in self._exact:
-            self._exact[width] = bool(self._machine(f"exact-5-{width}", lambda: self._check_exact(width)))
+            self._exact[width] = bool(self._machine(f"exact-6-{width}", lambda: self._check_exact(width)))
         return self._exact[width]
 
     def widest_exact(self, width: int) -> int:
