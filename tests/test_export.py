@@ -282,3 +282,36 @@ def test_default_model_int4_decoder(ort_greedy, default_model, tmp_path, monkeyp
 
     for name in ("jacobi", "gs_jacobi", "lookahead"):
         assert [r[0] for r in dec.with_program(as_program(name)).generate_batch(ids, 24)] == want, name
+
+
+class _EdgeStep:
+    """A step graph stand-in exact for every width except where a step's keys cross 64: a
+    query's logits then move by one ulp-sized step (what Gemma 3's int4 graph did on an AVX-512
+    VNNI CPU: a dense step ending at 64 keys against one-token steps ending at 65)."""
+
+    vocab_size = 7
+
+    class _KV:
+        def __init__(self) -> None:
+            self.length = 0
+
+        def views(self) -> list:
+            return []
+
+    def new_kv(self, batch: int, capacity: int = 0):
+        return self._KV()
+
+    def run(self, kv, ids, pos, mask, keep=0, **kw):
+        kv.length += ids.shape[1]
+        total = kv.length
+        logits = (pos[0, :, None] * 31 + ids[0, :, None] * 7 + np.arange(self.vocab_size)[None]) % 11
+        return (logits + (1e-3 if total > 64 else 0.0))[None].astype(np.float32)
+
+
+def test_the_exactness_check_covers_steps_ending_at_64_keys() -> None:
+    from decograph.backends.onnxruntime.runner import width_invariant
+
+    step = _EdgeStep()
+    assert width_invariant(step, 6, boundaries=())          # the random-order check alone misses it
+    assert not width_invariant(step, 6)
+    assert not width_invariant(step, 2)
