@@ -52,3 +52,34 @@ def test_non_llama_models_use_the_generic_path():
     cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False)
     assert HFCausalLM(Qwen2ForCausalLM(cfg)).fast is None
+
+
+@pytest.mark.parametrize("kernels", ["onednn", "mkl"])
+def test_both_matmul_kernels_match_transformers(kernels):
+    from decograph.models.fast_llama import LlamaFastPath
+
+    model = tiny_llama(seed=1)
+    a = HFCausalLM(model)
+    a.fast = LlamaFastPath(model, kernels)
+    ref = HFCausalLM(model, fast=False)
+    prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for ad in (a, ref):
+        c = ad.new_cache(1)
+        outs.append(ad.forward(c, prompt, torch.arange(7)[None], torch.ones(7, 7, dtype=torch.bool).tril()[None]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_default_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
+    import decograph.models.fast_llama as fl
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert fl.measure_kernels(reps=2) in fl.KERNELS
+    calls = []
+    monkeypatch.setattr(fl, "measure_kernels", lambda: calls.append(1) or "mkl")
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        assert fl.default_kernels() == "mkl"
+        return
+    assert fl.default_kernels() == "mkl" and fl.default_kernels() == "mkl" and calls == [1]   # cached
+    assert (tmp_path / "decograph" / "kernels.json").is_file()
+    assert fl.LlamaFastPath(tiny_llama()).kernels == "mkl"
