@@ -132,13 +132,19 @@ class Scheduler:
     runtime's interpreter for a lane (its program, on the backend's engine) with ``config``
     (a ``RunConfig`` whose ``admit`` is the lane's). ``max_batch``: the most rows a lane
     decodes at once (the rest wait their turn). ``on_step(lane_key, rows)``: called before
-    each step with the lane's batch size (metrics)."""
+    each step with the lane's batch size (metrics). ``prefill_tokens``: the most prompt tokens
+    a step boundary admits (at least one request; 0: no limit), so that a burst of requests
+    has its prompts' forwards spread over the running batch's steps instead of all before the
+    next one (default 512)."""
 
     def __init__(self, make_interpreter: Callable[[Hashable, RunConfig], Interpreter], *, max_batch: int = 16,
                  idle_s: float = 0.05, on_step: Callable[[Hashable, int], None] | None = None,
-                 lane_context: Callable[[], Any] | None = None) -> None:
+                 lane_context: Callable[[], Any] | None = None, prefill_tokens: int = 512) -> None:
         if max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_tokens < 0:
+            raise InputError(f"prefill_tokens must be >= 0, got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.make_interpreter, self.max_batch, self.idle_s, self.on_step = make_interpreter, max_batch, idle_s, on_step
         self.lane_context = lane_context        # entered by each lane's thread (torch: inference mode)
         self._lock = threading.Condition()
@@ -253,8 +259,14 @@ class Scheduler:
             new = []
             engine_rows = getattr(ln.interp.engine, "max_rows", 0) if ln.interp is not None else 0
             limit = min(self.max_batch, engine_rows) if engine_rows else self.max_batch
+            left = self.prefill_tokens or None          # prompt tokens this boundary may still take
             while ln.pending and len(ln.live) < limit:
+                size = len(ln.pending[0].prompt)
+                if new and left is not None and size > left:
+                    break                       # its prompt's forward waits for the next boundary
                 req = ln.pending.popleft()
+                if left is not None:
+                    left -= size
                 req.stats.queued_s = time.perf_counter() - req.submitted
                 ln.live[req.id] = req
                 new.append((req.id, req.prompt, req.max_new, req.sampling))

@@ -255,3 +255,34 @@ def test_row_sampling_refuses_bad_parameters() -> None:
                 {"temperature": 1.0, "top_p": 1.5}, {"temperature": 1.0, "top_k": -2}):
         with pytest.raises(InputError):
             RowSampling(**bad)
+
+
+def test_a_step_boundary_admits_prompts_up_to_the_prefill_budget(model) -> None:
+    """A burst of requests: each boundary takes in prompts of at most ``prefill_tokens`` tokens
+    in all (one request at least, whatever its length), so their forwards spread over the
+    running batch's steps; each request still gets its tokens alone."""
+    dec = Decoder(model, None, "anpd", backend="torch")
+    want = alone(model, "torch", "anpd")
+    admitted: list[list[int]] = []
+
+    def make(lane, cfg):
+        inner = cfg.admit
+
+        def admit(idle):
+            got = inner(idle)
+            if got.new:
+                admitted.append([len(p) for _, p, *_ in got.new])
+            return got
+        cfg.admit = admit
+        cfg.eos_token_ids = ()
+        return dec.interpreter(cfg)
+
+    sched = Scheduler(make, max_batch=8, prefill_tokens=12)
+    reqs = [sched.submit(p, n) for p, n in zip(PROMPTS, BUDGETS)]
+    got = [r.result(timeout=120) for r in reqs]
+    assert sched.close(5)
+    assert got == want
+    assert sum(map(len, admitted)) == len(PROMPTS) and len(admitted) >= 3
+    assert all(len(a) == 1 or sum(a) <= 12 for a in admitted), admitted
+    with pytest.raises(Exception, match="prefill_tokens"):
+        Scheduler(make, prefill_tokens=-1)

@@ -160,13 +160,13 @@ class _Choice:
 
 
 def create_app(served: ServedModel, *, max_batch: int = 16, grace_s: float = 30.0,
-               scheduler: Scheduler | None = None) -> FastAPI:
+               scheduler: Scheduler | None = None, prefill_tokens: int = 512) -> FastAPI:
     """The app over ``served``; its scheduler is ``app.state.scheduler`` (closed, with a grace
     period for requests in flight, when the app shuts down)."""
     metrics = Metrics()
     sched = scheduler or Scheduler(served.interpreter, max_batch=max_batch if served.continuous else 1,
                                    on_step=lambda lane, rows: metrics.batch_size.set(rows),
-                                   lane_context=served.lane_context())
+                                   lane_context=served.lane_context(), prefill_tokens=prefill_tokens)
     metrics.watch(sched)
 
     from contextlib import asynccontextmanager

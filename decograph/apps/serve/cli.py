@@ -33,6 +33,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port, printed)")
     s.add_argument("--max-batch", type=int, default=16, metavar="N", help="most rows decoded at once (default: 16)")
+    s.add_argument("--prefill-tokens", type=int, default=512, metavar="N",
+                   help="most prompt tokens a step admits into the running batch (at least one request; 0: no "
+                        "limit), so a burst's prompt forwards spread over the batch's steps (default: 512)")
     s.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads (default: the backend's)")
     s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="serve as a Ray Serve deployment (Ray's HTTP proxy in front) on the cluster at ADDRESS "
@@ -55,6 +58,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.prefill_tokens < 0:
+        raise InputError(f"--prefill-tokens must be >= 0, got {args.prefill_tokens}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     if args.ray is not None:
@@ -64,7 +69,7 @@ def serve(args: argparse.Namespace) -> int:
             raise InputError("--ray needs a fixed --port (Ray's HTTP proxy binds it)")
         options = {"model": {"model": args.model, "exported": args.exported, "strategy": args.strategy,
                              "backend": args.backend, "name": args.served_model_name, "threads": args.threads},
-                   "max_batch": args.max_batch, "grace": args.grace}
+                   "max_batch": args.max_batch, "grace": args.grace, "prefill_tokens": args.prefill_tokens}
         return serve_on_ray(args.ray or None, args.replicas, options, args.host, args.port)
     if args.replicas != 1:
         raise InputError("--replicas needs --ray (one process serves one decoder)")
@@ -72,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     served = load_served(model=args.model, exported=args.exported, strategy=args.strategy, backend=args.backend,
                          name=args.served_model_name, threads=args.threads)
-    app = create_app(served, max_batch=args.max_batch, grace_s=args.grace)
+    app = create_app(served, max_batch=args.max_batch, grace_s=args.grace, prefill_tokens=args.prefill_tokens)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=max(1, int(args.grace)))
     server = uvicorn.Server(config)

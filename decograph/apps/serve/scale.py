@@ -47,7 +47,8 @@ def build_app(options: dict[str, Any]) -> Any:
     from decograph.apps.serve.models import load_served
 
     served = load_served(**options["model"])
-    return create_app(served, max_batch=options["max_batch"], grace_s=options["grace"])
+    return create_app(served, max_batch=options["max_batch"], grace_s=options["grace"],
+                      prefill_tokens=options.get("prefill_tokens", 512))
 
 
 def deployment(options: dict[str, Any], replicas: int) -> Any:
