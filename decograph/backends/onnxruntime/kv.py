@@ -82,6 +82,7 @@ class KV:
         self.bufs: list[np.ndarray] = []            # host arrays (shared ones only)
         self.vals: list[Any] = []                   # the bound OrtValues
         self._cap = 0
+        self._full: list[np.ndarray] = []           # shared: the allocations (rows past ``batch`` spare)
         self._logits: dict[tuple[int, ...], tuple[np.ndarray, Any]] = {}
         self._hidden: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}      # a ``hidden`` graph's output
         self._bind([np.zeros((batch, owner.kv_heads, capacity, owner.head_dim), owner.kv_dtype)
@@ -91,12 +92,19 @@ class KV:
     def capacity(self) -> int:
         return self._cap
 
-    def _bind(self, bufs: list[np.ndarray]) -> None:
+    @property
+    def rows_capacity(self) -> int:
+        """Rows the allocation holds (``batch`` of them bound; the rest spare for ``add_rows``)."""
+        return self._full[0].shape[0] if self._full else self.batch
+
+    def _bind(self, bufs: list[np.ndarray], rows: int | None = None) -> None:
         from onnxruntime import OrtValue
 
-        self.batch, self._cap = bufs[0].shape[0], bufs[0].shape[2]
+        self.batch, self._cap = bufs[0].shape[0] if rows is None else rows, bufs[0].shape[2]
         if self.shared:
-            self.bufs, self.vals = bufs, [OrtValue.ortvalue_from_numpy(b) for b in bufs]
+            self._full = bufs
+            self.bufs = [b[:self.batch] for b in bufs]          # leading rows: still C-contiguous
+            self.vals = [OrtValue.ortvalue_from_numpy(b) for b in self.bufs]
         else:
             self.bufs, self.vals = [], [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b), self.owner.device, 0)
                                         for b in bufs]
@@ -121,8 +129,26 @@ class KV:
             new.append(b)
         self._bind(new)
 
-    def replace(self, bufs: list[np.ndarray], length: int) -> None:
-        """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity."""
+    def add_rows(self, rows: list[tuple[list[np.ndarray], int] | None], length: int) -> bool:
+        """Rows appended after the bound ones, in the allocation's spare rows (nothing else is
+        copied): each ``(host buffers of a one-row cache, n)`` gives its first n slots, None an
+        empty row; ``length`` slots valid. False (nothing changed) when the spare rows or the
+        slots do not suffice, or the buffers are not host memory."""
+        need = max([r[1] for r in rows if r is not None] + [length]) + 1
+        n = self.batch + len(rows)
+        if not self.shared or n > self.rows_capacity or need > self._cap:
+            return False
+        for j, full in enumerate(self._full):
+            for i, r in enumerate(rows):
+                if r is not None:
+                    full[self.batch + i, :, :r[1]] = r[0][j][0, :, :r[1]]
+        self._bind(self._full, n)
+        self.length = length
+        return True
+
+    def replace(self, bufs: list[np.ndarray], length: int, rows: int | None = None) -> None:
+        """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity;
+        ``rows``: how many of the buffers' rows are the batch (the rest spare, ``add_rows``)."""
         cap = max(self.capacity, length + 1, max((b.shape[2] for b in bufs), default=0))
         new = []
         for b in bufs:
@@ -132,12 +158,20 @@ class KV:
                 full = np.zeros(b.shape[:2] + (cap,) + b.shape[3:], b.dtype)
                 full[:, :, : b.shape[2]] = b
                 new.append(full)
-        self._bind(new)
+        self._bind(new, rows)
         self.length = length
 
     def select(self, rows: np.ndarray, length: int | None = None) -> None:
         """Keep batch ``rows`` only (in that order), ``length`` slots valid (default: as now)."""
-        self.replace([buf[rows] for buf in self.host()], self.length if length is None else length)
+        length = self.length if length is None else length
+        if self.shared:                     # compacted in place: the allocation and its spare rows stay
+            rows = np.asarray(rows, np.int64)
+            for full in self._full:
+                full[:len(rows), :, :length] = full[rows, :, :length]
+            self._bind(self._full, len(rows))
+            self.length = length
+            return
+        self.replace([buf[rows] for buf in self.host()], length)
 
     def views(self) -> list[np.ndarray]:
         return [b[:, :, : self.length] for b in self.host()]
