@@ -188,22 +188,21 @@ class OrtBatch(Batch):
         slots valid per row."""
         length = int(self.lengths.max(initial=0))
         if old and self.kv.add_rows([(kv.host(), kv.length) if kv is not None else None for kv in caches], length):
-            return                                  # written into spare rows: the old rows stay put
+            return                  # into rows that finished ones left (``KV.select``): the old rows stay put
         cap = length + 64
         if old:
             cap = max(cap, old[0].shape[2])
         n_old = old[0].shape[0] if old else 0
-        n = spare = n_old + len(caches)
         bufs = []
         for j in range(2 * self.step.num_layers):
-            full = np.zeros((spare, self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
+            full = np.zeros((n_old + len(caches), self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
             if old:
                 full[:n_old, :, :old[j].shape[2]] = old[j]
             for i, kv in enumerate(caches):
                 if kv is not None:
                     full[n_old + i, :, :kv.length] = kv.host()[j][0, :, :kv.length]
             bufs.append(full)
-        self.kv.replace(bufs, length, rows=n)
+        self.kv.replace(bufs, length)
 
     def admit(self, rows: list[Row]) -> None:
         """New rows join between two steps: each prompt's forward runs alone (as ``prefill``),

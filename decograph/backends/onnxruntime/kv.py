@@ -146,9 +146,8 @@ class KV:
         self.length = length
         return True
 
-    def replace(self, bufs: list[np.ndarray], length: int, rows: int | None = None) -> None:
-        """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity;
-        ``rows``: how many of the buffers' rows are the batch (the rest spare, ``add_rows``)."""
+    def replace(self, bufs: list[np.ndarray], length: int) -> None:
+        """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity."""
         cap = max(self.capacity, length + 1, max((b.shape[2] for b in bufs), default=0))
         new = []
         for b in bufs:
@@ -158,7 +157,7 @@ class KV:
                 full = np.zeros(b.shape[:2] + (cap,) + b.shape[3:], b.dtype)
                 full[:, :, : b.shape[2]] = b
                 new.append(full)
-        self._bind(new, rows)
+        self._bind(new)
         self.length = length
 
     def select(self, rows: np.ndarray, length: int | None = None) -> None:
