@@ -169,9 +169,9 @@ class GraphRunner:
 
     def widest_exact(self, width: int) -> int:
         """The widest step of at most ``width`` tokens that is exact here (``exact``: its check
-        covers every narrower width too), or 1 where none is. Some CPUs keep narrow steps exact
-        and not wide ones (Gemma 3's int4 graph on AVX-512 VNNI: 4 tokens, not 8); widths are
-        searched by halving, each checked once per machine and cached."""
+        covers every narrower width too), or 1 where none is: for CPUs that keep narrow steps
+        exact and not wide ones. Widths are searched by halving, each checked once per machine
+        and cached."""
         if self.exact(width):
             return width
         lo, hi = 1, width                   # a step of ``lo`` tokens is exact, one of ``hi`` is not
