@@ -28,7 +28,8 @@ def _lm(block: int = 4, seed: int = 0) -> BlockDiffusionLM:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():                       # a noisy path that differs from the base model
         for mods in lm.lora:
-            for m in mods.values():
+            for m in mods.values():                 # both factors: the model is the same in every process
+                m.a.copy_(torch.randn(m.a.shape, generator=g) / m.a.shape[1] ** 0.5)
                 m.b.copy_(torch.randn(m.b.shape, generator=g) * 0.3)
         lm.mask_embed.copy_(torch.randn(lm.mask_embed.shape, generator=g))
     return lm.eval()
@@ -117,13 +118,28 @@ def test_every_unmask_strategy_runs(name: str) -> None:
 
 
 def test_eos_ends_the_answer() -> None:
+    """Once EOS is unmasked the positions after it are EOS padding, which the block's bidirectional
+    attention sees: a run with an EOS set equals the free run only up to the step that unmasked
+    the EOS. Pick a token that the free run unmasks at its first position after every earlier
+    position is decoded: with it as EOS, the answer is the free run's prefix through it, ended
+    there. Any other EOS still ends the answer at its first occurrence, decoded before it."""
     ad = BlockDiffusionAdapter(_lm())
     prog = load_strategy("fast_dllm", overrides={"block": 4, "threshold": 0.3}).program
-    [free] = generate(ad, None, [[10, 11, 12]], prog, 16, eos_token_id=[])
-    stop = free.new_token_ids[5]
+    [free] = generate(ad, None, [[10, 11, 12]], prog, 16, eos_token_id=[], trace=True)
+    toks = free.new_token_ids
+    step_of = {g: e["step"] for e in free.trace if e["kind"] == "unmask" for g in e["positions"]}
+    first_step = {t: min(step_of[g] for g, u in enumerate(toks) if u == t) for t in set(toks)}
+    clean = [t for t in dict.fromkeys(toks) if toks.index(t) >= 1 and step_of[toks.index(t)] == first_step[t]
+             and all(step_of[g] <= first_step[t] for g in range(toks.index(t)))]
+    assert clean, (toks, step_of)
+    stop = clean[-1]
     [r] = generate(ad, None, [[10, 11, 12]], prog, 16, eos_token_id=[stop])
-    cut = free.new_token_ids.index(stop)
-    assert r.new_token_ids == free.new_token_ids[:cut + 1]
+    assert r.new_token_ids == toks[:toks.index(stop) + 1]
+    assert r.stats.finish_reason == "eos"
+    for stop in set(toks) - set(clean):
+        [r] = generate(ad, None, [[10, 11, 12]], prog, 16, eos_token_id=[stop])
+        assert r.new_token_ids[-1] == stop and stop not in r.new_token_ids[:-1] and MASK not in r.new_token_ids
+        assert r.stats.finish_reason == "eos"
 
 
 def test_delta_round_trip_and_errors(tmp_path) -> None:
