@@ -306,3 +306,22 @@ def test_ort_adapters_get_their_own_cost_curve(exported, monkeypatch, tmp_path) 
     assert curve(2) == 2.5
     table = json.loads((tmp_path / "decograph" / "cost_curves.json").read_text())
     assert any('"onnxruntime"' in k and exported.parent.name in k for k in table)
+
+
+@pytest.mark.parametrize("rows", [[0, 3, 2], [1, 2, 3], [0, 1], [2, 0, 1], [3, 1]])
+def test_a_cache_keeps_the_selected_rows(exported, rows) -> None:
+    """``KV.select`` keeps the chosen rows in the given order: moved one by one in place where
+    every row's source lies at or after its place (a finished row's place taken by a later
+    row, as ``OrtBatch.settle`` asks), gathered otherwise; the spare rows' allocation stays."""
+    import numpy as np
+
+    step = StepSession(exported)
+    kv = step.new_kv(4, 16)
+    for b in kv.host():
+        b[...] = np.arange(4, dtype=b.dtype)[:, None, None, None] + np.arange(16, dtype=b.dtype)[None, None, :, None] / 100
+    before = [b.copy() for b in kv.host()]
+    kv.length = 12
+    kv.select(np.array(rows), 10)
+    assert kv.batch == len(rows) and kv.length == 10 and kv.rows_capacity == 4
+    for b, old in zip(kv.host(), before):
+        assert np.array_equal(b[:, :, :10], old[rows][:, :, :10])

@@ -299,6 +299,12 @@ class OrtBatch(Batch):
         for r in self.active:
             if r.done:
                 self._tails.pop(id(r), None)
+        # finished rows leave by swap-remove: each place they free among the first len(keep) rows
+        # takes a live row from past them, so only those rows' caches move (a row's place in the
+        # batch does not change its arithmetic), not every row after a finished one
+        n = len(keep)
+        movers = iter(i for i in keep if i >= n)
+        keep = [i if not self.active[i].done else next(movers) for i in range(n)]
         self.active = [self.active[i] for i in keep]
         self.roots = [self.roots[i] for i in keep]
         idx = np.array(keep, np.int64)

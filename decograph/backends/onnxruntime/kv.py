@@ -165,8 +165,16 @@ class KV:
         length = self.length if length is None else length
         if self.shared:                     # compacted in place: the allocation and its spare rows stay
             rows = np.asarray(rows, np.int64)
-            for full in self._full:
-                full[:len(rows), :, :length] = full[rows, :, :length]
+            if all(r >= i for i, r in enumerate(rows.tolist())):
+                # each row's source lies at or after its place: copied one by one, front to back, only
+                # where it moves (no source is overwritten before it is read)
+                for i, r in enumerate(rows.tolist()):
+                    if r != i:
+                        for full in self._full:
+                            full[i, :, :length] = full[r, :, :length]
+            else:
+                for full in self._full:
+                    full[:len(rows), :, :length] = full[rows, :, :length]
             self._bind(self._full, len(rows))
             self.length = length
             return
