@@ -41,6 +41,7 @@ __all__ = ["OrtBatch", "OrtOutput", "tree_masks", "MIN_ROWS"]
 # weights and int8 activations, where even the graph's own one-token padding row did not keep
 # it), so with this every step of 1 to 16 tokens gives each row the same arithmetic.
 MIN_ROWS = 2
+_STEP_SLACK = 20        # slots past a row's budget: the widest step's drafts and padding rows
 
 
 def tree_masks(lengths: np.ndarray, pending: list[int], trees: list[DraftTree], w: int, width: int) -> np.ndarray:
@@ -147,7 +148,9 @@ class OrtBatch(Batch):
         if not any(len(r.tokens) > 1 for r in self.active):
             return
         if len(self.active) == 1:
-            self.roots[0] = self._prompt(self.active[0], self.kv)
+            r = self.active[0]
+            self.kv.reserve(len(r.tokens) + min(r.remaining + _STEP_SLACK, 1024))
+            self.roots[0] = self._prompt(r, self.kv)
             self.lengths = np.array([self.kv.length], np.int64)
             self.forwards += 1
             return
@@ -156,6 +159,14 @@ class OrtBatch(Batch):
         self.forwards += 1
         self.lengths = np.array([kv.length if kv is not None else 0 for kv in caches], np.int64)
         self._gather([], caches)
+
+    def _budget(self) -> int:
+        """The slots the batch's rows can reach: each row's cached slots, its remaining tokens
+        and the widest step after them (at most 1024 past the longest row: longer budgets grow
+        as they go). Sized so once, a batch's cache is not doubled and copied whole mid-decode."""
+        length = int(self.lengths.max(initial=0))
+        need = max((int(n) + r.remaining + _STEP_SLACK for n, r in zip(self.lengths, self.active)), default=0)
+        return max(length + 64, min(need, length + 1024))
 
     def _prompt(self, r: Row, kv: KV) -> np.ndarray:
         """Row ``r``'s prompt forward into ``kv`` (a cache of its own); its root's logits. On a
@@ -187,9 +198,10 @@ class OrtBatch(Batch):
         or none) then one row per cache in ``caches`` (None: an empty row), ``self.lengths``
         slots valid per row."""
         length = int(self.lengths.max(initial=0))
-        if old and self.kv.add_rows([(kv.host(), kv.length) if kv is not None else None for kv in caches], length):
+        if old and self._budget() <= self.kv.capacity and \
+                self.kv.add_rows([(kv.host(), kv.length) if kv is not None else None for kv in caches], length):
             return                  # into rows that finished ones left (``KV.select``): the old rows stay put
-        cap = length + 64
+        cap = self._budget()
         if old:
             cap = max(cap, old[0].shape[2])
         n_old = old[0].shape[0] if old else 0
