@@ -149,7 +149,7 @@ class OrtBatch(Batch):
             return
         if len(self.active) == 1:
             r = self.active[0]
-            self.kv.reserve(len(r.tokens) + min(r.remaining + _STEP_SLACK, 1024))
+            self.kv.reserve(self._budget([len(r.tokens)], [r]))
             self.roots[0] = self._prompt(r, self.kv)
             self.lengths = np.array([self.kv.length], np.int64)
             self.forwards += 1
@@ -160,12 +160,15 @@ class OrtBatch(Batch):
         self.lengths = np.array([kv.length if kv is not None else 0 for kv in caches], np.int64)
         self._gather([], caches)
 
-    def _budget(self) -> int:
-        """The slots the batch's rows can reach: each row's cached slots, its remaining tokens
-        and the widest step after them (at most 1024 past the longest row: longer budgets grow
-        as they go). Sized so once, a batch's cache is not doubled and copied whole mid-decode."""
-        length = int(self.lengths.max(initial=0))
-        need = max((int(n) + r.remaining + _STEP_SLACK for n, r in zip(self.lengths, self.active)), default=0)
+    def _budget(self, lengths: np.ndarray | list[int] | None = None, rows: list[Row] | None = None) -> int:
+        """The slots the rows (default: the batch's, with their cached ``lengths``) can reach:
+        each row's cached slots, its remaining tokens and the widest step after them (at most
+        1024 past the longest row: longer budgets grow as they go). Sized so once, a batch's
+        cache is not doubled and copied whole mid-decode."""
+        lengths = self.lengths if lengths is None else lengths
+        rows = self.active if rows is None else rows
+        length = int(max(lengths, default=0))
+        need = max((int(n) + r.remaining + _STEP_SLACK for n, r in zip(lengths, rows)), default=0)
         return max(length + 64, min(need, length + 1024))
 
     def _prompt(self, r: Row, kv: KV) -> np.ndarray:
@@ -197,11 +200,10 @@ class OrtBatch(Batch):
         """The batch's cache: ``old``'s rows (host buffers of the rows already in the batch,
         or none) then one row per cache in ``caches`` (None: an empty row), ``self.lengths``
         slots valid per row."""
-        length = int(self.lengths.max(initial=0))
-        if old and self._budget() <= self.kv.capacity and \
+        length, cap = int(self.lengths.max(initial=0)), self._budget()
+        if old and cap <= self.kv.capacity and \
                 self.kv.add_rows([(kv.host(), kv.length) if kv is not None else None for kv in caches], length):
             return                  # into rows that finished ones left (``KV.select``): the old rows stay put
-        cap = self._budget()
         if old:
             cap = max(cap, old[0].shape[2])
         n_old = old[0].shape[0] if old else 0
