@@ -127,6 +127,7 @@ class Interpreter:
             if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
                 src = self.sources[id(op)] = make_source(op, config.draft_models, config.draft_heads)
                 src.cost, src.max_query = config.cost_curve, getattr(engine, "max_query", None) or 0
+                src.min_query = int(getattr(engine, "min_query", 1) or 1)
                 src.chains_only = bool(getattr(engine, "chains_only", False))
             elif isinstance(op, O.UNMASK_OPS):
                 raise UnsupportedError(f"{op.NAME} needs a masked-diffusion model, the model is a causal LM")

@@ -213,6 +213,7 @@ class Engine(ABC):
     tokenizer: Any = None
     cost_curve: Any = None
     max_rows: int = 0                   # the most rows one batch may hold (0: any); a server caps admission
+    min_query: int = 1                  # the query tokens a row's step computes at least (an exact ONNX graph: 2)
     canvas: bool = False
     mask_token_id: int = -1
     max_positions: int = 0

@@ -32,6 +32,7 @@ class DraftSource(ABC):
         self.cost: CostCurve = DEFAULT_CURVE      # the interpreter sets the model's measured curve
         self.rows = 1                             # rows in this step's forward (the interpreter sets it)
         self.max_query = 0                        # the backend's widest step (0: any; the interpreter sets it)
+        self.min_query = 1                        # the query tokens a row's step computes at least (the engine's)
         self.queued = 0                           # draft tokens other drafts of this step proposed for the row
         self.chains_only = False                  # the backend verifies one chain per row (``Engine.chains_only``)
 
@@ -39,8 +40,11 @@ class DraftSource(ABC):
         """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
         query tokens: the batch's query tokens on the one-row curve (which includes the padding
         to the cheapest width). A batch already fills the matrix units, so a wider step costs
-        nearly in proportion there: load-aware drafting drafts less, or not at all."""
-        return self.cost(self.rows * width)
+        nearly in proportion there: load-aware drafting drafts less, or not at all. A backend
+        that computes at least ``min_query`` query tokens per row (an exact ONNX graph pads a
+        one-token step to two) charges every row that many, so a draft token that fills the
+        padding costs nothing at any batch size."""
+        return self.cost(self.rows * max(width, self.min_query))
 
     def longest(self) -> int:
         """The longest chain this source can propose (a bound; a chain-only backend skips a

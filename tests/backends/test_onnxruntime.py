@@ -325,3 +325,47 @@ def test_a_cache_keeps_the_selected_rows(exported, rows) -> None:
     assert kv.batch == len(rows) and kv.length == 10 and kv.rows_capacity == 4
     for b, old in zip(kv.host(), before):
         assert np.array_equal(b[:, :, :10], old[rows][:, :, :10])
+
+
+def test_a_large_cache_buffer_is_zero_pages_that_rows_write() -> None:
+    """``cache_zeros``: a large buffer is an anonymous map (zeros, writable, C-contiguous, not
+    drawn from the heap), a small one plain ``np.zeros``."""
+    import mmap
+
+    import numpy as np
+
+    from decograph.backends.onnxruntime.kv import cache_zeros
+
+    big = cache_zeros((4, 3, 2048, 64), np.float32)
+    owner = big
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(getattr(owner, "obj", owner), mmap.mmap)
+    assert big.shape == (4, 3, 2048, 64) and big.flags.c_contiguous and big.flags.writeable
+    assert not big.any()
+    big[1, 2, 5] = 7.0
+    assert big.sum() == 7.0 * 64
+    small = cache_zeros((1, 2, 8, 4), np.float16)
+    assert small.dtype == np.float16 and not small.any() and small.base is None
+
+
+def test_admissions_land_in_the_gathered_caches_room(exported) -> None:
+    """A gathered batch's cache holds the engine's ``max_rows`` rows and ``_GATHER_SLOTS`` slots,
+    so rows admitted later are copied into it (no new allocation of the whole cache), and every
+    row still gets its tokens alone."""
+    import numpy as np
+
+    from decograph.backends.onnxruntime.engine import _GATHER_SLOTS
+    from decograph.backends.onnxruntime.solo import OrtEngine
+    from decograph.runtime.rows import Row
+
+    engine = OrtEngine(StepSession(exported), max_rows=8)
+    batch = engine.start([Row(0, list(PROMPTS[0]), len(PROMPTS[0]), 6), Row(1, list(PROMPTS[1]), len(PROMPTS[1]), 6)])
+    batch.prefill()
+    first = batch.kv._full[0]
+    assert batch.kv.batch == 2 and batch.kv.rows_capacity == 8 and batch.kv.capacity >= _GATHER_SLOTS
+    batch.admit([Row(2, list(PROMPTS[2]), len(PROMPTS[2]), 6)])
+    assert batch.kv._full[0] is first and batch.kv.batch == 3
+    want = [decograph.generate(ORTCausalLM(exported), None, [p], "greedy", 1, eos_token_id=[])[0].new_token_ids[0]
+            for p in PROMPTS]
+    assert [int(np.argmax(r)) for r in batch.roots] == want

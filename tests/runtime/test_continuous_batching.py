@@ -178,6 +178,34 @@ def test_load_aware_drafting_drafts_less_in_a_wide_batch() -> None:
     assert sum(map(len, sixteen)) < len(one[0])
 
 
+def test_a_draft_token_in_a_rows_padding_is_free_at_any_batch_size() -> None:
+    """A backend whose step computes at least two query tokens per row (``Engine.min_query``:
+    an exact ONNX graph's padding row) charges a one-token draft nothing, so sixteen rows on a
+    linear curve still draft one token each, and never more than the curve pays for."""
+    from decograph.frontends.strategies import load_strategy
+
+    [op] = [o for o in load_strategy("anpd").program.walk() if isinstance(o, O.DRAFT_OPS)]
+    toks = [5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 5, 6, 7, 8]
+    drafts = {}
+    for min_query in (1, 2):
+        src = make_source(op, {})
+        src.cost = CostCurve({1: 1.0, 2: 1.0, 4: 1.1, 8: 1.3, 16: 2.0, 32: 4.0, 64: 8.0, 128: 16.0})
+        src.rows, src.min_query = 16, min_query
+        assert src.step_cost(1) == src.cost(16 * min_query)
+        drafts[min_query] = src.propose(Row(0, list(toks), len(toks), 100, cached=len(toks) - 1), 20)
+    assert sum(map(len, drafts[1])) == 0
+    assert [len(c) for c in drafts[2]] == [1]
+
+
+def test_an_exact_graph_computes_two_query_tokens_a_step(model) -> None:
+    """The ONNX engine reports the query tokens its rows compute at least: two (the filler or
+    padding row that keeps every product off one row)."""
+    dec = Decoder(model, None, "anpd", backend="onnxruntime")
+    interp = dec.interpreter(RunConfig())
+    assert interp.engine.min_query == 2
+    assert all(src.min_query == 2 for src in interp.sources.values())
+
+
 def test_onnxruntime_batches_hold_no_more_rows_than_stay_exact(model) -> None:
     """The graph's measured batch shape caps a batch (wider ones step row by row), so 8 prompts
     in one call still get their tokens alone (this tiny fp32 graph keeps 4 rows exact here)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from decograph.backends.onnxruntime.kv import KV, NEG, StepSession, causal_mask
+from decograph.backends.onnxruntime.kv import KV, NEG, StepSession, cache_zeros, causal_mask
 from decograph.errors import UnsupportedError
 from decograph.runtime.protocol import Batch, StepOutput, StepPlan
 from decograph.runtime.rows import DraftTree, Row
@@ -42,6 +42,7 @@ __all__ = ["OrtBatch", "OrtOutput", "tree_masks", "MIN_ROWS"]
 # it), so with this every step of 1 to 16 tokens gives each row the same arithmetic.
 MIN_ROWS = 2
 _STEP_SLACK = 20        # slots past a row's budget: the widest step's drafts and padding rows
+_GATHER_SLOTS = 2048     # a gathered host cache's least slots (see OrtBatch._gather)
 
 
 def tree_masks(lengths: np.ndarray, pending: list[int], trees: list[DraftTree], w: int, width: int) -> np.ndarray:
@@ -125,6 +126,7 @@ class OrtBatch(Batch):
     _stack: list[_Level] = field(default_factory=list)
     _fed: list[int] = field(default_factory=list)
     filler: bool = True                 # a batch's one-token steps get the filler row too
+    spare_rows: int = 0                 # rows a gathered cache's allocation holds at least (admissions)
     # draft heads (a graph with the ``hidden`` output): per row (by id) its prompt forward's last
     # ``hidden_tail`` positions' final hidden states, and its prompt-computed root's
     _tails: dict[int, np.ndarray] = field(default_factory=dict)
@@ -199,24 +201,34 @@ class OrtBatch(Batch):
     def _gather(self, old: list[np.ndarray], caches: list[KV | None]) -> None:
         """The batch's cache: ``old``'s rows (host buffers of the rows already in the batch,
         or none) then one row per cache in ``caches`` (None: an empty row), ``self.lengths``
-        slots valid per row."""
+        slots valid per row. On the host, a new allocation holds ``spare_rows`` rows and at
+        least ``_GATHER_SLOTS`` slots (growing by half at least), so that later admissions land
+        in it (``KV.add_rows``) instead of copying the whole cache again: its pages are zeros
+        that no one touches until a row writes them, so the room costs address space only."""
         length, cap = int(self.lengths.max(initial=0)), self._budget()
         if old and cap <= self.kv.capacity and \
                 self.kv.add_rows([(kv.host(), kv.length) if kv is not None else None for kv in caches], length):
             return                  # into rows that finished ones left (``KV.select``): the old rows stay put
+        rows, n_old = len(caches), 0
         if old:
+            n_old = old[0].shape[0]
+            rows += n_old
             cap = max(cap, old[0].shape[2])
-        n_old = old[0].shape[0] if old else 0
+            if cap > old[0].shape[2]:
+                cap = max(cap, old[0].shape[2] * 3 // 2)
+        if self.kv.shared:
+            cap, rows = max(cap, _GATHER_SLOTS), max(rows, self.spare_rows)
         bufs = []
         for j in range(2 * self.step.num_layers):
-            full = np.zeros((n_old + len(caches), self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
+            full = cache_zeros((rows, self.step.kv_heads, cap, self.step.head_dim), self.step.kv_dtype)
             if old:
-                full[:n_old, :, :old[j].shape[2]] = old[j]
+                m = min(length, old[j].shape[2])
+                full[:n_old, :, :m] = old[j][:, :, :m]
             for i, kv in enumerate(caches):
                 if kv is not None:
                     full[n_old + i, :, :kv.length] = kv.host()[j][0, :, :kv.length]
             bufs.append(full)
-        self.kv.replace(bufs, length)
+        self.kv.replace(bufs, length, n_old + len(caches))
 
     def admit(self, rows: list[Row]) -> None:
         """New rows join between two steps: each prompt's forward runs alone (as ``prefill``),
@@ -343,8 +355,13 @@ class OrtBatch(Batch):
         self.roots = [None] * len(self.active)
         kv = self.step.new_kv(max(len(pick), 1), self.kv.capacity)
         if pick:
-            host = self.kv.host()
-            kv.replace([buf[np.array(pick)] for buf in host], int(self.lengths.max()))
+            host, n = self.kv.host(), int(self.lengths.max())
+            if kv.shared:                   # the valid slots only: the rest stays untouched zeros
+                for dst, src in zip(kv.host(), host):
+                    dst[:, :, :n] = src[np.array(pick), :, :n]
+                kv.length = n
+            else:
+                kv.replace([buf[np.array(pick)] for buf in host], n)
             for b, r in zip(pick, self.active):
                 r.kv_bytes_copied += int(self.lengths.max()) * sum(buf[0, :, 0].nbytes for buf in host)
         self.kv = kv

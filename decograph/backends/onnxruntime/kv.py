@@ -10,6 +10,7 @@ row (see ``graph``) writes one slot past a one-token step, outside the valid len
 """
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from decograph.errors import ModelError
 
-__all__ = ["KV", "NEG", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
+__all__ = ["KV", "NEG", "cache_zeros", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
 
 NEG = np.float32(np.finfo(np.float32).min)     # an additive mask's "never"
 
@@ -49,6 +50,16 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return opts
+
+
+def cache_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A zero cache buffer. A large one is its own anonymous memory map: fresh zero pages that
+    cost nothing until written (``np.zeros`` may take them from the heap and clear every byte,
+    which makes a roomy cache as dear as a full one)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n < 1 << 20:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, n), dtype).reshape(shape)
 
 
 _TRIANGLES: dict[int, np.ndarray] = {}
@@ -85,7 +96,7 @@ class KV:
         self._full: list[np.ndarray] = []           # shared: the allocations (rows past ``batch`` spare)
         self._logits: dict[tuple[int, ...], tuple[np.ndarray, Any]] = {}
         self._hidden: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}      # a ``hidden`` graph's output
-        self._bind([np.zeros((batch, owner.kv_heads, capacity, owner.head_dim), owner.kv_dtype)
+        self._bind([cache_zeros((batch, owner.kv_heads, capacity, owner.head_dim), owner.kv_dtype)
                     for _ in range(2 * owner.num_layers)])
 
     @property
@@ -124,7 +135,7 @@ class KV:
         cap = max(need, 2 * self.capacity, 64)
         new = []
         for buf in self.host():
-            b = np.zeros(buf.shape[:2] + (cap,) + buf.shape[3:], buf.dtype)
+            b = cache_zeros(buf.shape[:2] + (cap,) + buf.shape[3:], buf.dtype)
             b[:, :, : self.length] = buf[:, :, : self.length]
             new.append(b)
         self._bind(new)
@@ -146,18 +157,23 @@ class KV:
         self.length = length
         return True
 
-    def replace(self, bufs: list[np.ndarray], length: int) -> None:
-        """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity."""
+    def replace(self, bufs: list[np.ndarray], length: int, rows: int | None = None) -> None:
+        """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity;
+        ``rows``: the leading rows bound (the rest of ``bufs`` spare for ``add_rows``; a shared
+        cache only), default all."""
         cap = max(self.capacity, length + 1, max((b.shape[2] for b in bufs), default=0))
         new = []
         for b in bufs:
             if b.shape[2] == cap and b.flags.c_contiguous:
                 new.append(b)
             else:
-                full = np.zeros(b.shape[:2] + (cap,) + b.shape[3:], b.dtype)
+                full = cache_zeros(b.shape[:2] + (cap,) + b.shape[3:], b.dtype)
                 full[:, :, : b.shape[2]] = b
                 new.append(full)
-        self._bind(new)
+        if rows is not None and not self.shared:
+            new = [b[:rows] for b in new]
+            rows = None
+        self._bind(new, rows)
         self.length = length
 
     def select(self, rows: np.ndarray, length: int | None = None) -> None:
@@ -257,6 +273,18 @@ class StepSession:
         # chains only (see ``graph``), so the engine verifies one draft chain a step
         self.quantized = QUANT_META in self.session.get_modelmeta().custom_metadata_map
         self.path = p
+        self._min_query: int | None = None
+
+    @property
+    def min_query(self) -> int:
+        """The query tokens a row's step computes at least: 2 on a graph that gives a one-token
+        step a padding query row (``graph.step_frame``'s exact graphs: its K/V land in the slot
+        after the step's), else 1. Probed once with a one-token step on an empty cache."""
+        if self._min_query is None:
+            kv = self.new_kv(1, 4)
+            self.run(kv, np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), causal_mask(1, 0), 1)
+            self._min_query = 2 if any(np.any(np.asarray(b)[:, :, 1] != 0) for b in kv.host()) else 1
+        return self._min_query
 
     def new_kv(self, batch: int, capacity: int = 0, shared: bool | None = None) -> KV:
         return KV(self, batch, capacity, shared)

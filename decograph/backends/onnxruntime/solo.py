@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from decograph.backends.onnxruntime.engine import OrtBatch, OrtOutput
+from decograph.backends.onnxruntime.engine import MIN_ROWS, OrtBatch, OrtOutput
 from decograph.backends.onnxruntime.kv import StepSession
 from decograph.runtime.protocol import Batch, Engine, StepOutput, StepPlan
 from decograph.runtime.rows import Row
@@ -32,12 +32,15 @@ class OrtEngine(Engine):
         self.solo = solo            # every row in a batch of its own (kernels not batch-invariant here)
         self.batch_filler = batch_filler    # see GraphRunner.batch_shape
         self.max_rows = 1 if solo else max_rows     # the most rows one product keeps exact
+        # every row's step computes at least this many query tokens: a lone row's and (with the
+        # filler) a batch's get a filler row from the batch, others the graph's own padding row
+        self.min_query = MIN_ROWS if batch_filler else step.min_query
         self.chains_only = bool(getattr(step, "quantized", False))
 
     def start(self, rows: list[Row]) -> Batch:
         if (self.solo or len(rows) > self.max_rows) and len(rows) != 1:
             return SoloBatch(self.step, rows)
-        return OrtBatch(self.step, rows, filler=self.batch_filler)
+        return OrtBatch(self.step, rows, filler=self.batch_filler, spare_rows=self.max_rows)
 
 
 class SoloOutput(StepOutput):
