@@ -7,7 +7,7 @@ load), time to first token and per-token latency after it (p50, p99 over request
 per forward, and whether each output equals the greedy server's for the same prompt (lossless:
 it must). The load generator is httpx (async, streamed; ``stream_options.include_usage``).
 
-    python benchmarks/bench_serve.py [--per-category 2] [--concurrency 1 4 16] [--max-tokens 64]
+    python benchmarks/bench_serve.py [--per-category 2] [--concurrency 1 4 16] [--max-tokens 128]
         [--exported DIR] [--out benchmarks/results/serve.json]
     python benchmarks/bench_serve.py --soak 500 --concurrency 16 --max-tokens 16
 
@@ -207,7 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-category", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--exported", metavar="DIR", help="an exported int4 anpd decoder (default: exported now)")
     ap.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak test of N requests instead")
     ap.add_argument("--out", default=None)
