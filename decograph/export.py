@@ -55,7 +55,8 @@ def check_exportable(program: O.Program, diffusion: bool = False, draft_models: 
                                    f"{op.model}=DIR)")
         if isinstance(op, (O.DraftNoise,) + O.NOISE_RULES):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` needs a uniform-noise diffusion model "
-                                   f"(DiffusionGemma), which runs on the torch backend only (no export yet)")
+                                   f"(DiffusionGemma), which runs on the torch and onnxruntime backends but has no "
+                                   f"exported decoder yet")
         if isinstance(op, O.UNMASK_OPS) or isinstance(op, O.DraftMask):
             raise UnsupportedError(f"strategy {program.name!r}: step `{op.NAME}` needs a masked-diffusion model; "
                                    f"export it with decograph's own (model= a train-mdm directory)")
@@ -84,7 +85,8 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         return _export_mdm(adapter, tok, strategy, target, quant, dtype, overrides, passes, chat, progress)
     if not isinstance(adapter, HFCausalLM):
         raise UnsupportedError(f"export needs a Hugging Face causal LM or decograph's masked-diffusion model, got "
-                               f"{type(adapter).__name__}" + (" (DiffusionGemma runs on the torch backend only)"
+                               f"{type(adapter).__name__}" + (" (DiffusionGemma runs on the torch and onnxruntime "
+                                                              "backends; it has no exported decoder yet)"
                                                               if type(adapter).__name__ == "DiffusionGemmaAdapter" else ""))
     program = optimize(as_program(strategy, overrides), adapter, passes)
     drafts = _draft_adapters(draft_models or {}, adapter, program)

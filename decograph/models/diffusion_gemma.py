@@ -4,7 +4,8 @@ each committed canvas); its decoder denoises a canvas of ``config.canvas_length`
 them, bidirectionally, fed the last step's logits as a self-conditioning signal. decograph runs
 it with the strategies built on ``draft.noise`` and ``unmask.entropy_bound`` (the built-in
 ``diffusion_gemma`` is transformers' own ``generate``), on the torch backend
-(``decograph.backends.torch_ref.denoise``).
+(``decograph.backends.torch_ref.denoise``) and on the ``onnxruntime`` backend (its encoder and
+decoder as ONNX graphs, ``decograph.backends.onnxruntime.noise``).
 
     adapter = DiffusionGemmaAdapter(model, tokenizer)      # a model object
     adapter = load_diffusion_model("path/to/dir")          # a directory (decograph.models.diffusion)

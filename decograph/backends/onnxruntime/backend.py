@@ -58,15 +58,21 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def ops(self) -> frozenset[str]:
-        return frozenset(HOST_OPS) | {"forward"}
+        # the unmask rules run on the host (numpy) over the graphs' logits, never on torch
+        return frozenset(HOST_OPS) | {"forward"} | {op.NAME for op in O.UNMASK_OPS}
 
     def prepare(self, adapter: Any) -> Any:
         from decograph.models.adapters import HFCausalLM
         from decograph.models.diffusion import BlockDiffusionAdapter, MDMAdapter
+        from decograph.models.diffusion_gemma import DiffusionGemmaAdapter
 
         hit = self._adapters.get(id(adapter))
         if hit is not None and hit[0] is adapter:
             return hit[1]
+        if isinstance(adapter, DiffusionGemmaAdapter):
+            ort_dg = adapter if getattr(adapter, "session", None) is not None else self._prepare_dg(adapter)
+            self._adapters[id(adapter)] = (adapter, ort_dg)
+            return ort_dg
         if isinstance(adapter, (MDMAdapter, BlockDiffusionAdapter)):
             ort_mdm = self._prepare_mdm(adapter)
             self._adapters[id(adapter)] = (adapter, ort_mdm)
@@ -114,11 +120,17 @@ class OnnxRuntimeBackend(Backend):
 
     def interpreter(self, program: Any, adapter: Any, config: Any) -> Any:
         """The runtime over the exported decoder's code: a causal LM's ``GraphRunner``, the
-        masked-diffusion model's ``OrtCanvasEngine``."""
+        masked-diffusion model's ``OrtCanvasEngine``, DiffusionGemma's ``OrtNoiseEngine`` (its
+        draws seeded by the run's ``seed``)."""
         from decograph.backends.onnxruntime.mdm import ORTMDMAdapter
+        from decograph.backends.onnxruntime.noise import OrtDiffusionGemma
         from decograph.backends.onnxruntime.runner import GraphRunner
         from decograph.backends.onnxruntime.session import ORTCausalLM
 
+        if isinstance(adapter, OrtDiffusionGemma):
+            from decograph.runtime.interp import Interpreter
+
+            return Interpreter(program, adapter.engine(config.seed, config.tokenizer), config)
         if isinstance(adapter, ORTMDMAdapter):
             from decograph.backends.onnxruntime.canvas import OrtCanvasEngine
             from decograph.runtime.interp import Interpreter
@@ -191,6 +203,31 @@ class OnnxRuntimeBackend(Backend):
         return ORTMDMAdapter(path, mask_token_id=adapter.mask_token_id, eos_token_ids=adapter.eos_token_ids,
                              max_positions=adapter.max_positions, tokenizer=adapter.tokenizer,
                              shift_logits=adapter.shift_logits)
+
+    def _prepare_dg(self, adapter: Any) -> Any:
+        """transformers' DiffusionGemma, its encoder and decoder exported once
+        (``graph_diffusion_gemma``, cached by the graphs' version, config and weights), fp32 on
+        the CPU EP."""
+        import torch
+
+        from decograph.backends.onnxruntime.graph_diffusion_gemma import DG_GRAPH_VERSION, export_diffusion_gemma
+        from decograph.backends.onnxruntime.noise import DGSession, OrtDiffusionGemma
+
+        if self.bits:
+            raise UnsupportedError(f"backend {self.name!r}: DiffusionGemma runs on ONNX Runtime in fp32 only "
+                                   f"(backend 'onnxruntime'); its graphs are not quantized")
+        m = adapter.model
+        # the weights the graphs read: the text encoder, the decoder, the LM head (not the vision tower)
+        text = torch.nn.ModuleDict({"encoder": m.model.encoder.language_model, "decoder": m.model.decoder,
+                                    "lm_head": m.lm_head})
+        scalars = [float(b.sum()) for name, b in text.named_buffers() if name.endswith("layer_scalar")]
+        digest = _fingerprint(text, f"{DG_GRAPH_VERSION}\n{m.config.to_json_string(use_diff=False)}\n{scalars}")
+        directory = cache_path("onnx") / f"dgemma-{digest}"
+        if not (directory / "decoder.onnx").is_file():          # written after the encoder: both are whole
+            export_diffusion_gemma(m, directory)
+        return OrtDiffusionGemma(DGSession(directory), eos_token_ids=adapter.eos_token_ids,
+                                 pad_token_id=adapter.pad_token_id, max_positions=adapter.max_positions,
+                                 tokenizer=adapter.tokenizer)
 
 
 class OnnxRuntimeInt4Backend(OnnxRuntimeBackend):
