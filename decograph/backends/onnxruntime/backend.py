@@ -225,7 +225,10 @@ class OnnxRuntimeBackend(Backend):
         directory = cache_path("onnx") / f"dgemma-{digest}"
         if not (directory / "decoder.onnx").is_file():          # written after the encoder: both are whole
             export_diffusion_gemma(m, directory)
-        return OrtDiffusionGemma(DGSession(directory), eos_token_ids=adapter.eos_token_ids,
+        hit = self._adapters.get(("dgemma", directory))        # one pair of sessions per export, shared
+        if hit is None:
+            hit = self._adapters[("dgemma", directory)] = (directory, DGSession(directory))
+        return OrtDiffusionGemma(hit[1], eos_token_ids=adapter.eos_token_ids,
                                  pad_token_id=adapter.pad_token_id, max_positions=adapter.max_positions,
                                  tokenizer=adapter.tokenizer)
 
