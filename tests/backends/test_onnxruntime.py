@@ -369,3 +369,14 @@ def test_admissions_land_in_the_gathered_caches_room(exported) -> None:
     want = [decograph.generate(ORTCausalLM(exported), None, [p], "greedy", 1, eos_token_id=[])[0].new_token_ids[0]
             for p in PROMPTS]
     assert [int(np.argmax(r)) for r in batch.roots] == want
+
+
+def test_a_step_graph_reports_the_query_tokens_a_step_computes(exported) -> None:
+    """``StepSession.min_query``: an exact graph gives a one-token step a padding query row (its
+    K/V land in the slot after the step's), so every step computes two query tokens; an engine
+    without batch filler rows charges drafts by it."""
+    from decograph.backends.onnxruntime.solo import OrtEngine
+
+    step = StepSession(exported)
+    assert step.min_query == 2
+    assert OrtEngine(step, batch_filler=False).min_query == 2
