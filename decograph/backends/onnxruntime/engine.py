@@ -363,7 +363,7 @@ class OrtBatch(Batch):
             else:
                 kv.replace([buf[np.array(pick)] for buf in host], n)
             for b, r in zip(pick, self.active):
-                r.kv_bytes_copied += int(self.lengths.max()) * sum(buf[0, :, 0].nbytes for buf in host)
+                r.kv_bytes_copied += n * sum(buf[0, :, 0].nbytes for buf in host)
         self.kv = kv
 
     def join(self) -> list[list[Row]]:

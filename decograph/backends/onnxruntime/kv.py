@@ -159,8 +159,8 @@ class KV:
 
     def replace(self, bufs: list[np.ndarray], length: int, rows: int | None = None) -> None:
         """New contents (rows selected, slots gathered): ``length`` slots valid, same capacity;
-        ``rows``: the leading rows bound (the rest of ``bufs`` spare for ``add_rows``; a shared
-        cache only), default all."""
+        ``rows``: the leading rows bound (the rest of ``bufs`` spare for ``add_rows``; only a
+        shared cache has spare rows), default all."""
         cap = max(self.capacity, length + 1, max((b.shape[2] for b in bufs), default=0))
         new = []
         for b in bufs:
@@ -170,9 +170,6 @@ class KV:
                 full = cache_zeros(b.shape[:2] + (cap,) + b.shape[3:], b.dtype)
                 full[:, :, : b.shape[2]] = b
                 new.append(full)
-        if rows is not None and not self.shared:
-            new = [b[:rows] for b in new]
-            rows = None
         self._bind(new, rows)
         self.length = length
 
