@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from decograph.cli import main
+from decograph.errors import InputError
 from decograph.heads import data as D
 from decograph.heads.model import DraftHead, chain_mask, to_head_weights
 from decograph.heads.spec import WEIGHT_SHAPES, HeadConfig, HeadWeights, load_head, save_head
@@ -276,6 +277,7 @@ def test_a_minutes_budget_bounds_data_and_training(tiny) -> None:
     (["--data-chunks", "8"], "--data-chunks goes with --steps"),
     (["--steps", "3", "--data-chunks", "1"], "--data-chunks must be at least 2, got 1"),
     (["--out", "head.bin"], "a draft head is an .npz file"),
+    (["--questions", "no-such-questions.jsonl"], "--questions no-such-questions.jsonl: no such file"),
 ])
 def test_cli_refuses_bad_arguments(argv, message, capsys) -> None:
     assert main(["train-draft", *argv]) == 2
@@ -332,6 +334,33 @@ def test_the_data_reads_the_standard_library_and_never_the_benchmarks(tiny, monk
     assert not [p for p in outside if p.suffix in (".py", ".txt", ".json", ".jsonl", ".md")
                 and "site-packages" not in p.parts], outside
     assert any(p.is_relative_to(stdlib) and p.suffix == ".py" for p in opened)
+
+
+def test_a_questions_file_adds_the_models_answers_but_never_a_benchmark_prompt(tiny, tmp_path: Path) -> None:
+    import json
+
+    from decograph.bench.prompts import load_prompts
+
+    bench = load_prompts(None, 0)[0].text
+    rows = [{"question_id": i, "category": "cat", "turns": [f"first {i}"]} for i in range(5)]     # skipped
+    rows += [{"question_id": 10 + i, "category": "cat", "turns": [f"ask {i} about tea"]} for i in range(20)]
+    rows.append({"question_id": 99, "category": "other", "turns": [bench]})
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    qs = D.question_requests(path, D.benchmark_texts(path))
+    assert qs == tuple(f"ask {i} about tea" for i in range(20))
+    with pytest.raises(InputError, match=r"bad.jsonl:2: not a question"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(rows[0]) + "\n{}\n")
+        D.question_requests(bad)
+    head = _train(tiny, steps=2, options=TrainOptions(vocab=16, seq_len=96, data_chunks=6, corpus_chars=50_000),
+                  questions=path)
+    meta = head.config.meta
+    assert meta["data"]["chunks"]["questions"] == {"chat/train": 2, "chat/heldout": 2, "text/train": 0,
+                                                   "text/heldout": 0}
+    assert set(meta["heldout"]) == {"chat", "text", "questions"}
+    again = _train(tiny, steps=2, options=TrainOptions(vocab=16, seq_len=96, data_chunks=6, corpus_chars=50_000))
+    assert "questions" not in again.config.meta["heldout"]       # another run, without them
 
 
 def test_held_out_documents_give_no_training_requests() -> None:

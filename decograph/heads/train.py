@@ -112,8 +112,19 @@ def _data_plan(o: TrainOptions, minutes: float | None, steps: int | None, t0: fl
                       text_deadline=t0 + o.data_share * budget, max_new=min(192, o.seq_len // 2))
 
 
+def _question_plan(o: TrainOptions, minutes: float | None, steps: int | None, t0: float,
+                   qs: tuple[str, ...]) -> D.DataPlan:
+    """The questions' answers: every 10th held out, the rest for training (with ``minutes``
+    until the answers' share of the budget ends: they come before the standard library's)."""
+    held = len(range(0, len(qs), 10))
+    train = None if steps is None else max(1, o.data_chunks // 3)
+    deadline = None if minutes is None else t0 + o.gen_share * float(minutes) * 60.0
+    return D.DataPlan(seq_len=o.seq_len, chat_heldout=held, text_heldout=0, chat_train=train, text_train=0,
+                      chat_deadline=deadline, max_new=min(192, o.seq_len // 2), questions=qs)
+
+
 def _prepare(store: D.FeatureStore, adapter: Any, tok: Any, plan: D.DataPlan, progress: bool,
-             log: Callable[[str], None]) -> dict[str, int]:
+             log: Callable[[str], None], required: bool = True) -> dict[str, int]:
     """Run the data phase; returns the chunk count of each stream to use."""
     from tqdm.auto import tqdm
 
@@ -136,7 +147,7 @@ def _prepare(store: D.FeatureStore, adapter: Any, tok: Any, plan: D.DataPlan, pr
     fixed = {"chat/heldout": plan.chat_heldout, "text/heldout": plan.text_heldout, "chat/train": plan.chat_train,
              "text/train": plan.text_train}
     use = {s: min(counts[s], fixed[s]) if fixed[s] is not None else counts[s] for s in D.STREAMS}
-    if use["chat/train"] + use["text/train"] == 0:
+    if required and use["chat/train"] + use["text/train"] == 0:
         raise ModelError("train-draft: no training data was prepared (the budget ended first); give more --minutes")
     log("data: " + ", ".join(f"{s} {use[s]} chunks" for s in D.STREAMS)
         + f" ({sum(store.tokens(s) for s in D.STREAMS)} tokens of features in {store.root})")
@@ -205,12 +216,16 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
                out: str | Path | None = None, vocab: int | None = None, seed: int = 0, progress: bool = True,
                fresh: bool = False, threads: int | None = None, options: TrainOptions | None = None,
                model_name: str | None = None, log: Callable[[str], None] | None = None,
-               callback: Callable[[int, dict[str, Any]], None] | None = None) -> HeadWeights:
+               callback: Callable[[int, dict[str, Any]], None] | None = None,
+               questions: str | Path | None = None) -> HeadWeights:
     """Train a draft head for ``model`` (an adapter, a Hugging Face causal LM, a name or None for
     the default model) and save it to ``out`` (default: ``cached_head_path``, where
     ``resolve_head("default", ...)`` finds it). ``steps`` (exact, deterministic) replaces the
     ``minutes`` budget. ``callback(step, record)`` runs after every step (after any
-    checkpoint). Returns the head; its ``config.meta`` holds the training facts."""
+    checkpoint). ``questions``: a Spec-Bench style JSON Lines file whose first turns the model
+    answers first, as training data from the user's own domain (benchmark prompts are skipped:
+    ``data.benchmark_texts``; every 10th question is held out and scored as ``questions``).
+    Returns the head; its ``config.meta`` holds the training facts."""
     o = dataclasses.replace(options or TrainOptions(), **({"vocab": vocab} if vocab is not None else {}))
     _check_budget(minutes, steps, o, threads)
     say = log or _log_default
@@ -219,19 +234,29 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     t0 = time.monotonic()
     adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
     name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
+    qs = D.question_requests(questions, D.benchmark_texts(questions)) if questions is not None else ()
+    qdigest = hashlib.sha256("\n\0".join(qs).encode()).hexdigest()[:10] if qs else None
     key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
-           "budget": ["steps", steps] if steps is not None else ["minutes", minutes]}
+           "budget": ["steps", steps] if steps is not None else ["minutes", minutes],
+           **({"questions": qdigest} if qs else {})}
     run = run_dir(fp, key)
     state = None if fresh else load_checkpoint(run / "train.pt", key, say)
     store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
                            {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0]})
+    qstore = (D.FeatureStore(head_dir(fp) / f"questions-{qdigest}-{o.seq_len}",
+                             {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0],
+                              "questions": qdigest}) if qs else None)
     if state is None:
+        quse = (_prepare(qstore, adapter, tok, _question_plan(o, minutes, steps, t0, qs), progress, say, False)
+                if qstore is not None else None)
         use = _prepare(store, adapter, tok, _data_plan(o, minutes, steps, t0), progress, say)
+        if quse is not None:
+            use = {**use, "questions": quse}
     else:
         use = state["data"]
         say(f"resuming {run / 'train.pt'} at step {state['step']}" + (" (finished)" if state["done"] else ""))
     data_s = time.monotonic() - t0
-    train, held = _load_data(store, use, o, int(embed.shape[1]))
+    train, held = _load_data(store, use, o, int(embed.shape[1]), qstore)
     if state is None:
         vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, int(embed.shape[1])),
                                   o.vocab, D.corpus_counts(store, tok, len(lm_head), o.corpus_chars))
@@ -269,12 +294,15 @@ def run_dir(fingerprint: str, key: dict[str, Any]) -> Path:
     return head_dir(fingerprint) / "runs" / digest
 
 
-def _load_data(store: D.FeatureStore, use: dict[str, int], o: TrainOptions,
-               H: int) -> tuple[D.Chunks, dict[str, D.Chunks]]:
-    train = D.Chunks.concat([store.load("text/train", use["text/train"], o.seq_len, H),
-                             store.load("chat/train", use["chat/train"], o.seq_len, H)], o.seq_len, H)
+def _load_data(store: D.FeatureStore, use: dict[str, Any], o: TrainOptions, H: int,
+               qstore: D.FeatureStore | None = None) -> tuple[D.Chunks, dict[str, D.Chunks]]:
+    parts = [store.load("text/train", use["text/train"], o.seq_len, H),
+             store.load("chat/train", use["chat/train"], o.seq_len, H)]
     held = {s: store.load(f"{s}/heldout", use[f"{s}/heldout"], o.seq_len, H) for s in ("chat", "text")}
-    return train, held
+    if qstore is not None and "questions" in use:
+        parts.append(qstore.load("chat/train", use["questions"]["chat/train"], o.seq_len, H))
+        held["questions"] = qstore.load("chat/heldout", use["questions"]["chat/heldout"], o.seq_len, H)
+    return D.Chunks.concat(parts, o.seq_len, H), held
 
 
 def _check_budget(minutes: float | None, steps: int | None, o: TrainOptions, threads: int | None) -> None:

@@ -57,8 +57,8 @@ class TrainOptions:
     eval_depth: int = 3
     data_chunks: int = 96           # with steps: prepared chunks (a third the target's answers)
     corpus_chars: int = 3_000_000   # training text tokenized for the vocabulary's frequency prior
-    gen_share: float = 0.15         # with minutes: the budget's share for generating answers
-    data_share: float = 0.50        # with minutes: the share for all data preparation (the head is data-starved)
+    gen_share: float = 0.40         # with minutes: the budget's share for generating answers (the head is data-starved:
+    data_share: float = 0.47        # the target's own answers help it most); the share for all data preparation
     checkpoint_every: int = 50
 
 
