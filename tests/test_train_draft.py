@@ -19,6 +19,7 @@ import torch
 from decograph.cli import main
 from decograph.errors import InputError
 from decograph.heads import data as D
+from decograph.heads import questions as Q
 from decograph.heads.model import DraftHead, chain_mask, to_head_weights
 from decograph.heads.spec import WEIGHT_SHAPES, HeadConfig, HeadWeights, load_head, save_head
 from decograph.heads.store import cached_head_path, resolve_head
@@ -347,12 +348,12 @@ def test_a_questions_file_adds_the_models_answers_but_never_a_benchmark_prompt(t
     rows.append({"question_id": 99, "category": "other", "turns": [bench]})
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    qs = D.question_requests(path, D.benchmark_texts(path))
+    qs = Q.question_requests(path, Q.benchmark_texts(path))
     assert qs == tuple(f"ask {i} about tea" for i in range(20))
     with pytest.raises(InputError, match=r"bad.jsonl:2: not a question"):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(rows[0]) + "\n{}\n")
-        D.question_requests(bad)
+        Q.question_requests(bad)
     head = _train(tiny, steps=2, options=TrainOptions(vocab=16, seq_len=96, data_chunks=6, corpus_chars=50_000),
                   questions=path)
     meta = head.config.meta

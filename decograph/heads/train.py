@@ -46,6 +46,7 @@ import torch
 
 from decograph.errors import InputError, ModelError
 from decograph.heads import data as D
+from decograph.heads import questions as Q
 from decograph.heads.model import DraftHead, head_config_for, init_from_target, to_head_weights
 from decograph.heads.spec import HeadWeights, save_head
 from decograph.heads.store import cached_head_path, model_fingerprint
@@ -234,7 +235,7 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     t0 = time.monotonic()
     adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
     name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
-    qs = D.question_requests(questions, D.benchmark_texts(questions)) if questions is not None else ()
+    qs = Q.question_requests(questions, Q.benchmark_texts(questions)) if questions is not None else ()
     qdigest = hashlib.sha256("\n\0".join(qs).encode()).hexdigest()[:10] if qs else None
     key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
            "budget": ["steps", steps] if steps is not None else ["minutes", minutes],
