@@ -45,7 +45,11 @@ def benchmark_texts(questions: str | Path, per_category: int = 5) -> frozenset[s
 
     out = {p.text for p in load_prompts(None, 0)}
     seen: dict[str, int] = {}
-    for line in Path(questions).read_text(encoding="utf-8").splitlines():
+    try:
+        lines = Path(questions).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--questions {questions}: cannot read it ({exc})") from None
+    for line in lines:
         try:
             q = json.loads(line)
             cat, text = str(q.get("category", "")), q["turns"][0]

@@ -225,7 +225,7 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     ``minutes`` budget. ``callback(step, record)`` runs after every step (after any
     checkpoint). ``questions``: a Spec-Bench style JSON Lines file whose first turns the model
     answers first, as training data from the user's own domain (benchmark prompts are skipped:
-    ``data.benchmark_texts``; every 10th question is held out and scored as ``questions``).
+    ``questions.benchmark_texts``; every 10th question is held out and scored as ``questions``).
     Returns the head; its ``config.meta`` holds the training facts."""
     o = dataclasses.replace(options or TrainOptions(), **({"vocab": vocab} if vocab is not None else {}))
     _check_budget(minutes, steps, o, threads)
