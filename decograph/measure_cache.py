@@ -18,11 +18,27 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["cache_path", "cached"]
+__all__ = ["cache_path", "cached", "cpu_name"]
 
 TRIES = 3            # measurements per round before an implausible value is kept anyway
 ROUNDS = 2           # rounds (runs) that may end implausible before the kept value is trusted
 _SUSPECT = "#implausible"     # key -> rounds that ended implausible (callers' keys are JSON lists)
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), for
+    keys of timings: a cost curve or kernel choice measured on one CPU says nothing about
+    another (``platform.processor()`` is empty on Linux, so two machines looked the same)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "cpu model", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def cache_path(name: str) -> Path:

@@ -39,6 +39,16 @@ def hf_greedy():
 
 
 @pytest.fixture
+def untimed_heads(monkeypatch):
+    """Draft heads weigh the forward's cost curve only, not their own measured time: the trees
+    they draft are then the same on every machine and every run (tests of tree mechanics; the
+    timed budget has its own test in tests/test_draft_heads.py)."""
+    from decograph.runtime.heads import HeadDraft
+
+    monkeypatch.setattr(HeadDraft, "timed", False)
+
+
+@pytest.fixture
 def private_cache(tmp_path_factory, monkeypatch):
     """decograph's caches (ONNX exports, measured cost curves) under this session's temporary
     directory, and backend fallback warnings silenced: for tests of the export paths."""

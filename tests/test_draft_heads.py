@@ -6,6 +6,7 @@ the API's head binding and its missing-head error."""
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from decograph.heads.store import cached_head_path, model_fingerprint
 from decograph.ir import parse_program, print_program, verify
 from decograph.models.tiny import tiny_causal_lm, tiny_llama
 
-pytestmark = pytest.mark.usefixtures("private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache", "untimed_heads")
 
 V, H, N_NEW, DEPTH = 64, 32, 24, 6
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [7, 2, 7, 2, 8, 1], [11, 13, 17, 19, 23, 29, 31, 37, 41]]
@@ -170,6 +171,40 @@ def test_all_reject_head_drafts_less_after_a_few_steps(model, refs) -> None:
     assert r.stats.drafted_per_step[0] >= DEPTH and sum(r.stats.drafted_per_step[6:]) == 0, r.stats.drafted_per_step
     [r] = run(model, [PROMPTS[0]], head_program(nodes=5), N_NEW, OracleHead(seqs, wrong=True))
     assert set(r.stats.drafted_per_step[:-5]) == {5}             # a fixed budget stays fixed
+
+
+class SlowHead:
+    """A runner that takes ``delay`` seconds a call (a head dearer than the model's forward)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+        self.config, self.vocab_ids = inner.config, inner.vocab_ids
+
+    def step(self, *a: Any, **k: Any) -> Any:
+        time.sleep(self.delay)
+        return self.inner.step(*a, **k)
+
+    def logits(self, feats: Any) -> Any:
+        time.sleep(self.delay)
+        return self.inner.logits(feats)
+
+
+def test_a_head_dearer_than_what_it_saves_is_skipped_and_tried_again(model, refs, monkeypatch) -> None:
+    """The timed budget charges the head's own calls against the forward's measured time: a
+    head whose calls take 40 ms beside a tiny model's ~1 ms forward does not pay even when it
+    is always right, so rows skip it on most steps (trying it again now and then); the same
+    head without the delay drafts every step. Lossless both ways."""
+    from decograph.runtime.heads import HeadDraft
+
+    monkeypatch.setattr(HeadDraft, "timed", True)
+    seqs = [p + r for p, r in zip(PROMPTS, refs)]
+    fast = run(model, [PROMPTS[0]], head_program(), N_NEW, OracleHead(seqs))[0]
+    slow = run(model, [PROMPTS[0]], head_program(), N_NEW, SlowHead(OracleHead(seqs), 0.04))[0]
+    assert fast.new_token_ids == refs[0][:N_NEW] and slow.new_token_ids == refs[0][:N_NEW]
+    assert all(d > 0 for d in fast.stats.drafted_per_step[:-1]), fast.stats.drafted_per_step
+    d = slow.stats.drafted_per_step
+    skipped = sum(1 for x in d if x == 0)
+    assert d[0] > 0 and skipped >= len(d) // 2 and any(x > 0 for x in d[2:]), d
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, DEPTH, DEPTH + 1, DEPTH + 2])

@@ -83,3 +83,53 @@ def test_the_default_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert fl.default_kernels() == "mkl" and fl.default_kernels() == "mkl" and calls == [1]   # cached
     assert (tmp_path / "decograph" / "kernels.json").is_file()
     assert fl.LlamaFastPath(tiny_llama()).kernels == "mkl"
+
+
+@pytest.mark.skipif(not __import__("decograph.models.fast_llama", fromlist=["x"]).packing_available(),
+                    reason="this torch build has no MKL packed GEMM (non-x86)")
+def test_packed_projections_equal_the_plain_ones_bit_for_bit():
+    """MKL's packed GEMM (two rows or more) computes the same products as ``x @ W.T`` with the
+    same rounding: packing changes the speed of a draft step, never its tokens."""
+    from decograph.models.fast_llama import _Proj
+
+    g = torch.Generator().manual_seed(0)
+    lin = [torch.nn.Linear(48, n, bias=b) for n, b in ((40, False), (24, True))]
+    for m in lin:
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+    plain, packed = _Proj("mkl", *lin), _Proj("mkl", *lin, packed=True)
+    assert plain.packed is None and packed.packed is not None
+    for shape in ((1, 1), (1, 2), (1, 5), (3, 4), (1, 64), (2, 70)):
+        x = torch.randn(*shape, 48, generator=g)
+        assert torch.equal(packed(x), plain(x)), shape
+
+
+def test_a_packed_fast_path_matches_transformers_and_the_plain_one():
+    from decograph.models.fast_llama import LlamaFastPath, packing_available
+
+    model = tiny_llama(seed=2)
+    packed, plain, ref = HFCausalLM(model), HFCausalLM(model), HFCausalLM(model, fast=False)
+    packed.fast, plain.fast = LlamaFastPath(model, "mkl", packed=True), LlamaFastPath(model, "mkl", packed=False)
+    assert packed.fast.packed == packing_available() and not plain.fast.packed
+    prompt = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for ad in (packed, plain, ref):
+        c = ad.new_cache(2)
+        outs.append(ad.forward(c, prompt, torch.arange(7)[None].expand(2, -1), torch.ones(7, 7, dtype=torch.bool).tril()[None].expand(2, -1, -1)))
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2], atol=1e-5, rtol=1e-5)
+
+
+def test_the_cost_curve_is_keyed_by_the_cpu_and_the_fast_paths_kernels():
+    """A curve timed on another CPU, or with other matmul kernels (the packed GEMM makes 8
+    tokens ~1.5x one instead of ~2.0x), is not this one: its key differs."""
+    from decograph.backends.torch_ref.cost import _key
+    from decograph.measure_cache import cpu_name
+    from decograph.models.fast_llama import LlamaFastPath
+
+    model = tiny_llama(seed=1)
+    a, b = HFCausalLM(model), HFCausalLM(model)
+    a.fast, b.fast = LlamaFastPath(model, "mkl", packed=True), LlamaFastPath(model, "mkl", packed=False)
+    keys = {_key(a), _key(b), _key(HFCausalLM(model, fast=False))}
+    assert len(keys) == 3 or not a.fast.packed
+    assert all(cpu_name() in k for k in keys)

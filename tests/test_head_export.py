@@ -20,7 +20,7 @@ from decograph.runtime.rows import DraftTree, Row
 
 torch.set_num_threads(1)
 
-pytestmark = pytest.mark.usefixtures("private_cache")
+pytestmark = pytest.mark.usefixtures("private_cache", "untimed_heads")
 
 PROMPTS = [[3, 9, 27, 17, 51, 25, 11, 33, 35, 41, 59, 49, 19], [9, 8, 7, 6, 5, 9, 8, 7, 6], [17, 2]]
 

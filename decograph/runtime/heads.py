@@ -14,9 +14,17 @@ states (``Batch.prefill_hidden``) and then from each step's pending tokens and a
    committed K/V and its ancestors' and is fed its parent's predicted feature), each into its
    ``topk`` most probable children;
 3. the best nodes by cumulative probability (ancestor-closed) are kept: ``nodes`` of them, or
-   with ``nodes=0`` the count with the most expected tokens per unit of forward cost, a node's
+   with ``nodes=0`` the count with the most expected tokens per unit of cost, a node's
    expected acceptance being its draft probability calibrated on this row against what verify
    accepted (decayed, so a head that is often wrong drafts less, and is tried again later).
+
+The head's own calls are charged too (``nodes=0``), timed against the forward
+(``DraftSource.unit``, the interpreter's clock): a level is expanded only while its parents'
+expected acceptance could pay for its call, and a row skips the head on steps where its
+running gain does not pay for the head's running time beside the forward without it (then
+tries it again after 1, 2, 4, ... steps). SmolLM2-135M on 2 cores: a head call and its logits
+over 8192 tokens take ~1-2 ms, 5-15% of a one-token forward; uncharged, trees were drafted
+that cost more than they returned. A node's prior acceptance is its draft probability.
 
 The kept nodes go out as root-to-leaf chains (the forward's trie merges them). Draft nodes'
 K/V never stays: accepted ones come back as committed pairs with the model's own hidden
@@ -26,6 +34,7 @@ states. The runner is opaque (``NumpyHead``'s interface: ``config``, ``vocab_ids
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +51,7 @@ BINS = 10               # calibration bins over a node's cumulative draft probab
 DECAY = 0.95            # a bin's evidence decays as new evidence comes in (as ANPD's rates)
 DRIFT = 0.99            # ... and drifts back to the prior while unused, so a bin that failed is tried again
 PRIOR_WEIGHT = 1.0      # the prior (the draft probability itself) counts as this many nodes
+BACKOFF = 16            # a row that found its head not paying skips it 1, 2, 4, ... up to this many steps, then tries it
 
 
 @dataclass
@@ -67,6 +77,11 @@ class _Memory:
     hits: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
     tries: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
     drafted: list[tuple[tuple[int, ...], float]] = field(default_factory=list)   # last step: path, p
+    gain: float = -1.0      # expected tokens the head's kept nodes added a step (running; < 0: untried)
+    width: float = 1.0      # nodes kept a step (running)
+    wait: int = 0           # steps left to skip the head
+    backoff: int = 0        # the last skip's length
+    trial: bool = False     # the next step tries the head again (after a skip)
 
     @property
     def end(self) -> int:
@@ -78,13 +93,14 @@ class _Memory:
     def acceptance(self, p: float) -> float:
         """The chance a node of draft probability ``p`` is accepted, as measured on this row."""
         b = min(BINS - 1, int(p * BINS))
-        return float((self.hits[b] + PRIOR_WEIGHT * (b + 0.5) / BINS) / (self.tries[b] + PRIOR_WEIGHT))
+        return float((self.hits[b] + PRIOR_WEIGHT * p) / (self.tries[b] + PRIOR_WEIGHT))
 
 
 class HeadDraft(DraftSource):
     """``draft.head``'s source over a head runner (see the module docstring)."""
 
     hidden_tail = CONTEXT
+    timed = True            # charge the head's measured time (False: the forward's cost only, deterministic)
 
     def __init__(self, op: O.Op, runner: Any) -> None:
         super().__init__(op)
@@ -92,6 +108,17 @@ class HeadDraft(DraftSource):
         self.vocab = np.asarray(runner.vocab_ids, dtype=np.int64)
         c = runner.config
         self.kv_shape = (int(c.kv_heads), int(c.head_dim))
+        self.t_step = 0.0       # seconds of a drafting step's head calls (running)
+        self.t_level = 0.0      # seconds of one tree level's head call and logits (running)
+        self._rate = 0.0        # ``_keep``'s best expected tokens per unit of cost, this step
+
+    def _head_cost(self, seconds: float) -> float:
+        """``seconds`` of head calls in units of the forward's cost (0 until the forward is timed)."""
+        return seconds / self.unit if self.timed and self.unit > 0 else 0.0
+
+    @staticmethod
+    def _average(old: float, new: float) -> float:
+        return new if not old else 0.8 * old + 0.2 * new
 
     def fresh(self, row: Row) -> _Memory:
         empty = np.zeros((0, *self.kv_shape), np.float32)
@@ -141,17 +168,48 @@ class HeadDraft(DraftSource):
         depth = min(int(self.op.depth), limit)
         if depth <= 0:
             return []
-        self._feed(row, mem)
-        if mem.root is None or mem.end != len(row.tokens) - 1:
-            return []                     # the root's feature is not predicted (yet): no hidden states
         pending = len(row.pending) + self.queued      # other drafts' tokens widen the same forward
         cap = int(self.op.nodes) or O.MAX_TREE
         if self.max_query:
             cap = min(cap, self.max_query - pending)
-        if cap <= 0:
+        if cap <= 0 or self._skip(mem, pending):
             return []
-        nodes = self._grow(row, mem, depth, cap, pending)
-        return self._chains(mem, nodes, self._keep(mem, nodes, cap, pending))
+        start = time.perf_counter()
+        self._feed(row, mem)
+        if mem.root is None or mem.end != len(row.tokens) - 1:
+            return []                     # the root's feature is not predicted (yet): no hidden states
+        nodes, spent = self._grow(row, mem, depth, cap, pending, start)
+        kept = self._keep(mem, nodes, cap, pending)
+        self.t_step = self._average(self.t_step, spent)
+        expected = sum(mem.acceptance(math.exp(nodes[i].logp)) for i in kept)
+        if mem.gain < 0:
+            mem.gain, mem.width = expected, float(len(kept))
+        else:
+            mem.gain, mem.width = 0.5 * mem.gain + 0.5 * expected, 0.5 * mem.width + 0.5 * len(kept)
+        return self._chains(mem, nodes, kept)
+
+    def _skip(self, mem: _Memory, pending: int) -> bool:
+        """Whether the row skips the head this step: when its calls cost more than its tokens
+        are expected to save (the row's running gain, the expected tokens its kept nodes added,
+        against the head's running time plus the wider forward, beside the forward without
+        it). A row that skips waits 1, 2, 4, ... steps (up to ``BACKOFF``), then tries the
+        head once more to measure its gain anew. (A fixed ``nodes`` count drafts every step.)"""
+        if self.op.nodes or not self.timed or not self.unit or not self.t_step or mem.gain < 0:
+            return False
+        if mem.wait > 0:
+            mem.wait -= 1
+            return True
+        if mem.trial:
+            mem.trial = False
+            return False
+        with_head = (1.0 + mem.gain) / (self.step_cost(pending + max(1, round(mem.width))) +
+                                        self._head_cost(self.t_step))
+        if with_head >= 1.0 / self.step_cost(pending):
+            mem.backoff = 0
+            return False
+        mem.backoff = min(BACKOFF, max(1, 2 * mem.backoff))
+        mem.wait, mem.trial = mem.backoff - 1, True
+        return True
 
     def _children(self, nodes: list[_Node], parent: int, logp: float, feat: np.ndarray, logits: np.ndarray,
                   depth: int) -> list[int]:
@@ -165,19 +223,25 @@ class HeadDraft(DraftSource):
         nodes.extend(_Node(int(self.vocab[j]), parent, depth, logp + float(lp[j]), feat) for j in top)
         return list(range(first, len(nodes)))
 
-    def _grow(self, row: Row, mem: _Memory, depth: int, cap: int, pending: int) -> list[_Node]:
+    def _grow(self, row: Row, mem: _Memory, depth: int, cap: int, pending: int,
+              start: float) -> tuple[list[_Node], float]:
         """The dynamic tree: the root's children, then per level the best ``topk`` new nodes
-        expanded by one head call, until ``depth`` or until no expansion could be kept."""
+        expanded by one head call, until ``depth``, until no expansion could be kept, or until
+        a level's call costs more than the most its nodes' children could add (their parents'
+        expected acceptance, at the step's best tokens per unit of cost so far). Returns the
+        nodes and the seconds the head's calls took (from ``start``, the first call's)."""
         assert mem.root is not None
         nodes: list[_Node] = []
         frontier = self._children(nodes, -1, 0.0, mem.root, self.runner.logits(mem.root[None])[0], 1)
+        spent = time.perf_counter() - start
         base = len(row.tokens) - 2          # the last committed pair's position
         dk, dv = mem.k[:0], mem.v[:0]       # the draft nodes' K/V, this step only
         for d in range(1, depth):
             kept = set(self._keep(mem, nodes, cap, pending))
             frontier = [i for i in frontier if i in kept]     # a child scores no better than its parent
-            if not frontier:
+            if not frontier or not self._pays(mem, nodes, frontier):
                 break
+            level = time.perf_counter()
             q, P, D = len(frontier), len(mem.k), len(dk)
             mask = np.zeros((q, P + D + q), dtype=bool)
             mask[:, :P] = True
@@ -198,11 +262,25 @@ class HeadDraft(DraftSource):
             for j, i in enumerate(frontier):
                 new += self._children(nodes, i, nodes[i].logp, np.asarray(out[j], np.float32), logits[j], d + 1)
             frontier = sorted(new, key=lambda i: -nodes[i].logp)[: int(self.op.topk)]
-        return nodes
+            took = time.perf_counter() - level
+            spent += took
+            self.t_level = self._average(self.t_level, took)
+        return nodes, spent
+
+    def _pays(self, mem: _Memory, nodes: list[_Node], frontier: list[int]) -> bool:
+        """Whether one more level can pay for its head call: its children add at most their
+        parents' expected acceptance, worth that many tokens at ``_keep``'s best rate."""
+        if self.op.nodes or not self.timed or not self.t_level or not self.unit:
+            return True
+        bound = sum(mem.acceptance(math.exp(nodes[i].logp)) for i in frontier)
+        return bound * self._rate >= self._head_cost(self.t_level)
 
     def _keep(self, mem: _Memory, nodes: list[_Node], cap: int, pending: int) -> list[int]:
         """The nodes to draft, best first (a parent before its children): the ``cap`` most
-        probable, cut (``nodes=0``) to the count with the most expected tokens per unit of cost."""
+        probable, cut (``nodes=0``) to the count with the most expected tokens per unit of the
+        forward's cost (the head's calls this step are spent whatever is kept: a node pays when
+        its expected acceptance beats the step's rate on its marginal cost). Sets ``_rate``:
+        that best rate, tokens per unit of cost."""
         order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].logp, nodes[i].depth))
         kept: list[int] = []
         inside: set[int] = set()
@@ -220,6 +298,7 @@ class HeadDraft(DraftSource):
             ratio = expected / self.step_cost(pending + c)
             if ratio > best_ratio + 1e-12:
                 best, best_ratio = c, ratio
+        self._rate = best_ratio
         return kept[:best]
 
     def _chains(self, mem: _Memory, nodes: list[_Node], kept: list[int]) -> list[list[int]]:

@@ -27,7 +27,7 @@ from decograph.runtime.drafts import DraftSource, make_source
 from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
 from decograph.runtime import denoise as dn
 from decograph.runtime.rows import DraftTree, Row
-from decograph.runtime.source import Drafted, fit_drafts, one_chain
+from decograph.runtime.source import Drafted, clock, fit_drafts, one_chain
 from decograph.runtime.trace import trace_step
 from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
                                       start_canvases, unmask_loop)
@@ -151,6 +151,7 @@ class Interpreter:
         self.adapter: Any = None            # the caller's model adapter, when it keeps statistics on it
         self.hidden = [s for s in self.sources.values() if s.hidden_tail]    # sources fed hidden states
         self._queued: dict[int, int] = {}   # id(row) -> draft tokens proposed so far this step
+        self._unit = 0.0                    # measured seconds per unit of forward cost (``clock``)
 
     @property
     def tokenizer(self) -> Any:
@@ -309,7 +310,12 @@ class Interpreter:
                         hidden=bool(self.hidden) and self.cfg.drafts)
         pending = [len(r.pending) for r in state.active]
         rows = list(state.active)
-        return _Forwarded(rows, plan, drafts, nodes, pending, state.forward(plan))
+        start = time.perf_counter()
+        out = state.forward(plan)
+        width = max((p + len(t) for p, t in zip(pending, trees)), default=1)
+        self._unit = clock(self._unit, time.perf_counter() - start, width, n, self.engine, self.cfg.cost_curve,
+                           self.sources.values())
+        return _Forwarded(rows, plan, drafts, nodes, pending, out)
 
     def _verify(self, op: O.Op, fwd: _Forwarded) -> _Accepted:
         return _Accepted(fwd, [verify_tree(op, tree, lambda b=b: fwd.argmax(b), lambda b=b: fwd.out.logits(b),

@@ -16,7 +16,9 @@ from decograph.ir import ops as O
 from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.rows import DraftTree, Row
 
-__all__ = ["DraftSource", "Drafted", "fit_drafts", "one_chain"]
+__all__ = ["DraftSource", "Drafted", "fit_drafts", "one_chain", "clock"]
+
+UNIT_DECAY = 0.9        # the forward clock's average: each new step weighs 1 - UNIT_DECAY
 
 
 class DraftSource(ABC):
@@ -35,6 +37,7 @@ class DraftSource(ABC):
         self.min_query = 1                        # the query tokens a row's step computes at least (the engine's)
         self.queued = 0                           # draft tokens other drafts of this step proposed for the row
         self.chains_only = False                  # the backend verifies one chain per row (``Engine.chains_only``)
+        self.unit = 0.0                           # seconds of one unit of ``cost`` (``clock``; 0: not timed yet)
 
     def step_cost(self, width: int) -> float:
         """The cost of this step's whole forward when each of its ``rows`` rows feeds ``width``
@@ -105,3 +108,19 @@ def one_chain(drafts: list[Drafted], rows: int) -> None:
         best = max(((len(c), -i) for i, d in enumerate(drafts) for c in d.chains[b][:1]), default=None)
         for i, d in enumerate(drafts):
             d.chains[b] = d.chains[b][:1] if best is not None and i == -best[1] else []
+
+
+def clock(unit: float, seconds: float, width: int, rows: int, engine: Any, curve: CostCurve,
+          sources: Any) -> float:
+    """The draft sources' clock, after a forward of ``rows`` rows ``width`` query tokens wide
+    that took ``seconds``: seconds per unit of the cost curve (a one-token forward's time), a
+    running average; every source gets it as ``unit``, to weigh its own work (a draft head's
+    calls) against the forward's."""
+    if seconds <= 0:
+        return unit
+    floor = int(getattr(engine, "min_query", 1) or 1)
+    sample = seconds / max(1e-9, curve(rows * max(width, floor)))
+    unit = sample if not unit else UNIT_DECAY * unit + (1 - UNIT_DECAY) * sample
+    for src in sources:
+        src.unit = unit
+    return unit

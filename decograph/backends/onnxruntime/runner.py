@@ -18,7 +18,7 @@ from decograph.backends.onnxruntime.engine import MIN_ROWS, tree_masks
 from decograph.backends.onnxruntime.solo import OrtEngine
 from decograph.backends.onnxruntime.kv import StepSession, causal_mask
 from decograph.ir import ops as O
-from decograph.measure_cache import cached
+from decograph.measure_cache import cached, cpu_name
 from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.interp import Interpreter, RunConfig
 from decograph.runtime.rows import DraftTree
@@ -154,7 +154,7 @@ class GraphRunner:
         import onnxruntime as ort
 
         key = json.dumps([kind, self.identity, ort.__version__,
-                          self.threads, self.spinning, platform.machine(), platform.processor(), os.cpu_count()]
+                          self.threads, self.spinning, platform.machine(), cpu_name(), os.cpu_count()]
                          + ([self.device] if self.device != "cpu" else []))
         return cached("exported_machine.json", key, measure)
 

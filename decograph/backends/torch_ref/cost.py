@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from decograph.measure_cache import cpu_name
 from decograph.passes.cost import DEFAULT_CURVE, POINTS, CostCurve, curve_defect, plausible_curve
 
 __all__ = ["CostCurve", "DEFAULT_CURVE", "measure_cost_curve", "cached_cost_curve"]
@@ -50,16 +51,19 @@ def measure_cost_curve(adapter: Any, context: int = 256, reps: int = 5) -> CostC
 def _key(adapter: Any) -> str | None:
     own = getattr(adapter, "cost_key", None)      # adapters that are not a torch model name their own
     if own is not None:
-        return json.dumps([own, torch.get_num_threads(), platform.machine(), platform.processor(), os.cpu_count()])
+        return json.dumps([own, torch.get_num_threads(), platform.machine(), cpu_name(), os.cpu_count()])
     model = getattr(adapter, "model", None)
     cfg = getattr(model, "config", None)
     if cfg is None:
         return None
     shape = [getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                                               "num_attention_heads", "num_key_value_heads", "vocab_size")]
-    fast = getattr(adapter, "fast", None) is not None
+    # the fast path's kernels decide the curve's shape (MKL packed: 8 tokens ~1.5x one; plain:
+    # ~2.0x), so a curve timed with other kernels is not this one
+    path = getattr(adapter, "fast", None)
+    fast = [getattr(path, "kernels", True), bool(getattr(path, "packed", False))] if path is not None else False
     return json.dumps([shape, str(getattr(adapter, "dtype", "")), fast, torch.get_num_threads(),
-                       platform.machine(), platform.processor(), os.cpu_count(), torch.__version__])
+                       platform.machine(), cpu_name(), os.cpu_count(), torch.__version__])
 
 
 def _points(stored: dict[str, float]) -> dict[int, float]:
