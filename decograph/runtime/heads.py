@@ -76,6 +76,7 @@ class _Memory:
     root: np.ndarray | None = None          # the last fed pair's output: position ``end``'s feature
     hits: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
     tries: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
+    drawn: np.ndarray = field(default_factory=lambda: np.zeros(BINS))     # the tried nodes' summed p
     drafted: list[tuple[tuple[int, ...], float]] = field(default_factory=list)   # last step: path, p
     gain: float = -1.0      # expected tokens the head's kept nodes added a step (running; < 0: untried)
     width: float = 1.0      # nodes kept a step (running)
@@ -91,9 +92,12 @@ class _Memory:
         self.k, self.v, self.start, self.feats, self.root = self.k[:0], self.v[:0], start, [], None
 
     def acceptance(self, p: float) -> float:
-        """The chance a node of draft probability ``p`` is accepted, as measured on this row."""
+        """The chance a node of draft probability ``p`` is accepted, as measured on this row:
+        ``p`` scaled by its bin's hits over the summed ``p`` of the bin's tried nodes (decayed),
+        so within a bin a node of 0.005 counts a tenth of one of 0.05."""
         b = min(BINS - 1, int(p * BINS))
-        return float((self.hits[b] + PRIOR_WEIGHT * p) / (self.tries[b] + PRIOR_WEIGHT))
+        mid = (b + 0.5) / BINS           # the prior: as likely as drafted, worth PRIOR_WEIGHT nodes
+        return min(1.0, p * float((self.hits[b] + PRIOR_WEIGHT * mid) / (self.drawn[b] + PRIOR_WEIGHT * mid)))
 
 
 class HeadDraft(DraftSource):
@@ -319,6 +323,7 @@ class HeadDraft(DraftSource):
         scale = np.where(used, DECAY, DRIFT)
         mem.hits *= scale
         mem.tries *= scale
+        mem.drawn *= scale
         new = row.tokens[len(row.tokens) - committed:]
         for path, p in mem.drafted:
             hit = list(path) == new[: len(path)]
@@ -326,5 +331,6 @@ class HeadDraft(DraftSource):
                 continue                  # not verified (a chain-only step verified another draft's chain)
             b = min(BINS - 1, int(p * BINS))
             mem.tries[b] += 1.0
+            mem.drawn[b] += p
             mem.hits[b] += float(hit)
         mem.drafted = []
