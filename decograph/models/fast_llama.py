@@ -42,7 +42,6 @@ KERNELS = ("onednn", "mkl")
 # forward: 2 rows 28 ms against 32 ms plain, 8 rows 39 against 52, 16 rows 45 against 65, 64
 # rows 78 against 107; one row stays plain: MKL's GEMV, 23 ms, is the fastest there is).
 PACK_ROWS = 64
-PACKED_MAX = 1 << 30        # every width of two rows or more
 PACK_SHARE = 8              # packed copies only while they take at most 1/8 of the machine's memory
 
 
@@ -143,10 +142,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class _Proj:
     """``x @ cat(W_1, W_2, ...).T (+ b)``: one matmul for several linears sharing an input.
 
-    ``mkl`` with ``packed``: products of 2 to ``PACKED_MAX`` query rows run MKL's packed GEMM
+    ``mkl`` with ``packed``: products of two query rows or more run MKL's packed GEMM
     over a copy of the weights packed once (``cblas_sgemm_pack``); plain ``x @ W.T`` there
     repacks the weights on every call, which makes a few rows cost far more than one. Same
-    products, same rounding (bit for bit, ``tests/test_fast_path.py``)."""
+    products, same rounding (bit for bit, ``tests/test_fast_llama.py``)."""
 
     __slots__ = ("w", "bias", "onednn", "sizes", "packed", "orig")
 
@@ -169,7 +168,7 @@ class _Proj:
             return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
         if self.packed is not None:
             m = x.numel() // x.shape[-1]
-            if 1 < m <= PACKED_MAX:
+            if m > 1:
                 return torch.ops.mkl._mkl_linear(x, self.packed, self.orig, self.bias, m)
         y = torch.matmul(x, self.w)
         return y if self.bias is None else y + self.bias
