@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from decograph.models.adapters import HFCausalLM
+from decograph.models.fast_llama import packing_available
 from decograph.models.tiny import tiny_llama
 
 
@@ -85,8 +86,7 @@ def test_the_default_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert fl.LlamaFastPath(tiny_llama()).kernels == "mkl"
 
 
-@pytest.mark.skipif(not __import__("decograph.models.fast_llama", fromlist=["x"]).packing_available(),
-                    reason="this torch build has no MKL packed GEMM (non-x86)")
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no MKL packed GEMM (non-x86)")
 def test_packed_projections_equal_the_plain_ones_bit_for_bit():
     """MKL's packed GEMM (two rows or more) computes the same products as ``x @ W.T`` with the
     same rounding: packing changes the speed of a draft step, never its tokens."""
@@ -105,7 +105,7 @@ def test_packed_projections_equal_the_plain_ones_bit_for_bit():
 
 
 def test_a_packed_fast_path_matches_transformers_and_the_plain_one():
-    from decograph.models.fast_llama import LlamaFastPath, packing_available
+    from decograph.models.fast_llama import LlamaFastPath
 
     model = tiny_llama(seed=2)
     packed, plain, ref = HFCausalLM(model), HFCausalLM(model), HFCausalLM(model, fast=False)
