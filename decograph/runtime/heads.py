@@ -50,7 +50,7 @@ CONTEXT = 512           # committed positions whose head K/V a row keeps (and pr
 BINS = 10               # calibration bins over a node's cumulative draft probability
 DECAY = 0.95            # a bin's evidence decays as new evidence comes in (as ANPD's rates)
 DRIFT = 0.99            # ... and drifts back to the prior while unused, so a bin that failed is tried again
-PRIOR_WEIGHT = 1.0      # the prior (the draft probability itself) counts as this many nodes
+PRIOR_WEIGHT = 1.0      # the prior (acceptance = draft probability) counts as this many bin-middle nodes
 BACKOFF = 16            # a row that found its head not paying skips it 1, 2, 4, ... up to this many steps, then tries it
 
 
@@ -75,7 +75,6 @@ class _Memory:
     feats: list[np.ndarray] = field(default_factory=list)
     root: np.ndarray | None = None          # the last fed pair's output: position ``end``'s feature
     hits: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
-    tries: np.ndarray = field(default_factory=lambda: np.zeros(BINS))
     drawn: np.ndarray = field(default_factory=lambda: np.zeros(BINS))     # the tried nodes' summed p
     drafted: list[tuple[tuple[int, ...], float]] = field(default_factory=list)   # last step: path, p
     gain: float = -1.0      # expected tokens the head's kept nodes added a step (running; < 0: untried)
@@ -322,7 +321,6 @@ class HeadDraft(DraftSource):
         used[[min(BINS - 1, int(p * BINS)) for _, p in mem.drafted]] = True
         scale = np.where(used, DECAY, DRIFT)
         mem.hits *= scale
-        mem.tries *= scale
         mem.drawn *= scale
         new = row.tokens[len(row.tokens) - committed:]
         for path, p in mem.drafted:
@@ -330,7 +328,6 @@ class HeadDraft(DraftSource):
             if hit and len(path) >= committed:
                 continue                  # not verified (a chain-only step verified another draft's chain)
             b = min(BINS - 1, int(p * BINS))
-            mem.tries[b] += 1.0
             mem.drawn[b] += p
             mem.hits[b] += float(hit)
         mem.drafted = []
