@@ -88,20 +88,23 @@ def test_the_default_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not packing_available(), reason="this torch build has no MKL packed GEMM (non-x86)")
 def test_packed_projections_equal_the_plain_ones_bit_for_bit():
-    """MKL's packed GEMM (two rows or more) computes the same products as ``x @ W.T`` with the
-    same rounding: packing changes the speed of a draft step, never its tokens."""
-    from decograph.models.fast_llama import _Proj
+    """MKL's packed GEMM (2 to ``PACKED_MAX`` rows: draft steps) computes the same products as
+    ``x @ W.T`` with the same rounding, on a decoder layer's shapes (a 1536-wide input blocks
+    differently from 17 rows on, so wider products, prompts among them, stay plain): packing
+    changes the speed of a draft step, never its tokens."""
+    from decograph.models.fast_llama import PACKED_MAX, _Proj
 
     g = torch.Generator().manual_seed(0)
-    lin = [torch.nn.Linear(48, n, bias=b) for n, b in ((40, False), (24, True))]
-    for m in lin:
-        with torch.no_grad():
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-    plain, packed = _Proj("mkl", *lin), _Proj("mkl", *lin, packed=True)
-    assert plain.packed is None and packed.packed is not None
-    for shape in ((1, 1), (1, 2), (1, 5), (3, 4), (1, 64), (2, 70)):
-        x = torch.randn(*shape, 48, generator=g)
-        assert torch.equal(packed(x), plain(x)), shape
+    for k, outs in ((576, ((40, False), (24, True))), (1536, ((576, False),)), (576, ((3072, False),))):
+        lin = [torch.nn.Linear(k, n, bias=b) for n, b in outs]
+        for m in lin:
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+        plain, packed = _Proj("mkl", *lin), _Proj("mkl", *lin, packed=True)
+        assert plain.packed is None and packed.packed is not None
+        for shape in [(1, m) for m in range(1, PACKED_MAX + 1)] + [(4, 4), (2, 3), (1, 64), (2, 70), (1, 300)]:
+            x = torch.randn(*shape, k, generator=g)
+            assert torch.equal(packed(x), plain(x)), (k, shape)
 
 
 def test_a_packed_fast_path_matches_transformers_and_the_plain_one():

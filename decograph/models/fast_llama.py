@@ -12,8 +12,8 @@ Matmul kernels (``kernels``), fp32 both, chosen once per adapter:
   for bit; there a one-token forward ~29 ms, 8 query tokens ~1.8x that; on an AVX-512 VNNI
   Xeon a 128-token greedy decode 3.2 s against oneDNN's 4.8 s (Hugging Face's own: 4.3 s).
 The default is whichever is faster on the machine (``default_kernels``: measured once, cached).
-With ``mkl``, products of two rows or more run MKL's packed GEMM over weights packed once
-(``_Proj``; bit for bit the same products): a draft step of 8 query tokens then costs ~1.5x a
+With ``mkl``, products of 2 to 16 rows (draft steps) run MKL's packed GEMM over weights packed
+once (``_Proj``; bit for bit the same products): a draft step of 8 query tokens then costs ~1.5x a
 one-token forward instead of ~2.0x (4 tokens ~1.3x instead of ~1.6x), which is what decides
 how many draft tokens pay.
 Against HF's own ``F.linear`` both differ only in fp32 rounding (oneDNN: ~5e-6 absolute on
@@ -37,11 +37,15 @@ __all__ = ["LlamaFastPath", "supports_fast_path", "KERNELS", "default_kernels", 
            "rotate_half"]
 
 KERNELS = ("onednn", "mkl")
-# MKL's packed GEMM: the weights packed once for this many rows serve every product of two
-# rows or more (SmolLM2-135M, 2 cores of an AVX-512 VNNI Xeon, all 211 projections of a
-# forward: 2 rows 28 ms against 32 ms plain, 8 rows 39 against 52, 16 rows 45 against 65, 64
-# rows 78 against 107; one row stays plain: MKL's GEMV, 23 ms, is the fastest there is).
+# MKL's packed GEMM: the weights packed once for this many rows serve products of 2 to
+# ``PACKED_MAX`` rows (SmolLM2-135M, 2 cores of an AVX-512 VNNI Xeon, all 211 projections of a
+# forward: 2 rows 28 ms against 32 ms plain, 8 rows 39 against 52, 16 rows 45 against 65; one
+# row stays plain: MKL's GEMV, 23 ms, is the fastest there is). Up to 16 rows the packed
+# products equal the plain ones bit for bit; from 17 rows on, plain MKL blocks a 1536-wide
+# product differently (ulps apart), and a prompt's forward must keep Hugging Face's rounding
+# (a prefill in packed form flipped a first token whose top-2 logits were 1.9e-6 apart).
 PACK_ROWS = 64
+PACKED_MAX = 16
 PACK_SHARE = 8              # packed copies only while they take at most 1/8 of the machine's memory
 
 
@@ -142,7 +146,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class _Proj:
     """``x @ cat(W_1, W_2, ...).T (+ b)``: one matmul for several linears sharing an input.
 
-    ``mkl`` with ``packed``: products of two query rows or more run MKL's packed GEMM
+    ``mkl`` with ``packed``: products of 2 to ``PACKED_MAX`` query rows run MKL's packed GEMM
     over a copy of the weights packed once (``cblas_sgemm_pack``); plain ``x @ W.T`` there
     repacks the weights on every call, which makes a few rows cost far more than one. Same
     products, same rounding (bit for bit, ``tests/test_fast_llama.py``)."""
@@ -168,8 +172,9 @@ class _Proj:
             return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
         if self.packed is not None:
             m = x.numel() // x.shape[-1]
-            if m > 1:
-                return torch.ops.mkl._mkl_linear(x, self.packed, self.orig, self.bias, m)
+            if 1 < m <= PACKED_MAX:      # the bias added after, as below (fused, it rounds otherwise)
+                y = torch.ops.mkl._mkl_linear(x, self.packed, self.orig, None, m)
+                return y if self.bias is None else y + self.bias
         y = torch.matmul(x, self.w)
         return y if self.bias is None else y + self.bias
 
@@ -188,6 +193,7 @@ class LlamaFastPath:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
         self.kernels = kernels
         self.packed = should_pack(model, kernels) if packed is None else bool(packed and kernels == "mkl")
+        self.packed_rows = PACKED_MAX if self.packed else 0     # widths packed (the cost curve's key has it)
         pk = {"packed": self.packed}
         inner = model.model
         cfg = model.config

@@ -61,7 +61,7 @@ def _key(adapter: Any) -> str | None:
     # the fast path's kernels decide the curve's shape (MKL packed: 8 tokens ~1.5x one; plain:
     # ~2.0x), so a curve timed with other kernels is not this one
     path = getattr(adapter, "fast", None)
-    fast = [getattr(path, "kernels", True), bool(getattr(path, "packed", False))] if path is not None else False
+    fast = [getattr(path, "kernels", True), int(getattr(path, "packed_rows", 0))] if path is not None else False
     return json.dumps([shape, str(getattr(adapter, "dtype", "")), fast, torch.get_num_threads(),
                        platform.machine(), cpu_name(), os.cpu_count(), torch.__version__])
 
