@@ -87,7 +87,6 @@ def default_kernels() -> str:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return "mkl"
     import json
-    import os
     import platform
 
     from decograph.measure_cache import cached, cpu_name
