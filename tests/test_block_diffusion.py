@@ -108,6 +108,65 @@ def test_block_caches_are_exact_for_a_block_causal_model(runtime_block: int) -> 
     assert alone == outs["block_approx_dual"]                             # batching changes nothing
 
 
+def test_a_new_block_runs_only_the_block_just_completed_and_itself() -> None:
+    """Block-causal: the kept KV of the prompt and of complete blocks is exact, so a block's first
+    step runs the block just completed (now clean) and the new block against it, not the whole
+    canvas; the tokens are the whole-canvas recompute's."""
+    ad = BlockDiffusionAdapter(_lm(block=4))
+    widths: list[tuple[int, int]] = []
+    real = ad.model.forward
+
+    def spy(ids, pos, noisy, attend, context=None, return_kv=False, logits_at=None):
+        widths.append((ids.shape[1], 0 if context is None else context[0][0].shape[2]))
+        return real(ids, pos, noisy, attend, context=context, return_kv=return_kv, logits_at=logits_at)
+
+    ad.model.forward = spy
+    prompts = [[10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
+    outs = {}
+    for kv in ("recompute", "block_approx_dual"):
+        widths.clear()
+        prog = load_strategy("lud", overrides={"block": 4, "threshold": 0.5, "kv": kv}).program
+        outs[kv] = [r.new_token_ids for r in generate(ad, None, prompts, prog, 16, eos_token_id=[])]
+        seen = list(widths)
+    assert outs["recompute"] == outs["block_approx_dual"]
+    assert seen[0] == (7 + 4, 0)                                  # the prompts (padded to 7) and block 0
+    assert max(w for w, _ in seen[1:]) <= 4 + 4                    # then never the 23-column canvas
+    assert (8, 23) in seen and (5, 23) in seen                    # refresh: blocks k-1 and k; a step: block k + 1
+
+
+def test_packed_inference_projections_equal_the_training_form() -> None:
+    """Inference groups q/k/v and gate/up into one packed product each and the LoRA updates into
+    one A and one block-diagonal B product; the logits and KV are the training form's. A
+    parameter changed in place (an optimizer step) rebuilds the packed copy."""
+    from decograph.models.block_diffusion_fast import LoRAProjections, PackedProjections
+
+    lm = _lm()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 64, (2, 9), generator=g)
+    ids[:, 6:] = MASK
+    noisy = torch.zeros(2, 9, dtype=torch.bool)
+    noisy[:, 4:] = True
+    pos, attend = torch.arange(9).expand(2, -1), torch.rand(2, 9, 14, generator=g) < 0.7
+    attend[:, torch.arange(9), 5 + torch.arange(9)] = True
+    ctx = [(torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)) for _ in range(2)]
+    for n in (noisy, torch.ones_like(noisy), torch.zeros_like(noisy)):     # mixed, all noisy, all clean
+        with torch.no_grad():
+            assert isinstance(lm.projections(), PackedProjections)
+            fast, kf = lm(ids, pos, n, attend, context=ctx, return_kv=True)
+        with torch.enable_grad():
+            assert isinstance(lm.projections(), LoRAProjections)
+            slow, ks = lm(ids, pos, n, attend, context=ctx, return_kv=True)
+        assert torch.allclose(fast, slow.detach(), atol=1e-5)
+        assert all(torch.allclose(a, b.detach(), atol=1e-5) for x, y in zip(kf, ks) for a, b in zip(x, y))
+    with torch.no_grad():
+        before, _ = lm(ids, pos, noisy, attend, context=ctx)
+        lm.lora[0]["q_proj"].b.add_(1.0)
+        after, _ = lm(ids, pos, noisy, attend, context=ctx)
+        with torch.enable_grad():
+            slow, _ = lm(ids, pos, noisy, attend, context=ctx)
+    assert not torch.allclose(before, after, atol=1e-3) and torch.allclose(after, slow.detach(), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llada", "llada_semi_ar", "fast_dllm", "fast_dllm_factor", "lud"])
 def test_every_unmask_strategy_runs(name: str) -> None:
     ad = BlockDiffusionAdapter(_lm())

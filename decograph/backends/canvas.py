@@ -15,6 +15,16 @@ The canvas of row ``b`` is ``ids[b]``: its prompt right-aligned to ``width``, th
   kept KV of the positions before and after it.
 
 The kept KV is refreshed when the block completes (the next block's first step).
+
+A *block-causal* model (``block_causal``: its block, counted from the answer's start; the
+block-diffusion LM of ``adapt-diffusion``, whose blocks never read a later block and whose
+completed blocks are clean, causal positions) needs no approximation there: the kept KV of
+the prompt and of its completed blocks is exact, and positions after the block are never
+read. Its first step of a block therefore runs only the columns from the end of the exactly
+kept prefix to the block's end, against the kept KV before them, and keeps their KV in place
+(``keep_columns``) instead of recomputing the whole canvas. (A strategy block that does not
+start on one of the model's blocks leaves the completed start of the model's block noisy:
+approximate, as with any model.)
 """
 from __future__ import annotations
 
@@ -70,6 +80,8 @@ class BlockCanvas(CanvasBatch):
         self.pos = np.maximum(np.cumsum(self.valid, 1) - 1, 0).astype(np.int64)
         self.gen_start = np.array([len(r.prompt) for r in rows], dtype=np.int64)
         self._kept_block: dict[int, int] = {}                # row -> the block start its kept KV is for
+        self._clean: dict[int, int] = {}                     # row -> columns before it kept exactly (block-causal)
+        self.block_causal = 0                                # a block-causal model's block (set by the backend)
         self._plans: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # -- the backend's part ----------------------------------------------------------------
@@ -82,6 +94,12 @@ class BlockCanvas(CanvasBatch):
     @abstractmethod
     def keep(self, rows: np.ndarray, kv: Any) -> None:
         """Keep ``kv`` (as ``run`` returned it) as the context of canvas rows ``rows``."""
+
+    def keep_columns(self, rows: np.ndarray, kv: Any, starts: np.ndarray, stops: np.ndarray) -> None:
+        """Keep query column ``j`` of row ``rows[i]``'s ``kv`` (as ``run`` returned it) as the
+        context of canvas column ``starts[i] + j``, for ``starts[i] + j < stops[i]`` (a
+        block-causal model's incremental refresh; the other columns are left as they are)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps whole rows only")
 
     # -- the protocol ----------------------------------------------------------------------
 
@@ -98,7 +116,9 @@ class BlockCanvas(CanvasBatch):
                  if self.kv == "recompute" or self._kept_block.get(r.index) != blk[0]]
         cached = [(r, blk) for r, blk in zip(active, blocks) if self.kv != "recompute"
                   and self._kept_block.get(r.index) == blk[0]]
-        if fresh:
+        if fresh and self.block_causal and self.kv != "recompute":
+            self._fresh_incremental(fresh, conf, tok, queried)
+        elif fresh:
             idx = np.array([r.index for r, _ in fresh])
             w = max(e - s for _, (s, e) in fresh)
             at = np.stack([np.minimum(np.arange(s, s + w), e - 1) + self.width - self.shift for _, (s, e) in fresh])
@@ -114,6 +134,36 @@ class BlockCanvas(CanvasBatch):
             self._cached(cached, conf, tok, queried)
         return CanvasStep([conf[r.index] for r in active], [tok[r.index] for r in active],
                           [queried[r.index] for r in active])
+
+    def _fresh_incremental(self, rows: list[tuple[CanvasRow, tuple[int, int]]], conf: dict[int, np.ndarray],
+                           tok: dict[int, np.ndarray], queried: dict[int, int]) -> None:
+        """A block-causal model's first step of a block: the columns from each row's exactly kept
+        prefix to its block's end, against that prefix's kept KV; their KV kept in place."""
+        total = self.ids.shape[1]
+        idx = np.array([r.index for r, _ in rows])
+        starts = np.array([self._clean.get(r.index, 0) for r, _ in rows])
+        stops = np.array([self.width + e for _, (_s, e) in rows])
+        w = int((stops - starts).max())
+        cols = starts[:, None] + np.arange(w)[None, :]
+        inside = cols < stops[:, None]
+        cols = np.minimum(cols, total - 1)
+        qvalid = inside & np.take_along_axis(self.valid[idx], cols, 1)
+        n = max(e - s for _, (s, e) in rows)
+        at = np.stack([np.minimum(np.arange(s, s + n), e - 1) + self.width - self.shift - starts[j]
+                       for j, (_, (s, e)) in enumerate(rows)])
+        q = BlockQuery(np.take_along_axis(self.ids[idx], cols, 1), np.take_along_axis(self.pos[idx], cols, 1), qvalid,
+                       at, keep_kv=True, gen_start=self.gen_start[idx])
+        if self._clean and int(starts.max()) > 0:         # the exactly kept prefix as the context
+            q.context_rows, q.context_pos = idx, self.pos[idx]
+            q.every = len(rows) == self.ids.shape[0] and idx.tolist() == list(range(len(rows)))
+            q.context_valid = self.valid[idx] & (np.arange(total)[None, :] < starts[:, None])
+        c, t, kv = self.run(q)
+        self.keep_columns(idx, kv, starts, stops)
+        for j, (r, (s, e)) in enumerate(rows):
+            conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
+            queried[r.index] = int(qvalid[j].sum())
+            self._kept_block[r.index] = s
+            self._clean[r.index] = self.width + s - s % self.block_causal   # the model's complete blocks: clean
 
     def _cached(self, rows: list[tuple[CanvasRow, tuple[int, int]]], conf: dict[int, np.ndarray],
                 tok: dict[int, np.ndarray], queried: dict[int, int]) -> None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from decograph.errors import ModelError
+from decograph.models.block_diffusion_fast import LoRAProjections, PackedProjections
 from decograph.models.block_layout import block_causal_layout
 from decograph.models.fast_llama import rms_norm, rotate_half
 
@@ -90,13 +91,17 @@ class BlockDiffusionLM(torch.nn.Module):
         emb = base.model.embed_tokens.weight.detach()
         self.mask_embed = torch.nn.Parameter(emb.mean(0).clone())
         self.vocab_size = int(base.lm_head.weight.shape[0])
+        self._packed: tuple[tuple[int, ...], PackedProjections] | None = None
 
-    def _lin(self, lin: Any, lora: _LoRA, x: torch.Tensor, noisy: torch.Tensor | None) -> torch.Tensor:
-        y = F.linear(x, lin.weight, lin.bias)
-        if noisy is None:
-            return y
-        d = F.linear(F.linear(x, lora.a), lora.b) * self.scale_lora
-        return y + d * noisy
+    def projections(self) -> LoRAProjections | PackedProjections:
+        """The training form while gradients flow; else the packed inference form, rebuilt when
+        a parameter changed in place (an optimizer step) since it was made."""
+        if self.training or torch.is_grad_enabled():
+            return LoRAProjections(self)
+        version = tuple(p._version for p in self.parameters())
+        if self._packed is None or self._packed[0] != version:
+            self._packed = (version, PackedProjections(self))
+        return self._packed[1]
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, noisy: torch.Tensor, attend: torch.Tensor,
                 context: KV | None = None, return_kv: bool = False,
@@ -110,32 +115,31 @@ class BlockDiffusionLM(torch.nn.Module):
         h = F.embedding(ids, base.embed_tokens.weight)
         is_mask = (ids == self.config.mask_token_id) & noisy
         h = torch.where(is_mask[..., None], self.mask_embed.to(h.dtype), h)
-        gate = noisy[..., None].to(h.dtype) if bool(noisy.any()) else None
+        any_noisy = bool(noisy.any())
+        gate = noisy[..., None].to(h.dtype) if any_noisy and not bool(noisy.all()) else None
         cos, sin = base.rotary_emb(h, position_ids=pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         bias = torch.zeros(attend.shape, dtype=h.dtype).masked_fill_(~attend, torch.finfo(h.dtype).min)[:, None]
+        proj = self.projections()
         kv_out: KV = []
         for i, layer in enumerate(base.layers):
-            at, mlp, lo = layer.self_attn, layer.mlp, self.lora[i]
             x = rms_norm(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = self._lin(at.q_proj, lo["q_proj"], x, gate).view(b, t, -1, self.head_dim).transpose(1, 2)
-            k = self._lin(at.k_proj, lo["k_proj"], x, gate).view(b, t, -1, self.head_dim).transpose(1, 2)
-            v = self._lin(at.v_proj, lo["v_proj"], x, gate).view(b, t, -1, self.head_dim).transpose(1, 2)
+            q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in proj.qkv(i, x, gate, any_noisy))
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             if return_kv:
                 kv_out.append((k, v))
             if context is not None:
                 k, v = torch.cat([context[i][0], k], 2), torch.cat([context[i][1], v], 2)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=at.scaling,
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=layer.self_attn.scaling,
                                                enable_gqa=self.heads != self.kv_heads)
-            h = h + self._lin(at.o_proj, lo["o_proj"], a.transpose(1, 2).reshape(b, t, -1), gate)
+            h = h + proj.o(i, a.transpose(1, 2).reshape(b, t, -1), gate, any_noisy)
             x = rms_norm(h, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-            u = F.silu(self._lin(mlp.gate_proj, lo["gate_proj"], x, gate)) * self._lin(mlp.up_proj, lo["up_proj"], x, gate)
-            h = h + self._lin(mlp.down_proj, lo["down_proj"], u, gate)
+            g, u = proj.gate_up(i, x, gate, any_noisy)
+            h = h + proj.down(i, F.silu(g) * u, gate, any_noisy)
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         h = rms_norm(h, base.norm.weight, base.norm.variance_epsilon)
-        return self.base.lm_head(h).float(), (kv_out if return_kv else None)
+        return proj.lm_head(h).float(), (kv_out if return_kv else None)
 
     def layout(self, ids: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor, gen_start: torch.Tensor,
                context_pos: torch.Tensor | None = None,

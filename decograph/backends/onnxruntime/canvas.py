@@ -120,6 +120,7 @@ class OrtCanvas(BlockCanvas):
         super().__init__(rows, mask_id, kv, engine.pad_id, engine.shift_logits)
         self.model = engine.model
         self._kv: NpKV | None = None
+        self.block_causal = int(getattr(self.model, "block", 0) or 0) if self.model.wants_layout else 0
 
     def run(self, q: BlockQuery) -> tuple[np.ndarray, np.ndarray, Any]:
         ctx = None
@@ -137,6 +138,16 @@ class OrtCanvas(BlockCanvas):
             self._kv = [(np.zeros((n,) + k.shape[1:], k.dtype), np.zeros((n,) + v.shape[1:], v.dtype)) for k, v in kv]
         for (ck, cv), (k, v) in zip(self._kv, kv):
             ck[rows], cv[rows] = k, v
+
+
+    def keep_columns(self, rows: np.ndarray, kv: Any, starts: np.ndarray, stops: np.ndarray) -> None:
+        if self._kv is None:
+            n, total = len(self.rows), self.ids.shape[1]
+            self._kv = [(np.zeros((n, k.shape[1], total, k.shape[3]), k.dtype),
+                         np.zeros((n, v.shape[1], total, v.shape[3]), v.dtype)) for k, v in kv]
+        for j, (r, a, z) in enumerate(zip(rows.tolist(), starts.tolist(), stops.tolist())):
+            for (ck, cv), (k, v) in zip(self._kv, kv):
+                ck[r, :, a:z], cv[r, :, a:z] = k[j, :, :z - a], v[j, :, :z - a]
 
 
 class OrtCanvasEngine(Engine):

@@ -24,6 +24,7 @@ class TorchCanvas(BlockCanvas):
         super().__init__(rows, mask_id, kv, engine.pad_id, a.shift_logits)
         self.adapter, self.confidence = a, engine.confidence
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.block_causal = int(getattr(a, "block", 0) or 0) if getattr(a, "wants_layout", False) else 0
 
     def run(self, q: BlockQuery) -> tuple[np.ndarray, np.ndarray, Any]:
         ctx = None
@@ -51,6 +52,16 @@ class TorchCanvas(BlockCanvas):
         at = torch.from_numpy(rows)
         for (ck, cv), (k, v) in zip(self._kv, kv):
             ck[at], cv[at] = k, v
+
+
+    def keep_columns(self, rows: np.ndarray, kv: Any, starts: np.ndarray, stops: np.ndarray) -> None:
+        if self._kv is None:
+            n, total = len(self.rows), self.ids.shape[1]
+            self._kv = [(k.new_zeros((n, k.shape[1], total, k.shape[3])), v.new_zeros((n, v.shape[1], total, v.shape[3])))
+                        for k, v in kv]
+        for j, (r, a, z) in enumerate(zip(rows.tolist(), starts.tolist(), stops.tolist())):
+            for (ck, cv), (k, v) in zip(self._kv, kv):
+                ck[r, :, a:z], cv[r, :, a:z] = k[j, :, :z - a], v[j, :, :z - a]
 
 
 class TorchCanvasEngine(Engine):
