@@ -134,6 +134,31 @@ def test_a_new_block_runs_only_the_block_just_completed_and_itself() -> None:
     assert (8, 23) in seen and (5, 23) in seen                    # refresh: blocks k-1 and k; a step: block k + 1
 
 
+@pytest.mark.parametrize("model_block,strategy_block", [(4, 2), (4, 3), (8, 5), (4, 8)])
+def test_the_narrow_refresh_gives_the_whole_canvas_refresh_tokens(model_block: int, strategy_block: int,
+                                                                   monkeypatch) -> None:
+    """Strategy blocks that are not the model's (shorter, misaligned, longer; a budget that is
+    not a multiple): the narrow refresh computes the model's whole block, so the tokens are
+    those of refreshing the whole canvas, with both caches."""
+    from decograph.backends.torch_ref.canvas import TorchCanvas
+
+    ad = BlockDiffusionAdapter(_lm(block=model_block))
+    prompts = [[10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
+    for kv in ("block_approx", "block_approx_dual"):
+        prog = load_strategy("fast_dllm", overrides={"block": strategy_block, "threshold": 0.3, "kv": kv}).program
+        narrow = [r.new_token_ids for r in generate(ad, None, prompts, prog, 13, eos_token_id=[])]
+        with monkeypatch.context() as m:
+            real = TorchCanvas.__init__
+
+            def whole(self, *a, **k):
+                real(self, *a, **k)
+                self.block_causal = 0
+
+            m.setattr(TorchCanvas, "__init__", whole)
+            ref = [r.new_token_ids for r in generate(ad, None, prompts, prog, 13, eos_token_id=[])]
+        assert narrow == ref, kv
+
+
 def test_packed_inference_projections_equal_the_training_form() -> None:
     """Inference groups q/k/v and gate/up into one packed product each and the LoRA updates into
     one A and one block-diagonal B product; the logits and KV are the training form's. A

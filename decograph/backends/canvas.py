@@ -138,11 +138,13 @@ class BlockCanvas(CanvasBatch):
     def _fresh_incremental(self, rows: list[tuple[CanvasRow, tuple[int, int]]], conf: dict[int, np.ndarray],
                            tok: dict[int, np.ndarray], queried: dict[int, int]) -> None:
         """A block-causal model's first step of a block: the columns from each row's exactly kept
-        prefix to its block's end, against that prefix's kept KV; their KV kept in place."""
+        prefix to the end of the model's block holding the strategy block's end, against that
+        prefix's kept KV; their KV kept in place."""
         total = self.ids.shape[1]
         idx = np.array([r.index for r, _ in rows])
         starts = np.array([self._clean.get(r.index, 0) for r, _ in rows])
-        stops = np.array([self.width + e for _, (_s, e) in rows])
+        b = self.block_causal                  # to the end of the model's block (a strategy block may be shorter)
+        stops = np.array([min(self.width - (-e // b) * b, total) for _, (_s, e) in rows])
         w = int((stops - starts).max())
         cols = starts[:, None] + np.arange(w)[None, :]
         inside = cols < stops[:, None]
