@@ -63,19 +63,16 @@ class LoRAProjections:
 class _Group:
     """``x @ cat(W).T (+ b)`` on packed weights, plus the group's LoRA updates."""
 
-    __slots__ = ("w_t", "bias", "packed", "orig", "a_t", "b_t", "sizes")
+    __slots__ = ("w", "bias", "packed", "a_t", "b_t", "sizes")
 
     def __init__(self, lins: list[Any], loras: list[Any], scale: float, pack: bool) -> None:
-        w = torch.cat([lin.weight.detach() for lin in lins]).float()
+        ws = [lin.weight.detach().float() for lin in lins]
+        self.w = torch.cat(ws) if len(ws) > 1 else ws[0].contiguous()     # one linear: its own weight, no copy
         self.sizes = [int(lin.weight.shape[0]) for lin in lins]
         biases = [lin.bias for lin in lins]
         self.bias = None if all(b is None for b in biases) else torch.cat([
             b.detach() if b is not None else torch.zeros(lin.weight.shape[0]) for b, lin in zip(biases, lins)])
-        self.w_t = w.t().contiguous()
-        self.packed = self.orig = None
-        if pack:
-            self.orig = w.contiguous()
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.orig, PACK_ROWS)
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.w, PACK_ROWS) if pack else None
         self.a_t = torch.cat([lo.a.detach() for lo in loras]).t().contiguous().float() if loras else None
         self.b_t = (torch.block_diag(*[lo.b.detach() for lo in loras]) * scale).t().contiguous().float() \
             if loras else None
@@ -83,9 +80,9 @@ class _Group:
     def __call__(self, x: torch.Tensor, gate: torch.Tensor | None, noisy: bool) -> torch.Tensor:
         m = x.shape[0]
         if self.packed is not None and 1 < m <= PACK_ROWS:
-            y = torch.ops.mkl._mkl_linear(x, self.packed, self.orig, None, m)
+            y = torch.ops.mkl._mkl_linear(x, self.packed, self.w, None, m)
         else:
-            y = x @ self.w_t
+            y = F.linear(x, self.w)
         if self.bias is not None:
             y = y + self.bias
         if not noisy or self.a_t is None:
