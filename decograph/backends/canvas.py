@@ -82,6 +82,7 @@ class BlockCanvas(CanvasBatch):
         self._kept_block: dict[int, int] = {}                # row -> the block start its kept KV is for
         self._clean: dict[int, int] = {}                     # row -> columns before it kept exactly (block-causal)
         self.block_causal = 0                                # a block-causal model's block (set by the backend)
+        self._kv: Any = None                                 # the kept KV (the backend's arrays), per layer
         self._plans: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # -- the backend's part ----------------------------------------------------------------
@@ -95,11 +96,20 @@ class BlockCanvas(CanvasBatch):
     def keep(self, rows: np.ndarray, kv: Any) -> None:
         """Keep ``kv`` (as ``run`` returned it) as the context of canvas rows ``rows``."""
 
-    def keep_columns(self, rows: np.ndarray, kv: Any, starts: np.ndarray, stops: np.ndarray) -> None:
-        """Keep query column ``j`` of row ``rows[i]``'s ``kv`` (as ``run`` returned it) as the
-        context of canvas column ``starts[i] + j``, for ``starts[i] + j < stops[i]`` (a
-        block-causal model's incremental refresh; the other columns are left as they are)."""
+    def zeros_kv(self, like: Any, total: int) -> Any:
+        """Zero KV for every row over ``total`` columns, per layer shaped and typed as ``like``
+        (as ``run`` returned it): what ``keep_columns`` fills (block-causal models)."""
         raise NotImplementedError(f"{type(self).__name__} keeps whole rows only")
+
+    def keep_columns(self, rows: np.ndarray, kv: Any, starts: np.ndarray, stops: np.ndarray) -> None:
+        """Keep query column ``j`` of row ``rows[i]``'s ``kv`` as the context of canvas column
+        ``starts[i] + j``, for ``starts[i] + j < stops[i]`` (a block-causal model's narrow
+        refresh; the other columns are left as they are). Numpy and torch index alike."""
+        if self._kv is None:
+            self._kv = self.zeros_kv(kv, self.ids.shape[1])
+        for j, (r, a, z) in enumerate(zip(rows.tolist(), starts.tolist(), stops.tolist())):
+            for (ck, cv), (k, v) in zip(self._kv, kv):
+                ck[r, :, a:z], cv[r, :, a:z] = k[j, :, :z - a], v[j, :, :z - a]
 
     # -- the protocol ----------------------------------------------------------------------
 

@@ -139,15 +139,10 @@ class OrtCanvas(BlockCanvas):
         for (ck, cv), (k, v) in zip(self._kv, kv):
             ck[rows], cv[rows] = k, v
 
-
-    def keep_columns(self, rows: np.ndarray, kv: Any, starts: np.ndarray, stops: np.ndarray) -> None:
-        if self._kv is None:
-            n, total = len(self.rows), self.ids.shape[1]
-            self._kv = [(np.zeros((n, k.shape[1], total, k.shape[3]), k.dtype),
-                         np.zeros((n, v.shape[1], total, v.shape[3]), v.dtype)) for k, v in kv]
-        for j, (r, a, z) in enumerate(zip(rows.tolist(), starts.tolist(), stops.tolist())):
-            for (ck, cv), (k, v) in zip(self._kv, kv):
-                ck[r, :, a:z], cv[r, :, a:z] = k[j, :, :z - a], v[j, :, :z - a]
+    def zeros_kv(self, like: Any, total: int) -> Any:
+        n = len(self.rows)
+        return [(np.zeros((n, k.shape[1], total, k.shape[3]), k.dtype),
+                 np.zeros((n, v.shape[1], total, v.shape[3]), v.dtype)) for k, v in like]
 
 
 class OrtCanvasEngine(Engine):
