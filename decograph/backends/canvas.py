@@ -80,7 +80,6 @@ class BlockCanvas(CanvasBatch):
         self.pos = np.maximum(np.cumsum(self.valid, 1) - 1, 0).astype(np.int64)
         self.gen_start = np.array([len(r.prompt) for r in rows], dtype=np.int64)
         self._kept_block: dict[int, int] = {}                # row -> the block start its kept KV is for
-        self._clean: dict[int, int] = {}                     # row -> columns before it kept exactly (block-causal)
         self.block_causal = 0                                # a block-causal model's block (set by the backend)
         self._kv: Any = None                                 # the kept KV (the backend's arrays), per layer
         self._plans: dict[tuple[Any, ...], tuple[Any, ...]] = {}
@@ -152,9 +151,10 @@ class BlockCanvas(CanvasBatch):
         prefix's kept KV; their KV kept in place."""
         total = self.ids.shape[1]
         idx = np.array([r.index for r, _ in rows])
-        starts = np.array([self._clean.get(r.index, 0) for r, _ in rows])
-        b = self.block_causal                  # to the end of the model's block (a strategy block may be shorter)
-        stops = np.array([min(self.width - (-e // b) * b, total) for _, (_s, e) in rows])
+        b = self.block_causal    # kept exactly: the model's blocks complete at the row's last refresh (0: none)
+        starts = np.array([self.width + s - s % b if s is not None else 0
+                           for s in (self._kept_block.get(r.index) for r, _ in rows)])
+        stops = np.array([min(self.width - (-e // b) * b, total) for _, (_s, e) in rows])   # to a model block's end
         w = int((stops - starts).max())
         cols = starts[:, None] + np.arange(w)[None, :]
         inside = cols < stops[:, None]
@@ -165,7 +165,7 @@ class BlockCanvas(CanvasBatch):
                        for j, (_, (s, e)) in enumerate(rows)])
         q = BlockQuery(np.take_along_axis(self.ids[idx], cols, 1), np.take_along_axis(self.pos[idx], cols, 1), qvalid,
                        at, keep_kv=True, gen_start=self.gen_start[idx])
-        if self._clean and int(starts.max()) > 0:         # the exactly kept prefix as the context
+        if int(starts.max()) > 0:                          # the exactly kept prefix as the context
             q.context_rows, q.context_pos = idx, self.pos[idx]
             q.every = len(rows) == self.ids.shape[0] and idx.tolist() == list(range(len(rows)))
             q.context_valid = self.valid[idx] & (np.arange(total)[None, :] < starts[:, None])
@@ -175,7 +175,6 @@ class BlockCanvas(CanvasBatch):
             conf[r.index], tok[r.index] = c[j, :e - s], t[j, :e - s]
             queried[r.index] = int(qvalid[j].sum())
             self._kept_block[r.index] = s
-            self._clean[r.index] = self.width + s - s % self.block_causal   # the model's complete blocks: clean
 
     def _cached(self, rows: list[tuple[CanvasRow, tuple[int, int]]], conf: dict[int, np.ndarray],
                 tok: dict[int, np.ndarray], queried: dict[int, int]) -> None:

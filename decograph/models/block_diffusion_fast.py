@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from decograph.models.fast_llama import PACK_ROWS, packing_available, should_pack
+from decograph.models.fast_llama import PACK_ROWS, should_pack
 
 __all__ = ["LoRAProjections", "PackedProjections"]
 
@@ -97,7 +97,7 @@ class PackedProjections:
     """The inference form: grouped, packed products (built once per set of weights)."""
 
     def __init__(self, lm: Any) -> None:
-        pack = should_pack(lm.base, "mkl") and packing_available()
+        pack = should_pack(lm.base, "mkl")
         s = lm.scale_lora
         self.layers = []
         for layer, lo in zip(lm.base.model.layers, lm.lora):
