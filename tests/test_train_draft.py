@@ -8,6 +8,7 @@ from __future__ import annotations
 import builtins
 import io
 import itertools
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -279,6 +280,8 @@ def test_a_minutes_budget_bounds_data_and_training(tiny) -> None:
     (["--steps", "3", "--data-chunks", "1"], "--data-chunks must be at least 2, got 1"),
     (["--out", "head.bin"], "a draft head is an .npz file"),
     (["--questions", "no-such-questions.jsonl"], "--questions no-such-questions.jsonl: no such file"),
+    (["--self-questions", "-1"], "--self-questions must be at least 0, got -1"),
+    (["--init", "no-such-head.npz"], "--init no-such-head.npz: no such head file"),
 ])
 def test_cli_refuses_bad_arguments(argv, message, capsys) -> None:
     assert main(["train-draft", *argv]) == 2
@@ -338,7 +341,6 @@ def test_the_data_reads_the_standard_library_and_never_the_benchmarks(tiny, monk
 
 
 def test_a_questions_file_adds_the_models_answers_but_never_a_benchmark_prompt(tiny, tmp_path: Path) -> None:
-    import json
 
     from decograph.bench.prompts import load_prompts
 
@@ -403,3 +405,76 @@ def test_train_head_refuses_bad_budgets(tiny) -> None:
         _train(tiny, minutes=0)
     with pytest.raises(InputError, match="--steps must be a positive whole number"):
         _train(tiny, steps=-3)
+
+
+# ------------------------------------------------------------------ requests the model writes itself
+
+
+def _chat_tokenizer():
+    tok = _char_tokenizer()
+    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    return tok
+
+
+def test_self_questions_are_sampled_in_the_chat_template_deterministically_and_resume(tiny, tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    from decograph.heads import self_questions as SQ
+
+    model, _ = tiny
+    tok = _chat_tokenizer()
+    head, end = SQ.pre_query(tok)
+    assert tok.decode(head) == "[" and tok.decode([end]) == "]"
+    monkeypatch.setattr(SQ, "_MIN_WORDS", 1)
+    whole = SQ.self_questions(model, tok, 12, tmp_path / "a.jsonl", seed=3, batch=8)
+    assert len(whole) == 12 and len({q.strip().casefold() for q in whole}) == 12
+    assert all("]" not in q for q in whole)          # cut where the turn ends
+    assert SQ.self_questions(model, tok, 12, tmp_path / "b.jsonl", seed=3, batch=8) == whole
+    # interrupted after a few, then extended: the same requests
+    first = SQ.self_questions(model, tok, 3, tmp_path / "c.jsonl", seed=3, batch=8)
+    assert first == whole[:3]
+    assert SQ.self_questions(model, tok, 12, tmp_path / "c.jsonl", seed=3, batch=8) == whole
+    with open(tmp_path / "c.jsonl", "a") as f:                         # a write cut short
+        f.write('{"question_id": "self-3-9-0", "turns": ["cut')
+    assert SQ.self_questions(model, tok, 12, tmp_path / "c.jsonl", seed=3, batch=8) == whole
+    # another seed writes other requests; a benchmark prompt is never kept
+    assert SQ.self_questions(model, tok, 12, tmp_path / "d.jsonl", seed=4, batch=8) != whole
+    skipped = SQ.self_questions(model, tok, 12, tmp_path / "e.jsonl", seed=3, batch=8, skip=frozenset(whole[:5]))
+    assert not set(skipped) & set(whole[:5]) and set(whole[5:]) <= set(skipped)
+    rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert Q.question_requests(tmp_path / "a.jsonl")[:12] == whole       # Spec-Bench's format: --questions reads it
+    assert {r.get("category") for r in rows if "turns" in r} == {"self"}
+
+
+def test_self_questions_need_a_chat_template(tiny, tmp_path: Path) -> None:
+    from decograph.heads import self_questions as SQ
+
+    with pytest.raises(InputError, match="--self-questions needs a chat model"):
+        SQ.self_questions(tiny[0], _char_tokenizer(), 4, tmp_path / "q.jsonl")
+    with pytest.raises(InputError, match="--self-questions must be at least 1"):
+        SQ.self_questions(tiny[0], _chat_tokenizer(), 0, tmp_path / "q.jsonl")
+
+
+def test_train_on_self_questions_and_start_from_an_earlier_head(tiny, tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    from decograph.heads import self_questions as SQ
+
+    monkeypatch.setattr(SQ, "_MIN_WORDS", 1)
+    model, _ = tiny
+    tiny_chat = (model, _chat_tokenizer())
+    opts = TrainOptions(vocab=16, seq_len=128, data_chunks=6, corpus_chars=50_000)
+    head = _train(tiny_chat, steps=2, options=opts, self_questions=20, out=tmp_path / "first.npz")
+    meta = head.config.meta
+    assert meta["data"]["chunks"]["questions"]["chat/heldout"] == 2       # every 10th of the 20
+    assert meta["data"]["chunks"]["questions"]["chat/train"] == 2         # a third of --data-chunks
+    assert set(meta["heldout"]) == {"chat", "text", "questions"}
+    # --init: the earlier head's weights (as stored) and vocabulary are the start (lr 0: nothing moves)
+    still = _train(tiny_chat, steps=2, options=dataclasses.replace(opts, lr=0.0), init=tmp_path / "first.npz",
+                   out=tmp_path / "second.npz")
+    np.testing.assert_array_equal(still.vocab_ids, head.vocab_ids)
+    for k, w in load_head(tmp_path / "first.npz").weights.items():
+        np.testing.assert_array_equal(still.weights[k], w, err_msg=k)
+    fresh = _train(tiny_chat, steps=2, options=dataclasses.replace(opts, lr=0.0), out=tmp_path / "third.npz")
+    assert any(not np.array_equal(fresh.weights[k], w) for k, w in head.weights.items())
+    with pytest.raises(InputError, match="--init nope.npz: no such head file"):
+        _train(tiny_chat, steps=2, options=opts, init="nope.npz")

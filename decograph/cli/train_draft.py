@@ -46,6 +46,13 @@ def add_parser(sub: Any, model_help: str) -> None:
                         "turn of each), generated first: drafts tuned to your own traffic. The prompts of "
                         "`decograph bench` and the first 5 of each category of FILE are skipped; every 10th "
                         "question is held out and scored")
+    t.add_argument("--self-questions", type=int, default=0, metavar="N",
+                   help="also the model's answers to N requests it writes itself (sampled from its chat template "
+                        "where a user's turn starts): chat-like data with no dataset; cached, resumed, every 10th "
+                        "held out. Needs a chat template")
+    t.add_argument("--init", metavar="HEAD", default=None,
+                   help="start from this head instead of a fresh one: `default` (the shipped or cached head) or a "
+                        "head file; its vocabulary subset is kept")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fresh", action="store_true", help="start training over (the prepared data is kept)")
     t.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: every core)")
@@ -67,6 +74,10 @@ def _check(args: argparse.Namespace) -> None:
     for flag, value in (("--vocab", args.vocab), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be at least 1, got {value}")
+    if args.self_questions < 0:
+        raise InputError(f"--self-questions must be at least 0, got {args.self_questions}")
+    if args.init is not None and args.init != "default" and not Path(args.init).is_file():
+        raise InputError(f"--init {args.init}: no such head file (give `default` or a file `train-draft` wrote)")
     if args.questions is not None and not Path(args.questions).is_file():
         raise InputError(f"--questions {args.questions}: no such file")
     if args.out is not None:
@@ -97,7 +108,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     minutes = None if args.steps is not None else 30.0 if args.minutes is None else args.minutes
     head = train_head(adapter, tok, minutes=minutes, steps=args.steps,
                       out=args.out, vocab=args.vocab, seed=args.seed, progress=not args.quiet, fresh=args.fresh,
-                      threads=args.threads, options=options, model_name=name, questions=args.questions)
+                      threads=args.threads, options=options, model_name=name, questions=args.questions,
+                      self_questions=args.self_questions, init=args.init)
     path = Path(args.out) if args.out else cached_head_path(head.config.model)
     meta = head.config.meta
     print(f"draft head for {name}: {path} ({path.stat().st_size / 1e6:.1f} MB)")

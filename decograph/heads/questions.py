@@ -37,13 +37,15 @@ def question_requests(path: str | Path, skip: frozenset[str] = frozenset()) -> t
     return tuple(out)
 
 
-def benchmark_texts(questions: str | Path, per_category: int = 5) -> frozenset[str]:
+def benchmark_texts(questions: str | Path | None, per_category: int = 5) -> frozenset[str]:
     """Prompts the benchmarks time, never trained on: ``decograph bench``'s shipped subset and,
     from the questions file itself, the first ``per_category`` of each category (what
     ``benchmarks/bench_backends.py --per-category N`` picks, N <= 5)."""
     from decograph.bench.prompts import load_prompts
 
     out = {p.text for p in load_prompts(None, 0)}
+    if questions is None:
+        return frozenset(out)
     seen: dict[str, int] = {}
     try:
         lines = Path(questions).read_text(encoding="utf-8").splitlines()

@@ -47,9 +47,10 @@ import torch
 from decograph.errors import InputError, ModelError
 from decograph.heads import data as D
 from decograph.heads import questions as Q
+from decograph.heads import self_questions as SQ
 from decograph.heads.model import DraftHead, head_config_for, init_from_target, to_head_weights
-from decograph.heads.spec import HeadWeights, save_head
-from decograph.heads.store import cached_head_path, model_fingerprint
+from decograph.heads.spec import WEIGHT_SHAPES, HeadWeights, save_head
+from decograph.heads.store import cached_head_path, model_fingerprint, resolve_head
 from decograph.heads.trainer import (Batch, Trainer, TrainOptions, evaluate, load_checkpoint, plot_curve,
                                      save_checkpoint, write_curve)
 from decograph.measure_cache import cache_path
@@ -155,11 +156,17 @@ def _prepare(store: D.FeatureStore, adapter: Any, tok: Any, plan: D.DataPlan, pr
     return use
 
 
-def _vocab(train: D.Chunks, held: D.Chunks, size: int, prior: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _vocab(train: D.Chunks, held: D.Chunks, size: int, prior: np.ndarray,
+           fixed: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The ``size`` tokens the target predicts most in ``train`` (``D.vocab_ranking`` with the
     corpus ``prior``), and the share of the target's argmax tokens that subsets of several sizes
-    hold, in ``train`` and in ``held`` (response positions of the chats, all of the text)."""
+    hold, in ``train`` and in ``held`` (response positions of the chats, all of the text).
+    ``fixed`` (a starting head's subset) is kept instead, ranked first."""
     order = D.vocab_ranking(train, prior)
+    if fixed is not None:
+        fixed = np.asarray(fixed, np.int64)
+        order = np.concatenate([fixed, order[~np.isin(order, fixed)]])
+        size = len(fixed)
     vocab_size = len(order)
     rank = np.empty(vocab_size, np.int64)
     rank[order] = np.arange(vocab_size)
@@ -218,7 +225,8 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
                fresh: bool = False, threads: int | None = None, options: TrainOptions | None = None,
                model_name: str | None = None, log: Callable[[str], None] | None = None,
                callback: Callable[[int, dict[str, Any]], None] | None = None,
-               questions: str | Path | None = None) -> HeadWeights:
+               questions: str | Path | None = None, self_questions: int = 0,
+               init: str | Path | None = None) -> HeadWeights:
     """Train a draft head for ``model`` (an adapter, a Hugging Face causal LM, a name or None for
     the default model) and save it to ``out`` (default: ``cached_head_path``, where
     ``resolve_head("default", ...)`` finds it). ``steps`` (exact, deterministic) replaces the
@@ -226,7 +234,9 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     checkpoint). ``questions``: a Spec-Bench style JSON Lines file whose first turns the model
     answers first, as training data from the user's own domain (benchmark prompts are skipped:
     ``questions.benchmark_texts``; every 10th question is held out and scored as ``questions``).
-    Returns the head; its ``config.meta`` holds the training facts."""
+    ``self_questions``: that many requests the model writes itself (``self_questions``), answered
+    and held out the same way. ``init``: start from a head (``default`` or a head file) instead of
+    a fresh one, keeping its vocabulary subset. Returns the head; its ``config.meta`` holds the training facts."""
     o = dataclasses.replace(options or TrainOptions(), **({"vocab": vocab} if vocab is not None else {}))
     _check_budget(minutes, steps, o, threads)
     say = log or _log_default
@@ -235,11 +245,12 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     t0 = time.monotonic()
     adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
     name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
-    qs = Q.question_requests(questions, Q.benchmark_texts(questions)) if questions is not None else ()
+    start = _start_head(init, fp, name)
+    qs = _requests(hf, tok, fp, questions, self_questions, o, minutes, seed, t0, progress, say)
     qdigest = hashlib.sha256("\n\0".join(qs).encode()).hexdigest()[:10] if qs else None
     key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
            "budget": ["steps", steps] if steps is not None else ["minutes", minutes],
-           **({"questions": qdigest} if qs else {})}
+           **({"questions": qdigest} if qs else {}), **({"init": _digest(start)} if start is not None else {})}
     run = run_dir(fp, key)
     state = None if fresh else load_checkpoint(run / "train.pt", key, say)
     store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
@@ -260,12 +271,13 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     train, held = _load_data(store, use, o, int(embed.shape[1]), qstore)
     if state is None:
         vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, int(embed.shape[1])),
-                                  o.vocab, D.corpus_counts(store, tok, len(lm_head), o.corpus_chars))
+                                  o.vocab, D.corpus_counts(store, tok, len(lm_head), o.corpus_chars),
+                                  None if start is None else start.vocab_ids)
         say("vocabulary subset coverage of the target's argmax tokens (train / held-out): "
             + ", ".join(f"{k} {c['train']:.3f}/{c['heldout']:.3f}" for k, c in cover.items()))
     else:
         vocab_ids, cover = np.asarray(state["vocab_ids"], np.int64), state["coverage"]
-    module = _new_module(hf, fp, name, embed, lm_head, vocab_ids, o, seed, say if state is None else None)
+    module = _new_module(hf, fp, name, embed, lm_head, vocab_ids, o, seed, say if state is None else None, start)
     budget_s = 0.0 if steps is not None else max(10.0, float(minutes) * 60 - data_s - min(60.0, 3.0 * minutes))
     tr = Trainer(module, o, seed, len(train), steps, budget_s)
     extra = {"key": key, "data": use, "vocab_ids": vocab_ids.tolist(), "coverage": cover}
@@ -286,6 +298,46 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     head = to_head_weights(module, vocab_ids, dataclasses.replace(module.config, meta=meta))
     say(f"saved {save_head(head, path or cached_head_path(fp))}; curve {run / 'curve.jsonl'}")
     return head
+
+
+def _start_head(init: str | Path | None, fp: str, name: str) -> HeadWeights | None:
+    """The head a run starts from (``default``: the shipped or cached one), checked against the model."""
+    if init is None:
+        return None
+    if str(init) != "default" and not Path(init).is_file():
+        raise InputError(f"--init {init}: no such head file (give `default` or a file `train-draft` wrote)")
+    return resolve_head(str(init), fp, name)
+
+
+def _digest(head: HeadWeights) -> str:
+    h = hashlib.sha256(np.asarray(head.vocab_ids, np.int64).tobytes())
+    for k in sorted(head.weights):
+        h.update(np.ascontiguousarray(head.weights[k], np.float32).tobytes())
+    return h.hexdigest()[:10]
+
+
+def _requests(hf: Any, tok: Any, fp: str, questions: str | Path | None, own: int, o: TrainOptions,
+              minutes: float | None, seed: int, t0: float, progress: bool,
+              say: Callable[[str], None]) -> tuple[str, ...]:
+    """The requests whose answers train: a questions file's, then ``own`` the model writes itself
+    (with ``minutes``: for at most a quarter of the answers' share of the budget)."""
+    qs = Q.question_requests(questions, Q.benchmark_texts(questions)) if questions is not None else ()
+    if not own:
+        return qs
+    from tqdm.auto import tqdm
+
+    deadline = None if minutes is None else t0 + o.gen_share * float(minutes) * 60.0 / 4
+    path = head_dir(fp) / f"self-questions-s{seed}.jsonl"
+    bar = tqdm(total=own, desc="draft-head requests", unit="req", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        mine = SQ.self_questions(hf, tok, own, path, seed=seed, deadline=deadline,
+                                 skip=Q.benchmark_texts(questions) | frozenset(qs),
+                                 progress=lambda kept: bar.update(kept - bar.n))
+    finally:
+        bar.close()
+    say(f"{len(mine)} requests written by the model itself ({path})")
+    return qs + mine
 
 
 def run_dir(fingerprint: str, key: dict[str, Any]) -> Path:
@@ -320,9 +372,20 @@ def _check_budget(minutes: float | None, steps: int | None, o: TrainOptions, thr
 
 
 def _new_module(hf: Any, fp: str, name: str, embed: np.ndarray, lm_head: torch.Tensor, vocab_ids: np.ndarray,
-                o: TrainOptions, seed: int, say: Callable[[str], None] | None) -> DraftHead:
-    """A freshly initialised head (its random init drawn from ``seed`` alone)."""
+                o: TrainOptions, seed: int, say: Callable[[str], None] | None,
+                start: HeadWeights | None = None) -> DraftHead:
+    """A freshly initialised head (its random init drawn from ``seed`` alone), or ``start``'s."""
     config = head_config_for(hf, fp, name, o.intermediate)
+    if start is not None:
+        if WEIGHT_SHAPES(start.config) != WEIGHT_SHAPES(config):
+            raise InputError(f"--init: the head's shapes ({start.config.intermediate}-wide MLP) are not this run's "
+                             f"({config.intermediate}); give the same --intermediate or start fresh")
+        module = DraftHead.from_head_weights(dataclasses.replace(start, config=config), torch.from_numpy(embed),
+                                             lm_head)
+        if say is not None:
+            say(f"head: starting from {start.config.meta.get('steps', '?')} steps of an earlier head "
+                f"(vocab {len(vocab_ids)})")
+        return module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = DraftHead(config, torch.from_numpy(embed), lm_head, vocab_ids)
