@@ -390,6 +390,33 @@ def test_torch_head_equals_the_numpy_reference(model) -> None:
     np.testing.assert_allclose(ref.logits(feats), th.logits(feats), atol=1e-5)
 
 
+def test_the_int8_torch_head_stays_near_the_float32_math(model, tmp_path) -> None:
+    """What the API binds on torch: int8 weights, the same interface, close to float32 (drafts
+    only; the outputs' exactness is the lossless tests' business)."""
+    from decograph.api.heads import model_head
+    from decograph.backends.torch_ref.head import bind_torch_head, int8_available
+    from decograph.models.adapters import HFCausalLM
+
+    head = random_head(model, seed=4, embed_scale=1.5)
+    fp32, int8 = bind_torch_head(head, model), bind_torch_head(head, model, quant="int8")
+    assert int8.quant == ("int8" if int8_available() else "none") and fp32.quant == "none" and not fp32.packed
+    rng = np.random.default_rng(1)
+    q, P = 6, 9
+    feats, tokens, pos = rng.normal(0, 1, (q, H)).astype(np.float32), rng.integers(0, V, q), np.arange(P, P + q)
+    pk, pv = rng.normal(0, 1, (2, P, 2, 8)).astype(np.float32)
+    for a, b in zip(fp32.step(feats, tokens, pos, pk, pv), int8.step(feats, tokens, pos, pk, pv)):
+        assert a.shape == b.shape and b.dtype == np.float32
+        assert np.abs(a - b).max() <= 0.08 * np.abs(a).max(), np.abs(a - b).max()
+    la, lb = fp32.logits(feats), int8.logits(feats)
+    assert np.abs(la - lb).max() <= 0.05 * np.abs(la).max()
+    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.8
+    with pytest.raises(ValueError, match="float32 \\(none\\) or int8"):
+        bind_torch_head(head, model, quant="int4")
+    adapter = HFCausalLM(model)
+    path = save_head(head, tmp_path / "h.npz")
+    assert model_head(adapter, str(path)).quant == int8.quant            # the API binds the int8 runner
+
+
 def test_the_api_binds_the_cached_and_a_named_head(model, refs, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     head = random_head(model, seed=2)
