@@ -124,7 +124,7 @@ def bench_exported(model, tok, ps, quant: str, args, genai=None) -> tuple[list[d
     tmp = Path(tempfile.mkdtemp(prefix="bench-exported-"))
     try:
         out = export_decoder(args.export_strategy, tmp / "dec", model=HFCausalLM(model, tok), quant=quant,
-                             block_size=args.block_size,
+                             block_size=args.block_size, head_quant=args.head_quant,
                              progress=lambda m: None)
         dec = ExportedDecoder(out, threads=2, spinning=args.spinning == "on")
         curve = dec.cost_curve()                      # measured once per graph and machine (cached)
@@ -307,6 +307,8 @@ def main() -> None:
                     help="the strategy exported (its program is the exported decoder's own; e.g. eagle_anpd, whose "
                          "export carries the draft head, so that --exported-plans eagle can run on it too)")
     ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
+    ap.add_argument("--head-quant", choices=("none", "int4", "int8"), default="none",
+                    help="the draft head's graph (eagle strategies): float32 (none) or MatMulNBits int8/int4")
     ap.add_argument("--exported-plans", default="", help="also these built-in strategies on the exported graph "
                                                          "(e.g. jacobi,lookahead)")
     ap.add_argument("--batch", type=int, nargs="*", default=[], help="also ANPD in batches of these sizes "

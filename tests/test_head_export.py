@@ -339,12 +339,14 @@ def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(family, tiny_d
     from decograph.api import generate
     from decograph.export import export_decoder
     from decograph.exported import ExportedDecoder
-    from decograph.heads.spec import save_head
+    from decograph.backends.torch_ref.head import bind_torch_head
+    from decograph.heads.spec import load_head, save_head
     from decograph.models.adapters import HFCausalLM
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     model = HFCausalLM.from_pretrained(str(tiny_dir if family == "llama" else tiny_gemma_dir))
     over = {"head": str(save_head(tiny_head(model, seed=3), tmp_path / "h.npz")), "nodes": 8}
+    fp32 = bind_torch_head(load_head(over["head"]), model.model)
     dec = ExportedDecoder(export_decoder("eagle", tmp_path / "dec", model=model, chat=False, overrides=over,
                                          progress=lambda m: None), threads=1)
     keys = ("step", "draft", "accepted", "bonus", "committed")
@@ -352,7 +354,8 @@ def test_the_exported_head_drafts_the_trees_the_torch_path_drafts(family, tiny_d
         ids = model.tokenizer(text)["input_ids"]
         trace: list = []
         [(tokens, _)] = dec.generate_batch([ids], 24, trace=trace)
-        [ref] = generate(model, None, [ids], "eagle", max_new_tokens=24, overrides=over, trace=True)
+        [ref] = generate(model, None, [ids], "eagle", max_new_tokens=24, overrides=over, trace=True,
+                         draft_heads={over["head"]: fp32})       # torch binds int8 by default
         assert tokens == ref.new_token_ids
         steps = [{k: r[k] for k in keys} for r in trace if r["kind"] == "step"]
         assert steps == [{k: r[k] for k in keys} for r in ref.trace if r["kind"] == "step"]
@@ -454,7 +457,10 @@ def test_the_onnxruntime_backends_run_heads_on_a_graph_with_hidden_states(tiny_d
     keys = ("step", "draft", "accepted", "bonus")
     [a] = generate(model, None, ids, "eagle", max_new_tokens=20, backend="onnxruntime", overrides={"nodes": 6},
                    trace=True)
-    [b] = generate(model, None, ids, "eagle", max_new_tokens=20, overrides={"nodes": 6}, trace=True)
+    from decograph.backends.torch_ref.head import bind_torch_head
+
+    [b] = generate(model, None, ids, "eagle", max_new_tokens=20, overrides={"nodes": 6}, trace=True,
+                   draft_heads={"default": bind_torch_head(head, model.model)})     # the float32 runner
     steps = [[{k: r[k] for k in keys} for r in x.trace if r["kind"] == "step"] for x in (a, b)]
     assert steps[0] == steps[1] and steps[0]
 
