@@ -181,15 +181,15 @@ def test_packed_inference_projections_equal_the_training_form() -> None:
         with torch.enable_grad():
             assert isinstance(lm.projections(), LoRAProjections)
             slow, ks = lm(ids, pos, n, attend, context=ctx, return_kv=True)
-        assert torch.allclose(fast, slow.detach(), atol=1e-5)
-        assert all(torch.allclose(a, b.detach(), atol=1e-5) for x, y in zip(kf, ks) for a, b in zip(x, y))
+        assert torch.allclose(fast, slow.detach(), atol=1e-4)
+        assert all(torch.allclose(a, b.detach(), atol=1e-4) for x, y in zip(kf, ks) for a, b in zip(x, y))
     with torch.no_grad():
         before, _ = lm(ids, pos, noisy, attend, context=ctx)
         lm.lora[0]["q_proj"].b.add_(1.0)
         after, _ = lm(ids, pos, noisy, attend, context=ctx)
         with torch.enable_grad():
             slow, _ = lm(ids, pos, noisy, attend, context=ctx)
-    assert not torch.allclose(before, after, atol=1e-3) and torch.allclose(after, slow.detach(), atol=1e-5)
+    assert not torch.allclose(before, after, atol=1e-3) and torch.allclose(after, slow.detach(), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llada", "llada_semi_ar", "fast_dllm", "fast_dllm_factor", "lud"])

@@ -120,14 +120,14 @@ def test_rule_parameters_are_transformers(peaked, over, kw) -> None:
     if "entropy_bound" in kw:
         kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=kw.pop("entropy_bound"))
     every = []
-    for seed in (0, 5, 1):
+    for seed in (0, 5, 1, 2, 3, 7):
         want, forwards = hf(peaked, [P1, P2], seed, 24, max_denoising_steps=10, **kw)
         got = ours(peaked, [P1, P2], seed, 24, steps=10, **over)
         assert [r.new_token_ids for r in got] == want
         assert [r.stats.decode_steps for r in got] == forwards
         every += forwards
     if "stability_threshold" in kw:             # the adaptive stop ended some canvases before their 10 steps
-        assert min(every) < 10 * 3
+        assert min(every) < 10 * 3            # 3 canvases of 10 steps for 24 tokens
 
 
 def test_a_model_directory_and_the_trace(model, tmp_path) -> None:
