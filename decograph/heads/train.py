@@ -321,7 +321,10 @@ def _requests(hf: Any, tok: Any, fp: str, questions: str | Path | None, own: int
               say: Callable[[str], None]) -> tuple[str, ...]:
     """The requests whose answers train: a questions file's, then ``own`` the model writes itself
     (with ``minutes``: for at most a quarter of the answers' share of the budget)."""
-    qs = Q.question_requests(questions, Q.benchmark_texts(questions)) if questions is not None else ()
+    if questions is None and not own:
+        return ()                           # nothing to skip: the benchmark prompts are not even read
+    bench = Q.benchmark_texts(questions)
+    qs = Q.question_requests(questions, bench) if questions is not None else ()
     if not own:
         return qs
     from tqdm.auto import tqdm
@@ -332,7 +335,7 @@ def _requests(hf: Any, tok: Any, fp: str, questions: str | Path | None, own: int
                dynamic_ncols=True)
     try:
         mine = SQ.self_questions(hf, tok, own, path, seed=seed, deadline=deadline,
-                                 skip=Q.benchmark_texts(questions) | frozenset(qs),
+                                 skip=bench | frozenset(qs),
                                  progress=lambda kept: bar.update(kept - bar.n))
     finally:
         bar.close()

@@ -19,6 +19,7 @@ quantized engine the runner stays float32.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -41,8 +42,9 @@ def _pack_int8(w: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
         return torch.ops.quantized.linear_prepack(q, bias)
 
 
+@functools.lru_cache(maxsize=1)
 def int8_available() -> bool:
-    """Whether this torch runs int8 dynamic linear products (a quantized engine is present)."""
+    """Whether this torch runs int8 dynamic linear products (a quantized engine is present; checked once)."""
     try:
         w = torch.ones(2, 4)
         out = torch.ops.quantized.linear_dynamic(torch.ones(1, 4), _pack_int8(w))
