@@ -478,3 +478,42 @@ def test_train_on_self_questions_and_start_from_an_earlier_head(tiny, tmp_path: 
     assert any(not np.array_equal(fresh.weights[k], w) for k, w in head.weights.items())
     with pytest.raises(InputError, match="--init nope.npz: no such head file"):
         _train(tiny_chat, steps=2, options=opts, init="nope.npz")
+
+
+def test_a_run_whose_request_writing_was_cut_short_resumes_on_the_same_requests(tiny, monkeypatch) -> None:
+    from decograph.heads import self_questions as SQ
+    from decograph.heads import train as T
+
+    monkeypatch.setattr(SQ, "_MIN_WORDS", 1)
+    model, _ = tiny
+    tiny_chat = (model, _chat_tokenizer())
+    opts = TrainOptions(vocab=16, seq_len=128, data_chunks=6, corpus_chars=50_000, checkpoint_every=2)
+    write = SQ.self_questions
+
+    def cut_at_12(hf, tok, n, path, **kw):         # as a deadline would: fewer requests than asked
+        return write(hf, tok, min(n, 12), path, **kw)
+
+    monkeypatch.setattr(SQ, "self_questions", cut_at_12)
+    whole = _train(tiny_chat, steps=6, options=opts, self_questions=30, fresh=True)
+
+    def stop_at_4(step, rec):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_chat, steps=6, options=opts, self_questions=30, fresh=True, callback=stop_at_4)
+    monkeypatch.setattr(SQ, "self_questions", write)    # the rerun has time to write all 30: it must not
+    steps: list[int] = []
+    resumed = _train(tiny_chat, steps=6, options=opts, self_questions=30, callback=lambda s, r: steps.append(s))
+    assert steps == [5, 6]
+    for k, v in whole.weights.items():
+        assert np.array_equal(resumed.weights[k], v), k
+    assert resumed.config.meta["data"]["chunks"] == whole.config.meta["data"]["chunks"]
+    # the cache lost the requests the checkpoint names: start over (and say so), never train on others
+    [cache] = T.head_dir(whole.config.model).glob("self-questions-s0.jsonl")
+    cache.unlink()
+    said: list[str] = []
+    again: list[int] = []
+    _train(tiny_chat, steps=6, options=opts, self_questions=30, log=said.append,
+           callback=lambda s, r: again.append(s))
+    assert again == [1, 2, 3, 4, 5, 6] and any("no longer in" in m for m in said)

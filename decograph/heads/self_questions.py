@@ -66,6 +66,11 @@ def _read(path: Path) -> tuple[list[str], int]:
     return kept, int(done.read_text()) if done.is_file() else 0
 
 
+def cached(path: str | Path, n: int) -> tuple[str, ...]:
+    """The first ``n`` requests already kept in ``path`` (fewer if it holds fewer), sampling nothing."""
+    return tuple(_read(Path(path))[0][:n])
+
+
 def _counter(path: Path) -> Path:
     return path.with_name(path.name + ".batches")
 

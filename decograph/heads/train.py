@@ -246,13 +246,21 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
     name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
     start = _start_head(init, fp, name)
-    qs = _requests(hf, tok, fp, questions, self_questions, o, minutes, seed, t0, progress, say)
-    qdigest = hashlib.sha256("\n\0".join(qs).encode()).hexdigest()[:10] if qs else None
+    bench, fqs = _file_requests(questions, self_questions)
     key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
            "budget": ["steps", steps] if steps is not None else ["minutes", minutes],
-           **({"questions": qdigest} if qs else {}), **({"init": _digest(start)} if start is not None else {})}
+           **({"questions": {"file": _text_digest(fqs), "self": self_questions}} if fqs or self_questions else {}),
+           **({"init": _digest(start)} if start is not None else {})}
     run = run_dir(fp, key)
     state = None if fresh else load_checkpoint(run / "train.pt", key, say)
+    mine = _resumed_requests(state, fp, seed, fqs, say) if state is not None and self_questions else None
+    if state is not None and self_questions and mine is None:
+        state = None
+    if mine is None:
+        mine = _self_requests(hf, tok, fp, self_questions, bench | frozenset(fqs), o, minutes, seed, t0, progress,
+                              say) if self_questions else ()
+    qs = fqs + mine
+    qdigest = _text_digest(qs)
     store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
                            {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0]})
     qstore = (D.FeatureStore(head_dir(fp) / f"questions-{qdigest}-{o.seq_len}",
@@ -280,7 +288,8 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     module = _new_module(hf, fp, name, embed, lm_head, vocab_ids, o, seed, say if state is None else None, start)
     budget_s = 0.0 if steps is not None else max(10.0, float(minutes) * 60 - data_s - min(60.0, 3.0 * minutes))
     tr = Trainer(module, o, seed, len(train), steps, budget_s)
-    extra = {"key": key, "data": use, "vocab_ids": vocab_ids.tolist(), "coverage": cover}
+    extra = {"key": key, "data": use, "vocab_ids": vocab_ids.tolist(), "coverage": cover,
+             "requests": {"self": len(mine), "digest": qdigest}}
     if state is not None:
         tr.load(state)
     if state is None or not state["done"]:
@@ -316,31 +325,54 @@ def _digest(head: HeadWeights) -> str:
     return h.hexdigest()[:10]
 
 
-def _requests(hf: Any, tok: Any, fp: str, questions: str | Path | None, own: int, o: TrainOptions,
-              minutes: float | None, seed: int, t0: float, progress: bool,
-              say: Callable[[str], None]) -> tuple[str, ...]:
-    """The requests whose answers train: a questions file's, then ``own`` the model writes itself
-    (with ``minutes``: for at most a quarter of the answers' share of the budget)."""
+def _text_digest(texts: tuple[str, ...]) -> str | None:
+    return hashlib.sha256("\n\0".join(texts).encode()).hexdigest()[:10] if texts else None
+
+
+def _file_requests(questions: str | Path | None, own: int) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(the benchmark prompts never to train on, a questions file's requests)."""
     if questions is None and not own:
-        return ()                           # nothing to skip: the benchmark prompts are not even read
+        return frozenset(), ()              # nothing to skip: the benchmark prompts are not even read
     bench = Q.benchmark_texts(questions)
-    qs = Q.question_requests(questions, bench) if questions is not None else ()
-    if not own:
-        return qs
+    return bench, (Q.question_requests(questions, bench) if questions is not None else ())
+
+
+def _self_path(fp: str, seed: int) -> Path:
+    return head_dir(fp) / f"self-questions-s{seed}.jsonl"
+
+
+def _resumed_requests(state: dict[str, Any], fp: str, seed: int, fqs: tuple[str, ...],
+                      say: Callable[[str], None]) -> tuple[str, ...] | None:
+    """The self-written requests a checkpointed run trained on: as many as that run had (its
+    request writing may have been cut short by its deadline), read back from the cache without
+    sampling more; None (start over) where the cache no longer holds them."""
+    used = state.get("requests") or {}
+    mine = SQ.cached(_self_path(fp, seed), int(used.get("self", -1)))
+    if len(mine) != used.get("self") or _text_digest(fqs + mine) != used.get("digest"):
+        say(f"the self-written requests of the checkpointed run are no longer in {_self_path(fp, seed)}; "
+            "starting over")
+        return None
+    return mine
+
+
+def _self_requests(hf: Any, tok: Any, fp: str, own: int, skip: frozenset[str], o: TrainOptions,
+                   minutes: float | None, seed: int, t0: float, progress: bool,
+                   say: Callable[[str], None]) -> tuple[str, ...]:
+    """``own`` requests the model writes itself (with ``minutes``: for at most a quarter of the
+    answers' share of the budget), cached and extended per model and seed."""
     from tqdm.auto import tqdm
 
     deadline = None if minutes is None else t0 + o.gen_share * float(minutes) * 60.0 / 4
-    path = head_dir(fp) / f"self-questions-s{seed}.jsonl"
+    path = _self_path(fp, seed)
     bar = tqdm(total=own, desc="draft-head requests", unit="req", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     try:
-        mine = SQ.self_questions(hf, tok, own, path, seed=seed, deadline=deadline,
-                                 skip=bench | frozenset(qs),
+        mine = SQ.self_questions(hf, tok, own, path, seed=seed, deadline=deadline, skip=skip,
                                  progress=lambda kept: bar.update(kept - bar.n))
     finally:
         bar.close()
     say(f"{len(mine)} requests written by the model itself ({path})")
-    return qs + mine
+    return mine
 
 
 def run_dir(fingerprint: str, key: dict[str, Any]) -> Path:
