@@ -474,6 +474,23 @@ def test_train_on_self_questions_and_start_from_an_earlier_head(tiny, tmp_path: 
     np.testing.assert_array_equal(still.vocab_ids, head.vocab_ids)
     for k, w in load_head(tmp_path / "first.npz").weights.items():
         np.testing.assert_array_equal(still.weights[k], w, err_msg=k)
+    wider = _train(tiny_chat, steps=2, options=dataclasses.replace(opts, lr=0.0), init=tmp_path / "first.npz",
+                   vocab=24, out=tmp_path / "wider.npz")            # a larger --vocab extends the subset
+    assert len(wider.vocab_ids) == 24 and np.array_equal(wider.vocab_ids[:16], head.vocab_ids)
+    assert len(set(wider.vocab_ids.tolist())) == 24
+    for k, w in load_head(tmp_path / "first.npz").weights.items():
+        np.testing.assert_array_equal(wider.weights[k], w, err_msg=k)
+    # more requests extend the answers made so far (one store per request sequence), not start over
+    from decograph.heads.train import head_dir
+
+    [store] = head_dir(head.config.model).glob("questions-*-self0-128")
+    manifest = json.loads((store / "manifest.json").read_text())
+    shards = {s: list(v["shards"]) for s, v in manifest["streams"].items()}
+    more = _train(tiny_chat, steps=2, options=opts, self_questions=30, out=tmp_path / "more.npz")
+    assert more.config.meta["data"]["chunks"]["questions"]["chat/heldout"] == 3
+    assert [p.name for p in head_dir(head.config.model).glob("questions-*")] == [store.name]
+    after = json.loads((store / "manifest.json").read_text())["streams"]
+    assert after["chat/heldout"]["shards"][: len(shards["chat/heldout"])] == shards["chat/heldout"]
     fresh = _train(tiny_chat, steps=2, options=dataclasses.replace(opts, lr=0.0), out=tmp_path / "third.npz")
     assert any(not np.array_equal(fresh.weights[k], w) for k, w in head.weights.items())
     with pytest.raises(InputError, match="--init nope.npz: no such head file"):

@@ -52,7 +52,7 @@ def add_parser(sub: Any, model_help: str) -> None:
                         "held out. Needs a chat template")
     t.add_argument("--init", metavar="HEAD", default=None,
                    help="start from this head instead of a fresh one: `default` (the shipped or cached head) or a "
-                        "head file; its vocabulary subset is kept")
+                        "head file; its vocabulary subset is kept (a larger --vocab extends it)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--fresh", action="store_true", help="start training over (the prepared data is kept)")
     t.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: every core)")

@@ -161,12 +161,12 @@ def _vocab(train: D.Chunks, held: D.Chunks, size: int, prior: np.ndarray,
     """The ``size`` tokens the target predicts most in ``train`` (``D.vocab_ranking`` with the
     corpus ``prior``), and the share of the target's argmax tokens that subsets of several sizes
     hold, in ``train`` and in ``held`` (response positions of the chats, all of the text).
-    ``fixed`` (a starting head's subset) is kept instead, ranked first."""
+    ``fixed`` (a starting head's subset) is kept, ranked first (``size`` beyond it adds the next)."""
     order = D.vocab_ranking(train, prior)
     if fixed is not None:
         fixed = np.asarray(fixed, np.int64)
         order = np.concatenate([fixed, order[~np.isin(order, fixed)]])
-        size = len(fixed)
+        size = max(size, len(fixed))      # a larger --vocab extends the subset by the next most predicted
     vocab_size = len(order)
     rank = np.empty(vocab_size, np.int64)
     rank[order] = np.arange(vocab_size)
@@ -263,9 +263,7 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     qdigest = _text_digest(qs)
     store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
                            {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0]})
-    qstore = (D.FeatureStore(head_dir(fp) / f"questions-{qdigest}-{o.seq_len}",
-                             {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0],
-                              "questions": qdigest}) if qs else None)
+    qstore = _question_store(fp, o, fqs, seed if mine else None) if qs else None
     if state is None:
         quse = (_prepare(qstore, adapter, tok, _question_plan(o, minutes, steps, t0, qs), progress, say, False)
                 if qstore is not None else None)
@@ -279,7 +277,8 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     train, held = _load_data(store, use, o, int(embed.shape[1]), qstore)
     if state is None:
         vocab_ids, cover = _vocab(train, D.Chunks.concat(list(held.values()), o.seq_len, int(embed.shape[1])),
-                                  o.vocab, D.corpus_counts(store, tok, len(lm_head), o.corpus_chars),
+                                  o.vocab if start is None or vocab is not None else 0,
+                                  D.corpus_counts(store, tok, len(lm_head), o.corpus_chars),
                                   None if start is None else start.vocab_ids)
         say("vocabulary subset coverage of the target's argmax tokens (train / held-out): "
             + ", ".join(f"{k} {c['train']:.3f}/{c['heldout']:.3f}" for k, c in cover.items()))
@@ -335,6 +334,16 @@ def _file_requests(questions: str | Path | None, own: int) -> tuple[frozenset[st
         return frozenset(), ()              # nothing to skip: the benchmark prompts are not even read
     bench = Q.benchmark_texts(questions)
     return bench, (Q.question_requests(questions, bench) if questions is not None else ())
+
+
+def _question_store(fp: str, o: TrainOptions, fqs: tuple[str, ...], seed: int | None) -> D.FeatureStore:
+    """The answers' features, kept per request *sequence*: a questions file's requests, then the
+    self-written ones of ``seed`` in their cache's (append-only) order, so a later run asking for
+    more requests extends the answers an earlier one made instead of starting over."""
+    name = f"{_text_digest(fqs) or 'none'}-self{seed}" if seed is not None else _text_digest(fqs)
+    return D.FeatureStore(head_dir(fp) / f"questions-{name}-{o.seq_len}",
+                          {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0],
+                           "questions": _text_digest(fqs), "self_seed": seed})
 
 
 def _self_path(fp: str, seed: int) -> Path:
@@ -415,11 +424,12 @@ def _new_module(hf: Any, fp: str, name: str, embed: np.ndarray, lm_head: torch.T
         if WEIGHT_SHAPES(start.config) != WEIGHT_SHAPES(config):
             raise InputError(f"--init: the head's shapes ({start.config.intermediate}-wide MLP) are not this run's "
                              f"({config.intermediate}); give the same --intermediate or start fresh")
-        module = DraftHead.from_head_weights(dataclasses.replace(start, config=config), torch.from_numpy(embed),
-                                             lm_head)
+        module = DraftHead.from_head_weights(dataclasses.replace(start, config=config, vocab_ids=vocab_ids),
+                                             torch.from_numpy(embed), lm_head)
         if say is not None:
             say(f"head: starting from {start.config.meta.get('steps', '?')} steps of an earlier head "
-                f"(vocab {len(vocab_ids)})")
+                f"(vocab {len(start.vocab_ids)}" + (f", extended to {len(vocab_ids)})" if len(vocab_ids) >
+                                                    len(start.vocab_ids) else ")"))
         return module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
