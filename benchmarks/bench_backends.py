@@ -153,7 +153,7 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
             systems[f"inprocess_{k}"] = lambda p, k=k: _inprocess(model, tok, p, n, k, f"onnxruntime-{quant}")
     for run in systems.values():                  # warm-up
         run(ps[0])
-    stats = {m: {"e2e": [], "decode": [], "ids": [], "forwards": 0, "drafted": 0, "accepted": 0} for m in systems}
+    stats = {m: {"e2e": [], "decode": [], "ids": [], "forwards": 0, "drafted": 0, "accepted": 0, "draft_s": 0.0} for m in systems}
     names = list(systems)
     for i, p in enumerate(ps):
         runs: dict[str, list] = {m: [] for m in systems}
@@ -175,6 +175,7 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
                 st["forwards"] += s0.forwards
                 st["drafted"] += s0.drafted
                 st["accepted"] += s0.accepted
+                st["draft_s"] += getattr(s0, "draft_s", 0.0)
         print(f"exported-{quant} {n} tokens, prompt {i + 1}/{len(ps)}: " + ", ".join(
             f"{m} {stats[m]['e2e'][-1]:.1f}" for m in systems), file=sys.stderr)
     greedy = stats["greedy"]
@@ -203,6 +204,7 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
             row |= {"decode_tokens_per_s": round(statistics.mean(st["decode"]), 1),
                     "identical_to_own_greedy": f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}",
                     "tokens_per_forward": round(tokens / st["forwards"], 3),
+                    "draft_ms_per_forward": round(1e3 * st["draft_s"] / st["forwards"], 3),
                     "drafted": st["drafted"], "accepted": st["accepted"]}
         elif m.startswith("inprocess_"):        # the same graph's tokens: the exported greedy's
             row["identical_to_own_greedy"] = f"{sum(a == g for a, g in zip(st['ids'], greedy['ids']))}/{len(ps)}"
@@ -354,14 +356,15 @@ def main() -> None:
         table += rows
         curves[f"exported-{quant}"] = curve
     print("| backend | strategy | new tokens | tokens/s | decode-only tokens/s | vs torch (or HF) greedy | vs exported greedy | "
-          "vs genai greedy | identical to own greedy | tokens/forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "vs genai greedy | identical to own greedy | tokens/forward | draft ms/forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         r = {"speedup_vs_torch_greedy": r.get("speedup_vs_hf_greedy")} | r
         vs, ve, vg = (f"{r[k]}x" if r.get(k) else "-" for k in ("speedup_vs_torch_greedy", "speedup_vs_exported_greedy",
                                                                   "speedup_vs_genai_greedy"))
         print(f"| {r['backend']} | {r['strategy']} | {r['max_new_tokens']} | {r['tokens_per_s']} | {r.get('decode_tokens_per_s', '-')} | {vs} | "
-              f"{ve} | {vg} | {r['identical_to_own_greedy']} | {r.get('tokens_per_forward', '-')} |")
+              f"{ve} | {vg} | {r['identical_to_own_greedy']} | {r.get('tokens_per_forward', '-')} | "
+              f"{r.get('draft_ms_per_forward', '-')} |")
     print(f"\nforward-cost curve (time of k query tokens / one token; backends at context {args.context}, "
           f"the exported runner's own measurement at context 128)")
     for b, c in curves.items():

@@ -62,6 +62,7 @@ class DecodeStats:
     drafted: int = 0
     accepted: int = 0
     prefill_s: float = 0.0
+    draft_s: float = 0.0            # seconds its draft sources took (a draft head's graph calls included)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -203,7 +204,7 @@ class ExportedDecoder:
         for i, row in enumerate(interp.state.rows):
             st = DecodeStats(len(row.new_tokens), row.forwards, ends[i] or interp.wall,
                              row.finish_reason or "max_new_tokens", sum(row.drafted), sum(row.accepted))
-            st.prefill_s = getattr(interp, "prefill_s", 0.0)
+            st.prefill_s, st.draft_s = getattr(interp, "prefill_s", 0.0), row.draft_s
             out.append((list(row.new_tokens), st))
         return out
 

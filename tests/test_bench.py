@@ -82,7 +82,7 @@ class _Fake:
 
     def run(self, ids: list[int], n: int) -> Outcome:
         self.log.append(f"{self.name}:{len(ids)}:{n}")
-        return Outcome(self.tok[:n], self.sec, len(self.tok[:n]) + 1, len(self.tok[:n]))
+        return Outcome(self.tok[:n], self.sec, len(self.tok[:n]) + 1, len(self.tok[:n]), 0.002 * len(self.tok[:n]))
 
 
 def test_interleaved_order_rotates_after_one_warmup_each() -> None:
@@ -115,7 +115,8 @@ def test_summary_numbers() -> None:
     meta = {"model": "m", "prompt_set": "s", "prompts": 3, "max_new_tokens": 10, "threads": 1, "backend": "torch",
             "reps": 1, "reference": "hf_greedy", "unavailable": {"llamacpp_greedy": "not installed"}}
     md = markdown(table, meta)
-    assert "| ours | 10.0 | 2.00x (task mean 2.00x) | 1.00 | 1.100 | 2/3 |" in md
+    assert c["draft_ms_per_step"] == pytest.approx(2.0)
+    assert "| ours | 10.0 | 2.00x (task mean 2.00x) | 1.00 | 1.100 | 2.00 | 2/3 |" in md
     assert "### y (1 prompt)" in md and "llamacpp_greedy (not installed)" in md
 
 
@@ -146,6 +147,9 @@ def test_bench_command_end_to_end(model_dir: Path, tmp_path: Path, capsys: pytes
         assert r["tokens"] == hf[r["prompt"]] and len(r["tokens"]) <= 6      # every one lossless here
     assert set(data["table"]) == {"qa", "rag", "overall"}
     assert data["table"]["qa"]["greedy"]["checked"] == 2
+    qa = data["table"]["qa"]          # the cost of a draft step: none for greedy, timed for n-gram drafts
+    assert qa["greedy"]["draft_ms_per_step"] == 0 < qa["ngram"]["draft_ms_per_step"]
+    assert qa["hf_greedy"]["draft_ms_per_step"] is None
     md = (out / "bench.md").read_text()
     assert md in cap.out and "### qa (2 prompts)" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

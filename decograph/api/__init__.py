@@ -40,6 +40,12 @@ class Stats:
     finish_reason: str
     query_tokens: int = 0
     kv_bytes_copied: int = 0
+    draft_time_s: float = 0.0       # seconds its draft sources took (a draft head's calls included)
+
+    @property
+    def draft_ms_per_step(self) -> float:
+        """Milliseconds of drafting per decode step: the cost of a draft step."""
+        return 1e3 * self.draft_time_s / self.decode_steps if self.decode_steps else 0.0
 
     @property
     def tokens_per_forward(self) -> float:
@@ -64,6 +70,7 @@ class Stats:
             "wall_time_s": round(self.wall_time_s, 4), "finish_reason": self.finish_reason,
             "accepted_per_step": list(self.accepted_per_step),
             "query_tokens": self.query_tokens, "kv_bytes_copied": self.kv_bytes_copied,
+            "draft_ms_per_step": round(self.draft_ms_per_step, 3),
         }
 
 
@@ -327,7 +334,7 @@ def _results(interp: Interpreter, ids: list[list[int]], tok: Any, rows: list[Any
         if cut and row.index in cut:
             new, reason = new[: cut[row.index]], "stop"
         stats = Stats(len(new), row.forwards, row.steps, tuple(row.accepted), tuple(row.drafted),
-                      interp.wall, reason, row.query_tokens, row.kv_bytes_copied)
+                      interp.wall, reason, row.query_tokens, row.kv_bytes_copied, row.draft_s)
         out.append(GenerationResult(ids[row.index], new, _decode(tok, new), stats, list(row.results),
                                     [r for r in records if r["row"] == row.index]))
     return out

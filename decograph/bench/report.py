@@ -3,7 +3,8 @@
 Per task, for each system: tokens/s (all new tokens over all seconds, each prompt's seconds the
 median of its repetitions), the speedup over Hugging Face greedy, new tokens per decode forward
 (for a speculative method: the accepted draft tokens plus the model's own token, per step),
-forward passes per new token (the prefill included), and how many outputs equal the reference.
+forward passes per new token (the prefill included), milliseconds of drafting per decode step
+(the cost of a draft step: a draft head's calls included), and how many outputs equal the reference.
 The overall row adds the mean of the per-task speedups (every task weighs the same).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ def _cell(sel: list[tuple[Any, Any]]) -> dict[str, Any]:
     fwd = [m.outcomes[0].forwards for m, _ in sel]
     dec = [m.outcomes[0].decode_forwards for m, _ in sel]
     known = all(f is not None for f in fwd) and toks > 0
+    drafting = [m.outcomes[0].draft_seconds for m, _ in sel]
     same = [s for _, s in sel if s is not None]
     return {
         "prompts": len(sel), "new_tokens": toks, "seconds": secs,
@@ -36,6 +38,8 @@ def _cell(sel: list[tuple[Any, Any]]) -> dict[str, Any]:
         "per_rep_tokens_per_s": per_rep,
         "tokens_per_forward": toks / sum(dec) if known and sum(dec) else None,   # type: ignore[arg-type]
         "forwards_per_token": sum(fwd) / toks if known else None,               # type: ignore[arg-type]
+        "draft_ms_per_step": (1e3 * sum(drafting) / sum(dec)                    # type: ignore[arg-type]
+                              if known and sum(dec) and all(d is not None for d in drafting) else None),
         "identical": sum(same) if same else None, "checked": len(same),
         "stable": all(m.stable for m, _ in sel),
     }
@@ -67,8 +71,8 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"{meta['model']}, {meta['prompt_set']}, {meta['prompts']} prompts, {meta['max_new_tokens']} new tokens, "
              f"{meta['threads']} threads, backend {meta['backend']}, median of {meta['reps']} repetition(s) per prompt, "
              f"systems interleaved; reference for the lossless check: {meta['reference']}.", ""]
-    head = ("| system | tokens/s | speedup vs HF greedy | tokens/forward | forwards/token | same as reference |\n"
-            "|---|---|---|---|---|---|")
+    head = ("| system | tokens/s | speedup vs HF greedy | tokens/forward | forwards/token | draft ms/step "
+            "| same as reference |\n|---|---|---|---|---|---|---|")
     order = ["overall"] + [t for t in table if t != "overall"]
     for task in order:
         n = next(iter(table[task].values()))["prompts"]
@@ -84,13 +88,14 @@ def markdown(table: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
             if not c["stable"]:
                 same += " (output changed between repetitions)"
             lines.append(f"| {s} | {tps} | {speed} | {_f(c['tokens_per_forward'], '.2f')} | "
-                         f"{_f(c['forwards_per_token'], '.3f')} | {same} |")
+                         f"{_f(c['forwards_per_token'], '.3f')} | {_f(c.get('draft_ms_per_step'), '.2f')} | {same} |")
         lines.append("")
     if meta.get("unavailable"):
         lines.append("Not measured: " + "; ".join(f"{k} ({v})" for k, v in meta["unavailable"].items()) + ".")
         lines.append("")
     lines.append("tokens/s over all prompts ([slowest-fastest repetition]); tokens/forward: new tokens per decode "
-                 "forward; forwards/token: forward passes (prefill included) per new token; — : not reported by "
+                 "forward; forwards/token: forward passes (prefill included) per new token; draft ms/step: "
+                 "milliseconds of drafting (a draft head's calls included) per decode step; — : not reported by "
                  "that system.")
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ class Outcome:
     seconds: float
     forwards: int | None = None
     decode_forwards: int | None = None
+    draft_seconds: float | None = None      # time spent drafting (decograph strategies)
 
 
 class System(Protocol):
@@ -106,7 +107,7 @@ class DecographSystem:
         [r] = generate(self.model, self.tok, [ids], strategy=self.program, max_new_tokens=max_new_tokens,
                        passes=self.passes, backend=self.backend)
         dt = time.perf_counter() - t
-        return Outcome(r.new_token_ids, dt, r.stats.forward_passes, r.stats.decode_steps)
+        return Outcome(r.new_token_ids, dt, r.stats.forward_passes, r.stats.decode_steps, r.stats.draft_time_s)
 
 
 class ExternalSystem:

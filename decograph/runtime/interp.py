@@ -27,7 +27,7 @@ from decograph.runtime.drafts import DraftSource, make_source
 from decograph.runtime.protocol import Batch, CanvasBatch, Engine, StepOutput, StepPlan
 from decograph.runtime import denoise as dn
 from decograph.runtime.rows import DraftTree, Row
-from decograph.runtime.source import Drafted, clock, fit_drafts, one_chain
+from decograph.runtime.source import Drafted, clock, fit_drafts, one_chain, propose
 from decograph.runtime.trace import trace_step
 from decograph.runtime.unmask import (Blocks, BlockForward, UnmaskLoop, Unmasked, commit_canvases, pick_unmask,
                                       start_canvases, unmask_loop)
@@ -253,18 +253,8 @@ class Interpreter:
             src = self.sources[id(op)]
             if not self.cfg.drafts:
                 return Drafted(src, [[] for _ in state.active])
-            src.rows, chains = len(state.active), []
-            for r in state.active:            # ``queued``: draft tokens earlier drafts of this step added
-                if src.chains_only:           # one chain per row (``one_chain``): each source drafts as if alone,
-                    src.queued = 0            # and one that cannot beat an earlier chain's length drafts nothing
-                    best = self._queued.get(id(r), 0)
-                    chains.append(src.propose(r, 0 if best >= src.longest() else r.remaining - 1)[:1])
-                    self._queued[id(r)] = max(best, len(chains[-1][0]) if chains[-1] else 0)
-                    continue
-                src.queued = self._queued.get(id(r), 0)
-                chains.append(src.propose(r, r.remaining - 1))
-                self._queued[id(r)] = src.queued + sum(map(len, chains[-1]))
-            return Drafted(src, chains)
+            src.rows = len(state.active)
+            return Drafted(src, [propose(src, r, self._queued) for r in state.active])
         if isinstance(op, O.Forward):
             return self._forward(op, env[id(op.state)], [env[id(d)] for d in op.drafts])
         if isinstance(op, O.VERIFY_OPS):

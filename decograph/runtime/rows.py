@@ -31,6 +31,7 @@ class Row:
     forwards: int = 0               # forwards this row took part in (prefill included)
     query_tokens: int = 0           # query positions computed for this row, padding included
     kv_bytes_copied: int = 0        # KV bytes moved for this row (compaction, copies)
+    draft_s: float = 0.0            # seconds its draft sources took to propose (head calls included)
     scratch: dict[int, Any] = field(default_factory=dict)  # per draft op: source memory
     branch: int = -1                # a fork's branch rows: the branch index (-1: a top-level row)
     parent: "Row | None" = None     # a branch row: the row it was forked from

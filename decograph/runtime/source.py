@@ -6,6 +6,7 @@ in ``row.scratch[id(op)]``.
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from decograph.ir import ops as O
 from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.rows import DraftTree, Row
 
-__all__ = ["DraftSource", "Drafted", "fit_drafts", "one_chain", "clock"]
+__all__ = ["DraftSource", "Drafted", "fit_drafts", "one_chain", "clock", "propose"]
 
 UNIT_DECAY = 0.9        # the forward clock's average: each new step weighs 1 - UNIT_DECAY
 
@@ -81,6 +82,25 @@ class DraftSource(ABC):
 class Drafted:
     source: DraftSource
     chains: list[list[list[int]]]        # per active row: chains
+
+
+def propose(src: DraftSource, row: Row, queued: dict[int, int]) -> list[list[int]]:
+    """``row``'s chains from ``src`` this step, its time added to ``row.draft_s``. ``queued``
+    (per row id): the draft tokens earlier drafts of this step added, which widen the same
+    forward; updated. A ``chains_only`` source drafts one chain as if alone, and nothing when it
+    cannot beat an earlier draft's chain."""
+    t0 = time.perf_counter()
+    if src.chains_only:
+        src.queued = 0
+        best = queued.get(id(row), 0)
+        chains = src.propose(row, 0 if best >= src.longest() else row.remaining - 1)[:1]
+        queued[id(row)] = max(best, len(chains[0]) if chains else 0)
+    else:
+        src.queued = queued.get(id(row), 0)
+        chains = src.propose(row, row.remaining - 1)
+        queued[id(row)] = src.queued + sum(map(len, chains))
+    row.draft_s += time.perf_counter() - t0
+    return chains
 
 
 def fit_drafts(drafts: list[Drafted], room: list[int], dedup: bool) -> None:
