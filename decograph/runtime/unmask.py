@@ -46,6 +46,7 @@ class CanvasRow:
     drafted: list[int] = field(default_factory=list)       # masked candidates per step
     query_tokens: int = 0
     kv_bytes_copied: int = 0
+    draft_s: float = 0.0                    # no draft sources: a canvas's drafts are its masks
     emitted: int = 0
     order: list[list[int]] = field(default_factory=list)   # per step: the positions it unmasked
     results: list[Any] = field(default_factory=list)
