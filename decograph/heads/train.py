@@ -46,8 +46,7 @@ import torch
 
 from decograph.errors import InputError, ModelError
 from decograph.heads import data as D
-from decograph.heads import questions as Q
-from decograph.heads import self_questions as SQ
+from decograph.heads import requests as R
 from decograph.heads.model import DraftHead, head_config_for, init_from_target, to_head_weights
 from decograph.heads.spec import WEIGHT_SHAPES, HeadWeights, save_head
 from decograph.heads.store import cached_head_path, model_fingerprint, resolve_head
@@ -246,24 +245,25 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     adapter, tok, hf, embed, lm_head, fp = _target(model, tokenizer)
     name = model_name or str(getattr(hf.config, "_name_or_path", "") or fp)
     start = _start_head(init, fp, name)
-    bench, fqs = _file_requests(questions, self_questions)
+    root = head_dir(fp)
+    bench, fqs = R.file_requests(questions, self_questions)
     key = {"fingerprint": fp, "options": dataclasses.asdict(o), "seed": seed,
            "budget": ["steps", steps] if steps is not None else ["minutes", minutes],
-           **({"questions": {"file": _text_digest(fqs), "self": self_questions}} if fqs or self_questions else {}),
+           **({"questions": {"file": R.text_digest(fqs), "self": self_questions}} if fqs or self_questions else {}),
            **({"init": _digest(start)} if start is not None else {})}
     run = run_dir(fp, key)
     state = None if fresh else load_checkpoint(run / "train.pt", key, say)
-    mine = _resumed_requests(state, fp, seed, fqs, say) if state is not None and self_questions else None
+    mine = R.resumed_requests(state, root, seed, fqs, say) if state is not None and self_questions else None
     if state is not None and self_questions and mine is None:
         state = None
     if mine is None:
-        mine = _self_requests(hf, tok, fp, self_questions, bench | frozenset(fqs), o, minutes, seed, t0, progress,
+        mine = R.self_requests(hf, tok, root, self_questions, bench | frozenset(fqs), o, minutes, seed, t0, progress,
                               say) if self_questions else ()
     qs = fqs + mine
-    qdigest = _text_digest(qs)
+    qdigest = R.text_digest(qs)
     store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
                            {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0]})
-    qstore = _question_store(fp, o, fqs, seed if mine else None) if qs else None
+    qstore = R.question_store(root, fp, o, fqs, seed if mine else None) if qs else None
     if state is None:
         quse = (_prepare(qstore, adapter, tok, _question_plan(o, minutes, steps, t0, qs), progress, say, False)
                 if qstore is not None else None)
@@ -322,66 +322,6 @@ def _digest(head: HeadWeights) -> str:
     for k in sorted(head.weights):
         h.update(np.ascontiguousarray(head.weights[k], np.float32).tobytes())
     return h.hexdigest()[:10]
-
-
-def _text_digest(texts: tuple[str, ...]) -> str | None:
-    return hashlib.sha256("\n\0".join(texts).encode()).hexdigest()[:10] if texts else None
-
-
-def _file_requests(questions: str | Path | None, own: int) -> tuple[frozenset[str], tuple[str, ...]]:
-    """(the benchmark prompts never to train on, a questions file's requests)."""
-    if questions is None and not own:
-        return frozenset(), ()              # nothing to skip: the benchmark prompts are not even read
-    bench = Q.benchmark_texts(questions)
-    return bench, (Q.question_requests(questions, bench) if questions is not None else ())
-
-
-def _question_store(fp: str, o: TrainOptions, fqs: tuple[str, ...], seed: int | None) -> D.FeatureStore:
-    """The answers' features, kept per request *sequence*: a questions file's requests, then the
-    self-written ones of ``seed`` in their cache's (append-only) order, so a later run asking for
-    more requests extends the answers an earlier one made instead of starting over."""
-    name = f"{_text_digest(fqs) or 'none'}-self{seed}" if seed is not None else _text_digest(fqs)
-    return D.FeatureStore(head_dir(fp) / f"questions-{name}-{o.seq_len}",
-                          {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0],
-                           "questions": _text_digest(fqs), "self_seed": seed})
-
-
-def _self_path(fp: str, seed: int) -> Path:
-    return head_dir(fp) / f"self-questions-s{seed}.jsonl"
-
-
-def _resumed_requests(state: dict[str, Any], fp: str, seed: int, fqs: tuple[str, ...],
-                      say: Callable[[str], None]) -> tuple[str, ...] | None:
-    """The self-written requests a checkpointed run trained on: as many as that run had (its
-    request writing may have been cut short by its deadline), read back from the cache without
-    sampling more; None (start over) where the cache no longer holds them."""
-    used = state.get("requests") or {}
-    mine = SQ.cached(_self_path(fp, seed), int(used.get("self", -1)))
-    if len(mine) != used.get("self") or _text_digest(fqs + mine) != used.get("digest"):
-        say(f"the self-written requests of the checkpointed run are no longer in {_self_path(fp, seed)}; "
-            "starting over")
-        return None
-    return mine
-
-
-def _self_requests(hf: Any, tok: Any, fp: str, own: int, skip: frozenset[str], o: TrainOptions,
-                   minutes: float | None, seed: int, t0: float, progress: bool,
-                   say: Callable[[str], None]) -> tuple[str, ...]:
-    """``own`` requests the model writes itself (with ``minutes``: for at most a quarter of the
-    answers' share of the budget), cached and extended per model and seed."""
-    from tqdm.auto import tqdm
-
-    deadline = None if minutes is None else t0 + o.gen_share * float(minutes) * 60.0 / 4
-    path = _self_path(fp, seed)
-    bar = tqdm(total=own, desc="draft-head requests", unit="req", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    try:
-        mine = SQ.self_questions(hf, tok, own, path, seed=seed, deadline=deadline, skip=skip,
-                                 progress=lambda kept: bar.update(kept - bar.n))
-    finally:
-        bar.close()
-    say(f"{len(mine)} requests written by the model itself ({path})")
-    return mine
 
 
 def run_dir(fingerprint: str, key: dict[str, Any]) -> Path:
