@@ -225,14 +225,14 @@ class LlamaFastPath:
         cos, sin = self.rotary(h, position_ids=pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         gqa = self.heads != self.kv_heads
-        qk_v = [(self.heads + self.kv_heads) * self.head_dim, self.kv_heads * self.head_dim]
         for slot, (w1, e1, qkv_p, o_p, scale, w2, e2, gu_p, d_p) in zip(cache.layers, self.layers):
             x = rms_norm(h, w1, e1)
-            qk, v = qkv_p(x).split(qk_v, dim=-1)         # rotary on Q and K at once: the same arithmetic
-            qk = qk.view(b, t, -1, self.head_dim).transpose(1, 2)
+            q, k, v = qkv_p(x).split(qkv_p.sizes, dim=-1)
+            q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
             v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-            qk = qk * cos + rotate_half(qk) * sin
-            q, k = qk[:, : self.heads], qk[:, self.heads:]
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             keys, values = slot.update(k, v)
             a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                is_causal=causal, enable_gqa=gqa)
