@@ -261,7 +261,7 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
                               say) if self_questions else ()
     qs = fqs + mine
     qdigest = R.text_digest(qs)
-    store = D.FeatureStore(head_dir(fp) / f"data-{o.seq_len}",
+    store = D.FeatureStore(root / f"data-{o.seq_len}",
                            {"fingerprint": fp, "seq_len": o.seq_len, "python": sys.version.split()[0]})
     qstore = R.question_store(root, fp, o, fqs, seed if mine else None) if qs else None
     if state is None:
