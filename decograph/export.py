@@ -32,6 +32,7 @@ from typing import Any
 from decograph.backends.onnxruntime.manifest import write_manifest
 from decograph.errors import InputError, UnsupportedError
 from decograph.files import check_output_dir, staging_dir
+from decograph.heads.corpus import save_corpus
 from decograph.ir import ops as O
 
 __all__ = ["export_decoder", "check_exportable"]
@@ -92,6 +93,7 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
     drafts = _draft_adapters(draft_models or {}, adapter, program)
     check_exportable(program, draft_models=tuple(drafts))
     heads = _heads(adapter, program)                # resolved before anything is written
+    corpora = _corpora(adapter, program)
     with staging_dir(target, "the exported decoder") as tmp:     # renamed onto target when complete
         graphs = {"target": _export_causal(adapter, tmp, "model.onnx", quant, dtype, block_size, progress,
                                            hidden=bool(heads))}
@@ -101,6 +103,9 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         for i, (name, bound) in enumerate(sorted(heads.items())):
             graphs[f"head:{i}"] = _export_head(bound, name, tmp, f"head.{i}.onnx", adapter.max_positions, head_quant,
                                                block_size, progress)
+        corpus_files = {}
+        for i, (name, corpus) in enumerate(sorted(corpora.items())):
+            corpus_files[name] = save_corpus(corpus, tmp / f"corpus.{i}.npz").name
         chat_prompt = _write_text_files(tmp, tok, program)
         m = adapter.model
         template = getattr(tok, "chat_template", None)
@@ -110,8 +115,17 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
             "chat_template": template if isinstance(template, str) else None, "chat_prompt": chat_prompt,
             "chat_default": bool(chat and chat_prompt),
             "model": getattr(m.config, "_name_or_path", "") or type(m).__name__,
+            **({"corpora": corpus_files} if corpus_files else {}),
         })
     return target
+
+
+def _corpora(adapter: Any, program: O.Program) -> dict[str, Any]:
+    """The corpora of the model's answers that ``program``'s ``draft.corpus`` ops name, resolved
+    for ``adapter``'s model (a missing one's ``ModelError`` says how to get one)."""
+    from decograph.api.heads import corpora
+
+    return corpora(program, adapter)
 
 
 def _draft_adapters(models: dict[str, Any], target: Any, program: O.Program) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from decograph.backends.onnxruntime.graph_head import OrtHead
 from decograph.backends.onnxruntime.kv import StepSession, pick_device
 from decograph.backends.onnxruntime.manifest import MANIFEST_VERSION, load_manifest
 from decograph.errors import InputError, ModelError
+from decograph.heads.corpus import load_corpus
 from decograph.ir import ops as O
 from decograph.backends.onnxruntime.runner import GraphRunner, exact_width, program_width, width_invariant
 from decograph.runtime.interp import Interpreter, RunConfig
@@ -93,6 +94,7 @@ class ExportedDecoder:
         self.runner: GraphRunner | None = None
         self.draft_runners: dict[str, OrtDraftRunner] = {}       # draft.model(model=NAME)
         self.draft_heads: dict[str, OrtHead] = {}                # draft.head(head=NAME)
+        self.corpora = {name: load_corpus(m.path(file)) for name, file in m.corpora.items()}   # draft.corpus
         if target.diffusion:                # an unmask strategy on the masked-diffusion forward
             if device not in ("auto", "cpu"):
                 raise InputError(f"device {device!r}: a masked-diffusion decoder runs on the CPU EP only")
@@ -216,6 +218,7 @@ class ExportedDecoder:
         config.tokenizer = self.tokenizer
         config.draft_models = dict(self.draft_runners)
         config.draft_heads = dict(self.draft_heads)
+        config.corpora = dict(self.corpora)
         program = program or self.program
         if self.canvas is not None:
             config.pad_token_id = self.canvas.pad_id
@@ -253,7 +256,8 @@ class ExportedDecoder:
         cfg = RunConfig(max_new_tokens=max_new_tokens, eos_token_ids=tuple(self.eos), seed=seed,
                         tokenizer=self.tokenizer, stop_token_ids=tuple(stop_token_ids),
                         branch_providers=dict(branch_providers or {}), trace=trace,
-                        draft_models=dict(self.draft_runners), draft_heads=dict(self.draft_heads))
+                        draft_models=dict(self.draft_runners), draft_heads=dict(self.draft_heads),
+                        corpora=dict(self.corpora))
         if self.canvas is not None:
             cfg.suffixes = [list(x) for x in suffixes] if suffixes is not None else None
             cfg.pad_token_id = self.canvas.pad_id

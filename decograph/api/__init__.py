@@ -17,7 +17,7 @@ from decograph.runtime import Event, Interpreter, RunConfig
 from decograph.errors import InputError
 from decograph.models.adapters import CausalLMAdapter, HFCausalLM, as_adapter
 from decograph.ir import ops as O
-from decograph.api.heads import head_runners
+from decograph.api.heads import corpora, head_runners
 from decograph.api.inputs import Stopper, StopStrings, encode_prompts
 
 __all__ = ["Stats", "GenerationResult", "StreamChunk", "Decoder", "generate", "generate_stream", "list_strategies",
@@ -190,7 +190,8 @@ def _setup(model: Any, tokenizer: Any, prompts: Any, strategy: Any, max_new_toke
     plan(engine, program)                   # one BackendFallbackWarning per op without a kernel
     runners = {name: engine.draft_runner(m) for name, m in (draft_models or {}).items()}
     cfg = RunConfig(max_new_tokens, tuple(eos), tuple(stop_token_ids), pad, seed, runners,
-                    draft_heads=head_runners(program, source, draft_heads), cost_curve=_cost_curve(adapter),
+                    draft_heads=head_runners(program, source, draft_heads), corpora=corpora(program, source),
+                    cost_curve=_cost_curve(adapter),
                     tokenizer=tok, branch_providers=dict(branch_providers or {}), kernels=engine.kernels(),
                     trace=[] if trace else None)
     from decograph.models.diffusion import MaskedDiffusionAdapter
@@ -261,6 +262,7 @@ class Decoder:
         self.runners = {name: self.backend.draft_runner(resolve_model(m)[0] if isinstance(m, (str, Path)) else m)
                         for name, m in (draft_models or {}).items()}
         self.heads = head_runners(self.base, self.source, draft_heads)
+        self.corpora = corpora(self.base, self.source)
         self.eos_token_ids = tuple(self.adapter.eos_token_ids)
         self.max_positions = int(self.adapter.max_positions or 0)
         self.vocab_size = int(self.adapter.vocab_size)
@@ -281,6 +283,7 @@ class Decoder:
         config.pad_token_id = self.eos_token_ids[0] if self.eos_token_ids else 0
         config.draft_models = dict(self.runners)
         config.draft_heads = dict(self.heads)
+        config.corpora = dict(self.corpora)
         config.cost_curve = _cost_curve(self.adapter)
         config.tokenizer = self.tokenizer
         config.kernels = self.backend.kernels()

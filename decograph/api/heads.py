@@ -19,7 +19,7 @@ import numpy as np
 from decograph.errors import UnsupportedError
 from decograph.ir import ops as O
 
-__all__ = ["head_runners", "model_head", "model_name"]
+__all__ = ["corpora", "head_runners", "model_corpus", "model_head", "model_name"]
 
 
 def _numpy(weight: Any) -> np.ndarray:
@@ -32,12 +32,46 @@ def model_name(model: Any) -> str:
             or type(model).__name__)
 
 
+def _fingerprint(adapter: Any) -> str:
+    from decograph.heads.store import model_fingerprint
+
+    if getattr(adapter, "_head_fingerprint", None) is None:
+        adapter._head_fingerprint = model_fingerprint(adapter.model.config,
+                                                      _numpy(adapter.model.get_input_embeddings().weight))
+    return adapter._head_fingerprint
+
+
+def model_corpus(adapter: Any, spec: str) -> Any:
+    """The corpus of the model's answers ``spec`` names (``resolve_corpus``: checked against the
+    model's fingerprint), loaded once per model (kept on its adapter). An adapter without a
+    Hugging Face model (a test oracle) takes a corpus file as given."""
+    from decograph.heads.corpus import load_corpus
+    from decograph.heads.store import resolve_corpus
+
+    cache = adapter.__dict__.setdefault("_corpora", {})
+    if spec not in cache:
+        model = getattr(adapter, "model", None)
+        if model is not None and hasattr(model, "get_input_embeddings"):
+            cache[spec] = resolve_corpus(spec, _fingerprint(adapter), model_name(model))
+        elif spec and spec != "default":
+            cache[spec] = load_corpus(spec)
+        else:
+            raise UnsupportedError(f"draft.corpus(corpus={spec}) needs a Hugging Face causal LM to find its corpus "
+                                   f"(got {type(adapter).__name__}); name a corpus file with corpus=PATH")
+    return cache[spec]
+
+
+def corpora(program: O.Program, adapter: Any) -> dict[str, Any]:
+    """``RunConfig.corpora`` for ``program``'s ``draft.corpus`` ops on ``adapter``'s model."""
+    return {op.corpus: model_corpus(adapter, op.corpus) for op in program.walk() if isinstance(op, O.DraftCorpus)}
+
+
 def model_head(adapter: Any, spec: str) -> Any:
     """The head ``spec`` names for ``adapter``'s model, bound to its weights (the torch
     backend's ``TorchHead``: ``NumpyHead``'s math on torch's threads, int8 weights); cached on
     the adapter."""
     from decograph.backends.torch_ref.head import bind_torch_head
-    from decograph.heads.store import model_fingerprint, resolve_head
+    from decograph.heads.store import resolve_head
 
     model = getattr(adapter, "model", None)
     if model is None or not hasattr(model, "get_input_embeddings"):
@@ -45,9 +79,7 @@ def model_head(adapter: Any, spec: str) -> Any:
                                f"(got {type(adapter).__name__}); or pass draft_heads={{'{spec}': runner}}")
     cache = adapter.__dict__.setdefault("_draft_heads", {})
     if spec not in cache:
-        if getattr(adapter, "_head_fingerprint", None) is None:
-            adapter._head_fingerprint = model_fingerprint(model.config, _numpy(model.get_input_embeddings().weight))
-        cache[spec] = bind_torch_head(resolve_head(spec, adapter._head_fingerprint, model_name(model)), model,
+        cache[spec] = bind_torch_head(resolve_head(spec, _fingerprint(adapter), model_name(model)), model,
                                       quant="int8")
     return cache[spec]
 

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from decograph.errors import ModelError
+from decograph.heads.corpus import Corpus, load_corpus
 from decograph.heads.spec import HeadWeights, load_head
 from decograph.measure_cache import cache_path
 
-__all__ = ["SHIPPED", "cached_head_path", "model_fingerprint", "resolve_head"]
+__all__ = ["SHIPPED", "cached_corpus_path", "cached_head_path", "model_fingerprint", "resolve_corpus", "resolve_head"]
 
 SHIPPED = Path(__file__).parent / "shipped"
 
@@ -34,6 +35,31 @@ def model_fingerprint(config: Any, embed: np.ndarray) -> str:
 
 def cached_head_path(fingerprint: str) -> Path:
     return cache_path("heads") / fingerprint / "head.npz"
+
+
+def cached_corpus_path(fingerprint: str) -> Path:
+    return cache_path("heads") / fingerprint / "corpus.npz"
+
+
+def resolve_corpus(spec: str, fingerprint: str, model_name: str = "the model") -> Corpus:
+    """The corpus of the model's own answers ``spec`` names (``draft.corpus``): a file path, or
+    ``default``/``""``: the corpus shipped in ``shipped/corpora/`` for the model, else the one
+    ``decograph train-draft`` wrote beside its head. Errors say how to get one."""
+    if spec and spec != "default":
+        corpus = load_corpus(spec)
+        if corpus.model and corpus.model != fingerprint:
+            raise ModelError(f"{spec}: this corpus holds the answers of {corpus.model_name or 'another model'} "
+                             f"(fingerprint {corpus.model}), not of {model_name} ({fingerprint})")
+        return corpus
+    for p in sorted((SHIPPED / "corpora").glob("*.npz")):
+        corpus = load_corpus(p)
+        if corpus.model == fingerprint:
+            return corpus
+    p = cached_corpus_path(fingerprint)
+    if p.is_file():
+        return load_corpus(p)
+    raise ModelError(f"no corpus of answers for {model_name} (fingerprint {fingerprint}): `decograph train-draft "
+                     f"--model <the model>` writes one beside its head, or name a corpus file with corpus=PATH")
 
 
 def resolve_head(spec: str, fingerprint: str, model_name: str = "the model") -> HeadWeights:

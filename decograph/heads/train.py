@@ -26,7 +26,8 @@ Phases (``minutes``: one wall-clock budget over all of them; ``steps``: exact an
    bit-identical to an uninterrupted run; a finished run is not trained again. ``fresh`` starts
    over (the prepared data is kept: it depends only on the model and the standard library).
 
-The head is saved with ``save_head`` (``out``, else ``cached_head_path``), training facts in
+The head is saved with ``save_head`` (``out``, else ``cached_head_path``; the answers it trained on
+as a corpus for ``draft.corpus`` beside it, ``corpus_path``), training facts in
 ``HeadConfig.meta``.
 """
 from __future__ import annotations
@@ -48,13 +49,14 @@ from decograph.errors import InputError, ModelError
 from decograph.heads import data as D
 from decograph.heads import requests as R
 from decograph.heads.model import DraftHead, head_config_for, init_from_target, to_head_weights
+from decograph.heads.corpus import build_corpus, save_corpus
 from decograph.heads.spec import WEIGHT_SHAPES, HeadWeights, save_head
-from decograph.heads.store import cached_head_path, model_fingerprint, resolve_head
+from decograph.heads.store import cached_corpus_path, cached_head_path, model_fingerprint, resolve_head
 from decograph.heads.trainer import (Batch, Trainer, TrainOptions, evaluate, load_checkpoint, plot_curve,
                                      save_checkpoint, write_curve)
 from decograph.measure_cache import cache_path
 
-__all__ = ["TrainOptions", "check_out", "head_dir", "run_dir", "train_head"]
+__all__ = ["TrainOptions", "check_out", "corpus_path", "head_dir", "run_dir", "train_head"]
 
 COVERAGE_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -305,7 +307,17 @@ def train_head(model: Any, tokenizer: Any = None, *, minutes: float | None = 30.
     plot_curve(run, tr.curve)
     head = to_head_weights(module, vocab_ids, dataclasses.replace(module.config, meta=meta))
     say(f"saved {save_head(head, path or cached_head_path(fp))}; curve {run / 'curve.jsonl'}")
+    corpus = build_corpus((train.tokens[i, train.starts[i] + 1:train.lengths[i]] for i in range(len(train))
+                           if train.starts[i] > 0), len(lm_head), fp, name, {"source": "train-draft answers"})
+    say(f"saved {save_corpus(corpus, corpus_path(path, fp))}: {len(corpus)} tokens of the model's own answers "
+        f"({corpus.sequences}) for draft.corpus")
     return head
+
+
+def corpus_path(out: str | Path | None, fingerprint: str) -> Path:
+    """Where a run's corpus of answers goes: beside ``out`` (``X.npz`` -> ``X.corpus.npz``), else
+    where ``corpus=default`` finds it."""
+    return cached_corpus_path(fingerprint) if out is None else Path(out).with_suffix(".corpus.npz")
 
 
 def _start_head(init: str | Path | None, fp: str, name: str) -> HeadWeights | None:

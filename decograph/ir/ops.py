@@ -20,7 +20,7 @@ from decograph.ir.types import Dim, Sym, Type, dim_add, dim_mul
 __all__ = [
     "Value", "Block", "Op", "OpDef", "OPS", "op_class", "Program",
     "Prefill", "DraftJacobi", "DraftGaussSeidelJacobi", "DraftNgram", "DraftNgramPool",
-    "DraftAdaptiveNgram", "DraftMask", "DraftNoise", "DraftModel", "DraftHead", "DraftBranches", "Forward",
+    "DraftAdaptiveNgram", "DraftMask", "DraftNoise", "DraftModel", "DraftHead", "DraftCorpus", "DraftBranches", "Forward",
     "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
     "UnmaskTopkPerStep", "UnmaskEntropyBound", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
     "MAX_DRAFT", "MAX_TREE", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASK_RULES", "NOISE_RULES", "MASKS", "KV_POLICIES", "UNTIL",
@@ -47,7 +47,6 @@ class Prefill(Op):
 @dataclass(frozen=True, eq=False)
 class DraftJacobi(Op):
     """Guesses for the next ``window`` tokens: last iteration's predictions (fixed-point iteration)."""
-
     NAME = "draft.jacobi"
     state: Value = operand()
     window: int = 5
@@ -57,7 +56,6 @@ class DraftJacobi(Op):
 @dataclass(frozen=True, eq=False)
 class DraftGaussSeidelJacobi(Op):
     """Jacobi iteration inside blocks of ``block`` tokens, blocks solved one after another."""
-
     NAME = "draft.gauss_seidel_jacobi"
     state: Value = operand()
     block: int = 4
@@ -68,7 +66,6 @@ class DraftGaussSeidelJacobi(Op):
 class DraftNgram(Op):
     """Prompt lookup: the ``k`` tokens that followed the latest earlier match of the last n-gram
     (with ``candidates`` > 1, the continuations of that many distinct earlier matches)."""
-
     NAME = "draft.ngram"
     state: Value = operand()
     k: int = 8
@@ -80,7 +77,6 @@ class DraftNgram(Op):
 @dataclass(frozen=True, eq=False)
 class DraftNgramPool(Op):
     """Lookahead's pool: up to ``candidates`` n-grams that start at the current token."""
-
     NAME = "draft.ngram_pool"
     state: Value = operand()
     n: int = 4
@@ -94,7 +90,6 @@ class DraftAdaptiveNgram(Op):
     With ``adaptive``, the draft is cut where one more token is expected to cost more than it
     returns, judged by the model's forward-cost curve and the acceptance seen so far.
     """
-
     NAME = "draft.adaptive_ngram"
     state: Value = operand()
     k: int = 8
@@ -107,7 +102,6 @@ class DraftAdaptiveNgram(Op):
 @dataclass(frozen=True, eq=False)
 class DraftMask(Op):
     """The canvas's current block of ``k`` positions (0: all); ``mask_token`` -1: the model's."""
-
     NAME = "draft.mask"
     state: Value = operand()
     k: int = 32
@@ -119,7 +113,6 @@ class DraftNoise(Op):
     """Each row's canvas of ``k`` positions (0: the model's) for uniform-noise block diffusion
     (DiffusionGemma): uniform noise from the backend's generator after each commit, else the
     canvas the last denoising step left."""
-
     NAME = "draft.noise"
     state: Value = operand()
     k: int = 0
@@ -128,7 +121,6 @@ class DraftNoise(Op):
 @dataclass(frozen=True, eq=False)
 class DraftModel(Op):
     """``k`` tokens proposed by a draft model named ``model`` (passed to the runtime)."""
-
     NAME = "draft.model"
     state: Value = operand()
     k: int = 4
@@ -141,7 +133,6 @@ class DraftHead(Op):
     most ``depth`` levels, expanding the ``topk`` most probable nodes per level into ``topk``
     children each (EAGLE-2's dynamic tree), and keeps the best ``nodes`` nodes (0: as many as
     pay, by the cost curve and the acceptance measured). ``head``: a head file, or ``default``."""
-
     NAME = "draft.head"
     state: Value = operand()
     head: str = "default"
@@ -151,11 +142,23 @@ class DraftHead(Op):
 
 
 @dataclass(frozen=True, eq=False)
+class DraftCorpus(Op):
+    """Retrieval (REST): the most common continuation, in a corpus of the model's own answers,
+    of the context's longest suffix found there (``max_n`` .. ``min_n`` tokens), at most ``k``
+    tokens, cut as ANPD's adaptive drafts. ``corpus``: a corpus file, or ``default``."""
+    NAME = "draft.corpus"
+    state: Value = operand()
+    corpus: str = "default"
+    k: int = 8
+    max_n: int = 8
+    min_n: int = 2
+
+
+@dataclass(frozen=True, eq=False)
 class DraftBranches(Op):
     """Branch prompts for fork: explicit ``prompts``, the items of the last list in the text
     (lines starting with the regex ``delimiter``), or a run-time ``provider``; each through
     ``template`` ({item}, {i}). Each branch decodes at most ``max_tokens`` (0: the run's budget)."""
-
     NAME = "draft.branches"
     state: Value = operand()
     prompts: tuple[str, ...] = ()
@@ -172,7 +175,6 @@ class Forward(Op):
     one causal forward per chain; ``mask=tree``: one forward, chains packed in each row's
     sequence (``layout=sequence``) or as batch rows copying the prefix KV (``layout=batch``).
     ``dedup``: chains sharing a prefix share its nodes (a trie), else each hangs off the root."""
-
     NAME = "forward"
     state: Value = operand()
     drafts: tuple[Value, ...] = operand(variadic=True)
@@ -248,7 +250,6 @@ class UnmaskEntropyBound(Op):
     lowest-entropy positions while their entropy sum less the largest is <= ``bound``, the rest
     renoised. The argmax is final once it held ``stable`` steps with mean entropy < ``confident``,
     or after ``steps`` steps (``decograph.runtime.denoise``)."""
-
     NAME = "unmask.entropy_bound"
     state: Value = operand()
     logits: Value = operand()
@@ -269,7 +270,6 @@ class Commit(Op):
     prefix cache ``block_approx``, dual cache ``block_approx_dual``). ``rollback``: rejected
     slots are copied out (``copy``) or just marked invalid in place (``in_place``).
     """
-
     NAME = "commit"
     state: Value = operand()
     accepted: Value = operand()
@@ -297,7 +297,6 @@ class Join(Op):
 @dataclass(frozen=True, eq=False)
 class Iterate(Op):
     """Run ``body`` until one of ``until`` holds for every row; ``max_steps`` 0 means no cap."""
-
     NAME = "iterate"
     init: Value = operand()
     body: Block = field(default=None)  # type: ignore[assignment]
@@ -315,7 +314,6 @@ class Yield(Op):
 @dataclass(frozen=True, eq=False)
 class Emit(Op):
     """The program's output: the new tokens of every row."""
-
     NAME = "emit"
     state: Value = operand()
 
@@ -376,6 +374,7 @@ _reg(DraftMask, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftNoise, lambda op: (Type("Tokens", (B, op.k or Sym("L"))),))
 _reg(DraftModel, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftHead, lambda op: (_head_type(op),))
+_reg(DraftCorpus, lambda op: (Type("Tokens", (B, op.k)),))
 _reg(DraftBranches, lambda op: (Type("Tokens", (B, len(op.prompts) or op.max_branches, Sym("L"))),))
 _reg(Forward, _forward_type)
 for _cls in (VerifyGreedy, VerifySampling, VerifyThreshold, UnmaskThreshold, UnmaskFactor, UnmaskTopkPerStep,

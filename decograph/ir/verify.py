@@ -35,7 +35,8 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 _RANGES.update({"steps": (1, 1 << 16), "stable": (0, 1 << 16), "bound": (1e-12, 1e6), "confident": (1e-12, 1e6),
                 "t_min": (1e-6, 1e6), "t_max": (1e-6, 1e6)})       # unmask.entropy_bound's
-_RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16), ("draft.noise", "k"): (0, 1 << 16)}
+_RANGES_BY_OP = {("draft.mask", "k"): (0, 1 << 16), ("draft.noise", "k"): (0, 1 << 16),
+                 ("draft.corpus", "max_n"): (1, 8), ("draft.corpus", "min_n"): (1, 8)}     # corpus.DEPTH
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("forward", "mask"): O.MASKS, ("commit", "kv"): O.KV_POLICIES,
     ("commit", "rollback"): O.ROLLBACKS, ("forward", "layout"): O.LAYOUTS,
@@ -168,11 +169,14 @@ class _Checker:
                                 f"registered rule's name")
             if choices and value not in choices:
                 raise self.fail(op, field, f"{value!r} is not one of {', '.join(choices)}", f"use one of {', '.join(choices)}")
-        if isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram)) and op.min_n > op.max_n:
+        if isinstance(op, (O.DraftNgram, O.DraftAdaptiveNgram, O.DraftCorpus)) and op.min_n > op.max_n:
             raise self.fail(op, "field 'min_n'", f"min_n={op.min_n} exceeds max_n={op.max_n}", "make min_n <= max_n")
         if isinstance(op, O.DraftHead) and not op.head.strip():
             raise self.fail(op, "field 'head'", "names no head", "use head=default (the model's shipped or trained "
                             "head) or the path of a head file")
+        if isinstance(op, O.DraftCorpus) and not op.corpus.strip():
+            raise self.fail(op, "field 'corpus'", "names no corpus", "use corpus=default (the model's shipped or "
+                            "trained corpus) or the path of a corpus file")
         if isinstance(op, O.Iterate):
             bad = [u for u in op.until if u not in O.UNTIL]
             if not op.until:

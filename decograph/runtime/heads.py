@@ -314,6 +314,11 @@ class HeadDraft(DraftSource):
         inner = {nodes[i].parent for i in kept}
         return [list(paths[i]) for i in kept if i not in inner]
 
+    def expected(self, row: Row, chain: list[int]) -> float:
+        """The chain's nodes' calibrated chances of acceptance, summed."""
+        mem: _Memory = self.memory(row)
+        return sum(mem.acceptance(p) for path, p in mem.drafted if list(path) == chain[: len(path)])
+
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
         """Calibration: each drafted node was accepted iff its path is what the row committed."""
         mem: _Memory = self.memory(row)

@@ -56,6 +56,7 @@ class RunConfig:
     seed: int | None = None
     draft_models: dict[str, Any] = field(default_factory=dict)   # name -> a backend's draft runner
     draft_heads: dict[str, Any] = field(default_factory=dict)    # draft.head(head=NAME) -> a head runner
+    corpora: dict[str, Any] = field(default_factory=dict)        # draft.corpus(corpus=NAME) -> a ``Corpus``
     cost_curve: CostCurve = DEFAULT_CURVE
     tokenizer: Any = None               # for text branch prompts (draft.branches)
     branch_providers: dict[str, Any] = field(default_factory=dict)   # draft.branches(provider=NAME)
@@ -125,7 +126,8 @@ class Interpreter:
                 raise UnsupportedError(f"{op.NAME} needs a uniform-noise diffusion model (DiffusionGemma); "
                                        f"the model is a causal LM")
             if isinstance(op, O.DRAFT_OPS) and not isinstance(op, O.DraftBranches):
-                src = self.sources[id(op)] = make_source(op, config.draft_models, config.draft_heads)
+                src = self.sources[id(op)] = make_source(op, config.draft_models, config.draft_heads,
+                                                             config.corpora)
                 src.cost, src.max_query = config.cost_curve, getattr(engine, "max_query", None) or 0
                 src.min_query = int(getattr(engine, "min_query", 1) or 1)
                 src.chains_only = bool(getattr(engine, "chains_only", False))
@@ -254,7 +256,10 @@ class Interpreter:
             if not self.cfg.drafts:
                 return Drafted(src, [[] for _ in state.active])
             src.rows = len(state.active)
-            return Drafted(src, [propose(src, r, self._queued) for r in state.active])
+            out = Drafted(src, [propose(src, r, self._queued) for r in state.active])
+            if src.chains_only:
+                out.value = [src.expected(r, c[0]) if c else 0.0 for r, c in zip(state.active, out.chains)]
+            return out
         if isinstance(op, O.Forward):
             return self._forward(op, env[id(op.state)], [env[id(d)] for d in op.drafts])
         if isinstance(op, O.VERIFY_OPS):

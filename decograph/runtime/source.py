@@ -68,6 +68,11 @@ class DraftSource(ABC):
     def propose(self, row: Row, limit: int) -> list[list[int]]:
         """Chains of guessed tokens following the row's last token, each at most ``limit`` long."""
 
+    def expected(self, row: Row, chain: list[int]) -> float:
+        """The tokens ``chain`` (this step's first proposal for ``row``) is expected to commit: a
+        chain-only backend verifies the draft with the most (default: its length, as if sure)."""
+        return float(len(chain))
+
     def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
         """``preds[c]``: the model's argmax at the root, then after each node of chain ``c``;
         ``committed``: how many tokens the row committed this step (accepted drafts + bonus)."""
@@ -82,6 +87,7 @@ class DraftSource(ABC):
 class Drafted:
     source: DraftSource
     chains: list[list[list[int]]]        # per active row: chains
+    value: list[float] | None = None     # per active row: its first chain's expected tokens (chain-only backends)
 
 
 def propose(src: DraftSource, row: Row, queued: dict[int, int]) -> list[list[int]]:
@@ -122,10 +128,11 @@ def fit_drafts(drafts: list[Drafted], room: list[int], dedup: bool) -> None:
 
 
 def one_chain(drafts: list[Drafted], rows: int) -> None:
-    """Keep one chain per row (``Engine.chains_only``): the longest the drafts proposed, the
-    earliest draft's (program order) on a tie."""
+    """Keep one chain per row (``Engine.chains_only``): the one its source expects to commit the
+    most tokens (``DraftSource.expected``), the earliest draft's (program order) on a tie."""
     for b in range(rows):
-        best = max(((len(c), -i) for i, d in enumerate(drafts) for c in d.chains[b][:1]), default=None)
+        best = max(((d.value[b] if d.value else len(c), -i) for i, d in enumerate(drafts) for c in d.chains[b][:1]),
+                   default=None)
         for i, d in enumerate(drafts):
             d.chains[b] = d.chains[b][:1] if best is not None and i == -best[1] else []
 

@@ -62,7 +62,8 @@ _GRAPH_KEYS = {"file", "quant", "dtype", "graph", "block_size", *_SHAPE_FIELDS, 
                "shift_logits", "head"}
 _OPTIONAL_GRAPH_KEYS = {"external_data", "mask_token_id", "shift_logits", "head"}
 _TOP_KEYS = {"format", "version", "strategy", "passes", "program", "tokenizer", "graphs", "eos_token_ids",
-             "chat_template", "chat_prompt", "chat_default", "model", "files"}
+             "chat_template", "chat_prompt", "chat_default", "model", "files", "corpora"}
+MAX_CORPORA = 8
 _GRAPH_NAME = re.compile(r"^(target|(draft|head):[A-Za-z0-9_][A-Za-z0-9_.-]{0,63})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -110,6 +111,7 @@ class Manifest:
     files: Mapping[str, str]
     program: Any = field(default=None, compare=False)
     tokenizer: Any = field(default=None, compare=False)
+    corpora: Mapping[str, str] = field(default_factory=dict)    # draft.corpus(corpus=NAME) -> its file
 
     @property
     def target(self) -> GraphSpec:
@@ -252,7 +254,7 @@ def check_fields(d: Any, where: str, directory: Path = Path(".")) -> Manifest:
     """The fields of manifest object ``d`` checked (types, ranges, names listed in ``files``), as a
     ``Manifest`` without program or tokenizer; ``where`` names the file in errors. Opens no file."""
     f = _Fields(where)
-    f.obj(d, "", _TOP_KEYS - {"chat_template"}, _TOP_KEYS)
+    f.obj(d, "", _TOP_KEYS - {"chat_template", "corpora"}, _TOP_KEYS)
     if d["format"] != FORMAT:
         raise f.bad("format", d["format"], repr(FORMAT) + " (not a decograph exported decoder)")
     version = d["version"]
@@ -289,7 +291,15 @@ def check_fields(d: Any, where: str, directory: Path = Path(".")) -> Manifest:
                  f.str_(d.get("chat_template"), "chat_template", 0, 1 << 20, null=True),
                  chat_prompt, chat_default, str(f.str_(d["model"], "model", 1, 1000)),
                  MappingProxyType(_files(f, d["files"])))
+    corpora = d.get("corpora", {})
+    if not isinstance(corpora, dict) or len(corpora) > MAX_CORPORA:
+        raise f.bad("corpora", corpora, f"an object of at most {MAX_CORPORA} corpus names and their files")
+    for name in corpora:
+        f.str_(name, "corpora", 1, 1000)
+    m = dataclasses.replace(m, corpora=MappingProxyType({str(k): _file_name(f, v, f"corpora[{json.dumps(k)}]")
+                                                         for k, v in corpora.items()}))
     used = [("program", m.program_file), ("tokenizer", m.tokenizer_file)]
+    used += [(f"corpora[{json.dumps(k)}]", v) for k, v in m.corpora.items()]
     used += [(f"graphs.{g.role}.file", g.file) for g in graphs.values()]
     used += [(f"graphs.{g.role}.external_data", x) for g in graphs.values() for x in g.external_data]
     for path, name in used:
@@ -298,7 +308,8 @@ def check_fields(d: Any, where: str, directory: Path = Path(".")) -> Manifest:
     return m
 
 
-def _load_program(data: bytes, path: Path, strategy: str, heads: Mapping[str, GraphSpec]) -> Any:
+def _load_program(data: bytes, path: Path, strategy: str, heads: Mapping[str, GraphSpec],
+                  corpora: Mapping[str, str] = MappingProxyType({})) -> Any:
     from decograph.errors import DecographError
     from decograph.ir.jsonform import from_json
     from decograph.ir.verify import verify
@@ -316,6 +327,9 @@ def _load_program(data: bytes, path: Path, strategy: str, heads: Mapping[str, Gr
         if op.NAME == "draft.head" and op.head not in heads:
             raise ManifestError(f"{path}: step `draft.head(head={op.head})` has no head graph in the manifest "
                                 f"(graphs 'head:<i>' with \"head\": {op.head!r})")
+        if op.NAME == "draft.corpus" and op.corpus not in corpora:
+            raise ManifestError(f"{path}: step `draft.corpus(corpus={op.corpus})` has no corpus file in the manifest "
+                                f"('corpora')")
     return program
 
 
@@ -363,7 +377,8 @@ def load_manifest(directory: str | Path, *, check_hashes: bool = True) -> Manife
             if name not in small:
                 read_inside(d, name, str(mpath), None, digest)
     program = _load_program(read_inside(d, m.program_file, str(mpath), small[m.program_file],
-                                  m.files[m.program_file]) or b"", d / m.program_file, m.strategy, m.heads)
+                                  m.files[m.program_file]) or b"", d / m.program_file, m.strategy, m.heads,
+                            m.corpora)
     tokenizer = _load_tokenizer(read_inside(d, m.tokenizer_file, str(mpath), small[m.tokenizer_file],
                                       m.files[m.tokenizer_file]) or b"", d / m.tokenizer_file, m.target.vocab_size)
     return dataclasses.replace(m, program=program, tokenizer=tokenizer)
@@ -381,6 +396,7 @@ def write_manifest(directory: str | Path, fields: dict[str, Any]) -> Path:
         if isinstance(g, dict):
             extra = g.get("external_data", [])
             names += [g.get("file"), *(extra if isinstance(extra, list) else [])]
+    names += list((body.get("corpora") or {}).values())
     listed = sorted({n for n in names if isinstance(n, str)})
     check_fields(dict(body, files={n: "0" * 64 for n in listed}), str(d / MANIFEST_NAME), d)   # names first
     body["files"] = {n: file_digest(d / n) for n in listed}
