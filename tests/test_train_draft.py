@@ -468,6 +468,9 @@ def test_train_on_self_questions_and_start_from_an_earlier_head(tiny, tmp_path: 
     assert meta["data"]["chunks"]["questions"]["chat/heldout"] == 2       # every 10th of the 20
     assert meta["data"]["chunks"]["questions"]["chat/train"] == 2         # a third of --data-chunks
     assert set(meta["heldout"]) == {"chat", "text", "questions"}
+    from decograph.heads.corpus import load_corpus
+    corpus = load_corpus(tmp_path / "first.corpus.npz")               # the training answers, for draft.corpus
+    assert corpus.sequences >= 2 and corpus.model == head.config.model and len(corpus) > 0
     # --init: the earlier head's weights (as stored) and vocabulary are the start (lr 0: nothing moves)
     still = _train(tiny_chat, steps=2, options=dataclasses.replace(opts, lr=0.0), init=tmp_path / "first.npz",
                    out=tmp_path / "second.npz")

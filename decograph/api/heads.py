@@ -12,11 +12,12 @@ A model without a head gets ``resolve_head``'s ``ModelError``, which says how to
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
-from decograph.errors import UnsupportedError
+from decograph.errors import ModelError, UnsupportedError
 from decograph.ir import ops as O
 
 __all__ = ["corpora", "head_runners", "model_corpus", "model_head", "model_name"]
@@ -43,16 +44,23 @@ def _fingerprint(adapter: Any) -> str:
 
 def model_corpus(adapter: Any, spec: str) -> Any:
     """The corpus of the model's answers ``spec`` names (``resolve_corpus``: checked against the
-    model's fingerprint), loaded once per model (kept on its adapter). An adapter without a
-    Hugging Face model (a test oracle) takes a corpus file as given."""
-    from decograph.heads.corpus import load_corpus
+    model's fingerprint), loaded once per model (kept on its adapter). ``default`` for a model
+    that has none is an empty corpus (it drafts nothing), with a warning that says how to get
+    one. An adapter without a Hugging Face model (a test oracle) takes a corpus file as given."""
+    from decograph.heads.corpus import build_corpus, load_corpus
     from decograph.heads.store import resolve_corpus
 
     cache = adapter.__dict__.setdefault("_corpora", {})
     if spec not in cache:
         model = getattr(adapter, "model", None)
         if model is not None and hasattr(model, "get_input_embeddings"):
-            cache[spec] = resolve_corpus(spec, _fingerprint(adapter), model_name(model))
+            try:
+                cache[spec] = resolve_corpus(spec, _fingerprint(adapter), model_name(model))
+            except ModelError as e:
+                if spec not in ("", "default") or "no corpus" not in str(e):
+                    raise
+                warnings.warn(f"{e}; draft.corpus drafts nothing meanwhile", RuntimeWarning, stacklevel=3)
+                cache[spec] = build_corpus([], int(adapter.vocab_size), _fingerprint(adapter), model_name(model))
         elif spec and spec != "default":
             cache[spec] = load_corpus(spec)
         else:

@@ -246,11 +246,11 @@ def test_file_level_errors(tmp_path: Path) -> None:
 def test_unknown_strategy_name_lists_builtins() -> None:
     with pytest.raises(StrategyFileError) as e:
         load_strategy("medusa")
-    assert str(e.value) == ("unknown strategy 'medusa'; built-in strategies: anpd, diffusion_gemma, diffusion_gemma_fast, eagle, eagle_anpd, fast_dllm, "
+    assert str(e.value) == ("unknown strategy 'medusa'; built-in strategies: anpd, anpd_corpus, diffusion_gemma, diffusion_gemma_fast, eagle, eagle_anpd, fast_dllm, "
                             "fast_dllm_factor, greedy, "
                             "gs_jacobi, jacobi, llada, llada_semi_ar, lookahead, lud, ngram, padellm_ner, "
                             "parallel_reasoning; or give the path of a .yaml, .yml or .toml file")
-    with pytest.raises(StrategyFileError, match="unknown built-in strategy 'medusa'; built-in strategies: anpd, diffusion_gemma, diffusion_gemma_fast, eagle, eagle_anpd, fast_dllm"):
+    with pytest.raises(StrategyFileError, match="unknown built-in strategy 'medusa'; built-in strategies: anpd, anpd_corpus, diffusion_gemma, diffusion_gemma_fast, eagle, eagle_anpd, fast_dllm"):
         builtin_path("medusa")
 
 

@@ -13,7 +13,7 @@ from decograph.frontends.strategies import builtin_names, builtin_path, list_str
 from decograph.frontends.strategy_file import Strategy, load_strategy_file, load_strategy_text
 from decograph.ir import parse_program, print_program, verify
 
-BUILTINS = ["anpd", "diffusion_gemma", "diffusion_gemma_fast", "eagle", "eagle_anpd", "fast_dllm", "fast_dllm_factor", "greedy", "gs_jacobi", "jacobi", "llada", "llada_semi_ar",
+BUILTINS = ["anpd", "anpd_corpus", "diffusion_gemma", "diffusion_gemma_fast", "eagle", "eagle_anpd", "fast_dllm", "fast_dllm_factor", "greedy", "gs_jacobi", "jacobi", "llada", "llada_semi_ar",
             "lookahead", "lud", "ngram", "padellm_ner", "parallel_reasoning"]
 DIFFUSION = ("diffusion_gemma", "diffusion_gemma_fast", "fast_dllm", "fast_dllm_factor", "llada", "llada_semi_ar", "lud")   # unmask: not lossless
 
