@@ -224,3 +224,59 @@ def test_train_draft_puts_the_corpus_beside_the_head(tmp_path) -> None:
 
     assert corpus_path(tmp_path / "h.npz", "fp") == tmp_path / "h.corpus.npz"
     assert corpus_path(None, "fp") == cached_corpus_path("fp")
+
+
+# ------------------------------------------------------------------------------ the exported decoder
+
+
+def test_an_exported_decoder_carries_its_corpus_and_equals_its_own_greedy(tmp_path, monkeypatch, ort_greedy) -> None:
+    """``anpd_corpus`` exported int4 with a corpus holding the graph's own greedy answers: the
+    corpus travels as a file of the decoder (listed in the manifest), every output equals the
+    graph's one-token greedy decoding, alone and in a batch, and the corpus's drafts are
+    accepted; a manifest without the corpus the program names is refused naming the step."""
+    import json
+    import shutil
+
+    from decograph.backends.onnxruntime.manifest import ManifestError, load_manifest
+    from decograph.backends.onnxruntime.session import ORTCausalLM
+    from decograph.export import export_decoder
+    from decograph.exported import ExportedDecoder
+    from decograph.models.adapters import HFCausalLM
+    from decograph.models.tiny import tiny_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_model_dir(tmp_path / "m")))
+    prompts = [model.tokenizer(t)["input_ids"] for t in ["t1 t5 t9 t5 t9", "t3 t4 t3", "t2 t8 t6 t2"]]
+    empty = save_corpus(build_corpus([], model.vocab_size), tmp_path / "empty.npz")
+    first = export_decoder("anpd_corpus", tmp_path / "d1", model=model, quant="int4", chat=False,
+                           overrides={"corpus": str(empty)}, progress=lambda m: None)
+    graph = ORTCausalLM(first / "model.onnx")
+    want = [ort_greedy(graph, p, 20) for p in prompts]
+    path = save_corpus(build_corpus([p + w for p, w in zip(prompts, want)], model.vocab_size), tmp_path / "c.npz")
+    out = export_decoder("anpd_corpus", tmp_path / "d2", model=model, quant="int4", chat=False,
+                         overrides={"corpus": str(path)}, progress=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["corpora"] == {str(path): "corpus.0.npz"} and "corpus.0.npz" in manifest["files"]
+    dec = ExportedDecoder(out)
+    accepted = 0
+    for p, w in zip(prompts, want):
+        toks, st = dec.generate(p, 20)
+        assert toks == w == dec.generate(p, 20, draft=False)[0]
+        accepted += st.accepted
+    assert [t for t, _ in dec.generate_batch(prompts, 20)] == want
+    if dec.exact:                       # where this machine's kernels keep drafting lossless
+        assert accepted > 10
+
+    def broken(edit, match: str) -> None:
+        d = tmp_path / "bad"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(out, d)
+        m = json.loads(json.dumps(manifest))
+        edit(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ManifestError, match=match):
+            load_manifest(d)
+
+    broken(lambda m: m.pop("corpora"), r"strategy.json: step `draft.corpus\(corpus=.*c.npz\)` has no corpus file")
+    broken(lambda m: m["files"].pop("corpus.0.npz"), r"names 'corpus.0.npz', which is not listed in 'files'")
+    broken(lambda m: m.update(corpora=["corpus.0.npz"]), r"field 'corpora'")

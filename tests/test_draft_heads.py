@@ -473,20 +473,20 @@ def _chains(out: list[Any]) -> list[dict[str, Any]]:
     return steps
 
 
-def test_a_chain_only_engine_verifies_one_chain_of_the_longest_draft(model, refs, chains_only) -> None:
+def test_a_chain_only_engine_verifies_one_chain_of_the_most_expected_draft(model, refs, chains_only) -> None:
     """``Engine.chains_only``: each step verifies one chain per row, never a branching tree —
-    the longest any draft proposed, the first draft's on a tie: the oracle head's DEPTH-long
-    chain over the n-gram's shorter ones, all accepted; with random heads still lossless, the
-    n-gram's and the head's chains each verified on some steps."""
+    the one its source expects to commit the most tokens (``DraftSource.expected``): the oracle
+    head's DEPTH-long chain over the n-gram's shorter ones, all accepted; with random heads still
+    lossless, the n-gram's and the head's chains each verified on some steps."""
     seqs = [p + r for p, r in zip(PROMPTS, refs)]
     out = check_equal(model, refs, "eagle_anpd", OracleHead(seqs), trace=True, overrides={"k": DEPTH - 2})
     steps = _chains(out)
     assert all(r.stats.accepted_per_step[0] == DEPTH for r in out)
-    assert {tuple(s["draft"]["source"]) for s in steps if len(s["draft"]["tokens"]) == DEPTH} == {(1,) * DEPTH}
+    assert {tuple(s["draft"]["source"]) for s in steps if len(s["draft"]["tokens"]) == DEPTH} == {(2,) * DEPTH}
     out = check_equal(model, refs, "eagle_anpd", bound(model, random_head(model, seed=1)), trace=True,
                       overrides={"nodes": 6})
     sources = [set(s["draft"]["source"]) for s in _chains(out)]
-    assert {0} in sources and {1} in sources            # n-gram chains (0) and head chains (1), never both
+    assert {0} in sources and {2} in sources            # n-gram chains (0) and head chains (2), never both
     out = check_equal(model, refs, head_program(topk=4), OracleHead(seqs), trace=True)
     _chains(out)
     assert all(r.stats.accepted_per_step[0] == DEPTH for r in out)   # the head's greedy path, DEPTH deep

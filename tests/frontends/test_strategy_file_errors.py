@@ -80,7 +80,7 @@ CASES = [
     ("partial_reference", edit('"${window}"', '"w${window}"'),
      f"{{f}}:8: {BODY}[0].draft.window: 'w${{window}}': a ${{name}} reference must be the whole value"),
     ("unknown_source", edit("source: jacobi", "source: jacoby"),
-     f"{{f}}:8: {BODY}[0].draft.source: 'jacoby' is not one of adaptive_ngram, branches, gauss_seidel_jacobi, head, jacobi, mask, model, ngram, ngram_pool, noise"),
+     f"{{f}}:8: {BODY}[0].draft.source: 'jacoby' is not one of adaptive_ngram, branches, corpus, gauss_seidel_jacobi, head, jacobi, mask, model, ngram, ngram_pool, noise"),
     ("emit_inside_body", edit("        - commit: {kv: keep_accepted}", "        - commit: {kv: keep_accepted}\n        - emit"),
      f"{{f}}:12: {BODY}[4].emit: emit may only be the last step of the strategy (top level)"),
     ("no_prefill", edit("  - prefill\n", ""),

@@ -309,12 +309,13 @@ strategy eagle {
   ^(%2: State):
     %3 = draft.head(%2, depth=5, head="heads/my head.npz", nodes=0, topk=4) : Tokens[B, N, 5]
     %4 = draft.head(%2, depth=3, head=default, nodes=10, topk=8) : Tokens[B, 10, 3]
-    %5 = forward(%2, %3, %4, dedup=true, layout=sequence, mask=tree) : Logits[B, 5*N + 31, V]
-    %6 = verify.greedy(%2, %5, %3, %4) : Tokens[B, A]
-    %7 = commit(%2, %6, kv=keep_accepted, rollback=in_place) : State
-    yield(%7)
+    %5 = draft.corpus(%2, corpus=default, k=6, max_n=8, min_n=2) : Tokens[B, 6]
+    %6 = forward(%2, %3, %4, %5, dedup=true, layout=sequence, mask=tree) : Logits[B, 5*N + 37, V]
+    %7 = verify.greedy(%2, %6, %3, %4, %5) : Tokens[B, A]
+    %8 = commit(%2, %7, kv=keep_accepted, rollback=in_place) : State
+    yield(%8)
   }
-  %8 = emit(%1) : Tokens[B, G]
+  %9 = emit(%1) : Tokens[B, G]
 }
 '''
 
@@ -327,6 +328,7 @@ OP_PROGRAM = {
     "draft.mask": "diffusion", "unmask.threshold": "diffusion", "unmask.factor": "diffusion",
     "unmask.topk_per_step": "diffusion", "draft.noise": "noise", "unmask.entropy_bound": "noise",
     "draft.branches": "parallel", "fork": "parallel", "join": "parallel", "draft.head": "eagle",
+    "draft.corpus": "eagle",
 }
 
 
