@@ -303,7 +303,7 @@ def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, 
     out = export_decoder(strategy, tmp_path / "dec", model=model, quant=quant, chat=False, head_quant=quant,
                          overrides={"head": spec, "nodes": 8}, progress=lambda m: None)
     assert sorted(p.name for p in out.iterdir()) == (["corpus.0.npz"] if strategy == "eagle_anpd" else []) + [
-        "head.0.onnx", "manifest.json", "model.onnx", "strategy.json", "tokenizer.json"]      # (the tiny model's corpus: empty)
+        "head.0.onnx", "manifest.json", "model.onnx", "strategy.json", "tokenizer.json"]   # the corpus: empty here
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graphs"]["target"]["graph"].endswith("+hidden") and manifest["graphs"]["target"]["quant"] == quant
     assert manifest["graphs"]["head:0"] == {

@@ -104,7 +104,8 @@ class Corpus:
                 else:
                     b |= (1 << self.bits) - 1
             seg = keys[lo:hi]
-            lo, hi = lo + int(np.searchsorted(seg, np.uint64(a), "left")), lo + int(np.searchsorted(seg, np.uint64(b), "right"))
+            lo, hi = (lo + int(np.searchsorted(seg, np.uint64(a), "left")),
+                      lo + int(np.searchsorted(seg, np.uint64(b), "right")))
         return lo, hi
 
     def lookup(self, context: list[int], k: int, max_n: int = DEPTH, min_n: int = 2, min_support: int = 1) -> Match:

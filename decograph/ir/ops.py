@@ -20,7 +20,8 @@ from decograph.ir.types import Dim, Sym, Type, dim_add, dim_mul
 __all__ = [
     "Value", "Block", "Op", "OpDef", "OPS", "op_class", "Program",
     "Prefill", "DraftJacobi", "DraftGaussSeidelJacobi", "DraftNgram", "DraftNgramPool",
-    "DraftAdaptiveNgram", "DraftMask", "DraftNoise", "DraftModel", "DraftHead", "DraftCorpus", "DraftBranches", "Forward",
+    "DraftAdaptiveNgram", "DraftMask", "DraftNoise", "DraftModel", "DraftHead", "DraftCorpus", "DraftBranches",
+    "Forward",
     "VerifyGreedy", "VerifySampling", "VerifyThreshold", "UnmaskThreshold", "UnmaskFactor",
     "UnmaskTopkPerStep", "UnmaskEntropyBound", "Commit", "Fork", "Join", "Iterate", "Yield", "Emit",
     "MAX_DRAFT", "MAX_TREE", "DRAFT_OPS", "VERIFY_OPS", "UNMASK_OPS", "MASK_RULES", "NOISE_RULES", "MASKS", "KV_POLICIES", "UNTIL",
