@@ -170,6 +170,13 @@ class _Anpd:
         hits, tries = table.get(level, (0.0, 0.0))
         return (hits + 2.0 * prior) / (tries + 2.0)
 
+    def drift(self, level: int) -> None:
+        """A level left unused drifts back to its prior, so one that failed early is tried again."""
+        for table in (self.first, self.later):
+            if level in table:
+                table[level][0] *= 0.97
+                table[level][1] *= 0.97
+
     @staticmethod
     def record(table: dict[int, list[float]], level: int, ok: bool) -> None:
         h = table.setdefault(level, [0.0, 0.0])
@@ -224,10 +231,7 @@ class AdaptiveNgram(DraftSource):
         if self.op.adaptive:
             chain = chain[: self._best_length(mem, level, len(chain), len(row.pending))]
             if not chain:
-                for table in (mem.first, mem.later):
-                    if level in table:                 # unused: drift back to the prior
-                        table[level][0] *= 0.97
-                        table[level][1] *= 0.97
+                mem.drift(level)
                 return []
         mem.level = level
         return [chain] + self._alternates(toks, found[1:], chain, len(row.pending))
@@ -316,22 +320,11 @@ class CorpusDraft(AdaptiveNgram):
         level = min(found.n, len(self.FIRST)) - 1
         chain = found.tokens[: self._best_length(mem, level, len(found.tokens), len(row.pending))]
         if not chain:
-            for table in (mem.first, mem.later):
-                if level in table:                 # unused: drift back to the prior
-                    table[level][0] *= 0.97
-                    table[level][1] *= 0.97
+            mem.drift(level)
             return []
         mem.level = level
         return [chain]
 
-    def observe(self, row: Row, chains: list[list[int]], preds: list[list[int]], committed: int) -> None:
-        mem: _Anpd = self.memory(row)
-        if not chains or mem.level < 0:
-            return
-        accepted = min(committed - 1, _common(chains[0], row.tokens[len(row.tokens) - committed:]))
-        mem.record(mem.first, mem.level, accepted >= 1)
-        for i in range(1, min(accepted + 1, len(chains[0]))):
-            mem.record(mem.later, mem.level, i < accepted)
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -413,7 +406,7 @@ def make_source(op: O.Op, draft_models: dict[str, Any], draft_heads: dict[str, A
         if op.corpus not in (corpora or {}):
             raise UnsupportedError(
                 f"draft.corpus(corpus={op.corpus}) has no corpus: decograph.generate loads the model's (`decograph "
-                f"train-draft` writes one), or pass corpora={{'{op.corpus}': corpus}}"
+                f"train-draft` writes one), or name a corpus file with corpus=PATH"
             )
         return CorpusDraft(op, (corpora or {})[op.corpus])
     if isinstance(op, O.DraftModel):
