@@ -280,3 +280,15 @@ def test_an_exported_decoder_carries_its_corpus_and_equals_its_own_greedy(tmp_pa
     broken(lambda m: m.pop("corpora"), r"strategy.json: step `draft.corpus\(corpus=.*c.npz\)` has no corpus file")
     broken(lambda m: m["files"].pop("corpus.0.npz"), r"names 'corpus.0.npz', which is not listed in 'files'")
     broken(lambda m: m.update(corpora=["corpus.0.npz"]), r"field 'corpora'")
+
+
+def test_an_adapter_without_a_hugging_face_model_takes_a_file_or_drafts_nothing(tmp_path) -> None:
+    from decograph.api.heads import model_corpus
+
+    class Oracle:
+        vocab_size = 10
+
+    with pytest.warns(RuntimeWarning, match="no corpus of answers for Oracle"):
+        assert len(model_corpus(Oracle(), "default")) == 0
+    path = save_corpus(build_corpus([[1, 2, 3]], 10), tmp_path / "o.npz")
+    assert model_corpus(Oracle(), str(path)).lookup([1, 2], 1).tokens == [3]

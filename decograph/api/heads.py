@@ -44,28 +44,30 @@ def _fingerprint(adapter: Any) -> str:
 
 def model_corpus(adapter: Any, spec: str) -> Any:
     """The corpus of the model's answers ``spec`` names (``resolve_corpus``: checked against the
-    model's fingerprint), loaded once per model (kept on its adapter). ``default`` for a model
-    that has none is an empty corpus (it drafts nothing), with a warning that says how to get
-    one. An adapter without a Hugging Face model (a test oracle) takes a corpus file as given."""
+    model's fingerprint; an adapter without a Hugging Face model, such as a test oracle, takes a
+    corpus file as given), loaded once per model (kept on its adapter). ``default`` for a model
+    that has none is an empty corpus (it drafts nothing), with a warning that says how to get one."""
     from decograph.heads.corpus import build_corpus, load_corpus
     from decograph.heads.store import resolve_corpus
 
     cache = adapter.__dict__.setdefault("_corpora", {})
     if spec not in cache:
         model = getattr(adapter, "model", None)
-        if model is not None and hasattr(model, "get_input_embeddings"):
-            try:
+        hf = model is not None and hasattr(model, "get_input_embeddings")
+        try:
+            if hf:
                 cache[spec] = resolve_corpus(spec, _fingerprint(adapter), model_name(model))
-            except ModelError as e:
-                if spec not in ("", "default") or "no corpus" not in str(e):
-                    raise
-                warnings.warn(f"{e}; draft.corpus drafts nothing meanwhile", RuntimeWarning, stacklevel=3)
-                cache[spec] = build_corpus([], int(adapter.vocab_size), _fingerprint(adapter), model_name(model))
-        elif spec and spec != "default":
-            cache[spec] = load_corpus(spec)
-        else:
-            raise UnsupportedError(f"draft.corpus(corpus={spec}) needs a Hugging Face causal LM to find its corpus "
-                                   f"(got {type(adapter).__name__}); name a corpus file with corpus=PATH")
+            elif spec and spec != "default":
+                cache[spec] = load_corpus(spec)
+            else:
+                raise ModelError(f"no corpus of answers for {type(adapter).__name__} (not a Hugging Face model): "
+                                 f"name a corpus file with corpus=PATH")
+        except ModelError as e:
+            if spec not in ("", "default") or "no corpus" not in str(e):
+                raise
+            warnings.warn(f"{e}; draft.corpus drafts nothing meanwhile", RuntimeWarning, stacklevel=4)
+            cache[spec] = build_corpus([], int(adapter.vocab_size), _fingerprint(adapter) if hf else "",
+                                       model_name(model) if hf else "")
     return cache[spec]
 
 
