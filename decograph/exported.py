@@ -45,7 +45,7 @@ from decograph.backends.onnxruntime.draft import OrtDraftRunner
 from decograph.backends.onnxruntime.graph_head import OrtHead
 from decograph.backends.onnxruntime.kv import StepSession, pick_device
 from decograph.backends.onnxruntime.manifest import MANIFEST_VERSION, load_manifest
-from decograph.errors import InputError, ModelError
+from decograph.errors import InputError, ModelError, UnsupportedError
 from decograph.heads.corpus import load_corpus
 from decograph.ir import ops as O
 from decograph.backends.onnxruntime.runner import GraphRunner, exact_width, program_width, width_invariant
@@ -133,6 +133,11 @@ class ExportedDecoder:
         from decograph.ir.verify import verify
 
         verify(program)
+        for op in program.walk():
+            if isinstance(op, O.DraftCorpus) and op.corpus not in self.corpora:
+                raise UnsupportedError(f"strategy {program.name!r}: step `draft.corpus(corpus={op.corpus})` needs a corpus "
+                                       f"this decoder does not carry (it has {sorted(self.corpora) or 'none'}): export "
+                                       f"a strategy with that step, e.g. anpd_corpus")
         other = copy.copy(self)
         other.program = program
         return other

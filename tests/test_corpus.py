@@ -292,3 +292,18 @@ def test_an_adapter_without_a_hugging_face_model_takes_a_file_or_drafts_nothing(
         assert len(model_corpus(Oracle(), "default")) == 0
     path = save_corpus(build_corpus([[1, 2, 3]], 10), tmp_path / "o.npz")
     assert model_corpus(Oracle(), str(path)).lookup([1, 2], 1).tokens == [3]
+
+
+def test_a_decoder_without_the_corpus_refuses_a_program_that_needs_it(tmp_path, monkeypatch) -> None:
+    from decograph.export import export_decoder
+    from decograph.exported import ExportedDecoder
+    from decograph.frontends.strategies import load_strategy
+    from decograph.models.adapters import HFCausalLM
+    from decograph.models.tiny import tiny_model_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = HFCausalLM.from_pretrained(str(tiny_model_dir(tmp_path / "m")))
+    dec = ExportedDecoder(export_decoder("anpd", tmp_path / "d", model=model, chat=False, progress=lambda m: None))
+    with pytest.raises(UnsupportedError, match=r"step `draft.corpus\(corpus=default\)` needs a corpus this decoder "
+                                               r"does not carry \(it has none\): export a strategy with that step"):
+        dec.with_program(load_strategy("anpd_corpus").program)

@@ -108,7 +108,8 @@ for name, program in job["programs"].items():
 
 def test_fp32_export_without_torch_equals_the_torch_backend(setup, tmp_path, run_without_torch) -> None:
     model, tok, prompts, refs = setup
-    out = export_decoder("anpd", tmp_path / "fp32", model=HFCausalLM(model, tok), chat=False, progress=lambda m: None)
+    out = export_decoder("anpd_corpus", tmp_path / "fp32", model=HFCausalLM(model, tok), chat=False,
+                         progress=lambda m: None)          # it carries the corpus anpd_corpus runs with
     got = run_without_torch(_RUN, {"dir": str(out), "programs": _optimized(model, tok), "prompts": prompts,
                                    "n": N_NEW}, tmp_path)
     # the torch backend's tokens are HF's (test_torch_backend_equals_hf_greedy_batch_1_and_4)
@@ -119,7 +120,7 @@ def test_fp32_export_without_torch_equals_the_torch_backend(setup, tmp_path, run
 
 def test_int4_export_equals_its_own_greedy(ort_greedy, setup, tmp_path) -> None:
     model, tok, prompts, _ = setup
-    out = export_decoder("anpd", tmp_path / "int4", model=HFCausalLM(model, tok), quant="int4", chat=False,
+    out = export_decoder("anpd_corpus", tmp_path / "int4", model=HFCausalLM(model, tok), quant="int4", chat=False,
                          progress=lambda m: None)
     dec = ExportedDecoder(out)
     graph = ORTCausalLM(out / "model.onnx")
