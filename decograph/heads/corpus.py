@@ -164,7 +164,7 @@ def save_corpus(corpus: Corpus, path: str | Path) -> Path:
     data = corpus.tokens.astype(np.int64)
     if dtype is np.uint16:
         data = np.where(data < 0, 65535, data)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.savez_compressed(f, tokens=data.astype(dtype), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     os.replace(tmp, p)
