@@ -135,9 +135,9 @@ class ExportedDecoder:
         verify(program)
         for op in program.walk():
             if isinstance(op, O.DraftCorpus) and op.corpus not in self.corpora:
-                raise UnsupportedError(f"strategy {program.name!r}: step `draft.corpus(corpus={op.corpus})` needs a corpus "
-                                       f"this decoder does not carry (it has {sorted(self.corpora) or 'none'}): export "
-                                       f"a strategy with that step, e.g. anpd_corpus")
+                raise UnsupportedError(f"strategy {program.name!r}: step `draft.corpus(corpus={op.corpus})` needs a "
+                                       f"corpus this decoder does not carry (it has {sorted(self.corpora) or 'none'}): "
+                                       f"export a strategy with that step, e.g. anpd_corpus")
         other = copy.copy(self)
         other.program = program
         return other
