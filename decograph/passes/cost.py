@@ -18,14 +18,20 @@ POINTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 class CostCurve:
-    """Relative cost of a forward over ``q`` query tokens, interpolated between measured points."""
+    """Relative cost of a forward over ``q`` query tokens, interpolated between measured points.
+    Its points are fixed once made; costs asked for are remembered (drafting asks for the same
+    few widths thousands of times a request)."""
 
     def __init__(self, points: dict[int, float]) -> None:
         self.points = dict(sorted(points.items()))
+        self._known: dict[int, float] = {}
 
     def __call__(self, q: int) -> float:
         """The cost of feeding ``q`` query tokens, padding them to the cheapest width first."""
-        return self.raw(self.best_width(q))
+        c = self._known.get(q)
+        if c is None:
+            c = self._known[q] = self.raw(self.best_width(q))
+        return c
 
     def best_width(self, q: int) -> int:
         """The width >= q that is cheapest to run (small GEMMs can cost more than larger ones:
