@@ -98,10 +98,14 @@ class TorchHead:
             g, u = F.linear(h, w["gate.weight"]), F.linear(h, w["up.weight"])
         return self._linear("down", F.silu(g) * u, w["down.weight"])
 
-    def _rope(self, x: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
-        ang = positions.astype(np.float64)[:, None] * self.inv[None, :]
-        cos = torch.from_numpy(np.cos(np.concatenate([ang, ang], -1)).astype(np.float32))[:, None, :]
-        sin = torch.from_numpy(np.sin(np.concatenate([ang, ang], -1)).astype(np.float32))[:, None, :]
+    def _angles(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = np.asarray(positions).astype(np.float64)[:, None] * self.inv[None, :]
+        ang = np.concatenate([ang, ang], -1)
+        return (torch.from_numpy(np.cos(ang).astype(np.float32))[:, None, :],
+                torch.from_numpy(np.sin(ang).astype(np.float32))[:, None, :])
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
@@ -115,8 +119,9 @@ class TorchHead:
         x = self._linear("fc", torch.cat([torch.from_numpy(np.asarray(feats, dtype=np.float32)), emb], -1),
                          w["fc.weight"], w["fc.bias"])
         q, k, v = self._linear("qkv", _rms(x, w["ln1.weight"], c.eps), self.qkv).split(self.sizes, -1)
-        q = self._rope(q.reshape(q_n, c.heads, c.head_dim), positions)
-        k = self._rope(k.reshape(q_n, c.kv_heads, c.head_dim), positions)
+        cos, sin = self._angles(positions)
+        q = self._rope(q.reshape(q_n, c.heads, c.head_dim), cos, sin)
+        k = self._rope(k.reshape(q_n, c.kv_heads, c.head_dim), cos, sin)
         v = v.reshape(q_n, c.kv_heads, c.head_dim)
         keys = torch.cat([torch.from_numpy(np.asarray(past_k, dtype=np.float32)), k])
         vals = torch.cat([torch.from_numpy(np.asarray(past_v, dtype=np.float32)), v])
@@ -124,12 +129,13 @@ class TorchHead:
             allowed = torch.cat([torch.ones(q_n, P, dtype=torch.bool), torch.ones(q_n, q_n, dtype=torch.bool).tril()], 1)
         else:
             allowed = torch.from_numpy(np.asarray(mask, dtype=bool))
-        rep = c.heads // c.kv_heads
-        kk = keys.repeat_interleave(rep, dim=1).permute(1, 2, 0)           # [heads, d, P+q]
-        vv = vals.repeat_interleave(rep, dim=1).permute(1, 0, 2)           # [heads, P+q, d]
-        s = (q.permute(1, 0, 2) @ kk) / np.float32(np.sqrt(c.head_dim))
-        s = torch.where(allowed[None], s, torch.tensor(-1e30, dtype=torch.float32))
-        att = (torch.softmax(s, -1) @ vv).permute(1, 0, 2).reshape(q_n, c.heads * c.head_dim)
+        # grouped: query head h reads key-value head h // rep, [kv_heads, rep * q, d] against [kv_heads, d, P+q]
+        rep, g = c.heads // c.kv_heads, c.kv_heads
+        qg = q.reshape(q_n, g, rep, c.head_dim).permute(1, 2, 0, 3).reshape(g, rep * q_n, c.head_dim)
+        s = (qg @ keys.permute(1, 2, 0)) / np.float32(np.sqrt(c.head_dim))
+        s = torch.where(allowed.repeat(rep, 1)[None], s, torch.tensor(-1e30, dtype=torch.float32))
+        att = (torch.softmax(s, -1) @ vals.permute(1, 0, 2)).reshape(g, rep, q_n, c.head_dim)
+        att = att.permute(2, 0, 1, 3).reshape(q_n, c.heads * c.head_dim)
         x = x + self._linear("o", att, w["o.weight"])
         x = x + self._mlp(_rms(x, w["ln2.weight"], c.eps))
         return _rms(x, w["norm.weight"], c.eps).numpy(), k.numpy(), v.numpy()
