@@ -136,3 +136,35 @@ def test_the_cost_curve_is_keyed_by_the_cpu_and_the_fast_paths_kernels():
     keys = {_key(a), _key(b), _key(HFCausalLM(model, fast=False))}
     assert len(keys) == 3 or not a.fast.packed
     assert all(cpu_name() in k for k in keys)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (1, 8, 576), (3, 37, 64), (2, 5, 960)])
+def test_rms_norm_is_transformers_llama_rms_norm_bit_for_bit(shape):
+    """The fast path's ``rms_norm`` (torch's fused op for float32) equals transformers'
+    ``LlamaRMSNorm`` exactly: a different rounding here would move greedy tokens off Hugging Face's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from decograph.models.fast_llama import rms_norm
+
+    g = torch.Generator().manual_seed(shape[-1] + shape[1])
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+        for scale in (1e-3, 1.0, 40.0):
+            x = torch.randn(*shape, generator=g) * scale
+            assert torch.equal(rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
+
+def test_rotating_q_and_k_together_is_rotate_half_bit_for_bit():
+    """The fast path rotates Q and K in one set of ops, ``cat(x2, x1) * cat(-sin1, sin2)``:
+    the same values as transformers' ``x * cos + rotate_half(x) * sin``, bit for bit."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 12, 7, 64, generator=g) * 3
+    ang = torch.rand(2, 1, 7, 32, generator=g) * 100
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    signed = torch.cat((-sin[..., :32], sin[..., 32:]), -1)
+    fused = x * cos + torch.cat((x[..., 32:], x[..., :32]), -1) * signed
+    assert torch.equal(fused, x * cos + rotate_half(x) * sin)

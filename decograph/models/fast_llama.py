@@ -135,7 +135,12 @@ def supports_fast_path(model: Any) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm``: in float32, then the weight. For float32 ``x`` and weight,
+    torch's own ``rms_norm`` (one dispatch for seven; the same values bit for bit,
+    ``tests/test_fast_llama.py``)."""
     dtype = x.dtype
+    if dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     x = x.to(torch.float32)
     var = x.pow(2).mean(-1, keepdim=True)
     x = x * torch.rsqrt(var + eps)
@@ -225,22 +230,22 @@ class LlamaFastPath:
         cos, sin = self.rotary(h, position_ids=pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         gqa = self.heads != self.kv_heads
+        nq, nk, d = self.heads, self.kv_heads, self.head_dim
+        half = d // 2
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2), bit for bit (a sign flip is exact)
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         for slot, (w1, e1, qkv_p, o_p, scale, w2, e2, gu_p, d_p) in zip(cache.layers, self.layers):
             x = rms_norm(h, w1, e1)
-            q, k, v = qkv_p(x).split(qkv_p.sizes, dim=-1)
-            q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
-            k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
-            v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            keys, values = slot.update(k, v)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+            qkv = qkv_p(x).view(b, t, nq + 2 * nk, d).transpose(1, 2)
+            qk = qkv[:, : nq + nk]                 # Q and K rotated together: one set of ops
+            qk = qk * cos + torch.cat((qk[..., half:], qk[..., :half]), dim=-1) * sin
+            keys, values = slot.update(qk[:, nq:], qkv[:, nq + nk:])
+            a = F.scaled_dot_product_attention(qk[:, :nq], keys, values, attn_mask=mask, scale=scale,
                                                is_causal=causal, enable_gqa=gqa)
-            a = a.transpose(1, 2).reshape(b, t, -1)
-            h = h + o_p(a)
+            h = o_p(a.transpose(1, 2).reshape(b, t, -1)).add_(h)      # h + o(a): the same sum, no new tensor
             x = rms_norm(h, w2, e2)
             gate, up = gu_p(x).split(gu_p.sizes, dim=-1)
-            h = h + d_p(F.silu(gate) * up)
+            h = d_p(F.silu(gate).mul_(up)).add_(h)
         if hidden:
             h = rms_norm(h, self.norm_w, self.norm_eps)
             return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(), h
