@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from decograph.models.adapters import HFCausalLM
-from decograph.models.fast_llama import packing_available
+from decograph.models.fast_llama import onednn_packing_available, packing_available
 from decograph.models.tiny import tiny_llama
 
 
@@ -168,3 +168,44 @@ def test_rotating_q_and_k_together_is_rotate_half_bit_for_bit():
     signed = torch.cat((-sin[..., :32], sin[..., 32:]), -1)
     fused = x * cos + torch.cat((x[..., 32:], x[..., :32]), -1) * signed
     assert torch.equal(fused, x * cos + rotate_half(x) * sin)
+
+
+@pytest.mark.skipif(not onednn_packing_available(), reason="this torch build has no oneDNN weight reorder")
+def test_onednn_blocked_weights_give_the_plain_products_bit_for_bit():
+    """oneDNN's linear from weights reordered once (2+ rows) and from the plain ones (one row)
+    computes exactly what the plain call computes, biases, fused projections, batches and
+    prompt-length products included: the reorder changes the speed, never a token."""
+    from decograph.models.fast_llama import _Proj
+
+    g = torch.Generator().manual_seed(0)
+    for k, outs in ((576, ((40, False), (24, True))), (1536, ((576, False),)), (576, ((3072, False),))):
+        lin = [torch.nn.Linear(k, n, bias=b) for n, b in outs]
+        for m in lin:
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+        plain, blocked = _Proj("onednn", *lin), _Proj("onednn", *lin, packed=True)
+        assert plain.blocked is None and blocked.blocked is not None
+        for shape in [(1, m) for m in range(1, 18)] + [(4, 1), (4, 4), (2, 3), (1, 64), (2, 70), (1, 300)]:
+            x = torch.randn(*shape, k, generator=g)
+            assert torch.equal(blocked(x), plain(x)), (k, shape)
+
+
+@pytest.mark.skipif(not onednn_packing_available(), reason="this torch build has no oneDNN weight reorder")
+def test_a_blocked_onednn_fast_path_equals_the_plain_one_bit_for_bit():
+    from decograph.models.fast_llama import LlamaFastPath
+
+    model = tiny_llama(seed=2)
+    blocked, plain = HFCausalLM(model), HFCausalLM(model)
+    blocked.fast, plain.fast = LlamaFastPath(model, "onednn", packed=True), LlamaFastPath(model, "onednn", packed=False)
+    assert blocked.fast.packed and blocked.fast.packed_rows > 0 and not plain.fast.packed
+    prompt = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    draft = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for ad in (blocked, plain):
+        c = ad.new_cache(2)
+        first = ad.forward(c, prompt, torch.arange(7)[None].expand(2, -1),
+                           torch.ones(7, 7, dtype=torch.bool).tril()[None].expand(2, -1, -1))
+        attend = torch.ones(2, 3, 10, dtype=torch.bool)
+        attend[:, :, 7:] = torch.ones(3, 3, dtype=torch.bool).tril()
+        outs.append((first, ad.forward(c, draft, torch.arange(7, 10)[None].expand(2, -1), attend)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

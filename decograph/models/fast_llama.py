@@ -6,8 +6,11 @@ bookkeeping. The q/k/v projections run as one matmul over concatenated weights, 
 the MLP's gate and up projections (4 matmuls per layer instead of 7).
 
 Matmul kernels (``kernels``), fp32 both, chosen once per adapter:
-- ``onednn``: oneDNN's linear on the ``[N, K]`` weights. SmolLM2-135M, 2 cores of the first
-  AMD EPYC: one-token forward ~25 ms, 8 query tokens ~1.4x that.
+- ``onednn``: oneDNN's linear, one row on the ``[N, K]`` weights, 2+ rows on a copy reordered
+  once into oneDNN's blocked layout (``ONEDNN_PACK_ROWS``; the plain call reorders on every
+  call, the same sums bit for bit). SmolLM2-135M, 2 cores of this project's AMD EPYC, context
+  300: one-token forward ~35 ms; 4 query tokens 33 ms (45 plain), 8 tokens 36 ms (50 plain),
+  16 tokens 45 ms (62 plain), so a draft tree of a few tokens costs about what one token does.
 - ``mkl``: ``x @ W.T`` with ``W.T`` stored contiguously. Its rounding equals ``F.linear``'s bit
   for bit; there a one-token forward ~29 ms, 8 query tokens ~1.8x that; on an AVX-512 VNNI
   Xeon a 128-token greedy decode 3.2 s against oneDNN's 4.8 s (Hugging Face's own: 4.3 s).
@@ -26,6 +29,7 @@ Attention paths, each the one transformers itself takes for the same situation:
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -47,6 +51,13 @@ KERNELS = ("onednn", "mkl")
 PACK_ROWS = 64
 PACKED_MAX = 16
 PACK_SHARE = 8              # packed copies only while they take at most 1/8 of the machine's memory
+# oneDNN's linear on a plain ``[N, K]`` weight reorders the weight into its blocked layout on
+# every call of 2+ rows (one row takes a matrix-vector path that reads it as it is); reordered
+# once (``_reorder_linear_weight``, tuned for this many rows), the same products run from the
+# blocked copy, bit for bit the same sums (``tests/test_fast_llama.py``). SmolLM2-135M, 2 cores
+# of this project's AMD EPYC, all 121 products of a forward: 4 rows 24-28 ms against 34-36
+# plain, 8 rows 27-32 against 41-47, 16 rows 34-39 against 49-56; one row stays plain.
+ONEDNN_PACK_ROWS = 16
 
 
 def packing_available() -> bool:
@@ -58,6 +69,25 @@ def packing_available() -> bool:
         return False
 
 
+def onednn_packing_available() -> bool:
+    """oneDNN's weight reorder for its linear exists in this torch build and works (checked once)."""
+    return _onednn_packing()
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_packing() -> bool:
+    try:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            return False
+        w, x = torch.arange(24.0).reshape(4, 6) / 7, torch.arange(12.0).reshape(2, 6) / 5
+        blocked = torch.ops.mkldnn._reorder_linear_weight(w, ONEDNN_PACK_ROWS)
+        return torch.equal(torch.ops.mkldnn._linear_pointwise(x, blocked, None, "none", [], ""),
+                           torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def _memory_bytes() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
@@ -66,10 +96,10 @@ def _memory_bytes() -> int:
 
 
 def should_pack(model: Any, kernels: str) -> bool:
-    """Pack the weights (``_Proj``'s packed path): MKL kernels, fp32, the ops available, and a
-    packed copy of every linear weight within 1/``PACK_SHARE`` of the machine's memory (a
-    135M-parameter model: 0.54 GB)."""
-    if kernels != "mkl" or not packing_available():
+    """Pack the weights (``_Proj``'s packed path): MKL's packed GEMM or oneDNN's blocked layout,
+    fp32, the ops available, and a packed copy of every linear weight within 1/``PACK_SHARE`` of
+    the machine's memory (a 135M-parameter model: 0.54 GB)."""
+    if not (kernels == "mkl" and packing_available() or kernels == "onednn" and onednn_packing_available()):
         return False
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not weights or any(w.dtype != torch.float32 for w in weights):
@@ -91,7 +121,7 @@ def default_kernels() -> str:
 
     from decograph.measure_cache import cached, cpu_name
 
-    key = json.dumps(["kernels-1", torch.__version__, platform.machine(), cpu_name(), os.cpu_count(),
+    key = json.dumps(["kernels-2", torch.__version__, platform.machine(), cpu_name(), os.cpu_count(),
                       torch.get_num_threads()])
     got = cached("kernels.json", key, measure_kernels, what="the faster fp32 matmul kernel (oneDNN or MKL)",
                  eta="about 1 s", check=lambda v: None if v in KERNELS else f"not a kernel: {v!r}")
@@ -109,7 +139,7 @@ def measure_kernels(shapes: tuple[tuple[int, int], ...] = ((1024, 3072), (3072, 
         with torch.no_grad():
             lin.weight.copy_(torch.randn(n_out, k_in, generator=gen))
         for kern in KERNELS:
-            proj = _Proj(kern, lin)
+            proj = _Proj(kern, lin, packed=True)           # each kernel as the fast path runs it
             for m in rows:
                 x = torch.randn(1, m, k_in, generator=gen)
                 best = float("inf")
@@ -150,12 +180,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class _Proj:
     """``x @ cat(W_1, W_2, ...).T (+ b)``: one matmul for several linears sharing an input.
 
+    ``onednn`` with ``packed``: products of 2+ rows run from a copy of the weights reordered once
+    into oneDNN's blocked layout (``ONEDNN_PACK_ROWS``), one row from the plain weights; the same
+    products as the plain call bit for bit, without its reorder per call.
     ``mkl`` with ``packed``: products of 2 to ``PACKED_MAX`` query rows run MKL's packed GEMM
     over a copy of the weights packed once (``cblas_sgemm_pack``); plain ``x @ W.T`` there
     repacks the weights on every call, which makes a few rows cost far more than one. Same
     products, same rounding (bit for bit, ``tests/test_fast_llama.py``)."""
 
-    __slots__ = ("w", "bias", "onednn", "sizes", "packed", "orig")
+    __slots__ = ("w", "bias", "onednn", "sizes", "packed", "orig", "blocked")
 
     def __init__(self, kernels: str, *linears: Any, packed: bool = False) -> None:
         w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
@@ -166,14 +199,17 @@ class _Proj:
         self.onednn = kernels == "onednn"
         self.w = w.contiguous() if self.onednn else w.t().contiguous()
         self.sizes = [int(lin.weight.shape[0]) for lin in linears]
-        self.packed = self.orig = None
-        if packed and not self.onednn and w.dtype == torch.float32:
+        self.packed = self.orig = self.blocked = None
+        if packed and self.onednn and w.dtype == torch.float32 and onednn_packing_available():
+            self.blocked = torch.ops.mkldnn._reorder_linear_weight(self.w, ONEDNN_PACK_ROWS)
+        if packed and not self.onednn and w.dtype == torch.float32 and packing_available():
             self.orig = w.contiguous()
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.orig, PACK_ROWS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, self.w, self.bias, "none", [], "")
+            w = self.blocked if self.blocked is not None and x.numel() > x.shape[-1] else self.w
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         if self.packed is not None:
             m = x.numel() // x.shape[-1]
             if 1 < m <= PACKED_MAX:      # the bias added after, as below (fused, it rounds otherwise)
@@ -196,8 +232,10 @@ class LlamaFastPath:
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, not {kernels!r}")
         self.kernels = kernels
-        self.packed = should_pack(model, kernels) if packed is None else bool(packed and kernels == "mkl")
-        self.packed_rows = PACKED_MAX if self.packed else 0     # widths packed (the cost curve's key has it)
+        able = packing_available() if kernels == "mkl" else onednn_packing_available()
+        self.packed = should_pack(model, kernels) if packed is None else bool(packed and able)
+        # widths packed (the cost curve's key has it)
+        self.packed_rows = (PACKED_MAX if kernels == "mkl" else ONEDNN_PACK_ROWS) if self.packed else 0
         pk = {"packed": self.packed}
         inner = model.model
         cfg = model.config
