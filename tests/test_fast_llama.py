@@ -86,6 +86,19 @@ def test_the_default_kernel_is_measured_once_per_machine(tmp_path, monkeypatch):
     assert fl.LlamaFastPath(tiny_llama()).kernels == "mkl"
 
 
+def _layer_linears(g: torch.Generator) -> list[tuple[int, list[torch.nn.Linear]]]:
+    """(input width, linears sharing it) of a decoder layer's shapes: fused Q/K/V with a bias,
+    the down projection, gate/up; random weights."""
+    out = []
+    for k, outs in ((576, ((40, False), (24, True))), (1536, ((576, False),)), (576, ((3072, False),))):
+        lin = [torch.nn.Linear(k, n, bias=b) for n, b in outs]
+        for m in lin:
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+        out.append((k, lin))
+    return out
+
+
 @pytest.mark.skipif(not packing_available(), reason="this torch build has no MKL packed GEMM (non-x86)")
 def test_packed_projections_equal_the_plain_ones_bit_for_bit():
     """MKL's packed GEMM (2 to ``PACKED_MAX`` rows: draft steps) computes the same products as
@@ -95,11 +108,7 @@ def test_packed_projections_equal_the_plain_ones_bit_for_bit():
     from decograph.models.fast_llama import PACKED_MAX, _Proj
 
     g = torch.Generator().manual_seed(0)
-    for k, outs in ((576, ((40, False), (24, True))), (1536, ((576, False),)), (576, ((3072, False),))):
-        lin = [torch.nn.Linear(k, n, bias=b) for n, b in outs]
-        for m in lin:
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+    for k, lin in _layer_linears(g):
         plain, packed = _Proj("mkl", *lin), _Proj("mkl", *lin, packed=True)
         assert plain.packed is None and packed.packed is not None
         for shape in [(1, m) for m in range(1, PACKED_MAX + 1)] + [(4, 4), (2, 3), (1, 64), (2, 70), (1, 300)]:
@@ -178,11 +187,7 @@ def test_onednn_blocked_weights_give_the_plain_products_bit_for_bit():
     from decograph.models.fast_llama import _Proj
 
     g = torch.Generator().manual_seed(0)
-    for k, outs in ((576, ((40, False), (24, True))), (1536, ((576, False),)), (576, ((3072, False),))):
-        lin = [torch.nn.Linear(k, n, bias=b) for n, b in outs]
-        for m in lin:
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+    for k, lin in _layer_linears(g):
         plain, blocked = _Proj("onednn", *lin), _Proj("onednn", *lin, packed=True)
         assert plain.blocked is None and blocked.blocked is not None
         for shape in [(1, m) for m in range(1, 18)] + [(4, 1), (4, 4), (2, 3), (1, 64), (2, 70), (1, 300)]:

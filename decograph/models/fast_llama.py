@@ -69,13 +69,9 @@ def packing_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
 def onednn_packing_available() -> bool:
     """oneDNN's weight reorder for its linear exists in this torch build and works (checked once)."""
-    return _onednn_packing()
-
-
-@functools.lru_cache(maxsize=1)
-def _onednn_packing() -> bool:
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                 and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
