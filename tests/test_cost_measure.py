@@ -18,6 +18,12 @@ UNDER_LOAD = {1: 1.0, 2: 1.4, 3: 1.6, 4: 1.5, 6: 1.3, 8: 0.87, 12: 1.6, 16: 1.9,
 GOOD = {1: 1.0, 2: 1.5, 3: 1.8, 4: 1.7, 6: 1.7, 8: 1.75, 12: 1.9, 16: 2.1, 24: 2.5, 32: 2.9}
 
 
+def test_a_fast_path_curve_with_a_few_tokens_just_below_one_is_plausible() -> None:
+    """oneDNN's blocked GEMM makes 3-6 rows cost a little less than one row's matrix-vector
+    product (measured 0.96-0.97 on the project's CPU): that is the machine, not noise."""
+    assert plausible_curve({1: 1.0, 2: 1.15, 3: 0.93, 4: 0.95, 6: 0.96, 8: 1.11, 16: 1.47}) is None
+
+
 def test_a_curve_with_8_tokens_at_087_of_one_is_implausible() -> None:
     why = plausible_curve(UNDER_LOAD)
     assert why is not None and "8 tokens cost 0.87" in why
@@ -31,13 +37,13 @@ def test_good_curves_are_plausible(points: dict[int, float]) -> None:
 
 @pytest.mark.parametrize("points, reason", [
     ({1: 1.0, 2: 1.5, 4: 2.0, 8: 1.5}, "8 tokens cost 1.50, below 0.8 of 4 tokens' 2.00"),
-    ({1: 1.0, 2: 0.9}, "2 tokens cost 0.90 of one token (below 0.95)"),
+    ({1: 1.0, 2: 0.85}, "2 tokens cost 0.85 of one token (below 0.9)"),
     ({1: 1.2, 2: 1.5}, "cost(1) is 1.2, not 1"),
     ({2: 1.5}, "cost(1) is None, not 1"),
     ({1: 1.0, 2: float("nan")}, "cost(2) is nan"),
     ({}, "no points"),
     ({1: 1.0, 2: 0.5, 3: 0.5, 4: 0.5, 6: 0.5},
-     "2 tokens cost 0.50 of one token (below 0.95); 3 tokens cost 0.50 of one token (below 0.95); 2 more"),
+     "2 tokens cost 0.50 of one token (below 0.9); 3 tokens cost 0.50 of one token (below 0.9); 2 more"),
 ])
 def test_each_rule_names_what_is_wrong(points: dict[int, float], reason: str) -> None:
     assert plausible_curve(points) == reason
