@@ -490,3 +490,15 @@ def test_a_chain_only_engine_verifies_one_chain_of_the_most_expected_draft(model
     out = check_equal(model, refs, head_program(topk=4), OracleHead(seqs), trace=True)
     _chains(out)
     assert all(r.stats.accepted_per_step[0] == DEPTH for r in out)   # the head's greedy path, DEPTH deep
+
+
+def test_a_levels_top_children_are_each_rows_largest_scores_in_order():
+    """``heads._top`` (k argmax passes) picks what a full stable sort picks: each row's k
+    largest scores, largest first, ties to the smaller index."""
+    from decograph.runtime.heads import _top
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 40, size=(6, 300)).astype(np.float32)      # many ties
+    for k in (1, 3, 8):
+        want = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        assert np.array_equal(_top(scores, k), want), k
