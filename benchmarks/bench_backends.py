@@ -21,7 +21,7 @@ runs once per length in ``--max-new-tokens`` (the backends' part at the first). 
 
     python benchmarks/bench_backends.py [--per-category 2] [--max-new-tokens 64 256] [--reps 3]
         [--backends torch,onnxruntime,onnxruntime-int4,onnxruntime-int8] [--exported int4,int8] [--no-genai]
-        [--spinning on|off] [--exported-plans jacobi,lookahead] [--batch 4]
+        [--spinning on|off] [--exported-plans jacobi,lookahead] [--batch 4] [--ceiling]
 """
 from __future__ import annotations
 
@@ -143,6 +143,9 @@ def _exported_rows(dec, ps, quant: str, n: int, args, genai) -> list[dict]:
                args.export_strategy: lambda p: _exported(dec, p, n, True)}
     for name in [x for x in args.exported_plans.split(",") if x]:
         systems[name] = lambda p, d=dec.with_program(as_program(name)): _exported(d, p, n, True)
+    if args.ceiling:
+        answers: dict = {}
+        systems["ceiling"] = lambda p: _ceiling(dec, p, n, answers)
     if genai:
         systems = {f"ort_genai_{k}": (lambda p, g=g: _genai(g, p, n)) for k, g in genai.items()} | systems
     if args.torch_rows:
@@ -230,6 +233,26 @@ def _batch_row(dec, ps, quant: str, n: int, b: int, greedy: dict) -> dict:
     return {"backend": f"exported-{quant} batch {b}", "strategy": dec.program.name, "max_new_tokens": n,
             "tokens_per_s": round(tps, 1), "speedup_vs_exported_greedy": round(tps / statistics.mean(greedy["e2e"]), 3),
             "identical_to_own_greedy": f"{sum(a == g for a, g in zip(ids, greedy['ids']))}/{len(ps)}"}
+
+
+def _ceiling(dec, p: list[int], n: int, answers: dict):
+    """The exported program with every corpus holding this prompt's own greedy answer (computed
+    first, untimed): drafts that are nearly an oracle's, through the same step graph, draft
+    policy and runtime. What better drafts could give at most on this machine."""
+    import copy
+
+    from decograph.heads.corpus import build_corpus
+
+    if not dec.corpora:
+        raise SystemExit(f"--ceiling: the exported strategy {dec.program.name!r} drafts from no corpus "
+                         f"(use --export-strategy eagle_anpd or anpd_corpus)")
+    key = tuple(p)
+    if key not in answers:
+        answers[key] = dec.generate(p, n, draft=False)[0]
+    other = copy.copy(dec)
+    vocab = next(iter(dec.corpora.values())).vocab_size
+    other.corpora = {name: build_corpus([list(p) + answers[key]], vocab) for name in dec.corpora}
+    return _exported(other, p, n, True)
 
 
 def _exported(dec, p: list[int], n: int, draft: bool):
@@ -332,6 +355,10 @@ def main() -> None:
                     help="also Hugging Face greedy and prompt lookup and decograph's greedy and --export-strategy on "
                          "torch fp32, in the exported decoder's rotation (one table, same run)")
     ap.add_argument("--torch-reps", type=int, default=1, help="repetitions of the torch rows (slow: default 1)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also 'ceiling': the exported strategy drafting from a corpus that holds each prompt's own "
+                         "greedy answer (near-oracle drafts; needs a strategy with draft.corpus, e.g. eagle_anpd): "
+                         "the most better drafts could give with this step graph on this machine")
     ap.add_argument("--out", default=str(HERE / "results" / "backends.json"))
     args = ap.parse_args()
     warnings.simplefilter("ignore", BackendFallbackWarning)
