@@ -332,8 +332,9 @@ def main() -> None:
                     help="the strategy exported (its program is the exported decoder's own; e.g. eagle_anpd, whose "
                          "export carries the draft head, so that --exported-plans eagle can run on it too)")
     ap.add_argument("--block-size", type=int, default=32, help="the exported decoder's MatMulNBits block size")
-    ap.add_argument("--head-quant", choices=("none", "int4", "int8"), default="none",
-                    help="the draft head's graph (eagle strategies): float32 (none) or MatMulNBits int8/int4")
+    ap.add_argument("--head-quant", choices=("auto", "none", "int4", "int8"), default="auto",
+                    help="the draft head's graph (eagle strategies): float32 (none) or MatMulNBits int8/int4; auto: "
+                         "int8 for a quantized export (decograph export's default)")
     ap.add_argument("--exported-plans", default="", help="also these built-in strategies on the exported graph "
                                                          "(e.g. jacobi,lookahead)")
     ap.add_argument("--batch", type=int, nargs="*", default=[], help="also ANPD in batches of these sizes "

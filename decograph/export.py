@@ -16,8 +16,9 @@ step graph, in the target's precision, is written beside the target's (manifest 
 ``draft:<name>``) and drafts on ONNX Runtime. ``draft.head`` strategies (``eagle``,
 ``eagle_anpd``) export with their draft heads: each head the program names, resolved for the
 model (``decograph.heads.store.resolve_head``: a head file, or the shipped or trained one), is
-written as its own graph beside the step graph (``graph_head``: fp32, or ``head_quant="int4"``
-compact and approximate; manifest role ``head:<i>``), and the step graph returns the hidden
+written as its own graph beside the step graph (``graph_head``; ``head_quant`` ``"auto"``: int8
+weights when the target is quantized (as well drafted as fp32's, cheaper), fp32 when it is not;
+``"int4"`` compact and approximate; manifest role ``head:<i>``), and the step graph returns the hidden
 states the heads read (``hidden``). Written
 into a staging directory beside ``out`` and renamed when complete, so a failed export leaves
 nothing half-written.
@@ -65,7 +66,7 @@ def check_exportable(program: O.Program, diffusion: bool = False, draft_models: 
 
 def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: str = "none", block_size: int = 32,
                    overrides: dict[str, Any] | None = None, passes: str = "default", chat: bool = True,
-                   dtype: str = "float32", draft_models: dict[str, Any] | None = None, head_quant: str = "none",
+                   dtype: str = "float32", draft_models: dict[str, Any] | None = None, head_quant: str = "auto",
                    progress: Any = print) -> Path:
     from decograph.api import as_program, optimize, resolve_model
     from decograph.models.adapters import HFCausalLM
@@ -77,8 +78,10 @@ def export_decoder(strategy: Any, out: str | Path, *, model: Any = None, quant: 
         raise InputError(f"block_size must be 16, 32, 64, 128 or 256, got {block_size}")
     if dtype not in ("float32", "float16"):
         raise InputError(f"--dtype must be float32 or float16 (for ONNX Runtime's CUDA EP), got {dtype!r}")
-    if head_quant not in ("none", "int4", "int8"):
-        raise InputError(f"head_quant must be none, int4 or int8, got {head_quant!r}")
+    if head_quant not in ("auto", "none", "int4", "int8"):
+        raise InputError(f"head_quant must be auto, none, int4 or int8, got {head_quant!r}")
+    if head_quant == "auto":            # a quantized float32 target drafts as well, and cheaper, with an int8 head
+        head_quant = "int8" if quant != "none" and dtype == "float32" else "none"
     target = Path(out)
     check_output_dir(target, "the exported decoder")      # a file, a used or unwritable place: before any work
     adapter, tok = resolve_model(model)

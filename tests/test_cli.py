@@ -304,5 +304,7 @@ def test_export_passes_head_quant_and_refuses_a_bad_one(monkeypatch: pytest.Monk
     monkeypatch.setattr(export, "export_decoder", lambda strategy, out, **kw: seen.update(kw) or Path(out))
     assert main(["export", "eagle", str(tmp_path / "dec"), "--quant", "int4", "--head-quant", "int4"]) == 0
     assert seen["head_quant"] == "int4" and seen["quant"] == "int4"
+    assert main(["export", "eagle", str(tmp_path / "dec2"), "--quant", "int4"]) == 0
+    assert seen["head_quant"] == "auto"               # export_decoder picks: int8 for a quantized float32 target
     assert main(["export", "eagle", str(tmp_path / "dec"), "--head-quant", "int2"]) == 2
     assert "--head-quant" in capsys.readouterr().err

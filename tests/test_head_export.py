@@ -277,13 +277,15 @@ out["eos-1"] = [list(dec.generate(p, 24)[0]) for p in job["prompts"]]
 """
 
 
-@pytest.mark.parametrize("strategy,quant,where", [("eagle", "none", "default"), ("eagle_anpd", "int4", "file")])
-def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, where, tiny_dir, tmp_path,
+@pytest.mark.parametrize("strategy,quant,where,head_quant", [
+    ("eagle", "none", "default", None), ("eagle_anpd", "int4", "file", "int4"), ("eagle_anpd", "int8", "file", None)])
+def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, where, head_quant, tiny_dir, tmp_path,
                                                                 monkeypatch, ort_greedy, run_without_torch) -> None:
     """Torch blocked: every prompt and budget (0, 1, 9, 24) equals the graph's own one-token
     greedy decoding, alone and in a batch of 4 (prompts of 8, 5, 1 and 10 tokens), an EOS inside
     drafts ends each row exactly there; the head drafts, and some drafts are accepted. The int4
-    export has a compact (int4) head too."""
+    export asks for a compact (int4) head; by default a quantized export's head is int8, an fp32
+    export's fp32."""
     import json
 
     from decograph.backends.onnxruntime.session import ORTCausalLM
@@ -300,14 +302,16 @@ def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, 
         spec = "default"
     else:
         spec = str(save_head(head, tmp_path / "my-head.npz"))
-    out = export_decoder(strategy, tmp_path / "dec", model=model, quant=quant, chat=False, head_quant=quant,
+    asked = {"head_quant": head_quant} if head_quant else {}
+    out = export_decoder(strategy, tmp_path / "dec", model=model, quant=quant, chat=False, **asked,
                          overrides={"head": spec, "nodes": 8}, progress=lambda m: None)
+    head_quant = head_quant or ("none" if quant == "none" else "int8")
     assert sorted(p.name for p in out.iterdir()) == (["corpus.0.npz"] if strategy == "eagle_anpd" else []) + [
         "head.0.onnx", "manifest.json", "model.onnx", "strategy.json", "tokenizer.json"]   # the corpus: empty here
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graphs"]["target"]["graph"].endswith("+hidden") and manifest["graphs"]["target"]["quant"] == quant
     assert manifest["graphs"]["head:0"] == {
-        "file": "head.0.onnx", "quant": quant, "dtype": "float32", "graph": "head-1",
+        "file": "head.0.onnx", "quant": head_quant, "dtype": "float32", "graph": "head-1",
         "block_size": None if quant == "none" else 32,
         "num_layers": 1, "kv_heads": 2, "head_dim": 8, "vocab_size": 40, "max_positions": 512, "head": spec}
     graph = ORTCausalLM(out / "model.onnx")

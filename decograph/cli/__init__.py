@@ -282,8 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quant", choices=("none", "int4", "int8"), default="none", help="weight-only quantization")
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="activations and KV cache; float16 for ONNX Runtime's CUDA EP (default: float32)")
-    e.add_argument("--head-quant", choices=("none", "int4", "int8"), default="none",
-                   help="weight-only quantization of a draft head's graph (eagle strategies; default: none, fp32)")
+    e.add_argument("--head-quant", choices=("auto", "none", "int4", "int8"), default="auto",
+                   help="weight-only quantization of a draft head's graph (eagle strategies; default auto: int8 "
+                        "when --quant quantizes a float32 target, else none, fp32)")
     e.add_argument("--draft-model", action="append", metavar="NAME=DIR",
                    help="a draft model for the strategy's draft.model(model=NAME): a local causal LM sharing the "
                         "target's vocabulary, exported beside it")
