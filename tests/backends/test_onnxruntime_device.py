@@ -17,7 +17,7 @@ import decograph
 from decograph.api import resolve_model
 from decograph.backends import get_backend
 from decograph.backends.onnxruntime.export import export_step, quantize_step
-from decograph.backends.onnxruntime.kv import KV, StepSession, causal_mask, pick_device
+from decograph.backends.onnxruntime.kv import BLOCK_BASE, KV, StepSession, causal_mask, pick_device, session_options
 from decograph.backends.onnxruntime.session import ORTCausalLM
 from decograph.errors import InputError, ModelError
 from decograph.export import export_decoder
@@ -124,6 +124,48 @@ def test_device_choice_and_errors(half, monkeypatch) -> None:
             StepSession(half, device="cuda")
     with pytest.raises(ModelError, match="cannot share host memory"):
         KV(type("OnCuda", (), {"device": "cuda"})(), 1, 8, shared=True)
+
+
+def test_session_options_read_their_settings_and_refuse_bad_ones(monkeypatch) -> None:
+    for key in ("DECOGRAPH_ORT_THREADS", "DECOGRAPH_ORT_SPINNING", "DECOGRAPH_ORT_BLOCK_BASE"):
+        monkeypatch.delenv(key, raising=False)
+    opts = session_options(2, False)
+    assert opts.intra_op_num_threads == 2
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.intra_op.dynamic_block_base") == str(BLOCK_BASE) == "2"
+    monkeypatch.setenv("DECOGRAPH_ORT_SPINNING", "off")
+    monkeypatch.setenv("DECOGRAPH_ORT_BLOCK_BASE", "4")
+    opts = session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.intra_op.dynamic_block_base") == "4"
+    monkeypatch.setenv("DECOGRAPH_ORT_BLOCK_BASE", "0")            # ORT's static split: the entry is not set
+    with pytest.raises(Exception):
+        session_options().get_session_config_entry("session.intra_op.dynamic_block_base")
+    for bad in ("two", "-1"):
+        monkeypatch.setenv("DECOGRAPH_ORT_BLOCK_BASE", bad)
+        with pytest.raises(InputError, match=f"DECOGRAPH_ORT_BLOCK_BASE must be a whole number >= 0, got '{bad}'"):
+            session_options()
+
+
+def test_dynamic_blocks_change_no_output(tiny, tmp_path, monkeypatch) -> None:
+    """The int4 step with ORT's dynamic block split gives the static split's logits and K/V bit
+    for bit: a 6-token prompt, then steps of 1, 3 and 8 query tokens, 2 threads."""
+    qpath = quantize_step(export_step(tiny, tmp_path / "model.onnx", exact=True), tmp_path / "model.int4.onnx", bits=4)
+    runs = []
+    for base in ("0", "1"):
+        monkeypatch.setenv("DECOGRAPH_ORT_BLOCK_BASE", base)
+        step = StepSession(qpath, 2)
+        kv = step.new_kv(1, 64)
+        rng = np.random.default_rng(0)
+        outs, past = [], 0
+        for t in (6, 1, 3, 8):
+            outs.append(step.run(kv, rng.integers(0, 64, (1, t)), np.arange(past, past + t)[None],
+                                 causal_mask(t, past)).copy())
+            past += t
+        runs.append((outs, [v.copy() for v in kv.views()]))
+    (o1, kv1), (o2, kv2) = runs
+    assert all(np.array_equal(a, b) for a, b in zip(o1, o2))
+    assert all(np.array_equal(a, b) for a, b in zip(kv1, kv2))
 
 
 def test_float16_export_runs_on_the_cpu_here(tmp_path) -> None:

@@ -17,12 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from decograph.errors import ModelError
+from decograph.errors import InputError, ModelError
 
-__all__ = ["KV", "NEG", "cache_zeros", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
+__all__ = ["BLOCK_BASE", "KV", "NEG", "cache_zeros", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
 
 NEG = np.float32(np.finfo(np.float32).min)     # an additive mask's "never"
 
+
+
+BLOCK_BASE = 2                      # ORT's dynamic_block_base for intra-op loops (``session_options``)
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -36,19 +39,33 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     """CPU EP options: all graph optimizations, sequential execution; ``threads`` intra-op
     threads (0: ORT's choice, one per physical core) and idle-thread ``spinning`` (ORT's
     default; off is much faster on a machine busy with other work). ``None`` reads
-    ``DECOGRAPH_ORT_THREADS`` / ``DECOGRAPH_ORT_SPINNING`` (0 or 1), else the defaults."""
+    ``DECOGRAPH_ORT_THREADS`` / ``DECOGRAPH_ORT_SPINNING`` (0 or 1), else the defaults.
+    Parallel loops hand out work in shrinking blocks (ORT's ``dynamic_block_base``,
+    ``BLOCK_BASE``; ``DECOGRAPH_ORT_BLOCK_BASE``, 0: ORT's static split): a thread that starts
+    late or loses its core for a moment no longer holds up the rest (the default model's int4
+    step, 2 cores, A/B in one process: greedy +6-8% tokens/s, ``eagle_anpd`` +2-4%). It moves
+    work between threads, never the arithmetic of an output element: the tokens stay the same."""
     import onnxruntime as ort
 
     if threads is None:
         threads = int(os.environ.get("DECOGRAPH_ORT_THREADS") or 0)
     if spinning is None:
         spinning = os.environ.get("DECOGRAPH_ORT_SPINNING", "1").strip() not in ("0", "false", "off", "no")
+    raw = os.environ.get("DECOGRAPH_ORT_BLOCK_BASE", "").strip()
+    try:
+        block_base = int(raw) if raw else BLOCK_BASE
+    except ValueError:
+        raise InputError(f"DECOGRAPH_ORT_BLOCK_BASE must be a whole number >= 0, got {raw!r}") from None
+    if block_base < 0:
+        raise InputError(f"DECOGRAPH_ORT_BLOCK_BASE must be a whole number >= 0, got {raw!r}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if block_base:
+        opts.add_session_config_entry("session.intra_op.dynamic_block_base", str(block_base))
     return opts
 
 
