@@ -42,9 +42,11 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     ``DECOGRAPH_ORT_THREADS`` / ``DECOGRAPH_ORT_SPINNING`` (0 or 1), else the defaults.
     Parallel loops hand out work in shrinking blocks (ORT's ``dynamic_block_base``,
     ``BLOCK_BASE``; ``DECOGRAPH_ORT_BLOCK_BASE``, 0: ORT's static split): a thread that starts
-    late or loses its core for a moment no longer holds up the rest (the default model's int4
-    step, 2 cores, A/B in one process: greedy +6-8% tokens/s, ``eagle_anpd`` +2-4%). It moves
-    work between threads, never the arithmetic of an output element: the tokens stay the same."""
+    late or loses its core for a moment no longer holds up the rest. Default model's int4
+    export, 2 cores, 12 prompts: alone in a process, greedy +1-4% tokens/s and ``eagle_anpd``
+    -1 to +6% (three alternating runs); in one process beside onnxruntime-genai, greedy +3%,
+    ``eagle_anpd`` equal. It moves work between threads, never the arithmetic of an output
+    element: the tokens stay the same (tested bit for bit)."""
     import onnxruntime as ort
 
     if threads is None:
