@@ -139,9 +139,9 @@ def test_session_options_read_their_settings_and_refuse_bad_ones(monkeypatch) ->
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.get_session_config_entry("session.intra_op.dynamic_block_base") == "4"
     monkeypatch.setenv("DECOGRAPH_ORT_BLOCK_BASE", "0")            # ORT's static split: the entry is not set
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
         session_options().get_session_config_entry("session.intra_op.dynamic_block_base")
-    for bad in ("two", "-1"):
+    for bad in ("two", "-1", "1.5"):
         monkeypatch.setenv("DECOGRAPH_ORT_BLOCK_BASE", bad)
         with pytest.raises(InputError, match=f"DECOGRAPH_ORT_BLOCK_BASE must be a whole number >= 0, got '{bad}'"):
             session_options()

@@ -19,13 +19,12 @@ import numpy as np
 
 from decograph.errors import InputError, ModelError
 
-__all__ = ["BLOCK_BASE", "KV", "NEG", "cache_zeros", "StepSession", "causal_mask", "io_names", "open_session", "pick_device", "session_options"]
+__all__ = ["BLOCK_BASE", "KV", "NEG", "cache_zeros", "StepSession", "causal_mask", "io_names", "open_session",
+           "pick_device", "session_options"]
 
 NEG = np.float32(np.finfo(np.float32).min)     # an additive mask's "never"
-
-
-
 BLOCK_BASE = 2                      # ORT's dynamic_block_base for intra-op loops (``session_options``)
+
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -54,12 +53,9 @@ def session_options(threads: int | None = None, spinning: bool | None = None) ->
     if spinning is None:
         spinning = os.environ.get("DECOGRAPH_ORT_SPINNING", "1").strip() not in ("0", "false", "off", "no")
     raw = os.environ.get("DECOGRAPH_ORT_BLOCK_BASE", "").strip()
-    try:
-        block_base = int(raw) if raw else BLOCK_BASE
-    except ValueError:
-        raise InputError(f"DECOGRAPH_ORT_BLOCK_BASE must be a whole number >= 0, got {raw!r}") from None
-    if block_base < 0:
+    if raw and not raw.isdigit():
         raise InputError(f"DECOGRAPH_ORT_BLOCK_BASE must be a whole number >= 0, got {raw!r}")
+    block_base = int(raw) if raw else BLOCK_BASE
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
