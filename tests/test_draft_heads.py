@@ -71,7 +71,7 @@ class OracleHead:
         self.vocab_ids = np.arange(V, dtype=np.int64)
         self.calls: list[int] = []              # query rows per call
 
-    def step(self, feats, tokens, positions, past_k, past_v, mask=None):
+    def step(self, feats, tokens, positions, past_k, past_v, mask=None, logits_rows=0):
         q, P = len(tokens), len(past_k)
         assert feats.shape == (q, H) and past_k.shape[1:] == (1, 2) and past_v.shape == past_k.shape
         k = np.stack([positions.astype(np.float32), tokens.astype(np.float32)], -1)[:, None, :]

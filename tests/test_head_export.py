@@ -203,6 +203,41 @@ def test_the_ort_head_equals_the_numpy_reference(half, tmp_path) -> None:
             pk, pv = np.concatenate([pk, got[1]]), np.concatenate([pv, got[2]])
 
 
+def test_a_feed_computes_the_logits_of_its_last_rows_only(tmp_path) -> None:
+    """``step(logits_rows=n)`` projects only the last n rows onto the vocabulary: their logits
+    come with the run, an earlier row's take one more run, and every value is the reference's."""
+    from decograph.backends.onnxruntime.graph_head import OrtHead, export_head
+
+    head, embed, lm = random_head()
+    ref = head.bind(embed, lm)
+    ort_head = OrtHead(export_head(ref, tmp_path / "head.onnx"), threads=1)
+    runs, session = [], ort_head.session
+
+    class Counting:
+        def run(self, names, feeds):
+            runs.append(int(feeds["logits_keep"][0]))
+            return session.run(names, feeds)
+
+    ort_head.session = Counting()
+    rng = np.random.default_rng(2)
+    c, q = head.config, 6
+    feats = rng.standard_normal((q, c.hidden)).astype(np.float32)
+    toks, pos = rng.integers(0, len(embed), q), np.arange(40, 40 + q)
+    pk = rng.standard_normal((7, c.kv_heads, c.head_dim)).astype(np.float32)
+    pv = rng.standard_normal((7, c.kv_heads, c.head_dim)).astype(np.float32)
+    want = ref.step(feats, toks, pos, pk, pv)
+    for rows, kept in ((1, 1), (2, 2), (0, q), (q + 3, q)):
+        runs.clear()
+        out = ort_head.step(feats, toks, pos, pk, pv, logits_rows=rows)[0]
+        assert np.abs(out - want[0]).max() < 1e-4 and runs == [kept]
+        assert np.abs(ort_head.logits(out[-1]) - ref.logits(want[0][-1])).max() < 1e-4
+        assert np.abs(ort_head.logits(out[q - kept:]) - ref.logits(want[0][q - kept:])).max() < 1e-4
+        assert runs == [kept]                   # the kept rows' logits came with the step
+        assert np.abs(ort_head.logits(out) - ref.logits(want[0])).max() < 1e-4
+        assert np.abs(ort_head.logits(out[0]) - ref.logits(want[0][0])).max() < 1e-4
+        assert len(runs) == (1 if kept == q else 3)
+
+
 def test_a_head_graph_is_checked_on_load(hidden_graph, tmp_path) -> None:
     from decograph.backends.onnxruntime.graph_head import OrtHead, export_head
     from decograph.errors import ModelError
@@ -311,7 +346,7 @@ def test_an_exported_decoder_with_a_head_equals_its_own_greedy(strategy, quant, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["graphs"]["target"]["graph"].endswith("+hidden") and manifest["graphs"]["target"]["quant"] == quant
     assert manifest["graphs"]["head:0"] == {
-        "file": "head.0.onnx", "quant": head_quant, "dtype": "float32", "graph": "head-1",
+        "file": "head.0.onnx", "quant": head_quant, "dtype": "float32", "graph": "head-2",
         "block_size": None if quant == "none" else 32,
         "num_layers": 1, "kv_heads": 2, "head_dim": 8, "vocab_size": 40, "max_positions": 512, "head": spec}
     graph = ORTCausalLM(out / "model.onnx")

@@ -124,11 +124,14 @@ class NumpyHead:
         self.kv_shape = (c.kv_heads, c.head_dim)
 
     def step(self, feats: np.ndarray, tokens: np.ndarray, positions: np.ndarray, past_k: np.ndarray,
-             past_v: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             past_v: np.ndarray, mask: np.ndarray | None = None,
+             logits_rows: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``feats`` [q, H] (f_i), ``tokens`` [q] (t_{i+1}), ``positions`` [q] (i); ``past_k`` /
         ``past_v`` [P, kv_heads, head_dim]; ``mask`` [q, P + q] bool (True: may attend; None:
         every past position and causal among the queries). Returns the predicted features
-        [q, H] and the queries' own k, v [q, kv_heads, head_dim]."""
+        [q, H] and the queries' own k, v [q, kv_heads, head_dim]. ``logits_rows``: a hint that
+        ``logits`` will be asked for the last this many rows only (0: any); a runner that
+        computes logits on demand, as this one, ignores it."""
         c, w = self.config, self.w
         q_n, P = feats.shape[0], past_k.shape[0]
         emb = self.embed[tokens].astype(np.float32) * np.float32(c.embed_scale)

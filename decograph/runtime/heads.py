@@ -166,7 +166,8 @@ class HeadDraft(DraftSource):
             return
         n, end = len(mem.feats), mem.end
         tokens = np.asarray(row.tokens[end + 1 : end + 1 + n], dtype=np.int64)
-        out, k, v = self.runner.step(np.stack(mem.feats), tokens, np.arange(end, end + n), mem.k, mem.v)
+        out, k, v = self.runner.step(np.stack(mem.feats), tokens, np.arange(end, end + n), mem.k, mem.v,
+                                     logits_rows=1)
         mem.k = np.concatenate([mem.k, np.asarray(k, np.float32)])
         mem.v = np.concatenate([mem.v, np.asarray(v, np.float32)])
         mem.feats, mem.root = [], np.asarray(out[-1], dtype=np.float32)

@@ -11,7 +11,7 @@ directory as untrusted input. It imports neither torch nor transformers.
      "model": "SmolLM2-135M-Instruct", "files": {"model.onnx": "<sha256>", ...}}
 
 A ``draft.head`` program's decoder has a graph per head (role ``head:<i>``, ``"graph":
-"head-1"``, ``"head"``: the name the program's ``draft.head(head=...)`` uses; its shape fields
+"head-2"``, ``"head"``: the name the program's ``draft.head(head=...)`` uses; its shape fields
 are the head's: one layer, its K/V heads and head size, its vocabulary subset's size), and its
 target's graph returns the hidden states the heads read (``"graph": "fused-8+hidden"``).
 

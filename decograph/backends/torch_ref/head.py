@@ -111,8 +111,9 @@ class TorchHead:
 
     @torch.no_grad()
     def step(self, feats: np.ndarray, tokens: np.ndarray, positions: np.ndarray, past_k: np.ndarray,
-             past_v: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As ``NumpyHead.step``."""
+             past_v: np.ndarray, mask: np.ndarray | None = None,
+             logits_rows: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As ``NumpyHead.step`` (logits are computed on demand: ``logits_rows`` changes nothing)."""
         c, w = self.config, self.w
         q_n, P = len(tokens), len(past_k)
         emb = self.embed[torch.from_numpy(np.asarray(tokens, dtype=np.int64))].float() * c.embed_scale
