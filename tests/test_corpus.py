@@ -25,9 +25,9 @@ V, N_NEW = 64, 24
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [7, 2, 7, 2, 8, 1], [11, 13, 17, 19, 23, 29, 31, 37, 41]]
 
 
-def brute(seqs: list[list[int]], ctx: list[int], k: int, max_n: int = DEPTH, min_n: int = 2):
+def brute(seqs: list[list[int]], ctx: list[int], k: int, max_n: int = DEPTH, min_n: int = 2, min_support: int = 1):
     """The longest suffix of ``ctx`` found, then the most common next token (smallest id on a
-    tie) among the occurrences that agreed so far, ``k`` times."""
+    tie) among the occurrences that agreed so far, ``k`` times, while ``min_support`` agree."""
     for n in range(min(max_n, len(ctx)), min_n - 1, -1):
         occ = [(s, j + n) for s in seqs for j in range(len(s) - n + 1) if s[j:j + n] == ctx[-n:]]
         occ = [(s, p) for s, p in occ if p < len(s)]
@@ -39,30 +39,38 @@ def brute(seqs: list[list[int]], ctx: list[int], k: int, max_n: int = DEPTH, min
             if not nxt:
                 break
             top = max(nxt.values())
+            if top < min_support:
+                break
             t = min(x for x, c in nxt.items() if c == top)
             out.append(t)
             occ = [(s, p + 1) for s, p in occ if p < len(s) and s[p] == t]
-        return out, n
+        if out:
+            return out, n
     return [], 0
 
 
-@pytest.mark.parametrize("vocab", [50, 70_000])        # 16-bit ids, and ids that need 17 bits (3 a key)
-def test_lookups_equal_a_brute_force_search(vocab) -> None:
+@pytest.mark.parametrize("vocab, alphabet, min_support", [(50, 12, 1), (70_000, 12, 1), (50, 40, 1), (50, 40, 2)])
+def test_lookups_equal_a_brute_force_search(vocab, alphabet, min_support) -> None:
+    """A small alphabet repeats a lot (many occurrences a suffix); a larger one leaves most
+    suffixes with one occurrence (a faster path) or too little support."""
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, 12)                       # a small alphabet: many repeats
-    seqs = [[int(ids[i]) for i in rng.integers(0, 12, rng.integers(1, 60))] for _ in range(40)]
+    ids = rng.integers(0, vocab, alphabet)
+    seqs = [[int(ids[i]) for i in rng.integers(0, alphabet, rng.integers(1, 60))] for _ in range(40)]
     c = build_corpus(seqs, vocab)
     assert len(c) == sum(map(len, seqs)) and c.sequences == 40
     for trial in range(300):
         s = seqs[trial % len(seqs)]
         j = int(rng.integers(0, len(s) + 1))
-        ctx = [int(ids[rng.integers(0, 12)])] + s[max(0, j - 10):j]
+        ctx = [int(ids[rng.integers(0, alphabet)])] + s[max(0, j - 10):j]
         if trial % 7 == 0:
-            ctx.append(int(ids[rng.integers(0, 12)]))
-        m = c.lookup(ctx, 6)
-        assert (m.tokens, m.n) == brute(seqs, ctx, 6), ctx
+            ctx.append(int(ids[rng.integers(0, alphabet)]))
+        if trial % 11 == 0:
+            ctx[-int(rng.integers(1, len(ctx) + 1))] = -1          # an id no corpus holds
+        m = c.lookup(ctx, 6, min_support=min_support)
+        assert (m.tokens, m.n) == brute(seqs, ctx, 6, min_support=min_support), ctx
         if m.tokens:
             assert len(m.support) == len(m.tokens) and all(0 < x <= 1 for x in m.share)
+            assert all(x >= min_support for x in m.support)
 
 
 def test_matches_never_cross_sequences_and_prefer_longer_suffixes() -> None:

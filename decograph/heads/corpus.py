@@ -113,31 +113,54 @@ class Corpus:
         occurs with a continuation, then up to ``k`` tokens of its occurrences' most common
         continuation, kept while at least ``min_support`` occurrences agree."""
         max_n = min(max_n, DEPTH, len(context))
-        for n in range(max_n, min_n - 1, -1):
-            if any(t < 0 or t >= self.vocab_size for t in context[-n:]):
-                continue
-            lo, hi = self._range(list(context[-n:]))
-            if hi <= lo:
-                continue
-            pos = self.order[lo:hi].astype(np.int64) + n
-            out, support, share = [], [], []
-            for _ in range(k):
-                pos = pos[pos < len(self.tokens)]
-                nxt = self.tokens[pos] if len(pos) else np.zeros(0, np.int32)
-                ok = nxt >= 0
-                if not ok.any():
-                    break
-                vals, counts = np.unique(nxt[ok], return_counts=True)
-                best = int(counts.argmax())
-                if counts[best] < min_support:
-                    break
-                out.append(int(vals[best]))
-                support.append(int(counts[best]))
-                share.append(float(counts[best] / ok.sum()))
-                pos = pos[nxt == vals[best]] + 1
-            if out:
-                return Match(out, n, support, share)
+        for j in range(1, max_n + 1):              # a suffix holding an id outside the vocabulary never occurs
+            if not 0 <= context[-j] < self.vocab_size:
+                max_n = j - 1
+                break
+        # where a suffix occurs, every shorter one does (one position on): binary search for the longest
+        found: dict[int, tuple[int, int]] = {}
+        lo, hi = min_n - 1, max_n + 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            found[mid] = self._range(list(context[-mid:]))
+            lo, hi = (mid, hi) if found[mid][1] > found[mid][0] else (lo, mid)
+        for n in range(lo, min_n - 1, -1):
+            a, b = found[n] if n in found else self._range(list(context[-n:]))
+            if b > a:
+                out = self._follow(self.order[a:b].astype(np.int64) + n, k, min_support)
+                if out.tokens:
+                    return Match(out.tokens, n, out.support, out.share)
         return Match([], 0)
+
+    def _follow(self, pos: np.ndarray, k: int, min_support: int) -> Match:
+        """Up to ``k`` tokens of the most common continuation of the occurrences ending before
+        ``pos`` (ties: the smaller id), while at least ``min_support`` of them agree."""
+        out: list[int] = []
+        support: list[int] = []
+        share: list[float] = []
+        end = len(self.tokens)
+        if len(pos) == 1:                          # one occurrence: its own tokens, to a separator
+            p = int(pos[0])
+            for t in self.tokens[p:min(end, p + k)].tolist():
+                if t < 0 or min_support > 1:
+                    break
+                out.append(t)
+            return Match(out, 0, [1] * len(out), [1.0] * len(out))
+        for _ in range(k):
+            pos = pos[pos < end]
+            nxt = self.tokens[pos] if len(pos) else np.zeros(0, np.int32)
+            ok = nxt >= 0
+            if not ok.any():
+                break
+            vals, counts = np.unique(nxt[ok], return_counts=True)
+            best = int(counts.argmax())
+            if counts[best] < min_support:
+                break
+            out.append(int(vals[best]))
+            support.append(int(counts[best]))
+            share.append(float(counts[best] / ok.sum()))
+            pos = pos[nxt == vals[best]] + 1
+        return Match(out, 0, support, share)
 
 
 def build_corpus(sequences: Iterable[Iterable[int]], vocab_size: int, model: str = "", model_name: str = "",
