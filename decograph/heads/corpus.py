@@ -112,7 +112,7 @@ class Corpus:
         """The draft after ``context``: the longest suffix (``max_n`` .. ``min_n`` tokens) that
         occurs with a continuation, then up to ``k`` tokens of its occurrences' most common
         continuation, kept while at least ``min_support`` occurrences agree."""
-        max_n = min(max_n, DEPTH, len(context))
+        max_n, min_n = min(max_n, DEPTH, len(context)), max(1, min_n)
         for j in range(1, max_n + 1):              # a suffix holding an id outside the vocabulary never occurs
             if not 0 <= context[-j] < self.vocab_size:
                 max_n = j - 1
