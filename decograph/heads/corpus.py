@@ -127,14 +127,15 @@ class Corpus:
         for n in range(lo, min_n - 1, -1):
             a, b = found[n] if n in found else self._range(list(context[-n:]))
             if b > a:
-                out = self._follow(self.order[a:b].astype(np.int64) + n, k, min_support)
-                if out.tokens:
-                    return Match(out.tokens, n, out.support, out.share)
+                out, support, share = self._follow(self.order[a:b].astype(np.int64) + n, k, min_support)
+                if out:
+                    return Match(out, n, support, share)
         return Match([], 0)
 
-    def _follow(self, pos: np.ndarray, k: int, min_support: int) -> Match:
+    def _follow(self, pos: np.ndarray, k: int, min_support: int) -> tuple[list[int], list[int], list[float]]:
         """Up to ``k`` tokens of the most common continuation of the occurrences ending before
-        ``pos`` (ties: the smaller id), while at least ``min_support`` of them agree."""
+        ``pos`` (ties: the smaller id), while at least ``min_support`` of them agree; with
+        ``Match``'s support and share of each."""
         out: list[int] = []
         support: list[int] = []
         share: list[float] = []
@@ -145,7 +146,7 @@ class Corpus:
                 if t < 0 or min_support > 1:
                     break
                 out.append(t)
-            return Match(out, 0, [1] * len(out), [1.0] * len(out))
+            return out, [1] * len(out), [1.0] * len(out)
         for _ in range(k):
             pos = pos[pos < end]
             nxt = self.tokens[pos] if len(pos) else np.zeros(0, np.int32)
@@ -160,7 +161,7 @@ class Corpus:
             support.append(int(counts[best]))
             share.append(float(counts[best] / ok.sum()))
             pos = pos[nxt == vals[best]] + 1
-        return Match(out, 0, support, share)
+        return out, support, share
 
 
 def build_corpus(sequences: Iterable[Iterable[int]], vocab_size: int, model: str = "", model_name: str = "",

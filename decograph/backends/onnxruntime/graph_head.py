@@ -217,8 +217,8 @@ class OrtHead:
                              f"{HEAD_GRAPH_VERSION!r}; export it again")
         c = self.config
         self._no_rows = np.zeros((0, c.hidden), np.float32)
-        self._last: tuple[np.ndarray, np.ndarray, int] | None = None    # the last step's out_feats, logits and
-        #                                                                   the first row with logits
+        # the last step's out_feats, its logits, and the first of its rows they were computed for
+        self._last: tuple[np.ndarray, np.ndarray, int] | None = None
 
     def step(self, feats: np.ndarray, tokens: np.ndarray, positions: np.ndarray, past_k: np.ndarray,
              past_v: np.ndarray, mask: np.ndarray | None = None,
