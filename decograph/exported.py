@@ -110,7 +110,7 @@ class ExportedDecoder:
                 device = pick_device("auto") if target.dtype == "float16" else "cpu"
             self.step = StepSession(m.path(target.file), threads, spinning, device=device)
             self.step.quantized = self.step.quantized or target.quant != "none"    # exports older than the graph's tag
-            self.runner = GraphRunner(self.step, m.files[target.file])
+            self.runner = GraphRunner(self.step, m.files[target.file], target.max_positions)
             self.draft_runners = {role.removeprefix("draft:"): OrtDraftRunner(
                 StepSession(m.path(g.file), threads, spinning, device=device))
                 for role, g in m.graphs.items() if role.startswith("draft:")}

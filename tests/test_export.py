@@ -118,6 +118,8 @@ def test_block_size_is_the_exports_choice(ort_greedy, model_dir, tmp_path) -> No
 
 
 def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_path, monkeypatch) -> None:
+    from decograph.backends.onnxruntime import runner as runner_mod
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     out = export_decoder("anpd", tmp_path / "dec", model=HFCausalLM.from_pretrained(str(model_dir)), quant="int4",
                          chat=False, progress=lambda m: None)
@@ -127,11 +129,12 @@ def test_exported_decoder_cost_curve_and_exactness_are_cached(model_dir, tmp_pat
     exact = dec.exact()                 # True or False by this machine's kernels; cached either way
     table = json.loads((tmp_path / "xdg" / "decograph" / "exported_machine.json").read_text())
     kinds = {json.loads(k)[0] for k in table}
-    assert {"curve-5", f"exact-6-{dec.check_width()}"} <= kinds
-    assert kinds <= {"curve-5"} | {f"exact-6-{w}" for w in range(2, dec.check_width() + 1)}   # narrower, if not
+    assert {"curve-5", "bounds-1", f"exact-7-{dec.check_width()}"} <= kinds
+    assert kinds <= {"curve-5", "bounds-1"} | {f"exact-7-{w}" for w in range(2, dec.check_width() + 1)}  # narrower, if not
     again = ExportedDecoder(out)
     monkeypatch.setattr(again.runner, "_measure_curve", lambda: pytest.fail("measured again"))
     monkeypatch.setattr(again.runner, "_check_exact", lambda w: pytest.fail("checked again"))
+    monkeypatch.setattr(runner_mod, "key_boundaries", lambda step: pytest.fail("scanned again"))
     assert again.cost_curve() == curve and again.exact() == exact       # read back, not measured again
 
 
@@ -315,3 +318,59 @@ def test_the_exactness_check_covers_steps_ending_at_64_keys() -> None:
     assert width_invariant(step, 6, boundaries=())          # the random-order check alone misses it
     assert not width_invariant(step, 6)
     assert not width_invariant(step, 2)
+
+
+class _PeriodicStep(_EdgeStep):
+    """``_EdgeStep`` with a code-path change at every ``64 + 128 k`` keys (Gemma 3's graphs on
+    an AVX-512 VNNI CPU: 64, 192, 320, ...), optionally one more at ``extra`` keys."""
+
+    def __init__(self, extra: int = 0) -> None:
+        self.extra = extra
+
+    def run(self, kv, ids, pos, mask, keep=0, **kw):
+        kv.length += ids.shape[1]
+        total = kv.length
+        logits = (pos[0, :, None] * 31 + ids[0, :, None] * 7 + np.arange(self.vocab_size)[None]) % 11
+        paths = len(range(64, total, 128)) + (0 < self.extra < total)
+        return (logits + 1e-3 * paths)[None].astype(np.float32)
+
+
+def test_key_boundaries_are_found_and_steps_cut_there_stay_exact() -> None:
+    from decograph.backends.onnxruntime.runner import IRREGULAR, KeyBoundaries, key_boundaries, width_invariant
+
+    step = _PeriodicStep()
+    kb = key_boundaries(step)
+    assert kb == KeyBoundaries(64, 128)
+    assert [kb.next(k) for k in (0, 64, 65, 192, 193, 1000)] == [64, 64, 192, 192, 320, 1088]
+    # a row of 60 cached slots: 3 query tokens (slots 60-62, one-token steps ending at 62-64 keys),
+    # in a step at most 4 wide (ending at 64 keys); at 62 slots one token; past the boundary 127
+    assert kb.room(60) == (3, 4) and kb.room(62) == (1, 2) and kb.room(63) == (128, 129)
+    assert not width_invariant(step, 9)
+    for context in (37, 50, 60, 183):
+        assert width_invariant(step, 16, context, boundaries=(64, 128, 192), bounds=kb)
+    # boundaries that are no first + k * period: no drafting (the caller's check fails)
+    assert key_boundaries(_EdgeStep()) == IRREGULAR
+    assert key_boundaries(_PeriodicStep(extra=112)) == IRREGULAR
+    assert key_boundaries(_PeriodicStep(extra=1104)) == IRREGULAR       # the check past the scan finds it
+
+
+def test_the_engine_cuts_each_rows_step_at_the_boundaries() -> None:
+    from decograph.backends.onnxruntime.engine import OrtBatch
+    from decograph.backends.onnxruntime.runner import KeyBoundaries
+    from decograph.backends.onnxruntime.solo import OrtEngine, SoloBatch
+
+    class _Rows:
+        def __init__(self, lengths):
+            self.lengths = lengths
+
+        def key_lengths(self):
+            return self.lengths
+
+    engine = OrtEngine(_EdgeStep(), max_query=9, bounds=KeyBoundaries(64, 128))
+    batch = _Rows([30, 60, 62])
+    batch.__class__ = type("B", (_Rows, OrtBatch), {})          # a batch: no row wider than another's room
+    assert engine.query_caps(batch) == [2, 2, 1]
+    solo = _Rows([30, 60, 62, 100])
+    solo.__class__ = type("S", (_Rows, SoloBatch), {})          # rows alone: each its own room
+    assert engine.query_caps(solo) == [9, 3, 1, 9]
+    assert OrtEngine(_EdgeStep(), max_query=9).query_caps(batch) is None

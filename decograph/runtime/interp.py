@@ -294,8 +294,11 @@ class Interpreter:
         n, self._queued = len(state.active), {}
         if getattr(self.engine, "chains_only", False):
             one_chain(drafts, n)
+        caps = self.engine.query_caps(state) if hasattr(self.engine, "query_caps") else None
         cap = getattr(self.engine, "max_query", None)
-        if cap:                                    # the backend's widest step: drafts cut to fit
+        if caps is not None:                       # the backend's widest step for each row: drafts cut to fit
+            fit_drafts(drafts, [c - len(r.pending) for c, r in zip(caps, state.active)], bool(op.dedup))
+        elif cap:                                  # the backend's widest step: drafts cut to fit
             fit_drafts(drafts, [cap - len(r.pending) for r in state.active], bool(op.dedup))
         trees = [DraftTree(dedup=bool(op.dedup)) for _ in range(n)]
         nodes = [[[trees[b].add_chain(c) for c in d.chains[b]] for b in range(n)] for d in drafts]

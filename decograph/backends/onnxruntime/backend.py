@@ -151,7 +151,7 @@ class OnnxRuntimeBackend(Backend):
             config.draft_heads = {name: self._ort_head(r, source) for name, r in config.draft_heads.items()}
         runner = getattr(adapter, "runner", None)
         if runner is None:
-            runner = adapter.runner = GraphRunner(adapter.step, json.dumps(adapter.cost_key))
+            runner = adapter.runner = GraphRunner(adapter.step, json.dumps(adapter.cost_key), adapter.max_positions)
         return runner.interpreter(program, config, tokenizer=config.tokenizer)
 
     def _ort_head(self, runner: Any, source: Any) -> Any:

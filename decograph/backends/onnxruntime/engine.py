@@ -250,6 +250,10 @@ class OrtBatch(Batch):
                                       ).astype(np.int64)
         self._gather(old, caches)
 
+    def key_lengths(self) -> list[int]:
+        """Each active row's cached slots (where its next step's keys start)."""
+        return [int(n) for n in self.lengths]
+
     def forward(self, plan: StepPlan) -> OrtOutput:
         kv = self.kv
         assert kv is not None

@@ -10,6 +10,7 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,97 @@ from decograph.passes.cost import DEFAULT_CURVE, CostCurve
 from decograph.runtime.interp import Interpreter, RunConfig
 from decograph.runtime.rows import DraftTree
 
-__all__ = ["GraphRunner", "width_invariant", "program_width", "exact_width"]
+__all__ = ["GraphRunner", "KeyBoundaries", "key_boundaries", "scan_boundaries", "width_invariant", "program_width",
+           "exact_width"]
 
 _CURVE_WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 17)
+_SCAN_EVERY, _SCAN_LIMIT, _SCAN_FAR = 16, 528, 1040     # boundary scan: every 16 keys to 528, then one far check
+IRREGULAR = "irregular"                                 # boundaries found that are no ``first + k * period``
+
+
+@dataclass(frozen=True)
+class KeyBoundaries:
+    """Key counts where this machine's attention kernels take another code path: ``first + k *
+    period`` (k >= 0). A step's rows see the arithmetic of one-token steps only if they all sit on
+    one side of each: the step ending at ``length + w`` keys, the one-token step of its row i at
+    ``length + i + 2`` (a filler row each). Seen with Gemma 3's graphs (fp32 and int4) on an
+    AVX-512 VNNI CPU: 64, 192, 320, ... keys; the default model's graphs have none."""
+
+    first: int
+    period: int
+
+    def next(self, keys: int) -> int:
+        """The first boundary at or after ``keys``."""
+        if keys <= self.first:
+            return self.first
+        return self.first + -(-(keys - self.first) // self.period) * self.period
+
+    def room(self, length: int) -> tuple[int, int]:
+        """``(tokens, width)`` for a row of ``length`` cached slots: the most query tokens its
+        step may hold, and the widest (padded) step it may sit in, without its rows straddling a
+        boundary (a step of w >= 2 tokens straddles ``B`` if ``length + 2 <= B <= length + w``)."""
+        b = self.next(length + 2)
+        return b - length - 1, b - length
+
+
+def scan_boundaries(step: StepSession, limit: int = _SCAN_LIMIT, every: int = _SCAN_EVERY) -> list[int]:
+    """The key counts ``B`` (multiples of ``every`` up to ``limit``) where a two-token step ending
+    at ``B`` keys is not the arithmetic of its two one-token steps, along one random sequence
+    (each point costs four forwards: a prefill to it and the three compared)."""
+    toks = np.random.default_rng(3).integers(0, step.vocab_size, limit + 2)
+    kv = step.new_kv(1, limit + 4)
+    found = []
+    for b in range(every, limit + 1, every):
+        _advance(step, kv, toks, b - 2)
+        if not _pair_exact(step, kv, toks, b - 2):
+            found.append(b)
+    return found
+
+
+def key_boundaries(step: StepSession, max_positions: int | None = None) -> KeyBoundaries | str | None:
+    """``step``'s ``KeyBoundaries`` on this machine (``scan_boundaries``, then the pattern
+    checked once far past the scan: at its boundary there and at the scan point after it), None
+    where it has none, ``IRREGULAR`` where what it has is no such pattern (no drafts then).
+    ``max_positions``: the graph's (its rotary table's) length, which the scan stays within."""
+    room = 1 << 30 if max_positions is None else max_positions - 2
+    limit = min(_SCAN_LIMIT, room) // _SCAN_EVERY * _SCAN_EVERY
+    found = scan_boundaries(step, limit)
+    if not found:
+        return None
+    period = found[1] - found[0] if len(found) > 1 else 0
+    if not period or found != list(range(found[0], limit + 1, period)):
+        return IRREGULAR
+    kb = KeyBoundaries(found[0], period)
+    far = kb.next(_SCAN_FAR)
+    if far + _SCAN_EVERY > room:
+        return IRREGULAR                                # no room to check the pattern: no drafts
+    toks = np.random.default_rng(4).integers(0, step.vocab_size, far + _SCAN_EVERY + 2)
+    kv = step.new_kv(1, far + _SCAN_EVERY + 4)
+    _advance(step, kv, toks, far - 2)
+    if _pair_exact(step, kv, toks, far - 2):
+        return IRREGULAR
+    _advance(step, kv, toks, far + _SCAN_EVERY - 2)
+    return kb if _pair_exact(step, kv, toks, far + _SCAN_EVERY - 2) else IRREGULAR
+
+
+def _advance(step: StepSession, kv: Any, toks: np.ndarray, to: int) -> None:
+    """``kv`` filled with ``toks`` up to ``to`` slots (one forward)."""
+    at = kv.length
+    if to > at:
+        step.run(kv, toks[None, at:to], np.arange(at, to)[None], causal_mask(to - at, at), 1)
+
+
+def _pair_exact(step: StepSession, kv: Any, toks: np.ndarray, at: int) -> bool:
+    """Whether tokens ``at`` and ``at + 1`` in one step give the logits and K/V of two one-token
+    steps (``kv`` holds ``at`` slots; it holds ``at + 2`` after)."""
+    pos = np.arange(at, at + 2)[None]
+    one = np.concatenate([padded_step(step, kv, toks[None, at + i:at + i + 1], pos[:, i:i + 1], at + i)
+                          for i in range(2)], 1)
+    one_kv = [v[:, :, at:at + 2].copy() for v in kv.views()]
+    kv.length = at
+    two = padded_step(step, kv, toks[None, at:at + 2], pos, at)
+    return bool(np.array_equal(one, two) and all(np.array_equal(a, v[:, :, at:at + 2])
+                                                 for a, v in zip(one_kv, kv.views())))
 
 
 def padded_step(step: StepSession, kv: Any, ids: np.ndarray, pos: np.ndarray, past: int) -> np.ndarray:
@@ -42,7 +131,7 @@ def padded_step(step: StepSession, kv: Any, ids: np.ndarray, pos: np.ndarray, pa
 
 
 def width_invariant(step: StepSession, max_width: int = 9, context: int = 37,
-                    boundaries: tuple[int, ...] = (64, 128)) -> bool:
+                    boundaries: tuple[int, ...] = (64, 128), bounds: KeyBoundaries | None = None) -> bool:
     """Whether ``step``'s graph, on this machine's kernels, gives a k-token step bit-identical
     logits and K/V to k one-token steps (each with its filler row, ``padded_step``), for every k
     from 2 to ``max_width``: in either order after a ``context``-token prefill of random tokens,
@@ -50,36 +139,42 @@ def width_invariant(step: StepSession, max_width: int = 9, context: int = 37,
     keys (one-token steps then run one key past it: some attention kernels switch code paths
     at 64 keys, seen with Gemma 3's graph on an AVX-512 VNNI CPU). Exact graphs are built for
     it; on some CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order
-    than a several-row one, and this is what finds out."""
+    than a several-row one, and this is what finds out. With ``bounds``, each step is cut where
+    it would straddle one of them, as the runtime cuts it (``KeyBoundaries.room``)."""
     widths = list(range(2, max_width + 1))
     rng = np.random.default_rng(1)
     vocab = step.vocab_size
     prompt, toks = rng.integers(0, vocab, (1, context)), rng.integers(0, vocab, sum(widths))
     runs = []
     for order in ([1] * len(toks), widths, widths[::-1]):
-        runs.append(_steps(step, prompt, toks, order))
+        runs.append(_steps(step, prompt, toks, order, bounds))
     (ref, ref_kv), others = runs[0], runs[1:]
     if not all(_same(ref, ref_kv, lg, kv) for lg, kv in others):
         return False
     for edge in boundaries:
         for w in widths:
             prompt, toks = rng.integers(0, vocab, (1, edge - w)), rng.integers(0, vocab, w)
-            (ref, ref_kv), (lg, kv) = _steps(step, prompt, toks, [1] * w), _steps(step, prompt, toks, [w])
+            (ref, ref_kv), (lg, kv) = _steps(step, prompt, toks, [1] * w), _steps(step, prompt, toks, [w], bounds)
             if not _same(ref, ref_kv, lg, kv):
                 return False
     return True
 
 
-def _steps(step: StepSession, prompt: np.ndarray, toks: np.ndarray, order: list[int]) -> tuple[np.ndarray, list]:
-    """The logits of ``toks`` stepped in widths ``order`` after ``prompt``'s prefill, and the K/V."""
+def _steps(step: StepSession, prompt: np.ndarray, toks: np.ndarray, order: list[int],
+           bounds: KeyBoundaries | None = None) -> tuple[np.ndarray, list]:
+    """The logits of ``toks`` stepped in widths ``order`` after ``prompt``'s prefill (each step
+    cut where it would straddle one of ``bounds``), and the K/V."""
     context = prompt.shape[1]
     kv = step.new_kv(1, context + len(toks) + 2)
     step.run(kv, prompt, np.arange(context)[None], causal_mask(context, 0), 1)
     logits, i = [], 0
-    for w in order:
-        pos = np.arange(context + i, context + i + w)[None]
-        logits.append(padded_step(step, kv, toks[None, i:i + w], pos, context + i))
-        i += w
+    for width in order:
+        end = i + width
+        while i < end:
+            w = end - i if bounds is None else max(1, min(end - i, bounds.room(context + i)[0]))
+            pos = np.arange(context + i, context + i + w)[None]
+            logits.append(padded_step(step, kv, toks[None, i:i + w], pos, context + i))
+            i += w
     return np.concatenate(logits, 1), [v.copy() for v in kv.views()]
 
 
@@ -110,15 +205,17 @@ def exact_width(program: O.Program) -> int:
 
 class GraphRunner:
     """``step`` (a ``StepSession``) on this machine; ``identity``: what names the graph in the
-    machine-measurement cache (its file's sha256 for an export)."""
+    machine-measurement cache (its file's sha256 for an export); ``max_positions``: the graph's
+    rotary table length (the boundary scan stays within it)."""
 
-    def __init__(self, step: StepSession, identity: str) -> None:
-        self.step, self.identity = step, identity
+    def __init__(self, step: StepSession, identity: str, max_positions: int | None = None) -> None:
+        self.step, self.identity, self.max_positions = step, identity, max_positions
         self.device = step.device
         opts = step.session.get_session_options()
         self.threads = opts.intra_op_num_threads
         self.spinning = opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
         self._exact: dict[int, bool] = {}
+        self._bounds: list[Any] | None = None
         self._curve: list[float] | None = None
         self._shape: tuple[int, bool] | None = None
         self._warned = False
@@ -144,8 +241,10 @@ class GraphRunner:
         cfg.cost_curve, cfg.drafts = curve, drafting
         # where the kernels are not exact, a row in a batch is not the row alone either: rows step alone
         rows, filler = self.batch_shape() if exact else (1, True)
+        found = self.boundaries() if exact else None
+        bounds = found if isinstance(found, KeyBoundaries) else None      # where steps are cut (none: any width)
         engine = OrtEngine(self.step, tokenizer, curve, max_query=width if drafting else None, solo=not exact,
-                           batch_filler=filler, max_rows=rows)
+                           batch_filler=filler or bounds is not None, max_rows=rows, bounds=bounds)
         return Interpreter(program, engine, cfg)
 
     def _machine(self, kind: str, measure: Any) -> Any:
@@ -164,8 +263,19 @@ class GraphRunner:
         length) to the step alone (what makes drafting and batching lossless; see
         ``decograph.backends.onnxruntime.graph``): checked once on this machine, cached."""
         if width not in self._exact:
-            self._exact[width] = bool(self._machine(f"exact-6-{width}", lambda: self._check_exact(width)))
+            self._exact[width] = bool(self._machine(f"exact-7-{width}", lambda: self._check_exact(width)))
         return self._exact[width]
+
+    def boundaries(self) -> KeyBoundaries | str | None:
+        """This graph's ``KeyBoundaries`` on this machine (``key_boundaries``: None where it has
+        none, ``IRREGULAR`` where no drafting is lossless), measured once and cached."""
+        if self._bounds is None:
+            def measure() -> list[Any]:
+                got = key_boundaries(self.step, self.max_positions)
+                return [] if got is None else [got] if isinstance(got, str) else [got.first, got.period]
+            self._bounds = list(self._machine("bounds-1", measure))
+        got = self._bounds
+        return None if not got else IRREGULAR if len(got) == 1 else KeyBoundaries(int(got[0]), int(got[1]))
 
     def widest_exact(self, width: int) -> int:
         """The widest step of at most ``width`` tokens that is exact here (``exact``: its check
@@ -181,7 +291,10 @@ class GraphRunner:
         return lo
 
     def _check_exact(self, width: int, context: int = 37) -> bool:
-        if not width_invariant(self.step, width, context):
+        bounds = self.boundaries()
+        if isinstance(bounds, str):                     # IRREGULAR
+            return False
+        if not width_invariant(self.step, width, context, bounds=bounds):   # steps cut at boundaries
             return False
         rng = np.random.default_rng(1)
         vocab = self.step.vocab_size

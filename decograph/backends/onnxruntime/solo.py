@@ -27,8 +27,9 @@ class OrtEngine(Engine):
 
     def __init__(self, step: StepSession, tokenizer: Any = None, cost_curve: Any = None,
                  max_query: int | None = None, solo: bool = False, batch_filler: bool = True,
-                 max_rows: int = 16) -> None:
+                 max_rows: int = 16, bounds: Any = None) -> None:
         self.step, self.tokenizer, self.cost_curve, self.max_query = step, tokenizer, cost_curve, max_query
+        self.bounds = bounds        # the graph's ``runner.KeyBoundaries`` here, or None: steps cut there
         self.solo = solo            # every row in a batch of its own (kernels not batch-invariant here)
         self.batch_filler = batch_filler    # see GraphRunner.batch_shape
         self.max_rows = 1 if solo else max_rows     # the most rows one product keeps exact
@@ -36,6 +37,19 @@ class OrtEngine(Engine):
         # filler) a batch's get a filler row from the batch, others the graph's own padding row
         self.min_query = MIN_ROWS if batch_filler else step.min_query
         self.chains_only = bool(getattr(step, "quantized", False))
+
+    def query_caps(self, batch: Batch) -> list[int] | None:
+        """Each active row's most query tokens this step (pending and drafts), or None for
+        ``max_query`` alone: with ``bounds``, no row's step straddles a boundary, and in a batch no
+        row's step is wider than another row's room (its filler rows count)."""
+        if self.bounds is None:
+            return None
+        rooms = [self.bounds.room(int(n)) for n in batch.key_lengths()]
+        widest = min((w for _, w in rooms), default=0)
+        if isinstance(batch, SoloBatch):                # each row steps alone
+            widest = max((w for _, w in rooms), default=0)
+        cap = self.max_query or widest
+        return [max(1, min(cap, n, widest)) for n, _ in rooms]
 
     def start(self, rows: list[Row]) -> Batch:
         if (self.solo or len(rows) > self.max_rows) and len(rows) != 1:
@@ -81,6 +95,9 @@ class SoloBatch(Batch):
 
     def prefill_hidden(self, row: Row) -> np.ndarray:
         return self.subs[id(row)].prefill_hidden(row)
+
+    def key_lengths(self) -> list[int]:
+        return [int(self.subs[id(r)].lengths[0]) for r in self.active]
 
     def forward(self, plan: StepPlan) -> SoloOutput:
         outs = []
