@@ -137,7 +137,8 @@ def width_invariant(step: StepSession, max_width: int = 9, context: int = 37,
     from 2 to ``max_width``: in either order after a ``context``-token prefill of random tokens,
     and for each k once more with the k-token step ending exactly at each of ``boundaries``
     keys (one-token steps then run one key past it: some attention kernels switch code paths
-    at 64 keys, seen with Gemma 3's graph on an AVX-512 VNNI CPU). Exact graphs are built for
+    there, seen with Gemma 3's graphs on an AVX-512 VNNI CPU at 64 + 128k keys, which
+    ``key_boundaries`` finds and the runtime cuts steps at). Exact graphs are built for
     it; on some CPUs an int4 graph's MatMulNBits kernels sum a one-row product in another order
     than a several-row one, and this is what finds out. With ``bounds``, each step is cut where
     it would straddle one of them, as the runtime cuts it (``KeyBoundaries.room``)."""
@@ -327,7 +328,7 @@ class GraphRunner:
         default model's fp32 graph 16 rows with it only; the tests' tiny fp32 graph 4)."""
         if self._shape is None:
             def measure() -> list:
-                rows, filler = 1, True
+                rows = 1
                 for n in (2, 4, 8, 16):
                     if not self._batch_exact(n, filler=True):
                         break
