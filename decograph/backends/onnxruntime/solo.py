@@ -46,9 +46,9 @@ class OrtEngine(Engine):
             return None
         rooms = [self.bounds.room(int(n)) for n in batch.key_lengths()]
         widest = min((w for _, w in rooms), default=0)
-        if isinstance(batch, SoloBatch):                # each row steps alone
-            widest = max((w for _, w in rooms), default=0)
         cap = self.max_query or widest
+        if isinstance(batch, SoloBatch):                # each row steps alone: its own room only
+            return [max(1, min(cap, n)) for n, _ in rooms]
         return [max(1, min(cap, n, widest)) for n, _ in rooms]
 
     def start(self, rows: list[Row]) -> Batch:
